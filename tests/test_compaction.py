@@ -1,0 +1,71 @@
+"""Compaction ops against hand-computed cases."""
+import torch
+
+from prefixkv import compaction as C
+
+
+def test_keep_counts_round_and_clamp():
+    lengths = torch.tensor([10, 3, 100, 1])
+    # floor(f*n + 0.5): 0.25*10=2.5 -> 3; 0.25*100 = 25; protected (2 sinks + last) raise small rows
+    assert C.keep_counts(lengths, 0.25, sink=2, protect_last=True).tolist() == [3, 3, 25, 1]
+    assert C.keep_counts(lengths, 1.0, sink=4, protect_last=True).tolist() == [10, 3, 100, 1]
+
+
+def test_select_keeps_top_scores_in_original_order_right_aligned():
+    scores = torch.tensor([[0.0, 0.0, 5.0, 1.0, 9.0, 2.0, 3.0, 0.5]])
+    valid = torch.tensor([[False, False, True, True, True, True, True, True]])
+    protected = C.protect(scores, valid, sink=1, protect_last=True)
+    # sink = position 2 (first real token), last = position 7; plus the 2 best others: 4 (9.0) and 6 (3.0)
+    index, kept = C.select(protected, valid, torch.tensor([4]), 4)
+    assert index.tolist() == [[2, 4, 6, 7]]
+    assert kept.all()
+
+
+def test_compact_equals_manual_gather_and_pads_short_rows_in_front():
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 2, 6, 3), torch.randn(2, 2, 6, 3)
+    scores = torch.tensor([[0.0, 0.0, 0.3, 0.9, 0.1, 0.2], [0.5, 0.1, 0.7, 0.2, 0.6, 0.3]])
+    valid = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    k, v, pos, kept = C.compact(keys, values, scores, valid, 0.5, sink=1, protect_last=True)
+    # row 0: 4 real tokens -> keep 2 = sink (col 2) and last (col 5)... floor(0.5*4+.5)=2
+    # row 1: 6 tokens -> keep 3 = sink (0), last (5), best other: col 2 (0.7)
+    assert kept.tolist() == [[False, True, True], [True, True, True]]
+    assert pos.tolist() == [[-1, 0, 3], [0, 2, 5]]
+    assert torch.equal(k[1], keys[1][:, [0, 2, 5]])
+    assert torch.equal(v[0, :, 1:], values[0][:, [2, 5]])
+
+
+def test_decode_rule_step_by_step():
+    """Prompt of 100 tokens at keep 0.2: 20 entries; cap grows as round(0.2 x seen); evict slot 20-5=15."""
+    fraction, sink, distance = 0.2, 2, 5
+    keys = torch.arange(20.0).view(1, 1, 20, 1)
+    positions = torch.tensor([[0, 1] + list(range(82, 100))])  # sinks + 18 kept prompt tokens
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    prompt = torch.tensor([100])
+    state = (keys, keys.clone(), positions, valid)
+    for step in range(1, 11):
+        seen = torch.tensor([100 + step])
+        cap, slot = C.decode_budget(prompt, seen, fraction, sink, True, distance)
+        assert slot.item() == 15
+        assert cap.item() == max(20, int(0.2 * (100 + step) + 0.5))
+        new = torch.full((1, 1, 1, 1), 100.0 + step)
+        state = C.append_and_evict(*state, new, new, torch.tensor([[99 + step]]), cap, slot)
+        assert state[3].sum().item() == cap.item()
+        assert state[0].shape[2] == cap.item()  # batch of one: no empty slots
+    # 10 steps: cap went 20 -> 22 (at seen 103 and 108), so 8 evictions, all at rank 15:
+    # the compacted prompt's first 15 entries stay, then the most recent tokens (new ones are 100..109)
+    pos = state[2][0].tolist()
+    assert pos[:15] == [0, 1] + list(range(82, 95))
+    assert pos[15:] == list(range(103, 110))
+
+
+def test_evict_in_a_batch_leaves_empty_slot_only_in_the_evicting_row():
+    keys = torch.arange(8.0).view(2, 1, 4, 1)
+    positions = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    valid = positions >= 0
+    k, v, pos, val = C.evict(keys, keys.clone(), positions, valid, torch.tensor([3, 4]), torch.tensor([1, 1]))
+    assert pos.tolist() == [[-1, 0, 2, 3], [10, 11, 12, 13]]
+    # once every row has an empty front slot, the column is dropped
+    k, v, pos, val = C.evict(k, v, pos, val, torch.tensor([3, 3]), torch.tensor([1, 1]))
+    assert pos.tolist() == [[0, 2, 3], [10, 12, 13]]
+    assert k[0, 0, :, 0].tolist() == [0.0, 2.0, 3.0] and k[1, 0, :, 0].tolist() == [4.0, 6.0, 7.0]
