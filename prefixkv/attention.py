@@ -61,7 +61,8 @@ def prefixkv_attention(module, query, key, value, attention_mask, scaling=None, 
     cache = _take(module, key)
     if cache is not None:
         return cache.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
-    if attention_mask is not None and attention_mask.dim() == 4:  # a ready-made 4D mask: plain SDPA
+    if not getattr(module, "is_causal", True) or (attention_mask is not None and attention_mask.dim() == 4):
+        # bidirectional modules and ready-made 4D masks: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     valid = key_validity(attention_mask, key.shape[0], key.shape[2], key.device)
     return decode_attention(query, key, value, valid, scaling), None
@@ -78,5 +79,13 @@ AttentionMaskInterface.register(NAME, passthrough_mask)
 
 
 def enable(model) -> None:
-    """Use the ``prefixkv`` attention in ``model`` (needed by ``PrefixKVCache``)."""
-    model.set_attn_implementation(NAME)
+    """Use the ``prefixkv`` attention in ``model``'s language model (needed by ``PrefixKVCache``).
+
+    In a vision-language model only the text sub-model switches; the vision tower keeps
+    its own (bidirectional) attention.
+    """
+    sub_configs = getattr(model.config, "sub_configs", {}) or {}
+    if "text_config" in sub_configs:
+        model.set_attn_implementation({"text_config": NAME})
+    else:
+        model.set_attn_implementation(NAME)

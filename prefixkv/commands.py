@@ -60,8 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", dest="json_out", help="write the full result here")
     p.set_defaults(func=run_eval)
 
-    p = subparsers.add_parser("bench", help="benchmarks: quality (PPL, ROUGE-L, retrieval) or speed")
-    p.add_argument("kind", choices=["quality", "speed"])
+    p = subparsers.add_parser("bench", help="benchmarks: quality (PPL, ROUGE-L, retrieval), speed, scoring (calibration prefill overhead)")
+    p.add_argument("kind", choices=["quality", "speed", "scoring"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (see `prefixkv bench KIND --help`)")
     p.set_defaults(func=run_bench)
 
@@ -137,6 +137,8 @@ def run_bench(args) -> int:
     rest = [a for a in args.args if a != "--"]
     if args.kind == "quality":
         from .bench_quality import main
+    elif args.kind == "scoring":
+        from .bench_scoring import main
     else:
         from .bench_speed import main
     return int(main(rest) or 0)
