@@ -1,0 +1,33 @@
+"""Model sources: folder, .gguf, built-in name, hub id; each failure names the fix."""
+import pytest
+
+from prefixkv.models import ModelError, builtin_gguf, resolve
+
+
+def test_builtin_name_points_at_the_packaged_gguf():
+    path = builtin_gguf("smollm2-135m")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+
+
+def test_builtin_conversion_is_cached():
+    folder = resolve("smollm2-135m")  # converted once (conftest-free: the first call may take ~30 s)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file()
+    assert resolve("smollm2-135m") == folder
+
+
+def test_local_folder_checks(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve(str(tmp_path)) == tmp_path
+    with pytest.raises(ModelError, match="no GGUF file"):
+        resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelError, match="unknown model"):
+        resolve("not-a-model")
+
+
+def test_hub_id_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="offline"):
+        resolve("some-org/some-model")
