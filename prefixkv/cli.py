@@ -35,7 +35,10 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="prefixkv", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="prefixkv",
+        description="PrefixKV-compressed KV caches for Hugging Face LLMs: calibrate, export, build, validate, serve.",
+    )
     parser.add_argument("--version", action="version", version=f"prefixkv {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

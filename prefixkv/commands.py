@@ -71,6 +71,12 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def run_calibrate(args) -> int:
+    from .vision import is_vision_source
+
+    if is_vision_source(args.model):  # LLaVA-style folder: image-aware calibration
+        from .vision.commands import run_calibrate as run_vision_calibrate
+
+        return run_vision_calibrate(args)
     from .calibration import calibrate
     from .data import builtin_samples, load_jsonl
     from .models import load_model
@@ -109,6 +115,14 @@ def run_calibrate(args) -> int:
 
 
 def run_eval(args) -> int:
+    from .vision import is_vision_source
+
+    if is_vision_source(args.model):
+        from .vision.commands import run_eval as run_vision_eval
+
+        return run_vision_eval(args)
+    if args.profile and not Path(args.profile).is_file():
+        raise FileNotFoundError(f"no profile at {args.profile}; make one with `prefixkv calibrate --output {args.profile}`")
     from .data import builtin_samples, load_jsonl
     from .evaluation import evaluate
     from .models import load_model

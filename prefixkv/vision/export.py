@@ -1,0 +1,330 @@
+"""Export a LLaVA-style model to three ONNX graphs and build a vision engine folder.
+
+    vision(pixel_values) -> image_embeds
+        pixel_values: (I, 3, H, W) float32, the processor's output for I images
+        image_embeds: (I, N, hidden), N image tokens per image (the vision tower's selected
+        layer, CLS dropped for the "default" strategy, through the projector)
+
+    prefill(input_ids, attention_mask, image_embeds) -> logits, per layer key, value, positions, valid
+        input_ids, attention_mask: (B, S) int64, left padding; each image appears as N
+        image-token ids (``<image>`` expanded by the processor); image_embeds (I, N, hidden)
+        for the images in row-major order of their tokens (I may be 0).  The image rows
+        replace the token embeddings at the image-token positions, then the language model
+        runs with the profile's per-layer keep fractions baked in, exactly as the text
+        prefill graph (``prefixkv.exporter.onnx.PrefillGraph``).
+
+    decode: the text engine's decode graph, unchanged.
+
+The language model is reached through ``TextView`` (``model.model.language_model`` and
+``model.lm_head`` under the names the text exporter expects), so the text exporter's
+``Decoder``, ``graph_spec``, compaction and decode export are reused as they are.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..exporter.onnx import OPSET, ExportError, PrefillGraph, _dynamic_shapes, _name_dims, export_graph, prefill_attention
+from . import is_vision_model
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _llava_parts(model):
+    """(vision_tower, projector, language_model) of a LLaVA-style model, or ExportError."""
+    base = getattr(model, "model", None)
+    parts = [getattr(base, n, None) for n in ("vision_tower", "multi_modal_projector", "language_model")]
+    if any(p is None for p in parts) or not hasattr(model, "lm_head"):
+        raise ExportError(
+            f"{type(model).__name__} is not a LLaVA-style model (model.model.vision_tower / multi_modal_projector / "
+            "language_model and model.lm_head); the vision exporter supports LlavaForConditionalGeneration")
+    return parts
+
+
+class TextView(nn.Module):
+    """The language model of a LLaVA model, shaped like a causal LM for the text exporter."""
+
+    def __init__(self, model):
+        super().__init__()
+        _, _, language_model = _llava_parts(model)
+        self.model = language_model
+        self.lm_head = model.lm_head
+        self.config = model.config  # get_text_config() gives the language model's
+
+
+class VisionGraph(nn.Module):
+    """pixel_values (I, 3, H, W) -> image_embeds (I, N, hidden): ``get_image_features`` in one tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.vision_tower, self.projector, _ = _llava_parts(model)
+        self.layer = model.config.vision_feature_layer
+        self.strategy = model.config.vision_feature_select_strategy
+        if self.strategy not in ("default", "full"):
+            raise ExportError(f"vision_feature_select_strategy {self.strategy!r} is not supported (default or full)")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
+        chosen = [states[i][:, 1:] if self.strategy == "default" else states[i] for i in layers]
+        return self.projector(torch.cat(chosen, dim=-1))
+
+
+def merge_image_embeds(embeds: torch.Tensor, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Token embeddings (B, S, hidden) with the image-token rows replaced, in row-major order.
+
+    image_embeds (I, N, hidden); I x N must equal the number of image tokens (the runners
+    check it).  Gather-based (no masked_scatter), so it exports to plain ONNX and takes I = 0.
+    """
+    b, s, h = embeds.shape
+    is_image = (input_ids == image_token_id).reshape(-1)
+    table = torch.cat([torch.zeros(1, h, dtype=embeds.dtype, device=embeds.device), image_embeds.reshape(-1, h).to(embeds.dtype)])
+    index = torch.cumsum(is_image.to(torch.int64), dim=0) * is_image.to(torch.int64)  # 0: not an image token
+    merged = torch.index_select(table, 0, index).reshape(b, s, h)
+    return torch.where(is_image.reshape(b, s, 1), merged, embeds)
+
+
+class ImagePrefillGraph(PrefillGraph):
+    """(input_ids, attention_mask, image_embeds) -> the text prefill graph's outputs."""
+
+    def __init__(self, model, spec, image_token_id: int):
+        super().__init__(TextView(model), spec)
+        self.image_token_id = int(image_token_id)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor):
+        spec, dec = self.spec, self.decoder
+        hidden = merge_image_embeds(dec.embed_tokens(input_ids), input_ids, image_embeds, self.image_token_id)
+        # from here on: PrefillGraph.forward after its embedding lookup
+        valid = attention_mask.to(torch.bool)
+        position_ids = torch.clamp(torch.cumsum(attention_mask, dim=-1) - 1, min=0)
+        cos, sin = dec.rope(hidden, position_ids)
+        lengths = valid.sum(-1)
+        original = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
+        rows = self._score_rows()
+        outputs = []
+        for l, layer in enumerate(dec.layers):
+            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            out, mass = prefill_attention(query, key, value, valid, dec.scaling, rows)
+            scores = self.scorer.from_attention(mass) if mass is not None else self.scorer.from_keys(key, valid)
+            hidden = dec.finish(layer, hidden, out)
+            outputs += self._compact(key, value, scores, valid, lengths, original, spec.fractions[l])
+        return (dec.logits(hidden[:, -1]), *outputs)
+
+
+# -- settings -------------------------------------------------------------------------------------
+def image_geometry(model, processor) -> dict:
+    """The manifest's ``vision`` entry: image token, tokens per image, pixel size, processor settings."""
+    from .preprocess import ImageProcessor
+
+    image_processor = processor if isinstance(processor, ImageProcessor) else ImageProcessor.from_dict(
+        processor.image_processor.to_dict(), "the model's image processor")
+    height, width = image_processor.output_size
+    vision = VisionGraph(model).eval()
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        embeds = vision(torch.zeros(1, 3, height, width, dtype=dtype))
+    token = getattr(processor, "image_token", None) or "<image>"
+    return {
+        "image_token": token,
+        "image_token_id": int(model.config.image_token_id),
+        "tokens_per_image": int(embeds.shape[1]),
+        "hidden": int(embeds.shape[2]),
+        "pixel_shape": [3, height, width],
+        "processor": image_processor.to_dict(),
+    }
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _save(program, path: Path, log, name: str, start: float) -> Path:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(program.model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    if log:
+        log(f"exported {name} graph in {time.perf_counter() - start:.0f} s -> {path}")
+    return path
+
+
+def export_vision_graph(model, geometry: dict, path: str | Path, opset: int = OPSET, log=None) -> Path:
+    """vision.onnx: pixel_values (I, 3, H, W) -> image_embeds (I, N, hidden), I dynamic."""
+    start = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(2, *geometry["pixel_shape"], generator=torch.Generator().manual_seed(0)).to(dtype)
+    images = torch.export.Dim("images", min=1, max=1024)
+    with torch.no_grad():
+        program = torch.onnx.export(VisionGraph(model).eval(), (pixels,), dynamo=True, input_names=["pixel_values"],
+                                    output_names=["image_embeds"], dynamic_shapes={"pixel_values": {0: images}},
+                                    opset_version=opset, optimize=True, verbose=False)
+    for value in list(program.model_proto.graph.input) + list(program.model_proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "images"
+    return _save(program, Path(path), log, "vision", start)
+
+
+def prefill_sample_inputs(spec, geometry: dict, batch: int = 2, extra: int = 8):
+    """Tracing inputs: ``batch`` left-padded rows, one image each (no size is 0 or 1)."""
+    g = torch.Generator().manual_seed(0)
+    n, token = geometry["tokens_per_image"], geometry["image_token_id"]
+    length = n + extra
+    ids = torch.randint(0, spec.vocab, (batch, length), generator=g)
+    ids = torch.where(ids == token, (ids + 1) % spec.vocab, ids)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[0, :3] = 0
+    for row in range(batch):
+        start = 4 if row == 0 else 2
+        ids[row, start : start + n] = token
+    embeds = torch.randn(batch, n, geometry["hidden"], generator=g).to(getattr(torch, spec.dtype))
+    return ids, mask, embeds
+
+
+def export_image_prefill_graph(model, spec, geometry: dict, path: str | Path, opset: int = OPSET, log=None) -> Path:
+    """prefill.onnx taking (input_ids, attention_mask, image_embeds); same outputs as the text graph."""
+    from ..exporter.onnx import io_names
+
+    start = time.perf_counter()
+    wrapper = ImagePrefillGraph(model, spec, geometry["image_token_id"]).eval()
+    shapes = dict(_dynamic_shapes(spec, "prefill"))
+    shapes["image_embeds"] = {0: torch.export.Dim("images", min=1, max=1024)}
+    names = io_names(spec.layers)["prefill"]
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, prefill_sample_inputs(spec, geometry), dynamo=True,
+                                    input_names=[*names["inputs"], "image_embeds"], output_names=names["outputs"],
+                                    dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
+    _name_dims(program.model_proto, "prefill", spec.layers)
+    program.model_proto.graph.input[2].type.tensor_type.shape.dim[0].dim_param = "images"
+    return _save(program, Path(path), log, "prefill (image)", start)
+
+
+def export_vision_engine_graphs(model, spec, geometry: dict, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
+    """vision.onnx, prefill.onnx (with image_embeds) and the text decode.onnx into ``folder``."""
+    folder = Path(folder)
+    return {
+        "vision": export_vision_graph(model, geometry, folder / "vision.onnx", opset, log),
+        "prefill": export_image_prefill_graph(model, spec, geometry, folder / "prefill.onnx", opset, log),
+        "decode": export_graph(TextView(model), spec, "decode", folder / "decode.onnx", opset, log),
+    }
+
+
+def copy_processor(model_folder: str | Path, folder: str | Path) -> list[str]:
+    """Copy the processor settings; a chat template kept in chat_template.json becomes chat_template.jinja."""
+    model_folder, folder = Path(model_folder), Path(folder)
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (model_folder / name).is_file():
+            shutil.copyfile(model_folder / name, folder / name)
+            copied.append(name)
+    if not (folder / "chat_template.jinja").is_file() and (model_folder / "chat_template.json").is_file():
+        template = json.loads((model_folder / "chat_template.json").read_text()).get("chat_template")
+        if isinstance(template, str):
+            (folder / "chat_template.jinja").write_text(template)
+            copied.append("chat_template.jinja")
+    return copied
+
+
+# -- the build ------------------------------------------------------------------------------------
+def build_vision_engine(
+    model_source: str,
+    output: str | Path,
+    keep_fraction: float,
+    profile=None,
+    calibration_samples: list[dict] | None = None,
+    scorer: str = "accumulated",
+    sink: int = 4,
+    chat: bool = False,
+    force: bool = False,
+    validate: bool = True,
+    validate_options: dict | None = None,
+    evict_distance: int = 25,
+    max_context: int | None = None,
+    opset: int = OPSET,
+    model=None,
+    processor=None,
+    log=_stderr,
+):
+    """Build the vision engine for a LLaVA-style ``model_source`` at ``keep_fraction`` into ``output``.
+
+    profile: a path or ``RetentionProfile``; or None with ``calibration_samples`` (dicts with
+    "prompt" and "image", see ``prefixkv.vision.data``) to calibrate on them.  Writes the
+    engine folder (three graphs, tokenizer and processor files, profile, manifest with a
+    ``vision`` entry) atomically, then validates it (``prefixkv.vision.validate``).
+    Returns ``prefixkv.exporter.build.BuildResult``.
+    """
+    from ..exporter.build import BuildResult
+    from ..exporter.engine_folder import VALIDATION, check_output, copy_tokenizer, io_metadata, staging, write_manifest
+    from ..exporter.onnx import graph_spec
+    from ..models import model_folder
+    from ..profile import Fingerprint, RetentionProfile, atomic_write_text
+
+    start = time.perf_counter()
+    if not isinstance(keep_fraction, (int, float)) or not 0 < keep_fraction <= 1:
+        raise ValueError(f"the keep fraction must be in (0, 1] (0.2 keeps 20% of the entries), got {keep_fraction!r}")
+    output = check_output(output, force)
+    if model is None:
+        from ..models import load_model
+
+        log(f"loading {model_source}")
+        model, processor = load_model(model_source)
+    if not is_vision_model(model):
+        raise ExportError(f"{model_source} is a text-only model; build it with `prefixkv build`")
+    folder = model_folder(model)
+    if folder is None:
+        raise ValueError(f"cannot find the local folder of {model_source!r} (for its tokenizer and processor files); pass a model folder")
+    fingerprint = Fingerprint.of(model.config)
+    if profile is None:
+        if not calibration_samples:
+            raise ValueError("a vision engine needs a retention profile calibrated on image prompts: pass --profile, "
+                             "or --data with LLaVA conversations to calibrate one")
+        from .calibration import calibrate_vision
+
+        log(f"calibrating a profile on {len(calibration_samples)} image samples, scorer {scorer}")
+        run = calibrate_vision(model, processor, calibration_samples, [keep_fraction], [scorer], sink=sink, chat=chat, progress=False)
+        profile = run.profiles[next(iter(run.profiles))]
+    elif isinstance(profile, (str, Path)):
+        profile = RetentionProfile.load(profile, fingerprint)
+    else:
+        profile.check_model(fingerprint)
+    profile.layer_fractions(keep_fraction)
+    spec = graph_spec(TextView(model), profile, keep_fraction, evict_distance)
+    geometry = image_geometry(model, processor)
+    text = model.config.get_text_config()
+    context = int(max_context or getattr(text, "max_position_embeddings", 2048))
+
+    with staging(output, force) as tmp:
+        export_vision_engine_graphs(model, spec, geometry, tmp, opset, log)
+        copy_tokenizer(folder, tmp)
+        copy_processor(folder, tmp)
+        profile.save(tmp / "profile.json")
+        graphs = {g: {"file": f"{g}.onnx", "data": f"{g}.onnx.data", **io_metadata(tmp / f"{g}.onnx")}
+                  for g in ("vision", "prefill", "decode")}
+        manifest = write_manifest(tmp, {
+            "model": {"source": str(model_source), "folder": str(folder), "fingerprint": fingerprint.__dict__},
+            "keep_fraction": float(keep_fraction),
+            "layer_keep_fractions": spec.fractions,
+            "layers": spec.layers, "heads": spec.heads, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
+            "vocab": spec.vocab, "dtype": spec.dtype, "sink": spec.sink, "protect_last": spec.protect_last,
+            "scorer": {"name": spec.scorer, "params": spec.scorer_params},
+            "evict_distance": spec.evict_distance,
+            "opset": opset,
+            "max_context": context,
+            "vision": geometry,
+            "graphs": graphs,
+        })
+    log(f"vision engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB)")
+    report = None
+    if validate:
+        from .validate import validate_vision_engine
+
+        report = validate_vision_engine(output, model=model, processor=processor, log=log, **(validate_options or {}))
+        atomic_write_text(output / VALIDATION, json.dumps(report, indent=2) + "\n")
+        log(f"validation {'passed' if report['passed'] else 'FAILED'}: {output / VALIDATION}")
+    return BuildResult(output, manifest, report, time.perf_counter() - start)
