@@ -1,0 +1,318 @@
+"""Speed benchmark: one engine family (keep 1.0 / 0.5 / 0.2) against the PyTorch reference.
+
+    prefixkv bench speed --model smollm2-135m --contexts 512,2048,4096 --keep 1.0,0.5,0.2
+
+For every keep fraction and context length, in the same run: prefill ms (the keep 1.0
+engine's prefill has no scoring, no TopK: "without scoring"; the others score and
+compact), decode ms/token (median over ``--steps`` greedy steps after ``--warmup``), and
+the KV bytes held per layer and in total after the prefill.  The same decode through the
+PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
+model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
+
+Engines are built once (export only, no validation) and cached under
+``prefixkv.models.cache_dir()/bench-engines``, keyed by model, profile and exporter version.
+Timings are what this machine measured; nothing here asserts them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"keep fractions must be in (0, 1], got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or any(v < 2 for v in values):
+        raise argparse.ArgumentTypeError(f"context lengths must be integers >= 2, got {text!r}")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="prefixkv bench speed", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--profile", help="retention profile holding the keep fractions below 1 (default: calibrate once, cached)")
+    p.add_argument("--keep", type=_floats, default=[1.0, 0.5, 0.2], help="keep fractions (1.0 = full cache)")
+    p.add_argument("--contexts", type=_ints, default=[512, 2048, 4096], help="prompt lengths in tokens")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per point")
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first")
+    p.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and PyTorch")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--engines", help="comma-separated engine folders to use for their keep fractions (the others are built)")
+    p.add_argument("--engines-dir", help="where built engines are cached (default: CACHE/bench-engines)")
+    p.add_argument("--output", default="results/bench_speed", help="writes OUTPUT.json and OUTPUT.png")
+    return p
+
+
+# -- the engine family ----------------------------------------------------------------------------
+def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
+    """A profile with every keep fraction of ``keeps`` (1.0: all layers 1.0)."""
+    from .profile import Budget, Fingerprint, RetentionProfile
+
+    fingerprint = Fingerprint.of(model.config)
+    partial = sorted(k for k in keeps if k < 1)
+    if profile_path:
+        profile = RetentionProfile.load(profile_path, fingerprint)
+    else:
+        cached = folder / f"profile-{fingerprint.config_hash}-{'-'.join(f'{k:g}' for k in partial) or 'full'}.json"
+        if cached.is_file():
+            profile = RetentionProfile.load(cached, fingerprint)
+        elif partial:
+            from .calibration import calibrate_profile
+            from .data import builtin_samples
+
+            log(f"calibrating a profile for keep {partial} (cached at {cached})")
+            rows = builtin_samples(tokenizer, "calibration", n=8, tokens=512, reference_tokens=0)
+            samples = [list(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
+            profile = calibrate_profile(model, samples, partial, progress=False)
+            profile.save(cached)
+        else:
+            profile = RetentionProfile(fingerprint, sink=4, budgets={})
+    if any(k >= 1 for k in keeps):
+        profile.budgets[1.0] = Budget([1.0] * fingerprint.layers, [0.0] * fingerprint.layers)
+    for k in keeps:
+        profile.layer_fractions(k)
+    return profile
+
+
+def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, log) -> dict[float, Path]:
+    """keep fraction -> engine folder, built (export only) when not cached."""
+    from .exporter.build import build_engine
+    from .exporter.engine_folder import is_engine
+    from .exporter.onnx import exporter_version
+
+    engines = {}
+    for keep in keeps:
+        fractions = json.dumps([keep, profile.layer_fractions(keep), profile.sink, profile.scorer, profile.protect_last])
+        key = hashlib.sha256(f"{profile.fingerprint}|{fractions}|{exporter_version()}".encode()).hexdigest()[:12]
+        path = folder / f"{Path(source).name}-k{round(keep * 100)}-{key}"
+        if not is_engine(path):
+            log(f"building the keep {keep:g} engine (export only) -> {path}")
+            build_engine(source, path, keep, profile=profile, model=model, tokenizer=tokenizer, force=True,
+                         validate=False, log=log)
+        engines[keep] = path
+    return engines
+
+
+def given_engines(text: str | None, keeps) -> dict[float, Path]:
+    """keep fraction -> folder for the engines named on the command line (manifests checked)."""
+    from .exporter.engine_folder import read_manifest
+
+    out = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            path = Path(item.strip())
+            keep = float(read_manifest(path, verify=False)["keep_fraction"])
+            if not any(abs(keep - k) < 1e-9 for k in keeps):
+                raise ValueError(f"{path} is a keep {keep:g} engine, not one of --keep {', '.join(f'{k:g}' for k in keeps)}")
+            out[next(k for k in keeps if abs(keep - k) < 1e-9)] = path
+    return out
+
+
+# -- timing --------------------------------------------------------------------------------------
+def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int) -> dict:
+    """Prefill once, then ``warmup`` + ``steps`` greedy decode steps; times in ms."""
+    ids, mask = runner.pad([prompt_ids])
+    start = time.perf_counter()
+    logits, state = runner.prefill(ids, mask)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    kv = kv_layout(runner, state)
+    times = []
+    for step in range(warmup + steps):
+        token = logits.argmax(-1)
+        start = time.perf_counter()
+        logits, state = runner.decode(state, token)
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(times),
+            "decode_ms_min": min(times), **kv}
+
+
+def kv_layout(runner, state) -> dict:
+    """KV bytes per layer and in total, and entries per layer (batch row 0)."""
+    if hasattr(state, "past"):  # OnnxRuntimeRunner
+        per_layer = []
+        for l in range(runner.layers):
+            key = state.past[4 * l]
+            per_layer.append(2 * int(_prod(key.shape())) * 4)
+        entries = [int(n) for n in runner.layer_lengths(state)[:, 0]]
+    else:  # TorchRunner
+        layers = state.cache.layers
+        per_layer = [2 * layer.keys.numel() * layer.keys.element_size() for layer in layers]
+        entries = [int(n) for n in state.cache.layer_lengths()[:, 0]]
+    return {"kv_bytes_per_layer": per_layer, "kv_bytes": sum(per_layer), "entries_per_layer": entries}
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], steps: int, warmup: int, log) -> dict:
+    """onnxruntime-genai's model builder (fp32, CPU) full-cache model: decode ms/token."""
+    import onnxruntime_genai as og  # noqa: F401  (optional extra: pip install onnxruntime-genai)
+
+    out = folder / f"genai-{model_folder.name}"
+    if not (out / "genai_config.json").is_file():
+        import subprocess
+
+        log(f"building the onnxruntime-genai full-cache model -> {out}")
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_folder), "-o", str(out),
+                        "-p", "fp32", "-e", "cpu"], check=True)
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + warmup + steps + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens([prompt_ids])
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        generator.generate_next_token()
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(times)}
+
+
+def prompt_tokens(tokenizer, length: int) -> list[int]:
+    from .data import builtin_text
+
+    text = builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < length:
+        raise ValueError(f"the built-in text has {len(ids)} tokens, fewer than the context {length}")
+    return ids[:length]
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    import torch
+
+    from .engines.onnxruntime import OnnxRuntimeRunner
+    from .engines.torch import TorchRunner
+    from .models import cache_dir, load_model, model_folder
+    from .profile import Fingerprint, RetentionProfile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = int(getattr(text, "max_position_embeddings", 2048))
+    too_long = [c for c in args.contexts if c + args.warmup + args.steps > limit]
+    if too_long:
+        raise ValueError(f"contexts {too_long} plus {args.warmup + args.steps} decode steps exceed the model's context of {limit}")
+    folder = Path(args.engines_dir) if args.engines_dir else cache_dir() / "bench-engines"
+    folder.mkdir(parents=True, exist_ok=True)
+    keeps = sorted(set(args.keep), reverse=True)
+    given = given_engines(args.engines, keeps)
+    missing = [k for k in keeps if k not in given]
+    engines = dict(given)
+    if missing:
+        profile = family_profile(model, tokenizer, missing, args.profile, folder, log)
+        engines.update(engine_family(model, tokenizer, args.model, missing, profile, folder, log))
+
+    results = {"model": args.model, "keep_fractions": keeps, "contexts": args.contexts, "steps": args.steps,
+               "threads": args.threads or torch.get_num_threads(), "engines": {f"{k:g}": str(p) for k, p in engines.items()},
+               "onnxruntime": {}, "torch": {}, "genai": None}
+    for keep in keeps:
+        runner = OnnxRuntimeRunner(engines[keep], threads=args.threads, verify=False)
+        profile = RetentionProfile.load(engines[keep] / "profile.json", Fingerprint.of(model.config))
+        reference = None if args.no_torch else (
+            TorchRunner(model, engines[keep], keep_fraction=1.0) if keep >= 1 else
+            TorchRunner(model, engines[keep], profile=profile, keep_fraction=keep, method="prefixkv"))
+        for context in args.contexts:
+            ids = prompt_tokens(tokenizer, context)
+            point = time_runner(runner, ids, args.steps, args.warmup)
+            results["onnxruntime"].setdefault(f"{keep:g}", {})[str(context)] = point
+            line = f"keep {keep:g} context {context}: onnxruntime prefill {point['prefill_ms']:.0f} ms, decode {point['decode_ms_per_token']:.2f} ms/token, KV {point['kv_bytes'] / 2**20:.1f} MiB"
+            if reference is not None:
+                with torch.no_grad():
+                    ref = time_runner(reference, ids, args.steps, args.warmup)
+                results["torch"].setdefault(f"{keep:g}", {})[str(context)] = ref
+                line += f"; torch prefill {ref['prefill_ms']:.0f} ms, decode {ref['decode_ms_per_token']:.2f} ms/token"
+            log(line)
+        del runner
+    try:
+        folder_of_model = model_folder(model)
+        results["genai"] = {str(c): genai_full_cache(folder_of_model, folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log)
+                            for c in args.contexts}
+    except ImportError:
+        results["genai"] = {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
+    except Exception as err:  # an optional comparison: report, never fail the benchmark
+        results["genai"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    from .profile import atomic_write_text
+
+    atomic_write_text(output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    log(f"written: {output.with_suffix('.json')}")
+    try:
+        log(f"written: {plot(results, output.with_suffix('.png'))}")
+    except ImportError as err:
+        log(f"plot skipped ({err})")
+    print(json.dumps(summary(results)))
+    return 0
+
+
+def summary(results: dict) -> dict:
+    """Decode ms/token per backend, keep fraction and context."""
+    out = {}
+    for backend in ("onnxruntime", "torch"):
+        for keep, points in results[backend].items():
+            out[f"{backend}:keep={keep}"] = {c: round(p["decode_ms_per_token"], 2) for c, p in points.items()}
+    return out
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_decode, ax_prefill, ax_kv) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for backend, style in (("onnxruntime", "-o"), ("torch", "--s")):
+        for keep, points in results[backend].items():
+            contexts = [int(c) for c in points]
+            ax_decode.plot(contexts, [p["decode_ms_per_token"] for p in points.values()], style, label=f"{backend} keep {keep}")
+            ax_prefill.plot(contexts, [p["prefill_ms"] for p in points.values()], style, label=f"{backend} keep {keep}")
+            if backend == "onnxruntime":
+                ax_kv.plot(contexts, [p["kv_bytes"] / 2**20 for p in points.values()], style, label=f"keep {keep}")
+    genai = results.get("genai") or {}
+    if genai and all(isinstance(v, dict) and "decode_ms_per_token" in v for v in genai.values()):
+        ax_decode.plot([int(c) for c in genai], [v["decode_ms_per_token"] for v in genai.values()], ":^", label="onnxruntime-genai full")
+    ax_decode.set(title="decode (ms / token)", xlabel="context (tokens)", ylabel="ms")
+    ax_prefill.set(title="prefill (ms; keep 1.0 = no scoring)", xlabel="context (tokens)", ylabel="ms")
+    ax_kv.set(title="KV cache after prefill (MiB)", xlabel="context (tokens)", ylabel="MiB")
+    for ax in (ax_decode, ax_prefill, ax_kv):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{Path(results['model']).name}: PrefixKV engines vs PyTorch reference ({results['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

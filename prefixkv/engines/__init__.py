@@ -1,0 +1,61 @@
+"""Runners: one interface (``base.Runner``), several backends.
+
+    runner = load_runner("engines/smollm2-k20")                      # ONNX Runtime, CPU
+    runner = load_runner("engines/smollm2-k20", backend="torch")     # the PyTorch reference
+    runner.generate("Hello", GenerationConfig(max_new_tokens=32))
+
+Backends are imported lazily: this package imports numpy only (it also runs inside
+Triton's Python backend, where torch and transformers may be missing).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Generation, GenerationConfig, PromptError, Runner
+
+BACKENDS = ("onnxruntime", "torch")
+ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "reference": "torch"}
+
+
+def load_runner(engine_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+                providers=None, verify: bool = True, **kwargs) -> Runner:
+    """A runner for an engine folder.
+
+    backend: "onnxruntime" (the engine's graphs; ``providers`` e.g. ["cuda"]) or "torch"
+    (the engine's model, profile and keep fraction through the PyTorch reference cache;
+    needs torch and transformers, and the model the engine was built from).
+    """
+    name = ALIASES.get(str(backend).lower(), str(backend).lower())
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(engine_dir, providers=providers, threads=threads, verify=verify, **kwargs)
+    if name == "torch":
+        return _torch_runner(engine_dir, threads=threads, verify=verify, **kwargs)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _torch_runner(engine_dir, threads=None, verify=True, model=None, **kwargs) -> Runner:
+    from ..exporter.engine_folder import read_manifest
+    from ..profile import Fingerprint, RetentionProfile
+
+    manifest = read_manifest(engine_dir, verify=verify)
+    try:
+        import torch
+
+        from .torch import TorchRunner
+    except ImportError as err:
+        raise ImportError(f"the torch backend needs PyTorch and transformers ({err}); pip install torch transformers") from err
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if model is None:
+        from ..models import load_model
+
+        model, _ = load_model(manifest["model"]["source"])
+    profile = RetentionProfile.load(Path(engine_dir) / "profile.json")
+    profile.check_model(Fingerprint.of(model.config))
+    return TorchRunner(model, engine_dir, profile=profile, keep_fraction=float(manifest["keep_fraction"]),
+                       method="prefixkv", evict_distance=int(manifest.get("evict_distance", 25)), **kwargs)
+
+
+__all__ = ["BACKENDS", "Generation", "GenerationConfig", "PromptError", "Runner", "load_runner"]

@@ -1,0 +1,179 @@
+"""ONNX Runtime backend: runs an engine folder's prefill and decode graphs.
+
+    runner = OnnxRuntimeRunner("engines/smollm2-k20")            # CPU
+    runner = OnnxRuntimeRunner(engine, providers=["cuda"])       # onnxruntime-gpu
+    runner.generate("Hello", GenerationConfig(max_new_tokens=32))
+
+The per-layer caches stay ``OrtValue``s between steps: decode binds the previous step's
+outputs as its inputs through IOBinding, so caches never round-trip through numpy (nor
+leave the GPU).  Only the logits are copied out.  Imports numpy, onnxruntime and the
+engine-folder check only (this module runs inside Triton's Python backend).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..exporter.engine_folder import EngineError, read_manifest
+from ..tokenizer import Tokenizer
+from .base import Runner
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+# used without being asked for when present (TensorRT only on request: it needs its own libraries)
+DEFAULT_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class ProviderError(ImportError):
+    """A requested execution provider that this onnxruntime build does not have."""
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime (or onnxruntime-gpu for CUDA)") from err
+    return onnxruntime
+
+
+def resolve_providers(requested=None) -> list[str]:
+    """Execution provider names for ``requested`` (None: CUDA when present, then CPU).
+
+    ``requested``: names like "cpu", "cuda", "tensorrt" or full provider names, or a
+    comma-separated string.  CPU is always appended as the fallback.
+    """
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    if requested is None:
+        chosen = [p for p in DEFAULT_ORDER if p in available]
+    else:
+        items = requested.split(",") if isinstance(requested, str) else list(requested)
+        chosen = []
+        for item in (i.strip() for i in items if i and i.strip()):
+            name = PROVIDERS.get(item.lower(), item)
+            if name not in available:
+                fix = ("pip uninstall onnxruntime && pip install onnxruntime-gpu" if name != "CPUExecutionProvider"
+                       else "reinstall onnxruntime")
+                short = {v: k for k, v in PROVIDERS.items()}.get(name, name)
+                raise ProviderError(
+                    f"ONNX Runtime provider {name} ({short}) is not available (this onnxruntime has "
+                    f"{', '.join(available)}); {fix}, or run on CPU (providers=['cpu'] / --providers cpu)"
+                )
+            chosen.append(name)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@dataclass
+class OnnxRuntimeState:
+    """past: per layer (key, value, positions, valid) OrtValues, flat; positions: (B,) next
+    original position per row; prompt_lengths: (B,) real prompt lengths."""
+
+    past: list
+    positions: np.ndarray
+    prompt_lengths: np.ndarray
+
+
+class OnnxRuntimeRunner(Runner):
+    """engine_dir: a folder written by ``prefixkv build``; providers: see ``resolve_providers``;
+    threads: intra-op threads (None: ONNX Runtime's default); verify: hash every file on load."""
+
+    name = "onnxruntime"
+
+    def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True):
+        ort = _import_ort()
+        self.engine_dir = Path(engine_dir)
+        self.manifest = read_manifest(self.engine_dir, verify=verify)
+        self.providers = resolve_providers(providers)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.sessions = {}
+        for graph in ("prefill", "decode"):
+            path = self.engine_dir / self.manifest["graphs"][graph]["file"]
+            self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
+            self._check_io(graph)
+        self.layers = int(self.manifest["layers"])
+        self.tokenizer = Tokenizer(self.engine_dir)
+        self.max_context = int(self.manifest["max_context"])
+        self.keep_fraction = float(self.manifest["keep_fraction"])
+        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self._ort = ort
+        self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
+        self._past_names = [i.name for i in self.sessions["decode"].get_inputs()][3:]
+
+    def _check_io(self, graph: str) -> None:
+        session = self.sessions[graph]
+        expected = self.manifest["graphs"][graph]
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        if got_in != [i["name"] for i in expected["inputs"]] or got_out != [o["name"] for o in expected["outputs"]]:
+            raise EngineError(
+                f"{self.engine_dir}: the {graph} graph's inputs/outputs differ from the manifest's; "
+                "rebuild the engine with `prefixkv build --force`"
+            )
+
+    # -- the two steps ------------------------------------------------------------------------
+    def _run(self, graph: str, cpu_inputs: dict, past=()) -> list:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name, array in cpu_inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in zip(self._past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        for name in self._outputs[graph]:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def prefill(self, input_ids, attention_mask):
+        """input_ids, attention_mask (B, S) int64, left padding -> (logits (B, V) float32, state)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[1] < 1:
+            raise ValueError(f"input_ids and attention_mask must be (batch, S) arrays of one shape, got {ids.shape} and {mask.shape}")
+        outputs = self._run("prefill", {"input_ids": ids, "attention_mask": mask})
+        lengths = mask.sum(-1).astype(np.int64)
+        state = OnnxRuntimeState(list(outputs[1:]), lengths.copy(), lengths)
+        return outputs[0].numpy(), state
+
+    def decode(self, state: OnnxRuntimeState, token_ids):
+        """token_ids (B,) int64 -> (logits (B, V) float32, state); the state's caches are replaced."""
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
+        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
+        outputs = self._run("decode", inputs, state.past)
+        new_state = OnnxRuntimeState(list(outputs[1:]), state.positions + 1, state.prompt_lengths)
+        return outputs[0].numpy(), new_state
+
+    # -- inspection ---------------------------------------------------------------------------
+    def kept_positions(self, state: OnnxRuntimeState) -> list[np.ndarray]:
+        """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot)."""
+        return [state.past[4 * l + 2].numpy() for l in range(self.layers)]
+
+    def cache(self, state: OnnxRuntimeState, layer: int) -> dict[str, np.ndarray]:
+        """One layer's cache as numpy: key, value (B, Hkv, W, D), positions, valid (B, W)."""
+        return {part: state.past[4 * layer + i].numpy() for i, part in enumerate(("key", "value", "positions", "valid"))}
+
+    def layer_lengths(self, state: OnnxRuntimeState) -> np.ndarray:
+        """(layers, B) entries held per layer and row."""
+        return np.stack([state.past[4 * l + 3].numpy().sum(-1) for l in range(self.layers)])
+
+    def kv_bytes(self, state: OnnxRuntimeState) -> int:
+        """Bytes of key and value storage held (all slots, all layers)."""
+        total = 0
+        for l in range(self.layers):
+            key = state.past[4 * l]
+            total += 2 * int(np.prod(key.shape())) * np.dtype(self.manifest.get("dtype", "float32")).itemsize
+        return total

@@ -1,0 +1,339 @@
+"""Validate an engine against the PyTorch reference (``TorchRunner`` + ``PrefixKVCache``).
+
+    prefixkv validate engines/smollm2-k20 --json report.json
+
+Three checks; the report passes when all do:
+
+    graph       Polygraphy's Comparator runs the prefill graph in ONNX Runtime and the
+                reference on the same feeds (a padded batch and a single long prompt):
+                logits and compacted caches within atol/rtol, kept positions and validity
+                identical in every layer.
+    generation  greedy decoding in lockstep on N prompts: at every step the engine's and the
+                reference's argmax agree (so free-running greedy outputs are identical) and
+                every layer keeps the same original positions.
+    quality     against the full cache on the evaluation split: perplexity of the reference
+                continuation (teacher forced) and ROUGE-L of greedy outputs.  Informational
+                unless ``max_ppl_increase`` / ``min_rouge_l`` are given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ..exporter.engine_folder import read_manifest
+from .base import GenerationConfig
+
+CHECKS = ("graph", "generation", "quality")
+CACHE_PARTS = ("key", "value", "positions", "valid")
+LOGITS_ATOL, CACHE_ATOL, RTOL = 2e-3, 1e-3, 1e-3
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def reference_runner_class():
+    """A Polygraphy runner over the PyTorch reference prefill (``PytRunner`` needs CUDA)."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchReferenceRunner(BaseRunner):
+        """Feeds input_ids/attention_mask; outputs named like the prefill graph's."""
+
+        def __init__(self, reference, name="pytorch-reference"):
+            super().__init__(name=name)
+            self.reference = reference
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add("input_ids", np.int64, (None, None)).add("attention_mask", np.int64, (None, None))
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            logits, state = self.reference.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
+            out = OrderedDict(logits=logits)
+            for l, layer in enumerate(state.cache.layers):
+                for part, tensor in zip(CACHE_PARTS, (layer.keys, layer.values, layer.positions, layer.valid)):
+                    out[f"present.{l}.{part}"] = tensor.numpy()
+            self.inference_time = time.perf_counter() - start
+            return out
+
+    return TorchReferenceRunner
+
+
+# -- the three checks ---------------------------------------------------------------------------
+def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
+                logits_atol: float = LOGITS_ATOL, cache_atol: float = CACHE_ATOL, rtol: float = RTOL) -> dict:
+    """Prefill graph vs reference through Polygraphy's Comparator, on ``feeds``."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    from .onnxruntime import resolve_providers
+
+    manifest = read_manifest(engine_dir, verify=False)
+    names = [o["name"] for o in manifest["graphs"]["prefill"]["outputs"]]
+    exact = [n for n in names if n.endswith((".positions", ".valid"))]
+    atol = {"": cache_atol, "logits": logits_atol, **{n: 0.0 for n in exact}}
+    rtols = {"": rtol, **{n: 0.0 for n in exact}}
+    session = SessionFromOnnx(str(engine_dir / manifest["graphs"]["prefill"]["file"]), providers=resolve_providers(providers))
+    runners = [OnnxrtRunner(session, name="onnxruntime"), reference_runner_class()(reference)]
+    severity = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")
+            results = Comparator.run(runners, data_loader=feeds)
+            accuracy = Comparator.compare_accuracy(
+                results, compare_func=CompareFunc.simple(atol=atol, rtol=rtols, check_shapes=True)
+            )
+    finally:
+        G_LOGGER.module_severity = severity
+    (_, engine_iters), (_, reference_iters) = list(results.items())
+    outputs, positions_identical = {}, True
+    for engine_out, reference_out in zip(engine_iters, reference_iters):
+        for name in names:
+            a, b = np.asarray(engine_out[name]), np.asarray(reference_out[name])
+            entry = outputs.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "shapes_equal": True})
+            if a.shape != b.shape:
+                entry["shapes_equal"] = False
+                positions_identical &= not name.endswith(".positions")
+                continue
+            if a.size:
+                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                entry["max_abs"] = max(entry["max_abs"], float(diff.max()))
+                entry["max_rel"] = max(entry["max_rel"], float((diff / (np.abs(b.astype(np.float64)) + 1e-12)).max()))
+            if name.endswith(".positions") and not np.array_equal(a, b):
+                positions_identical = False
+    worst = lambda suffix: max((v["max_abs"] for k, v in outputs.items() if k.endswith(suffix)), default=0.0)  # noqa: E731
+    return {
+        "passed": bool(accuracy) and positions_identical,
+        "comparator": "polygraphy",
+        "tolerances": {"logits_atol": logits_atol, "cache_atol": cache_atol, "rtol": rtol, "positions": "exact", "valid": "exact"},
+        "feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds],
+        "kept_positions_identical": positions_identical,
+        "max_abs": {"logits": worst("logits"), "key": worst(".key"), "value": worst(".value")},
+        "outputs": outputs,
+    }
+
+
+def lockstep(engine, reference, token_lists: list[list[int]], steps: int) -> dict:
+    """Greedy decoding of both runners fed the reference's tokens, compared at every step.
+
+    Returns per row the reference's tokens, the steps where the argmax differed and whether
+    every layer kept the same positions at every step.
+    """
+    ids, mask = reference.pad(token_lists)
+    engine_logits, engine_state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    rows = len(token_lists)
+    tokens = [[] for _ in range(rows)]
+    mismatches = [[] for _ in range(rows)]
+    positions_ok, max_err = True, 0.0
+    for step in range(steps):
+        max_err = max(max_err, float(np.abs(engine_logits - ref_logits).max()))
+        chosen, theirs = ref_logits.argmax(-1), engine_logits.argmax(-1)
+        for row in range(rows):
+            tokens[row].append(int(chosen[row]))
+            if chosen[row] != theirs[row]:
+                top2 = np.sort(ref_logits[row])[-2:]
+                mismatches[row].append({"step": step, "reference": int(chosen[row]), "engine": int(theirs[row]),
+                                        "reference_margin": float(top2[1] - top2[0])})
+        kept_e, kept_r = engine.kept_positions(engine_state), reference.kept_positions(ref_state)
+        positions_ok &= all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(kept_e, kept_r))
+        if step == steps - 1:
+            break
+        engine_logits, engine_state = engine.decode(engine_state, chosen)
+        ref_logits, ref_state = reference.decode(ref_state, chosen)
+    lengths = [int(n) for n in np.asarray(engine.layer_lengths(engine_state)).sum(0)] if hasattr(engine, "layer_lengths") else None
+    return {"tokens": tokens, "mismatches": mismatches, "kept_positions_identical": positions_ok,
+            "max_abs_logits": max_err, "final_entries_per_row": lengths}
+
+
+def check_generation(engine, reference, token_lists: list[list[int]], max_new_tokens: int) -> dict:
+    result = lockstep(engine, reference, token_lists, max_new_tokens)
+    agree = [not m for m in result["mismatches"]]
+    return {
+        "passed": all(agree) and result["kept_positions_identical"],
+        "prompts": len(token_lists),
+        "prompt_tokens": [len(t) for t in token_lists],
+        "max_new_tokens": max_new_tokens,
+        "agree": agree,
+        "first_mismatch": [m[0] if m else None for m in result["mismatches"]],
+        "kept_positions_identical": result["kept_positions_identical"],
+        "max_abs_logits": result["max_abs_logits"],
+        "texts": [engine.tokenizer.decode(t) for t in result["tokens"]],
+    }
+
+
+def teacher_forced_nll(runner, prompts: list[list[int]], continuations: list[list[int]]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``continuations`` after ``prompts`` and the token count."""
+    ids, mask = runner.pad(prompts)
+    logits, state = runner.prefill(ids, mask)
+    steps = max(len(c) for c in continuations)
+    total, count = 0.0, 0
+    for t in range(steps):
+        log_probs = _log_softmax(logits)
+        target = np.array([c[t] if t < len(c) else runner.tokenizer.pad_token_id for c in continuations], dtype=np.int64)
+        for row, c in enumerate(continuations):
+            if t < len(c):
+                total -= float(log_probs[row, target[row]])
+                count += 1
+        if t < steps - 1:
+            logits, state = runner.decode(state, target)
+    return total, count
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def check_quality(engine, full, samples: list[dict], max_new_tokens: int,
+                  max_ppl_increase: float | None = None, min_rouge_l: float | None = None) -> dict:
+    """Engine vs full cache: PPL of the references, ROUGE-L of greedy outputs."""
+    from rouge_score import rouge_scorer
+
+    tok = engine.tokenizer
+    prompts = [tok.encode(s["prompt"]) for s in samples]
+    bos = [tok.token_to_id(tok.bos_token)] if tok.add_bos and tok.bos_token else []
+    continuations = [tok.encode(s["reference"])[len(bos):] for s in samples if s.get("reference")]
+    result = {"samples": len(samples), "max_new_tokens": max_new_tokens}
+    if continuations and len(continuations) == len(prompts):
+        ppl = {}
+        for name, runner in (("engine", engine), ("full", full)):
+            total, count = teacher_forced_nll(runner, prompts, continuations)
+            ppl[name] = math.exp(total / max(count, 1))
+        result["ppl"] = ppl
+        result["ppl_delta"] = ppl["engine"] - ppl["full"]
+        result["ppl_increase"] = ppl["engine"] / ppl["full"] - 1
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    engine_out = engine.generate_ids(prompts, config)
+    full_out = full.generate_ids(prompts, config)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    result["rouge_l_vs_full"] = float(np.mean([scorer.score(f.text, e.text)["rougeL"].fmeasure for e, f in zip(engine_out, full_out)]))
+    if all(s.get("reference") for s in samples):
+        result["rouge_l_vs_reference"] = {
+            "engine": float(np.mean([scorer.score(s["reference"], e.text)["rougeL"].fmeasure for s, e in zip(samples, engine_out)])),
+            "full": float(np.mean([scorer.score(s["reference"], f.text)["rougeL"].fmeasure for s, f in zip(samples, full_out)])),
+        }
+    failures = []
+    if max_ppl_increase is not None and result.get("ppl_increase", 0.0) > max_ppl_increase:
+        failures.append(f"PPL increase {result['ppl_increase']:.3f} > {max_ppl_increase}")
+    if min_rouge_l is not None and result["rouge_l_vs_full"] < min_rouge_l:
+        failures.append(f"ROUGE-L vs full {result['rouge_l_vs_full']:.3f} < {min_rouge_l}")
+    result["thresholds"] = {"max_ppl_increase": max_ppl_increase, "min_rouge_l": min_rouge_l}
+    result["failures"] = failures
+    result["passed"] = not failures
+    return result
+
+
+# -- the whole validation ------------------------------------------------------------------------
+def validate_engine(
+    engine_dir: str | Path,
+    model=None,
+    *,
+    checks=CHECKS,
+    providers=None,
+    threads: int | None = None,
+    prompts: list[str] | None = None,
+    n_prompts: int = 3,
+    prompt_tokens: int = 320,
+    max_new_tokens: int = 32,
+    quality_samples: int = 4,
+    quality_tokens: int = 512,
+    quality_new_tokens: int = 32,
+    logits_atol: float = LOGITS_ATOL,
+    cache_atol: float = CACHE_ATOL,
+    rtol: float = RTOL,
+    max_ppl_increase: float | None = None,
+    min_rouge_l: float | None = None,
+    json_path: str | Path | None = None,
+    log=_stderr,
+) -> dict:
+    """Run ``checks`` on the engine at ``engine_dir``; returns the report (``report["passed"]``).
+
+    model: the model the engine was built from (loaded from the manifest's source if None).
+    prompts: texts for the graph and generation checks (default: the evaluation split,
+    ``n_prompts`` windows of ``prompt_tokens`` tokens).
+    """
+    from ..data import builtin_samples
+    from ..profile import RetentionProfile
+    from .onnxruntime import OnnxRuntimeRunner
+    from .torch import TorchRunner
+
+    start = time.perf_counter()
+    engine_dir = Path(engine_dir)
+    unknown = set(checks) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown checks {sorted(unknown)}; choose from {', '.join(CHECKS)}")
+    manifest = read_manifest(engine_dir, verify=True)
+    engine = OnnxRuntimeRunner(engine_dir, providers=providers, threads=threads, verify=False)
+    if model is None:
+        from ..models import load_model
+
+        log(f"loading the reference model {manifest['model']['source']}")
+        model, _ = load_model(manifest["model"]["source"])
+    profile = RetentionProfile.load(engine_dir / "profile.json")
+    from ..profile import Fingerprint
+
+    profile.check_model(Fingerprint.of(model.config))
+    keep = float(manifest["keep_fraction"])
+    reference = TorchRunner(model, engine_dir, profile=profile, keep_fraction=keep, method="prefixkv",
+                            evict_distance=int(manifest.get("evict_distance", 25)))
+    tok = engine.tokenizer
+    if prompts is None:
+        prompts = [s["prompt"] for s in builtin_samples(tok, "evaluation", n=n_prompts, tokens=prompt_tokens, reference_tokens=0)]
+    token_lists = [engine.encode_prompt(p, max_new_tokens=max_new_tokens) for p in prompts]
+    report = {"engine": str(engine_dir), "keep_fraction": keep, "providers": engine.providers, "checks": {}}
+
+    if "graph" in checks:
+        log("validation: graph level (Polygraphy, prefill graph vs PyTorch reference)")
+        feeds = []
+        if len(token_lists) >= 2:  # a padded batch: the second row shortened by a quarter
+            second = token_lists[1][: max(2, 3 * len(token_lists[1]) // 4)]
+            ids, mask = engine.pad([token_lists[0], second])
+            feeds.append({"input_ids": ids, "attention_mask": mask})
+        ids, mask = engine.pad([token_lists[-1]])
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+        report["checks"]["graph"] = check_graph(engine_dir, reference, feeds, providers, logits_atol, cache_atol, rtol)
+    if "generation" in checks:
+        log(f"validation: generation level ({len(token_lists)} prompts, {max_new_tokens} greedy tokens in lockstep)")
+        report["checks"]["generation"] = check_generation(engine, reference, token_lists, max_new_tokens)
+    if "quality" in checks:
+        log(f"validation: quality vs full cache ({quality_samples} evaluation samples of {quality_tokens} tokens)")
+        samples = builtin_samples(tok, "evaluation", n=quality_samples, tokens=quality_tokens, reference_tokens=quality_new_tokens)
+        full = TorchRunner(model, engine_dir, keep_fraction=1.0)
+        report["checks"]["quality"] = check_quality(engine, full, samples, quality_new_tokens, max_ppl_increase, min_rouge_l)
+    report["passed"] = all(c["passed"] for c in report["checks"].values())
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    for name, check in report["checks"].items():
+        log(f"  {name}: {'pass' if check['passed'] else 'FAIL'}{_summary(name, check)}")
+    if json_path:
+        from ..profile import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _summary(name: str, check: dict) -> str:
+    if name == "graph":
+        m = check["max_abs"]
+        return (f" (max |diff| logits {m['logits']:.2e}, keys {m['key']:.2e}, values {m['value']:.2e}; "
+                f"kept positions {'identical' if check['kept_positions_identical'] else 'DIFFER'})")
+    if name == "generation":
+        return f" ({sum(check['agree'])}/{check['prompts']} prompts agree on {check['max_new_tokens']} greedy tokens)"
+    if name == "quality":
+        parts = []
+        if "ppl" in check:
+            parts.append(f"PPL {check['ppl']['engine']:.3f} vs full {check['ppl']['full']:.3f} ({check['ppl_increase']:+.1%})")
+        parts.append(f"ROUGE-L vs full {check['rouge_l_vs_full']:.3f}")
+        return " (" + ", ".join(parts) + ")"
+    return ""

@@ -1,0 +1,409 @@
+"""Export a Hugging Face decoder to two ONNX graphs with PrefixKV compaction inside.
+
+    prefill(input_ids, attention_mask) -> logits, per layer l: key, value, positions, valid
+        input_ids, attention_mask: (B, S) int64, left padding
+        logits: (B, V) float32, last position only
+        key/value: (B, Hkv, K_l, D); positions: (B, K_l) int64 (-1: empty slot); valid: (B, K_l) bool
+        K_l = max over rows of round(fraction_l x prompt_len): scoring, TopK, index sort and
+        GatherElements run in the graph; the profile's fractions are graph constants.
+
+    decode(input_ids, position_ids, prompt_lengths, per layer past key/value/positions/valid)
+            -> logits, per layer present key/value/positions/valid
+        input_ids, position_ids: (B, 1) int64, position_ids the ORIGINAL position of the token
+        prompt_lengths: (B,) int64 real prompt lengths
+        past_* of layer l: (B, Hkv, P_l, D) / (B, P_l), each layer its own dynamic length P_l
+        The new token is appended, attention runs over the valid slots, then the decode-phase
+        rule evicts at most one entry per row: the cache returned is already within budget.
+
+Both graphs are thin wrappers (``PrefillGraph``, ``DecodeGraph``) over the model's own
+modules (embeddings, norms, projections, rotary embedding, MLPs) and over
+``prefixkv.compaction``, so the semantics are those of ``PrefixKVCache`` by construction.
+Attention never repeats K/V for grouped-query attention: queries are reshaped to
+(B, Hkv, group, q, D) and broadcast against (B, Hkv, 1, W, D).
+
+Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM, ...), i.e.
+``model.model.{embed_tokens, layers, norm, rotary_emb}`` with ``self_attn.{q,k,v,o}_proj``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import compaction
+from ..scoring import causal_mask, make_scorer
+
+OPSET = 18
+
+
+class ExportError(ValueError):
+    """A model or setting the exporter cannot handle, with the fix."""
+
+
+@dataclass
+class GraphSpec:
+    """Everything baked into the two graphs besides the weights."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    fractions: list[float]  # per-layer keep fractions: graph constants
+    sink: int = 4
+    protect_last: bool = True
+    scorer: str = "accumulated"
+    scorer_params: dict = field(default_factory=dict)
+    evict_distance: int = 25
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- names -----------------------------------------------------------------------------------
+CACHE_PARTS = ("key", "value", "positions", "valid")
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """``prefix.{l}.{key,value,positions,valid}`` for every layer, flat, layer-major."""
+    return [f"{prefix}.{l}.{part}" for l in range(layers) for part in CACHE_PARTS]
+
+
+def io_names(layers: int) -> dict[str, dict[str, list[str]]]:
+    return {
+        "prefill": {"inputs": ["input_ids", "attention_mask"], "outputs": ["logits", *cache_names("present", layers)]},
+        "decode": {
+            "inputs": ["input_ids", "position_ids", "prompt_lengths", *cache_names("past", layers)],
+            "outputs": ["logits", *cache_names("present", layers)],
+        },
+    }
+
+
+# -- the model's parts ------------------------------------------------------------------------
+class Decoder(nn.Module):
+    """The pieces of a Llama-family causal LM that the graphs call, and nothing else."""
+
+    def __init__(self, model):
+        super().__init__()
+        base = getattr(model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if base is None or not all(hasattr(base, n) for n in needed) or not hasattr(model, "lm_head"):
+            raise ExportError(
+                f"{type(model).__name__} is not a Llama-family decoder (model.model.embed_tokens/layers/norm/rotary_emb "
+                "and model.lm_head); the ONNX exporter supports Llama, Mistral, Qwen2/3 and SmolLM models"
+            )
+        attn = base.layers[0].self_attn
+        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise ExportError(f"{type(attn).__name__} has no q/k/v/o projections; the ONNX exporter supports Llama-family attention")
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if getattr(text, "use_sliding_window", False):
+            raise ExportError("sliding-window attention is not supported by the ONNX exporter; use the PyTorch backend")
+        self.embed_tokens, self.layers, self.norm, self.rotary_emb = base.embed_tokens, base.layers, base.norm, base.rotary_emb
+        self.lm_head = model.lm_head
+        self.heads = text.num_attention_heads
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.heads
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.rotary_emb(hidden, position_ids)
+
+    def qkv(self, layer, hidden, cos, sin):
+        """hidden (B, q, hidden) -> query (B, H, q, D), key/value (B, Hkv, q, D), rotated."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        b, q = x.shape[:2]
+        query = attn.q_proj(x).view(b, q, -1, self.head_dim)
+        key = attn.k_proj(x).view(b, q, -1, self.head_dim)
+        value = attn.v_proj(x).view(b, q, -1, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key = self._rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        return query, key, value
+
+    def finish(self, layer, hidden, attn_out):
+        """attn_out (B, q, H, D) -> the layer's output hidden states (B, q, hidden)."""
+        b, q = attn_out.shape[:2]
+        hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(b, q, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """hidden_last (B, hidden) -> (B, V) float32."""
+        return self.lm_head(self.norm(hidden_last)).float()
+
+
+def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, q, D) -> (B, Hkv, group, q, D): GQA without repeating K/V."""
+    b, h, q, d = query.shape
+    return query.reshape(b, kv_heads, h // kv_heads, q, d)
+
+
+def prefill_attention(query, key, value, valid, scaling: float, score_rows: int | None):
+    """Unfused causal attention that also returns the attention mass each key receives.
+
+    query (B, H, S, D); key/value (B, Hkv, S, D); valid (B, S) bool.
+    score_rows: trailing query rows whose probabilities are summed (None: all rows, 0: none).
+    Returns out (B, S, H, D) and mass (B, S) float32 (sum over non-padded scoring rows,
+    mean over query heads), like ``scoring.attention_with_scores``.
+    """
+    b, h, s, d = query.shape
+    logits = torch.matmul(_grouped(query, key.shape[1]).float(), key.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    allowed = causal_mask(s, valid).unsqueeze(2)  # (B, 1, 1, S, S)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, Hkv, G, S, S)
+    out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2)).reshape(b, h, s, -1).transpose(1, 2)
+    if score_rows == 0:
+        return out, None
+    if score_rows is not None:
+        probs, valid = probs[:, :, :, -score_rows:], valid[:, -score_rows:]
+    mass = torch.einsum("bkgrs,br->bs", probs, valid.to(probs.dtype)) / h
+    return out, mass
+
+
+def decode_attention(query, key, value, valid, scaling: float):
+    """query (B, H, 1, D) over key/value (B, Hkv, W, D) with valid (B, W) -> (B, 1, H, D)."""
+    b, h, q, d = query.shape
+    logits = torch.matmul(_grouped(query, key.shape[1]), key.unsqueeze(2).transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+    return torch.matmul(probs, value.unsqueeze(2)).reshape(b, h, q, -1).transpose(1, 2)
+
+
+def _unbacked_width(counts: torch.Tensor, limit: int | torch.SymInt) -> int:
+    """max(counts) as a Python int (an unbacked symbol under torch.export) in [0, limit]."""
+    width = counts.max().item()
+    torch._check(width >= 0)
+    torch._check(width <= limit)
+    return width
+
+
+# -- the two graphs ---------------------------------------------------------------------------
+class PrefillGraph(nn.Module):
+    """(input_ids, attention_mask) -> (logits, *per layer key, value, positions, valid); see the module doc."""
+
+    def __init__(self, model, spec: GraphSpec):
+        super().__init__()
+        self.decoder = Decoder(model)
+        self.spec = spec
+        self.scorer = make_scorer(spec.scorer, **spec.scorer_params)
+
+    def _score_rows(self) -> int | None:
+        rows = self.scorer.query_rows(1 << 30)
+        return None if rows == 1 << 30 else rows
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        spec, dec = self.spec, self.decoder
+        valid = attention_mask.to(torch.bool)
+        position_ids = torch.clamp(torch.cumsum(attention_mask, dim=-1) - 1, min=0)
+        hidden = dec.embed_tokens(input_ids)
+        cos, sin = dec.rope(hidden, position_ids)
+        lengths = valid.sum(-1)
+        original = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
+        rows = self._score_rows()
+        outputs = []
+        for l, layer in enumerate(dec.layers):
+            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            keep_all = spec.fractions[l] >= 1.0
+            out, mass = prefill_attention(query, key, value, valid, dec.scaling, 0 if keep_all else rows)
+            hidden = dec.finish(layer, hidden, out)
+            if keep_all:  # nothing to choose: no scores, no TopK
+                outputs += self._keep_all(key, value, valid, lengths, original)
+                continue
+            scores = self.scorer.from_attention(mass) if mass is not None else self.scorer.from_keys(key, valid)
+            outputs += self._compact(key, value, scores, valid, lengths, original, spec.fractions[l])
+        logits = dec.logits(hidden[:, -1])
+        return (logits, *outputs)
+
+    def _keep_all(self, key, value, valid, lengths, original):
+        """``compact`` at fraction 1 without scoring: every real entry, leading all-padding columns dropped."""
+        width = _unbacked_width(lengths, valid.shape[-1])
+        first = valid.shape[-1] - width
+        positions = torch.where(valid, original, torch.full_like(original, -1))
+        return [key.narrow(2, first, width), value.narrow(2, first, width), positions.narrow(1, first, width),
+                valid.narrow(1, first, width)]
+
+    def _compact(self, key, value, scores, valid, lengths, original, fraction: float):
+        """``compaction.compact`` with the slot count as an unbacked int (TopK's k)."""
+        spec = self.spec
+        counts = compaction.keep_counts(lengths, fraction, spec.sink, spec.protect_last)
+        width = _unbacked_width(counts, scores.shape[-1])
+        protected = compaction.protect(scores, valid, spec.sink, spec.protect_last)
+        index, kept = compaction.select(protected, valid, counts, width, stable=False)
+        positions = torch.where(kept, torch.gather(original, -1, index), torch.full_like(index, -1))
+        return [compaction.gather_kv(key, index), compaction.gather_kv(value, index), positions, kept]
+
+
+class DecodeGraph(nn.Module):
+    """(input_ids, position_ids, prompt_lengths, *past) -> (logits, *present); see the module doc."""
+
+    def __init__(self, model, spec: GraphSpec):
+        super().__init__()
+        self.decoder = Decoder(model)
+        self.spec = spec
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, prompt_lengths: torch.Tensor, *past: torch.Tensor):
+        spec, dec = self.spec, self.decoder
+        hidden = dec.embed_tokens(input_ids)
+        cos, sin = dec.rope(hidden, position_ids)
+        seen = position_ids[:, 0] + 1  # tokens seen, the new one included
+        outputs = []
+        for l, layer in enumerate(dec.layers):
+            keys, values, positions, valid = past[4 * l : 4 * l + 4]
+            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            keys, values, positions, valid = compaction.append(keys, values, positions, valid, key, value, position_ids)
+            hidden = dec.finish(layer, hidden, decode_attention(query, keys, values, valid, dec.scaling))
+            cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
+                                                 spec.protect_last, spec.evict_distance)
+            outputs += evict(keys, values, positions, valid, cap, slot)
+        logits = dec.logits(hidden[:, -1])
+        return (logits, *outputs)
+
+
+def evict(keys, values, positions, valid, cap, slot):
+    """``compaction.evict`` with its final data-dependent slice made export-friendly.
+
+    Same math; the leading-columns drop is a slice from an unbacked start in [0, W].
+    """
+    over = valid.sum(-1) > cap
+    rank = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
+    hit = valid & (rank == slot.unsqueeze(-1))
+    column = torch.argmax(hit.to(torch.int64), dim=-1)
+    cols = torch.arange(valid.shape[-1], device=valid.device).unsqueeze(0)
+    shift = over.unsqueeze(-1) & (cols <= column.unsqueeze(-1))
+    source = torch.clamp(cols - shift.to(torch.int64), min=0)
+    empty_front = shift & (cols == 0)
+    valid = torch.gather(valid, -1, source) & ~empty_front
+    positions = torch.where(valid, torch.gather(positions, -1, source), torch.full_like(positions, -1))
+    keys = compaction.gather_kv(keys, source)
+    values = compaction.gather_kv(values, source)
+    width = valid.shape[-1]
+    first = torch.min(torch.argmax(valid.to(torch.int64), dim=-1)).item()
+    torch._check(first >= 0)
+    torch._check(first < width)
+    keep = width - first
+    return [keys.narrow(2, first, keep), values.narrow(2, first, keep), positions.narrow(1, first, keep), valid.narrow(1, first, keep)]
+
+
+# -- export -----------------------------------------------------------------------------------
+def exporter_version() -> str:
+    """prefixkv's version plus a hash of the graph code: a cache key for exported engines."""
+    import hashlib
+
+    from .. import __version__
+
+    sources = [Path(__file__), Path(compaction.__file__), Path(sys.modules[causal_mask.__module__].__file__)]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
+    return f"{__version__}+{digest}"
+
+
+def graph_spec(model, profile, keep_fraction: float, evict_distance: int = 25) -> GraphSpec:
+    """The spec for ``model`` with the per-layer fractions of ``profile`` at ``keep_fraction``."""
+    dec = Decoder(model)
+    fractions = profile.layer_fractions(keep_fraction)
+    if len(fractions) != len(dec.layers):
+        raise ExportError(f"the profile has {len(fractions)} layers but the model has {len(dec.layers)}; calibrate one for this model")
+    return GraphSpec(
+        layers=len(dec.layers), heads=dec.heads, kv_heads=dec.kv_heads, head_dim=dec.head_dim,
+        vocab=dec.lm_head.out_features, fractions=[float(f) for f in fractions], sink=profile.sink,
+        protect_last=profile.protect_last, scorer=profile.scorer, scorer_params=dict(profile.scorer_params),
+        evict_distance=evict_distance, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    )
+
+
+def sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, length: int = 12, past: int = 6):
+    """Example inputs used for tracing (never specialised on: every size is >= 2)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab, (batch, length), generator=g)
+    if graph == "prefill":
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[0, :3] = 0
+        return (ids, mask)
+    dtype = getattr(torch, spec.dtype)
+    tensors = []
+    for l in range(spec.layers):
+        width = past + l % 3  # distinct lengths per layer
+        tensors += [
+            torch.randn(batch, spec.kv_heads, width, spec.head_dim, generator=g).to(dtype),
+            torch.randn(batch, spec.kv_heads, width, spec.head_dim, generator=g).to(dtype),
+            torch.arange(width).expand(batch, width).clone(),
+            torch.ones(batch, width, dtype=torch.bool),
+        ]
+    prompt_lengths = torch.full((batch,), 40, dtype=torch.int64)
+    return (ids[:, :1], torch.full((batch, 1), 40, dtype=torch.int64), prompt_lengths, *tensors)
+
+
+def _dynamic_shapes(spec: GraphSpec, graph: str):
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=1024)
+    if graph == "prefill":
+        seq = Dim("sequence", min=2, max=1 << 20)
+        return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    past = []
+    for l in range(spec.layers):
+        length = Dim(f"past_length_{l}", min=1, max=1 << 20)
+        past += [{0: batch, 2: length}, {0: batch, 2: length}, {0: batch, 1: length}, {0: batch, 1: length}]
+    return {"input_ids": {0: batch}, "position_ids": {0: batch}, "prompt_lengths": {0: batch}, "past": tuple(past)}
+
+
+def _name_dims(model_proto, graph: str, layers: int) -> None:
+    """Readable names for the output dims the exporter left as opaque symbols."""
+    for value in model_proto.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        if value.name == "logits":
+            dims[0].dim_param = "batch"
+            continue
+        l = int(value.name.split(".")[1])
+        axis = 2 if value.name.endswith((".key", ".value")) else 1
+        dims[0].dim_param = "batch"
+        dims[axis].dim_param = f"present_length_{l}"
+
+
+def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None) -> Path:
+    """Export the ``graph`` ("prefill" or "decode") of ``model`` to ``path`` (weights in ``path``.data)."""
+    import onnx
+
+    path = Path(path)
+    wrapper = (PrefillGraph if graph == "prefill" else DecodeGraph)(model, spec).eval()
+    names = io_names(spec.layers)[graph]
+    start = time.perf_counter()
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(axis name|LeafSpec).*")
+            program = torch.onnx.export(
+                wrapper,
+                sample_inputs(spec, graph),
+                dynamo=True,
+                input_names=names["inputs"],
+                output_names=names["outputs"],
+                dynamic_shapes=_dynamic_shapes(spec, graph),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    proto = program.model_proto
+    _name_dims(proto, graph, spec.layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.name + ".data"
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
+    if log:
+        log(f"exported {graph} graph in {time.perf_counter() - start:.0f} s -> {path}")
+    return path
+
+
+def export_engine_graphs(model, spec: GraphSpec, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
+    """Both graphs into ``folder``: prefill.onnx(+.data), decode.onnx(+.data)."""
+    folder = Path(folder)
+    return {g: export_graph(model, spec, g, folder / f"{g}.onnx", opset, log) for g in ("prefill", "decode")}

@@ -1,0 +1,163 @@
+"""``prefixkv deploy``: write a Triton model repository for one engine.
+
+    triton_repo/
+      prefixkv_llm/
+        config.pbtxt           Python backend, decoupled, instance count, threads
+        1/
+          model.py             prefixkv.serving.templates.model, verbatim
+          engine/              the engine folder, copied (or a symlink with link=True)
+          prefixkv/            the prefixkv runtime (the package's .py files), vendored
+
+The vendored runtime makes the repository self-contained: a stock Triton with the Python
+backend and numpy, onnxruntime, tokenizers and jinja2 importable serves it, whatever
+prefixkv is or is not installed there.  The engine's manifest is checked here, before
+anything is written, and again when Triton loads the model.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .pbtxt import write_model_config
+
+MODEL_NAME = "prefixkv_llm"
+OUTPUTS = ("text_output", "output_ids", "finish_reason")
+TEMPLATE = Path(__file__).with_name("templates") / "model.py"
+
+
+class RepositoryError(ValueError):
+    """A repository that cannot be written as asked, with the fix."""
+
+
+class RepositoryExistsError(FileExistsError):
+    """The model folder exists already."""
+
+
+def model_config_text(
+    name: str = MODEL_NAME,
+    instances: int = 1,
+    threads: int | None = None,
+    default_max_tokens: int = 64,
+    chat: bool = False,
+    backend: str = "onnxruntime",
+    engine_dir: str = "engine",
+) -> str:
+    """The ``config.pbtxt`` of the prefixkv_llm model (text; checked by the caller)."""
+    params = {
+        "engine_dir": engine_dir,
+        "backend": backend,
+        "threads": "" if threads is None else str(threads),
+        "default_max_tokens": str(default_max_tokens),
+        "chat": "true" if chat else "false",
+    }
+    parameters = "\n".join(
+        f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()
+    )
+    return f"""# Written by `prefixkv deploy`.  One prefixkv engine on Triton's Python backend:
+# model.py runs the whole prefill + decode loop with the PrefixKV-compressed cache.
+name: "{name}"
+backend: "python"
+max_batch_size: 0  # one prompt per request; concurrency comes from instances
+
+# decoupled: `stream: true` requests get one response per new piece of text
+model_transaction_policy {{ decoupled: true }}
+
+input [
+  {{ name: "text_input"  data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "max_tokens"  data_type: TYPE_INT64  dims: [ 1 ] optional: true }},
+  {{ name: "temperature" data_type: TYPE_FP32   dims: [ 1 ] optional: true }},
+  {{ name: "top_p"       data_type: TYPE_FP32   dims: [ 1 ] optional: true }},
+  {{ name: "top_k"       data_type: TYPE_INT64  dims: [ 1 ] optional: true }},
+  {{ name: "seed"        data_type: TYPE_UINT64 dims: [ 1 ] optional: true }},
+  {{ name: "stop"        data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+  {{ name: "stream"      data_type: TYPE_BOOL   dims: [ 1 ] optional: true }},
+  {{ name: "chat"        data_type: TYPE_BOOL   dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "text_output"   data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "output_ids"    data_type: TYPE_INT64  dims: [ -1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+
+# each instance is one process with its own engine session
+instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
+
+# engine_dir: relative to the version folder; threads: intra-op threads of the engine
+# (empty: the runtime's default); default_max_tokens / chat: when a request does not say
+{parameters}
+"""
+
+
+def check_engine_folder(engine_dir: str | Path) -> Path:
+    """The engine folder, its manifest verified (raises a ValueError subclass naming the fix)."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise FileNotFoundError(f"no engine folder at {engine_dir}; build one with `prefixkv build --output {engine_dir}`")
+    try:
+        from ..exporter.engine_folder import verify_engine_folder
+    except ImportError:
+        if not any(engine_dir.glob("*.json")):
+            raise RepositoryError(f"{engine_dir} has no manifest: it is not a prefixkv engine folder; build one with `prefixkv build`")
+        return engine_dir
+    verify_engine_folder(engine_dir)
+    return engine_dir
+
+
+def _vendor_runtime(destination: Path) -> None:
+    """Copy prefixkv's .py files (not its caches or data) to ``destination``."""
+    package = Path(__file__).resolve().parents[1]
+    for source in sorted(package.rglob("*.py")):
+        if "__pycache__" in source.parts:
+            continue
+        target = destination / source.relative_to(package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def write_repository(
+    engine_dir: str | Path,
+    repository: str | Path,
+    *,
+    model_name: str = MODEL_NAME,
+    version: int = 1,
+    instances: int = 1,
+    threads: int | None = None,
+    default_max_tokens: int = 64,
+    chat: bool = False,
+    backend: str = "onnxruntime",
+    link: bool = False,
+    force: bool = False,
+) -> Path:
+    """Write (or with ``force`` replace) ``repository/model_name``; returns the model folder."""
+    if instances < 1:
+        raise RepositoryError(f"--instances must be at least 1, got {instances}")
+    if threads is not None and threads < 1:
+        raise RepositoryError(f"--threads must be at least 1, got {threads}")
+    if default_max_tokens < 1:
+        raise RepositoryError(f"--max-tokens must be at least 1, got {default_max_tokens}")
+    if version < 1:
+        raise RepositoryError(f"--version must be at least 1, got {version}")
+    engine_dir = check_engine_folder(engine_dir).resolve()
+    model_dir = Path(repository) / model_name
+    if model_dir.exists():
+        if not force:
+            raise RepositoryExistsError(f"{model_dir} exists; pass --force to replace it or choose another --repository")
+        shutil.rmtree(model_dir)
+    version_dir = model_dir / str(version)
+    try:
+        version_dir.mkdir(parents=True)
+        write_model_config(
+            model_dir / "config.pbtxt",
+            model_config_text(model_name, instances, threads, default_max_tokens, chat, backend),
+            name=model_name, backend="python", decoupled=True, required_inputs=("text_input",), outputs=OUTPUTS,
+        )
+        shutil.copy2(TEMPLATE, version_dir / "model.py")
+        if link:
+            (version_dir / "engine").symlink_to(engine_dir, target_is_directory=True)
+        else:
+            shutil.copytree(engine_dir, version_dir / "engine", symlinks=False)
+        _vendor_runtime(version_dir / "prefixkv")
+    except BaseException:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+    return model_dir

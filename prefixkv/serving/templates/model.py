@@ -1,0 +1,287 @@
+"""prefixkv_llm: a Triton Python-backend model that owns one prefixkv engine.
+
+Written by ``prefixkv deploy`` into ``<repository>/prefixkv_llm/<version>/model.py``, next to
+
+    engine/      the engine folder (copied or linked); its manifest is checked at load
+    prefixkv/    the prefixkv runtime this repository was written with (vendored)
+
+It runs the whole prefill + decode loop with the PrefixKV-compressed cache, tokenisation
+and the chat template included.  Decoupled: a request with ``stream`` true gets one
+response per new piece of text and a final one; otherwise a single response.
+
+Inputs (tensors, or the same names as request parameters, e.g. the ``parameters`` object
+of Triton's generate endpoint; a tensor wins over a parameter):
+
+    text_input  STRING [1]   the prompt (required, UTF-8)
+    max_tokens  INT64  [1]   new tokens to generate (default: config parameter default_max_tokens)
+    temperature FP32   [1]   0 (default) = greedy
+    top_p       FP32   [1]   nucleus sampling (default 1)
+    top_k       INT64  [1]   0 (default) = off
+    seed        UINT64 [1]   sampling seed
+    stop        STRING [-1]  stop strings (the text ends before the first one)
+    stream      BOOL   [1]   stream text pieces (needs a streaming client: generate_stream, gRPC stream)
+    chat        BOOL   [1]   wrap the prompt in the model's chat template (default: config parameter chat)
+
+Outputs: ``text_output`` (generated text only, never the prompt), ``output_ids`` (the
+generated token ids) and ``finish_reason`` ("length", "eos" or "stop").  While streaming,
+each intermediate response carries one new piece of text and no ids; the final response
+carries any text not yet sent and all the generated ids.
+
+Run-time imports are numpy, onnxruntime, tokenizers and jinja2 only: the Python backend
+stub embeds its own libpython, under which transformers (through ``ssl``) or torch may not
+import.  The vendored ``prefixkv`` package is therefore imported without running its
+``__init__`` (which pulls in torch and transformers): see ``_import_runtime``.
+
+The three stages are kept apart (``Preprocessor``: request -> token ids; the engine's
+``generate_ids``: ids -> ids; ``Postprocessor``: ids -> outputs), so splitting this model
+into a TensorRT-LLM-style ensemble (preprocessing -> engine -> postprocessing) only moves
+these classes into their own models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import traceback
+import types
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+MODEL_INPUTS = ("text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "chat")
+PARAMETERS = MODEL_INPUTS[1:]  # allowed as request parameters too
+RESERVED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers")
+
+
+class RequestError(ValueError):
+    """A request the model refuses, with a message for the client."""
+
+
+def _import_runtime(version_dir: Path):
+    """Import the vendored prefixkv runtime without executing prefixkv/__init__.py.
+
+    Only ``prefixkv.engines`` (numpy + the engine's runtime), ``prefixkv.tokenizer``
+    (tokenizers + jinja2) and the engine-folder manifest check are used.
+    """
+    source = version_dir / "prefixkv"
+    if not (source / "engines" / "base.py").is_file():
+        raise RuntimeError(f"{source} does not hold the prefixkv runtime; re-run `prefixkv deploy`")
+    for name in ("prefixkv", "prefixkv.exporter"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(source / Path(*name.split(".")[1:]))]
+        package.__package__ = name
+        sys.modules[name] = package
+    from prefixkv.engines import load_runner
+
+    return load_runner
+
+
+def _error(message: str) -> pb_utils.TritonError:
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class Preprocessor:
+    """Request -> (prompt ids, GenerationConfig, stream).  Validates every field."""
+
+    def __init__(self, runner, generation_config_cls, prompt_error_cls, default_max_tokens: int, chat: bool):
+        self.runner = runner
+        self.GenerationConfig = generation_config_cls
+        self.PromptError = prompt_error_cls
+        self.default_max_tokens = default_max_tokens
+        self.default_chat = chat
+
+    def __call__(self, request):
+        values = self._parameters(request)
+        for name in MODEL_INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                values[name] = tensor.as_numpy()
+        if "text_input" not in values:
+            raise RequestError("text_input is missing: send the prompt as text_input")
+        prompt = self._text(values.pop("text_input"))
+        max_tokens = self._int(values, "max_tokens", self.default_max_tokens)
+        limit = self.runner.max_context
+        if max_tokens < 1 or max_tokens > limit:
+            raise RequestError(f"max_tokens must be between 1 and the model's context of {limit}, got {max_tokens}")
+        seed = self._int(values, "seed", None)
+        if seed is not None and seed < 0:
+            raise RequestError(f"seed must be a non-negative integer, got {seed}")
+        config = self.GenerationConfig(
+            max_new_tokens=max_tokens,
+            temperature=self._float(values, "temperature", 0.0),
+            top_p=self._float(values, "top_p", 1.0),
+            top_k=self._int(values, "top_k", 0),
+            seed=seed,
+            stop=self._stops(values.get("stop")),
+        )
+        try:
+            config.validate()
+        except ValueError as err:  # its messages name max_new_tokens; the request field is max_tokens
+            raise RequestError(str(err).replace("max_new_tokens", "max_tokens")) from err
+        chat = self._bool(values, "chat", self.default_chat)
+        try:
+            ids = self.runner.encode_prompt(prompt, chat=chat, max_new_tokens=max_tokens)
+        except self.PromptError as err:
+            message = str(err).replace("new tokens were asked for", "new tokens (max_tokens) were asked for")
+            raise RequestError(message.replace("max_new_tokens", "max_tokens")) from err
+        except ValueError as err:  # e.g. chat asked of a model without a chat template
+            raise RequestError(str(err)) from err
+        return ids, config, self._bool(values, "stream", False)
+
+    # -- fields ------------------------------------------------------------------------
+    @staticmethod
+    def _parameters(request) -> dict:
+        raw = request.parameters()
+        params = json.loads(raw) if isinstance(raw, str) and raw else dict(raw or {})
+        unknown = sorted(k for k in params if k not in PARAMETERS and k not in RESERVED_PARAMETERS and not k.startswith("triton_"))
+        if unknown:
+            raise RequestError(
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}; "
+                f"this model takes text_input and {', '.join(PARAMETERS)}"
+            )
+        return {k: v for k, v in params.items() if k in PARAMETERS}
+
+    @staticmethod
+    def _scalar(values: dict, name: str):
+        value = values.get(name)
+        if isinstance(value, np.ndarray):
+            if value.size != 1:
+                raise RequestError(f"{name} must hold exactly one value, got shape {list(value.shape)}")
+            value = value.reshape(-1)[0]
+            value = value.item() if isinstance(value, np.generic) else value
+        return value
+
+    def _text(self, value) -> str:
+        value = self._scalar({"text_input": value}, "text_input")
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RequestError(f"text_input is not valid UTF-8 (byte 0x{value[err.start]:02x} at offset {err.start}); send UTF-8 text") from None
+        if not isinstance(value, str):
+            raise RequestError(f"text_input must be a string, got {type(value).__name__}")
+        return value
+
+    def _int(self, values, name, default):
+        value = self._scalar(values, name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise RequestError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+
+    def _float(self, values, name, default):
+        value = self._scalar(values, name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+
+    def _bool(self, values, name, default):
+        value = self._scalar(values, name)
+        if value is None:
+            return default
+        if not isinstance(value, (bool, np.bool_)):
+            raise RequestError(f"{name} must be true or false, got {value!r}")
+        return bool(value)
+
+    def _stops(self, value) -> list[str]:
+        if value is None:
+            return []
+        items = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else [value]
+        stops = []
+        for item in items:
+            if isinstance(item, bytes):
+                try:
+                    item = item.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RequestError("stop holds bytes that are not valid UTF-8") from None
+            if not isinstance(item, str):
+                raise RequestError(f"stop must be a string or a list of strings, got {item!r}")
+            if item:
+                stops.append(item)
+        return stops
+
+
+class Postprocessor:
+    """Generated text / ids -> Triton responses."""
+
+    @staticmethod
+    def response(text: str, ids, finish_reason: str | None = None) -> pb_utils.InferenceResponse:
+        tensors = [
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.asarray(list(ids), dtype=np.int64)),
+        ]
+        if finish_reason is not None:
+            tensors.append(pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise RuntimeError("prefixkv_llm must be decoupled (model_transaction_policy { decoupled: true })")
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        engine_dir = version_dir / params.get("engine_dir", "engine")
+        threads = int(params["threads"]) if params.get("threads") else None
+        backend = params.get("backend", "onnxruntime")
+
+        load_runner = _import_runtime(version_dir)
+        from prefixkv.engines.base import GenerationConfig, PromptError
+
+        # load_runner checks the engine folder's manifest (files, hashes, format) and
+        # refuses a folder it cannot serve, with the reason, so the model fails to load
+        self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads)
+        self.preprocess = Preprocessor(
+            self.runner,
+            GenerationConfig,
+            PromptError,
+            default_max_tokens=int(params.get("default_max_tokens", "64")),
+            chat=params.get("chat", "false").lower() == "true",
+        )
+        self.logger.log_info(
+            f"prefixkv_llm: {backend} engine {engine_dir.resolve()} loaded (context {self.runner.max_context}, threads {threads or 'default'})"
+        )
+
+    def execute(self, requests):
+        for request in requests:
+            self._handle(request)
+        return None
+
+    def _handle(self, request):
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            ids, config, stream = self.preprocess(request)
+            streamed: list[str] = []
+
+            def on_text(row: int, piece: str) -> None:
+                if sender.is_cancelled():
+                    raise _Cancelled()
+                if stream:
+                    sender.send(Postprocessor.response(piece, ()))
+                    streamed.append(piece)
+
+            generation = self.runner.generate_ids([ids], config, on_text)[0]
+            rest = generation.text[len("".join(streamed)) :] if stream else generation.text
+            sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
+        except _Cancelled:
+            sender.send(flags=final)
+        except RequestError as err:
+            sender.send(pb_utils.InferenceResponse(error=_error(str(err))), flags=final)
+        except Exception as err:  # never let one request take the instance down
+            self.logger.log_error(f"prefixkv_llm: request failed:\n{traceback.format_exc()}")
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(err).__name__}: {err}")), flags=final)
+
+    def finalize(self):
+        self.runner = None

@@ -1,0 +1,164 @@
+"""Engine folder: manifest contents, tamper detection, atomic builds, refused inputs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_export import KEEP, LAYERS, tiny_engine, tiny_model_folder, tiny_profile, one_torch_thread  # noqa: F401  (autouse)
+
+from prefixkv.exporter.engine_folder import (
+    EngineError,
+    EngineExistsError,
+    is_engine,
+    read_manifest,
+    sha256,
+    staging,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_engine(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def engine_copy(tiny, tmp_path):
+    target = tmp_path / "engine"
+    shutil.copytree(tiny[0], target)
+    return target
+
+
+def test_manifest_describes_the_engine(tiny):
+    engine_dir, model, profile = tiny
+    manifest = read_manifest(engine_dir)
+    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 1
+    assert manifest["keep_fraction"] == KEEP
+    assert manifest["layer_keep_fractions"] == profile.layer_fractions(KEEP)
+    assert manifest["model"]["fingerprint"]["layers"] == LAYERS
+    assert manifest["opset"] >= 18 and manifest["max_context"] == 512
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest["libraries"])
+    assert manifest["tool"]["name"] == "prefixkv"
+    expected = {"prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "profile.json",
+                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert expected <= set(manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256(engine_dir / name)
+    prefill = manifest["graphs"]["prefill"]
+    assert [i["name"] for i in prefill["inputs"]] == ["input_ids", "attention_mask"]
+    assert prefill["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 256]}
+    decode = manifest["graphs"]["decode"]
+    assert [i["name"] for i in decode["inputs"][:3]] == ["input_ids", "position_ids", "prompt_lengths"]
+    assert {"name": "past.0.valid", "dtype": "bool", "shape": ["batch", "past_length_0"]} in decode["inputs"]
+    assert json.loads((engine_dir / "validation.json").read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("name", ["profile.json", "decode.onnx.data", "tokenizer.json"])
+def test_a_modified_file_is_refused(engine_copy, name):
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    path = engine_copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit flipped
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=f"{name} was modified.*rebuild"):
+        read_manifest(engine_copy)
+    with pytest.raises(EngineError, match="modified"):
+        OnnxRuntimeRunner(engine_copy)
+
+
+def test_missing_or_mismatched_files_are_refused(engine_copy):
+    (engine_copy / "decode.onnx.data").unlink()
+    with pytest.raises(EngineError, match="decode.onnx.data is missing"):
+        read_manifest(engine_copy)
+
+
+def test_manifest_that_disagrees_with_the_profile_is_refused(engine_copy):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["keep_fraction"] = 0.7
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="profile does not match"):
+        read_manifest(engine_copy)
+
+
+def test_not_an_engine(tmp_path):
+    with pytest.raises(EngineError, match="no engine folder"):
+        read_manifest(tmp_path / "nothing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(EngineError, match="no manifest.json"):
+        read_manifest(tmp_path / "half")
+    assert not is_engine(tmp_path / "half")
+
+
+def test_interrupted_build_leaves_no_engine(tmp_path, monkeypatch):
+    from prefixkv.exporter import build
+
+    model, folder = tiny_model_folder(tmp_path)
+
+    def interrupted(model, spec, folder, opset, log):
+        (folder / "prefill.onnx").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "export_engine_graphs", interrupted)
+    target = tmp_path / "out" / "engine"
+    with pytest.raises(KeyboardInterrupt):
+        build.build_engine(str(folder), target, KEEP, profile=tiny_profile(model), model=model, validate=False)
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no partial folder either
+
+
+def test_existing_output_needs_force(tmp_path):
+    target = tmp_path / "engine"
+    target.mkdir()
+    (target / "old").write_text("old engine")
+    with pytest.raises(EngineExistsError, match="--force"):
+        with staging(target):
+            pass
+    with staging(target, force=True) as tmp:
+        (tmp / "new").write_text("new engine")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_build_refuses_bad_input_before_any_work(tmp_path, monkeypatch):
+    from prefixkv.exporter import build
+    from prefixkv.models import ModelError
+    from prefixkv.profile import ProfileError
+
+    monkeypatch.setattr(build, "export_engine_graphs", lambda *a, **k: pytest.fail("exported despite bad input"))
+    model, folder = tiny_model_folder(tmp_path)
+    target = tmp_path / "engine"
+    with pytest.raises(ModelError, match="unknown model"):
+        build.build_engine("no-such-model", target, KEEP, validate=False)
+    with pytest.raises(ProfileError, match="keep fraction 0.3 is not in this profile.*calibrated: 0.4"):
+        build.build_engine(str(folder), target, 0.3, profile=tiny_profile(model), model=model, validate=False)
+    other = tiny_profile(model, fractions=[0.4] * (LAYERS + 1))
+    other.fingerprint = type(other.fingerprint)(**{**other.fingerprint.__dict__, "layers": LAYERS + 1})
+    path = other.save(tmp_path / "other.json")
+    with pytest.raises(ProfileError, match="another model"):
+        build.build_engine(str(folder), target, KEEP, profile=str(path), model=model, validate=False)
+    with pytest.raises(ValueError, match=r"keep fraction must be in \(0, 1\]"):
+        build.build_engine(str(folder), target, 1.5, model=model, validate=False)
+    target.mkdir()
+    with pytest.raises(EngineExistsError, match="pass --force"):
+        build.build_engine(str(folder), target, KEEP, profile=tiny_profile(model), model=model, validate=False)
+    assert list(target.iterdir()) == []
+
+
+def test_build_calibrates_when_no_profile_is_given(tmp_path):
+    from prefixkv.exporter.build import resolve_profile
+    from prefixkv.tokenizer import Tokenizer
+
+    model, folder = tiny_model_folder(tmp_path)
+    profile = resolve_profile(None, model, Tokenizer(folder), KEEP, calibrate_samples=2, calibrate_tokens=48, log=lambda m: None)
+    fractions = profile.layer_fractions(KEEP)
+    assert len(fractions) == LAYERS and all(0 < f <= 1 for f in fractions)
+
+
+def test_cli_refuses_existing_output_with_one_line(tmp_path, capsys):
+    from prefixkv.cli import main
+
+    (tmp_path / "engine").mkdir()
+    code = main(["build", "--model", "no-such-model", "--output", str(tmp_path / "engine"), "--no-validate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "--force" in err[0]

@@ -1,0 +1,202 @@
+"""ONNX export of a tiny random Llama: prefill and decode graphs against the PyTorch reference.
+
+The tiny engine is built once per session (``tiny_engine``, shared with the other engine
+test files) and compared with ``TorchRunner`` (the HF model + ``PrefixKVCache``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+
+LAYERS = 3
+KEEP = 0.4
+FRACTIONS = [0.3, 1.0, 0.25]  # distinct per layer; 1.0 exercises the no-scoring path
+SMALL_VALIDATION = dict(n_prompts=3, prompt_tokens=60, max_new_tokens=8, quality_samples=2, quality_tokens=60,
+                        quality_new_tokens=8)
+_BUILT: dict[str, tuple] = {}
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer with 256 ids (3 specials + 253 byte symbols) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())[: 256 - len(specials)]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + symbols)}, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "add_bos_token": False,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+
+
+def tiny_profile(model, fractions=FRACTIONS, keep=KEEP):
+    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+
+    return RetentionProfile(Fingerprint.of(model.config), sink=4, budgets={keep: Budget(list(fractions), [0.0] * len(fractions))})
+
+
+def tiny_model_folder(root: Path):
+    """(model, folder): the seeded tiny Llama saved with a tokenizer (model uses the prefixkv attention)."""
+    folder = root / "tiny-llama"
+    model = tiny_llama(layers=LAYERS)
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        write_tokenizer(folder)
+    model.prefixkv_source = str(folder)
+    return model, folder
+
+
+def tiny_engine(root: Path):
+    """(engine_dir, model, profile): the tiny engine, built (and validated) once per session."""
+    key = str(root)
+    if key not in _BUILT:
+        from prefixkv.exporter.build import build_engine
+
+        model, folder = tiny_model_folder(root)
+        profile = tiny_profile(model)
+        result = build_engine(str(folder), root / "tiny-engine", KEEP, profile=profile, model=model,
+                              validate=True, validate_options=SMALL_VALIDATION, log=lambda m: None)
+        assert result.passed, result.validation
+        _BUILT[key] = (result.path, model, profile)
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model runs fastest on one thread (and the machine is shared); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_torch_thread):
+    return tiny_engine(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def runners(tiny):
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+    from prefixkv.engines.torch import TorchRunner
+
+    engine_dir, model, profile = tiny
+    return OnnxRuntimeRunner(engine_dir, threads=1), TorchRunner(model, engine_dir, profile=profile, keep_fraction=KEEP, method="prefixkv")
+
+
+def _batch(runner, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return runner.pad([list(rng.integers(3, 256, n)) for n in lengths])
+
+
+def test_prefill_matches_reference_with_left_padding(runners):
+    engine, reference = runners
+    ids, mask = _batch(engine, [70, 41, 9])
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for l, layer in enumerate(ref_state.cache.layers):
+        got = engine.cache(state, l)
+        np.testing.assert_array_equal(got["positions"], layer.positions.numpy())
+        np.testing.assert_array_equal(got["valid"], layer.valid.numpy())
+        np.testing.assert_allclose(got["key"], layer.keys.numpy(), atol=1e-5)
+        np.testing.assert_allclose(got["value"], layer.values.numpy(), atol=1e-5)
+
+
+def test_layer_lengths_follow_the_profile_constants(runners):
+    """K_l = round(fraction_l x prompt_len) for every layer, computed in the graph."""
+    from prefixkv.compaction import keep_counts
+
+    engine, _ = runners
+    for n in (8, 33, 100):
+        ids, mask = _batch(engine, [n])
+        _, state = engine.prefill(ids, mask)
+        widths = [engine.cache(state, l)["key"].shape[2] for l in range(LAYERS)]
+        expected = [int(keep_counts(torch.tensor([n]), f, 4, True)[0]) for f in FRACTIONS]
+        assert widths == expected
+        assert engine.layer_lengths(state)[:, 0].tolist() == expected
+
+
+def test_decode_graph_has_independent_per_layer_lengths(tiny):
+    import onnx
+
+    engine_dir = tiny[0]
+    graph = onnx.load(str(engine_dir / "decode.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["position_ids"] == ["batch", 1]
+    assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"past_length_{l}" for l in range(LAYERS)]
+    assert dims["past.1.valid"] == ["batch", "past_length_1"]
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    assert outputs["present.2.key"] == ["batch", 2, "present_length_2", 16]
+    ops = {n.op_type for n in onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False).graph.node}
+    assert {"TopK", "GatherElements", "Softmax"} <= ops
+
+
+def test_decode_budget_matches_reference_step_by_step(runners):
+    """Padded batch, 40 steps fed the same tokens: kept positions equal in every layer at every
+    step, and the returned cache is always within the decode budget."""
+    from prefixkv.compaction import decode_budget
+
+    engine, reference = runners
+    ids, mask = _batch(engine, [50, 23], seed=1)
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    prompt_lengths = torch.tensor(mask.sum(-1))
+    evictions = 0
+    for step in range(40):
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        for l, (a, b) in enumerate(zip(engine.kept_positions(state), reference.kept_positions(ref_state))):
+            assert a.shape == b.shape, (step, l)
+            np.testing.assert_array_equal(a, b)
+        lengths = torch.tensor(engine.layer_lengths(state))
+        seen = prompt_lengths + step
+        for l, f in enumerate(FRACTIONS):
+            cap, _ = decode_budget(prompt_lengths, seen, torch.tensor(f, dtype=torch.float32), 4, True, 25)
+            assert bool((lengths[l] <= cap).all())
+        tokens = ref_logits.argmax(-1)
+        before = engine.layer_lengths(state)
+        logits, state = engine.decode(state, tokens)
+        ref_logits, ref_state = reference.decode(ref_state, tokens)
+        evictions += int((engine.layer_lengths(state) <= before).sum())
+    assert evictions > 0  # the rule did evict
+
+
+def test_batch_with_padding_equals_batch_one_per_row(runners):
+    from prefixkv.engines.base import GenerationConfig
+
+    engine, _ = runners
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 256, n)) for n in (64, 17, 40)]
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    batched = engine.generate_ids(prompts, config)
+    for row, prompt in enumerate(prompts):
+        (single,) = engine.generate_ids([prompt], config)
+        assert batched[row].token_ids == single.token_ids
+        ids, mask = engine.pad(prompts)
+        _, state = engine.prefill(ids, mask)
+        _, alone = engine.prefill(*engine.pad([prompt]))
+        for a, b in zip(engine.kept_positions(state), engine.kept_positions(alone)):
+            np.testing.assert_array_equal(a[row][a[row] >= 0], b[0][b[0] >= 0])
+
+
+def test_unsupported_model_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prefixkv.exporter.onnx import Decoder, ExportError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ExportError, match="Llama-family"):
+        Decoder(model)

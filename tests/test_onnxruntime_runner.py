@@ -1,0 +1,92 @@
+"""OnnxRuntimeRunner: generation equals the PyTorch reference, providers, IOBinding, errors, CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_export import KEEP, tiny_engine, one_torch_thread  # noqa: F401  (autouse)
+
+from prefixkv.engines import load_runner
+from prefixkv.engines.base import GenerationConfig, PromptError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_engine(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return load_runner(tiny[0], threads=1)
+
+
+def test_generation_equals_reference(tiny, engine):
+    from prefixkv.engines.torch import TorchRunner
+
+    engine_dir, model, profile = tiny
+    reference = TorchRunner(model, engine_dir, profile=profile, keep_fraction=KEEP, method="prefixkv")
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def main():\n    return 0\n"]
+    config = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    got = engine.generate(prompts, config)
+    want = reference.generate(prompts, config)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.text for g in got] == [w.text for w in want]
+    assert engine.name == "onnxruntime" and engine.providers == ["CPUExecutionProvider"]
+
+
+def test_caches_stay_ortvalues_between_steps(engine):
+    import onnxruntime as ort
+
+    ids, mask = engine.pad([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    logits, state = engine.prefill(ids, mask)
+    assert logits.dtype == np.float32 and logits.shape == (1, 256)
+    logits, state = engine.decode(state, logits.argmax(-1))
+    assert all(isinstance(v, ort.OrtValue) for v in state.past)
+    assert state.positions.tolist() == [11]
+    assert engine.kv_bytes(state) > 0
+
+
+def test_load_runner_backends(tiny):
+    engine_dir, model, _ = tiny
+    torch_runner = load_runner(engine_dir, backend="torch", model=model)
+    ort_runner = load_runner(engine_dir, backend="ort")
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    prompt = "Hello world, hello engine."
+    assert torch_runner.generate(prompt, config)[0].token_ids == ort_runner.generate(prompt, config)[0].token_ids
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
+        load_runner(engine_dir, backend="tensorflow")
+
+
+def test_missing_provider_names_the_fix(tiny):
+    from prefixkv.engines.onnxruntime import ProviderError, resolve_providers
+
+    with pytest.raises(ProviderError, match="onnxruntime-gpu"):
+        load_runner(tiny[0], providers=["tensorrt"])
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    assert resolve_providers(None)[-1] == "CPUExecutionProvider"
+
+
+def test_bad_prompts(engine):
+    with pytest.raises(PromptError, match="empty"):
+        engine.generate("   ")
+    with pytest.raises(PromptError, match="context of 512"):
+        engine.generate("x" * 600, GenerationConfig(max_new_tokens=4))
+
+
+def test_cli_generate_prints_only_the_text(tiny, capsys):
+    from prefixkv.cli import main
+
+    engine_dir = str(tiny[0])
+    assert main(["generate", engine_dir, "--prompt", "Hello there", "--max-new-tokens", "6", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    (result,) = load_runner(engine_dir).generate("Hello there", GenerationConfig(max_new_tokens=6))
+    assert out == result.text + "\n"
+    assert "[onnxruntime]" in err
+    assert main(["generate", engine_dir, "--prompt", "Hi", "--chat", "--stream", "--max-new-tokens", "4",
+                 "--temperature", "0.8", "--seed", "1"]) == 0
+    capsys.readouterr()
+    code = main(["generate", engine_dir, "--prompt", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: the prompt is empty; give some text"]
+    code = main(["generate", engine_dir, "--prompt", "Hi", "--providers", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "onnxruntime-gpu" in err[0]

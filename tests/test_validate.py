@@ -1,0 +1,72 @@
+"""Validation: Polygraphy graph check, lockstep generation, quality report, CLI exit codes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_export import SMALL_VALIDATION, tiny_engine, one_torch_thread  # noqa: F401  (autouse)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_engine(tmp_path_factory.getbasetemp())
+
+
+def test_validation_passes_and_writes_json(tiny, tmp_path):
+    from prefixkv.engines.validate import validate_engine
+
+    engine_dir, model, _ = tiny
+    out = tmp_path / "report.json"
+    report = validate_engine(engine_dir, model=model, json_path=out, log=lambda m: None, **SMALL_VALIDATION)
+    assert report["passed"]
+    assert json.loads(out.read_text())["passed"] is True
+    graph = report["checks"]["graph"]
+    assert graph["comparator"] == "polygraphy" and graph["kept_positions_identical"]
+    assert graph["feeds"][0]["input_ids"][0] == 2  # a padded batch was compared
+    assert graph["outputs"]["present.0.positions"]["max_abs"] == 0
+    generation = report["checks"]["generation"]
+    assert generation["agree"] == [True, True, True] and generation["kept_positions_identical"]
+    quality = report["checks"]["quality"]
+    assert quality["ppl"]["engine"] > 0 and quality["ppl"]["full"] > 0 and 0 <= quality["rouge_l_vs_full"] <= 1
+
+
+def test_validation_fails_against_another_model(tiny):
+    """A reference with other weights: the graph and generation checks must fail."""
+    from conftest import tiny_llama
+
+    from prefixkv.engines.validate import validate_engine
+
+    engine_dir = tiny[0]
+    other = tiny_llama(layers=3, seed=1)
+    other.config.architectures = ["LlamaForCausalLM"]  # as saved: same fingerprint, other weights
+    report = validate_engine(engine_dir, model=other, checks=("graph", "generation"), log=lambda m: None,
+                             **{k: v for k, v in SMALL_VALIDATION.items() if not k.startswith("quality")})
+    assert not report["passed"]
+    assert not report["checks"]["graph"]["passed"]
+    assert report["checks"]["graph"]["max_abs"]["logits"] > 1e-2
+
+
+def test_quality_thresholds_fail_the_report(tiny):
+    from prefixkv.engines.validate import validate_engine
+
+    engine_dir, model, _ = tiny
+    report = validate_engine(engine_dir, model=model, checks=("quality",), quality_samples=1, quality_tokens=40,
+                             quality_new_tokens=4, max_ppl_increase=-1.0, log=lambda m: None)
+    assert not report["passed"] and "PPL increase" in report["checks"]["quality"]["failures"][0]
+
+
+def test_cli_validate_exit_codes(tiny, tmp_path, capsys, monkeypatch):
+    from prefixkv.cli import main
+    from prefixkv.engines import validate
+
+    engine_dir, model, _ = tiny
+    monkeypatch.setattr("prefixkv.models.load_model", lambda source: (model, None))
+    out = tmp_path / "v.json"
+    args = ["validate", str(engine_dir), "--json", str(out), "--validate-prompts", "2", "--validate-tokens", "40",
+            "--validate-new-tokens", "4", "--quality-samples", "0"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out) == {"passed": True, "graph": True, "generation": True}
+    assert json.loads(out.read_text())["passed"]
+    monkeypatch.setattr(validate, "check_generation", lambda *a, **k: {"passed": False, "agree": [False], "prompts": 1,
+                                                                        "max_new_tokens": 4})
+    assert main(args) == 1
