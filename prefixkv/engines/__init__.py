@@ -13,19 +13,33 @@ from pathlib import Path
 
 from .base import Generation, GenerationConfig, PromptError, Runner
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "reference": "torch"}
 
 
-def load_runner(engine_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+def engine_backend(engine_dir: str | Path) -> str:
+    """The backend an engine folder was built for (its manifest's ``backend``; older folders: onnxruntime)."""
+    from ..exporter.engine_folder import read_manifest
+
+    return read_manifest(engine_dir, verify=False).get("backend") or "onnxruntime"
+
+
+def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
                 providers=None, verify: bool = True, **kwargs) -> Runner:
     """A runner for an engine folder.
 
-    backend: "onnxruntime" (the engine's graphs; ``providers`` e.g. ["cuda"]) or "torch"
+    backend: "auto" (the backend the engine was built for), "onnxruntime" (the engine's
+    graphs; ``providers`` e.g. ["cuda"]), "tensorrt" (its TensorRT engines; GPU) or "torch"
     (the engine's model, profile and keep fraction through the PyTorch reference cache;
     needs torch and transformers, and the model the engine was built from).
     """
     name = ALIASES.get(str(backend).lower(), str(backend).lower())
+    if name == "auto":
+        name = engine_backend(engine_dir)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(engine_dir, verify=verify)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
 
@@ -58,4 +72,4 @@ def _torch_runner(engine_dir, threads=None, verify=True, model=None, **kwargs) -
                        method="prefixkv", evict_distance=int(manifest.get("evict_distance", 25)), **kwargs)
 
 
-__all__ = ["BACKENDS", "Generation", "GenerationConfig", "PromptError", "Runner", "load_runner"]
+__all__ = ["BACKENDS", "engine_backend", "Generation", "GenerationConfig", "PromptError", "Runner", "load_runner"]

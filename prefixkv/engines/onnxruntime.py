@@ -91,6 +91,11 @@ class OnnxRuntimeRunner(Runner):
         ort = _import_ort()
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir, verify=verify)
+        if self.manifest.get("backend", "onnxruntime") != "onnxruntime":
+            raise ValueError(
+                f"{self.engine_dir} was built for {self.manifest['backend']} (its graphs hold PrefixKV plugin nodes "
+                "ONNX Runtime cannot run); use --backend auto or build with --backend onnxruntime"
+            )
         self.providers = resolve_providers(providers)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")

@@ -198,8 +198,17 @@ class TensorRTRunner(Runner):
         return out["logits"].float().cpu().numpy(), new_state
 
     def kept_positions(self, state: TensorRTState) -> list[np.ndarray]:
-        """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot)."""
-        return [state.past[4 * l + 2].long().cpu().numpy() for l in range(self.layers)]
+        """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot).
+
+        Columns empty in every row are dropped: after a prefill the plugin gives each layer
+        its static slot bound (``plugins.reference.width_bound``), empty at the front."""
+        out = []
+        for l in range(self.layers):
+            valid = state.past[4 * l + 3].bool().cpu().numpy()
+            used = valid.any(0)
+            first = int(np.argmax(used)) if used.any() else valid.shape[1]
+            out.append(state.past[4 * l + 2].long().cpu().numpy()[:, first:])
+        return out
 
 
 def past_names(present: list[str]) -> list[str]:

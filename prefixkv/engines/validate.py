@@ -67,10 +67,61 @@ def reference_runner_class():
     return TorchReferenceRunner
 
 
+def engine_runner_class():
+    """A Polygraphy runner over any prefixkv ``Runner``'s prefill (the TensorRT runner, say).
+
+    Engines with static output shapes give a layer more slots than it keeps, empty at the
+    front (``plugins.reference.width_bound``); columns empty in every row are dropped so
+    the outputs compare with the reference's."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class EngineRunner(BaseRunner):
+        def __init__(self, engine, name=None):
+            super().__init__(name=name or engine.name)
+            self.engine = engine
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add("input_ids", np.int64, (None, None)).add("attention_mask", np.int64, (None, None))
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            logits, state = self.engine.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
+            out = OrderedDict(logits=np.asarray(logits))
+            for l in range(self.engine.layers):
+                parts = [_numpy(t) for t in state.past[4 * l : 4 * l + 4]]
+                first = trim_empty_front(parts[3])
+                for part, array in zip(CACHE_PARTS, parts):
+                    out[f"present.{l}.{part}"] = array[:, :, first:] if part in ("key", "value") else array[:, first:]
+            self.inference_time = time.perf_counter() - start
+            return out
+
+    return EngineRunner
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A torch tensor (any device; half precisions as float32) or array as numpy."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().cpu()
+        return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    return np.asarray(tensor)
+
+
+def trim_empty_front(valid) -> int:
+    """How many leading columns of a (B, W) validity mask are empty in every row."""
+    valid = np.asarray(valid).astype(bool)
+    used = valid.any(0)
+    return int(np.argmax(used)) if used.any() else valid.shape[1]
+
+
 # -- the three checks ---------------------------------------------------------------------------
 def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
-                logits_atol: float = LOGITS_ATOL, cache_atol: float = CACHE_ATOL, rtol: float = RTOL) -> dict:
-    """Prefill graph vs reference through Polygraphy's Comparator, on ``feeds``."""
+                logits_atol: float = LOGITS_ATOL, cache_atol: float = CACHE_ATOL, rtol: float = RTOL,
+                engine=None) -> dict:
+    """Prefill graph vs reference through Polygraphy's Comparator, on ``feeds``.
+
+    engine: None for ONNX Runtime (Polygraphy's own ``OnnxrtRunner`` on the prefill graph),
+    else a prefixkv ``Runner`` of another backend (wrapped by ``engine_runner_class``)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
@@ -82,8 +133,12 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
     exact = [n for n in names if n.endswith((".positions", ".valid"))]
     atol = {"": cache_atol, "logits": logits_atol, **{n: 0.0 for n in exact}}
     rtols = {"": rtol, **{n: 0.0 for n in exact}}
-    session = SessionFromOnnx(str(engine_dir / manifest["graphs"]["prefill"]["file"]), providers=resolve_providers(providers))
-    runners = [OnnxrtRunner(session, name="onnxruntime"), reference_runner_class()(reference)]
+    if engine is None or engine.name == "onnxruntime":
+        session = SessionFromOnnx(str(engine_dir / manifest["graphs"]["prefill"]["file"]), providers=resolve_providers(providers))
+        under_test = OnnxrtRunner(session, name="onnxruntime")
+    else:
+        under_test = engine_runner_class()(engine)
+    runners = [under_test, reference_runner_class()(reference)]
     severity = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
     try:
@@ -257,16 +312,18 @@ def validate_engine(
     min_rouge_l: float | None = None,
     json_path: str | Path | None = None,
     log=_stderr,
+    backend: str = "auto",
 ) -> dict:
     """Run ``checks`` on the engine at ``engine_dir``; returns the report (``report["passed"]``).
 
     model: the model the engine was built from (loaded from the manifest's source if None).
     prompts: texts for the graph and generation checks (default: the evaluation split,
     ``n_prompts`` windows of ``prompt_tokens`` tokens).
+    backend: the runner under test: "auto" (the engine's own), "onnxruntime" or "tensorrt".
     """
     from ..data import builtin_samples
     from ..profile import RetentionProfile
-    from .onnxruntime import OnnxRuntimeRunner
+    from . import load_runner
     from .torch import TorchRunner
 
     start = time.perf_counter()
@@ -275,7 +332,9 @@ def validate_engine(
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}; choose from {', '.join(CHECKS)}")
     manifest = read_manifest(engine_dir, verify=True)
-    engine = OnnxRuntimeRunner(engine_dir, providers=providers, threads=threads, verify=False)
+    if backend == "torch":
+        raise ValueError("validate checks an engine against the PyTorch reference; choose --backend auto, onnxruntime or tensorrt")
+    engine = load_runner(engine_dir, backend=backend, providers=providers, threads=threads, verify=False)
     if model is None:
         from ..models import load_model
 
@@ -292,7 +351,8 @@ def validate_engine(
     if prompts is None:
         prompts = [s["prompt"] for s in builtin_samples(tok, "evaluation", n=n_prompts, tokens=prompt_tokens, reference_tokens=0)]
     token_lists = [engine.encode_prompt(p, max_new_tokens=max_new_tokens) for p in prompts]
-    report = {"engine": str(engine_dir), "keep_fraction": keep, "providers": engine.providers, "checks": {}}
+    report = {"engine": str(engine_dir), "backend": engine.name, "keep_fraction": keep,
+              "providers": getattr(engine, "providers", None), "checks": {}}
 
     if "graph" in checks:
         log("validation: graph level (Polygraphy, prefill graph vs PyTorch reference)")
@@ -303,7 +363,8 @@ def validate_engine(
             feeds.append({"input_ids": ids, "attention_mask": mask})
         ids, mask = engine.pad([token_lists[-1]])
         feeds.append({"input_ids": ids, "attention_mask": mask})
-        report["checks"]["graph"] = check_graph(engine_dir, reference, feeds, providers, logits_atol, cache_atol, rtol)
+        report["checks"]["graph"] = check_graph(engine_dir, reference, feeds, providers, logits_atol, cache_atol, rtol,
+                                                engine=engine)
     if "generation" in checks:
         log(f"validation: generation level ({len(token_lists)} prompts, {max_new_tokens} greedy tokens in lockstep)")
         report["checks"]["generation"] = check_generation(engine, reference, token_lists, max_new_tokens)

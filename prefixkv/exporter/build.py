@@ -6,6 +6,8 @@
 1. refuse an existing output (unless ``force``) and bad settings, before any work
 2. load the model; load (and check) or calibrate the retention profile
 3. export prefill.onnx and decode.onnx with the per-layer fractions as graph constants
+   (backend "tensorrt": the plugin-mode graphs of ``prefixkv.exporter.plugin_onnx``, then
+   ``tensorrt/prefill.engine`` and ``tensorrt/decode.engine`` built from them, unless ``onnx_only``)
 4. copy the tokenizer files, save profile.json, write manifest.json, rename into place
 5. validate against the PyTorch reference (``prefixkv.engines.validate``) unless told not to
 """
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from .engine_folder import VALIDATION, check_output, copy_tokenizer, io_metadata, staging, write_manifest
 from .onnx import OPSET, export_engine_graphs, exporter_version, graph_spec
+
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def _stderr(message: str) -> None:
@@ -86,18 +90,36 @@ def build_engine(
     model=None,
     tokenizer=None,
     log=_stderr,
+    backend: str = "onnxruntime",
+    tensorrt_options: dict | None = None,
+    onnx_only: bool = False,
 ) -> BuildResult:
     """Build the engine for ``model_source`` at ``keep_fraction`` into ``output``.
 
     profile: None (calibrate), a path, or a ``RetentionProfile``.  model/tokenizer: an
     already loaded model (and its HF tokenizer) for ``model_source``, to skip loading.
     validate_options: keyword arguments of ``prefixkv.engines.validate.validate_engine``.
+    backend: "onnxruntime" (plain ONNX graphs) or "tensorrt" (plugin-mode graphs and
+    TensorRT engines; ``tensorrt_options`` go to ``build_tensorrt_engine``: precision,
+    batch and sequence ranges).  onnx_only: with "tensorrt", write the plugin-mode graphs
+    without building engines (no TensorRT needed; build them on the GPU machine).
     Returns a ``BuildResult``; ``result.passed`` is False when validation failed.
     """
     start = time.perf_counter()
     if not isinstance(keep_fraction, (int, float)) or not 0 < keep_fraction <= 1:
         raise ValueError(f"the keep fraction must be in (0, 1] (0.2 keeps 20% of the entries), got {keep_fraction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if onnx_only and backend != "tensorrt":
+        raise ValueError("--onnx-only applies to --backend tensorrt (the ONNX Runtime engine is ONNX already)")
     output = check_output(output, force)
+    if backend == "tensorrt" and not onnx_only:
+        from ..plugins.trt import import_tensorrt
+
+        try:  # before any work: one line naming the fix
+            import_tensorrt()
+        except RuntimeError as err:
+            raise ImportError(f"{err}; or pass --onnx-only to write the plugin-mode ONNX graphs without engines") from err
     if model is None:
         from ..models import load_model
 
@@ -111,11 +133,23 @@ def build_engine(
         raise ValueError(f"cannot find the local folder of {model_source!r} (for its tokenizer files); pass a model folder")
     profile = resolve_profile(profile, model, tokenizer, keep_fraction, calibrate_samples, calibrate_tokens, scorer, sink, log)
     spec = graph_spec(model, profile, keep_fraction, evict_distance)
+    if backend == "tensorrt":
+        from .plugin_onnx import check_plugin_spec
+
+        check_plugin_spec(spec)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = int(max_context or getattr(text, "max_position_embeddings", 2048))
 
     with staging(output, force) as tmp:
-        export_engine_graphs(model, spec, tmp, opset, log)
+        tensorrt_info = None
+        if backend == "tensorrt":
+            from .plugin_onnx import export_plugin_graphs
+
+            export_plugin_graphs(model, spec, tmp, opset, log)
+            if not onnx_only:
+                tensorrt_info = build_tensorrt_engines(tmp, tensorrt_options or {}, log)
+        else:
+            export_engine_graphs(model, spec, tmp, opset, log)
         copy_tokenizer(folder, tmp)
         profile.save(tmp / "profile.json")
         graphs = {}
@@ -141,15 +175,49 @@ def build_engine(
             "exporter": exporter_version(),
             "max_context": context,
             "graphs": graphs,
+            "backend": backend,
+            "tensorrt": tensorrt_info,
         })
     log(f"engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB)")
 
     report = None
+    if validate and backend == "tensorrt" and onnx_only:
+        log("validation skipped: no TensorRT engines were built (--onnx-only); build and validate on a GPU machine")
+        validate = False
     if validate:
         from ..engines.validate import validate_engine
         from ..profile import atomic_write_text
 
-        report = validate_engine(output, model=model, log=log, **(validate_options or {}))
+        report = validate_engine(output, model=model, log=log, backend=backend, **(validate_options or {}))
         atomic_write_text(output / VALIDATION, json.dumps(report, indent=2) + "\n")
         log(f"validation {'passed' if report['passed'] else 'FAILED'}: {output / VALIDATION}")
     return BuildResult(output, manifest, report, time.perf_counter() - start)
+
+
+def build_tensorrt_engines(folder: Path, options: dict, log=_stderr) -> dict:
+    """``tensorrt/prefill.engine`` and ``tensorrt/decode.engine`` from the plugin-mode graphs in
+    ``folder``.  options: precision (fp16), max_batch (8), opt_seq (512), max_seq (4096).
+
+    Optimization profiles: prefill over (batch, prompt length); decode over (batch, every
+    layer's past length), each layer's range that of the prompt it can hold."""
+    from ..engines.tensorrt import ENGINE_SUBDIR
+    from .tensorrt import build_tensorrt_engine
+
+    precision = options.get("precision", "fp16")
+    max_batch, opt_seq, max_seq = int(options.get("max_batch", 8)), int(options.get("opt_seq", 512)), int(options.get("max_seq", 4096))
+    out, built = folder / ENGINE_SUBDIR, {}
+    for graph in ("prefill", "decode"):
+        onnx_path = folder / f"{graph}.onnx"
+        dims = None
+        if graph == "decode":
+            import onnx
+
+            names = {d.dim_param for i in onnx.load(str(onnx_path), load_external_data=False).graph.input
+                     for d in i.type.tensor_type.shape.dim if d.dim_param.startswith("past_length_")}
+            dims = {name: (1, opt_seq, max_seq) for name in names}
+        start = time.perf_counter()
+        path = build_tensorrt_engine(onnx_path, out, precision=precision, max_batch=max_batch, opt_seq=opt_seq,
+                                     max_seq=max_seq, dims=dims, engine_name=f"{graph}.engine")
+        log(f"built TensorRT {graph} engine ({precision}) in {time.perf_counter() - start:.0f} s -> {path}")
+        built[graph] = f"{ENGINE_SUBDIR}/{graph}.engine"
+    return {"engines": built, "precision": precision, "max_batch": max_batch, "opt_seq": opt_seq, "max_seq": max_seq}

@@ -48,6 +48,15 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict-distance", type=int, default=25, help="decode-phase eviction slot from the end of the compacted prompt")
     p.add_argument("--max-context", type=_positive, help="context limit recorded in the engine (default: the model's)")
     p.add_argument("--no-validate", action="store_true", help="skip validation against the PyTorch reference")
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="onnxruntime: plain ONNX graphs (default); tensorrt: plugin-mode graphs + TensorRT engines (GPU)")
+    g.add_argument("--onnx-only", action="store_true",
+                   help="with --backend tensorrt: write the plugin-mode ONNX graphs only (no TensorRT needed)")
+    g.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16", help="TensorRT engine precision")
+    g.add_argument("--max-batch", type=_positive, default=8, help="TensorRT optimization profile: largest batch")
+    g.add_argument("--opt-seq", type=_positive, default=512, help="TensorRT optimization profile: typical prompt length")
+    g.add_argument("--max-seq", type=_positive, default=4096, help="TensorRT optimization profile: longest prompt / cache")
     _add_validation_arguments(p)
 
 
@@ -88,7 +97,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (the PyTorch reference)")
+    p.add_argument("--backend", default="auto",
+                   help="auto (the engine's own: onnxruntime or tensorrt), onnxruntime, tensorrt, or torch (the PyTorch reference)")
     p.add_argument("--providers", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
     p.add_argument("--threads", type=_positive, help="intra-op threads")
     p.set_defaults(func=run_generate)
@@ -96,6 +106,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("validate", help="check an engine against the PyTorch reference")
     p.add_argument("engine", help="engine folder")
     p.add_argument("--model", help="reference model (default: the source recorded in the engine's manifest)")
+    p.add_argument("--backend", default="auto", help="runner under test: auto (the engine's own), onnxruntime or tensorrt")
     _add_validation_arguments(p)
     p.set_defaults(func=run_validate)
 
@@ -107,7 +118,10 @@ def run_build(args) -> int:
         args.model, args.output, args.keep, profile=args.profile, calibrate_samples=args.samples,
         calibrate_tokens=args.tokens, scorer=args.scorer, sink=args.sink, force=args.force,
         validate=not args.no_validate, validate_options=_validate_options(args),
-        evict_distance=args.evict_distance, max_context=args.max_context,
+        evict_distance=args.evict_distance, max_context=args.max_context, backend=args.backend,
+        onnx_only=args.onnx_only,
+        tensorrt_options=dict(precision=args.precision, max_batch=args.max_batch, opt_seq=args.opt_seq,
+                              max_seq=args.max_seq),
     )
     print(f"engine: {result.path} ({result.seconds:.0f} s)", file=sys.stderr)
     if result.validation is not None and not result.validation["passed"]:
@@ -151,6 +165,6 @@ def run_validate(args) -> int:
         from ..models import load_model
 
         model, _ = load_model(args.model)
-    report = validate_engine(args.engine, model=model, **_validate_options(args))
+    report = validate_engine(args.engine, model=model, backend=args.backend, **_validate_options(args))
     print(json.dumps({"passed": report["passed"], **{k: v["passed"] for k, v in report["checks"].items()}}))
     return 0 if report["passed"] else 1
