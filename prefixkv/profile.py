@@ -190,7 +190,11 @@ def _parse(data, source: str) -> RetentionProfile:
             fail(f"keep fraction {key}: layer keep fractions must be in (0, 1]; layers {bad[:8]} are not ({[fractions[i] for i in bad[:8]]})")
         budgets[kf] = Budget([float(f) for f in fractions], [float(s) for s in spread])
     scorer = data.get("scorer", {"name": "accumulated", "params": {}})
+    if not isinstance(scorer, dict) or not isinstance(scorer.get("name", ""), str) or not isinstance(scorer.get("params", {}), dict):
+        fail(f"\"scorer\" must be {{\"name\": ..., \"params\": {{...}}}}, got {scorer!r}")
     allocation = data.get("allocation", {})
+    if not isinstance(allocation, dict):
+        fail(f"\"allocation\" must be {{\"min_layer_keep\": ..., \"blend\": ...}}, got {allocation!r}")
     return RetentionProfile(
         fingerprint=fingerprint,
         sink=sink,

@@ -31,15 +31,15 @@ ENGINE_SUBDIR = "tensorrt"
 
 def _import_stack():
     """(tensorrt, torch) with a CUDA device, or a RuntimeError naming the fix."""
-    from ..plugins.trt import import_tensorrt
+    from ..plugins.trt import StackMissing, import_tensorrt
 
     trt, _ = import_tensorrt()
     try:
         import torch
     except ImportError as err:  # pragma: no cover
-        raise RuntimeError("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch") from err
+        raise StackMissing("the TensorRT backend keeps its buffers in torch CUDA tensors: pip install torch") from err
     if not torch.cuda.is_available():
-        raise RuntimeError("the TensorRT backend needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
+        raise StackMissing("the TensorRT backend needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
     return trt, torch
 
 

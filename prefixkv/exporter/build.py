@@ -118,7 +118,7 @@ def build_engine(
 
         try:  # before any work: one line naming the fix
             import_tensorrt()
-        except RuntimeError as err:
+        except ImportError as err:
             raise ImportError(f"{err}; or pass --onnx-only to write the plugin-mode ONNX graphs without engines") from err
     if model is None:
         from ..models import load_model

@@ -231,8 +231,15 @@ def evaluator(path: str | Path):
         def _run(self, q, k, v, valid, scaling=None, plugin_namespace=None, plugin_version=None, aot=None):
             return (reference.decode_attention(t(q), t(k), t(v), t(valid).bool(), scaling).numpy(),)
 
+    class GatherElements(OpRun):  # onnx's own gives up beyond 32 distinct indices per row (np.choose)
+        op_domain = ""
+
+        def _run(self, data, indices, axis=None):
+            index = np.where(indices < 0, indices + data.shape[axis], indices)
+            return (np.take_along_axis(data, index, axis=axis),)
+
     model = onnx.load(str(path))
-    return ReferenceEvaluator(model, new_ops=[PrefixKVPrefillScores, PrefixKVSelect, PrefixKVDecode])
+    return ReferenceEvaluator(model, new_ops=[PrefixKVPrefillScores, PrefixKVSelect, PrefixKVDecode, GatherElements])
 
 
 __all__ = ["PluginPrefillGraph", "PluginDecodeGraph", "export_plugin_graph", "export_plugin_graphs", "evaluator",

@@ -74,7 +74,9 @@ def _import_trtllm():
     try:
         import tensorrt_llm
     except ImportError as err:
-        raise RuntimeError(
+        from ..plugins.trt import StackMissing
+
+        raise StackMissing(
             "TensorRT-LLM is not installed: pip install tensorrt_llm (Linux, NVIDIA GPU with CUDA; "
             "see https://nvidia.github.io/TensorRT-LLM/installation/)"
         ) from err

@@ -51,13 +51,18 @@ SELECT_BLOCK_S = 256
 _registered = False
 
 
+class StackMissing(ImportError, RuntimeError):
+    """TensorRT, TensorRT-LLM or a GPU is missing; the message names the fix.  An ImportError,
+    so the CLI prints it as one line (and a RuntimeError, for callers that catch that)."""
+
+
 def import_tensorrt():
-    """(tensorrt, tensorrt.plugin), or a RuntimeError that says how to get them."""
+    """(tensorrt, tensorrt.plugin), or a ``StackMissing`` error that says how to get them."""
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as err:
-        raise RuntimeError(
+        raise StackMissing(
             "TensorRT is not installed: pip install tensorrt (needs a GPU machine with CUDA; "
             "TensorRT >= 10.8 for tensorrt.plugin AOT plugins)"
         ) from err
