@@ -7,7 +7,6 @@ compared with the engine's own greedy generation (``load_runner(...).generate``)
 """
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys

@@ -81,6 +81,24 @@ class OnnxRuntimeState:
     prompt_lengths: np.ndarray
 
 
+def session_options(ort, threads: int | None = None):
+    """The session options every prefixkv graph runs with.
+
+    Priority-based execution order: ONNX Runtime's default order is built backwards from the
+    graph outputs, so each layer's scoring and compaction (needed by no later layer) ran after
+    the last layer and kept every layer's (heads x S x S) attention probabilities alive.
+    Measured on SmolLM2 at 2048 prompt tokens: peak memory 5.7 GB -> 1.2 GB and the prefill
+    twice as fast."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
 class OnnxRuntimeRunner(Runner):
     """engine_dir: a folder written by ``prefixkv build``; providers: see ``resolve_providers``;
     threads: intra-op threads (None: ONNX Runtime's default); verify: hash every file on load."""
@@ -99,12 +117,7 @@ class OnnxRuntimeRunner(Runner):
         self.providers = resolve_providers(providers)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = session_options(ort, threads)
         self.sessions = {}
         for graph in ("prefill", "decode"):
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]

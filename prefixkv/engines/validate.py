@@ -122,11 +122,11 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
 
     engine: None for ONNX Runtime (Polygraphy's own ``OnnxrtRunner`` on the prefill graph),
     else a prefixkv ``Runner`` of another backend (wrapped by ``engine_runner_class``)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
-    from .onnxruntime import resolve_providers
+    from .onnxruntime import resolve_providers, session_options
 
     manifest = read_manifest(engine_dir, verify=False)
     names = [o["name"] for o in manifest["graphs"]["prefill"]["outputs"]]
@@ -134,7 +134,10 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
     atol = {"": cache_atol, "logits": logits_atol, **{n: 0.0 for n in exact}}
     rtols = {"": rtol, **{n: 0.0 for n in exact}}
     if engine is None or engine.name == "onnxruntime":
-        session = SessionFromOnnx(str(engine_dir / manifest["graphs"]["prefill"]["file"]), providers=resolve_providers(providers))
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(engine_dir / manifest["graphs"]["prefill"]["file"]), session_options(ort),
+                                       providers=resolve_providers(providers))
         under_test = OnnxrtRunner(session, name="onnxruntime")
     else:
         under_test = engine_runner_class()(engine)

@@ -146,24 +146,35 @@ def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.reshape(b, kv_heads, h // kv_heads, q, d)
 
 
-def prefill_attention(query, key, value, valid, scaling: float, score_rows: int | None):
+def attention_bias(valid: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(B, 1, 1, S, S) additive causal + padding mask (0 allowed, -inf not), built once per graph.
+
+    An Add of this bias is much cheaper in ONNX Runtime than a broadcast Where per layer."""
+    allowed = causal_mask(valid.shape[-1], valid).unsqueeze(2)
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype))
+
+
+def prefill_attention(query, key, value, valid, scaling: float, score_rows: int | None, bias=None):
     """Unfused causal attention that also returns the attention mass each key receives.
 
-    query (B, H, S, D); key/value (B, Hkv, S, D); valid (B, S) bool.
+    query (B, H, S, D); key/value (B, Hkv, S, D); valid (B, S) bool; bias: ``attention_bias(valid)``
+    (computed here when None).
     score_rows: trailing query rows whose probabilities are summed (None: all rows, 0: none).
     Returns out (B, S, H, D) and mass (B, S) float32 (sum over non-padded scoring rows,
     mean over query heads), like ``scoring.attention_with_scores``.
     """
     b, h, s, d = query.shape
+    bias = attention_bias(valid) if bias is None else bias
     logits = torch.matmul(_grouped(query, key.shape[1]).float(), key.float().unsqueeze(2).transpose(-1, -2)) * scaling
-    allowed = causal_mask(s, valid).unsqueeze(2)  # (B, 1, 1, S, S)
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, Hkv, G, S, S)
+    probs = torch.softmax(logits + bias, dim=-1)  # (B, Hkv, G, S, S)
     out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2)).reshape(b, h, s, -1).transpose(1, 2)
     if score_rows == 0:
         return out, None
     if score_rows is not None:
         probs, valid = probs[:, :, :, -score_rows:], valid[:, -score_rows:]
-    mass = torch.einsum("bkgrs,br->bs", probs, valid.to(probs.dtype)) / h
+    weights = valid.to(probs.dtype)[:, None, None, None, :]  # (B, 1, 1, 1, rows): padded queries give nothing
+    mass = torch.matmul(weights, probs).sum(dim=(1, 2, 3)) / h
     return out, mass
 
 
@@ -199,19 +210,23 @@ class PrefillGraph(nn.Module):
         return None if rows == 1 << 30 else rows
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.from_embeddings(self.decoder.embed_tokens(input_ids), attention_mask)
+
+    def from_embeddings(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        """hidden (B, S, hidden) input embeddings (a vision graph merges image rows in first)."""
         spec, dec = self.spec, self.decoder
         valid = attention_mask.to(torch.bool)
         position_ids = torch.clamp(torch.cumsum(attention_mask, dim=-1) - 1, min=0)
-        hidden = dec.embed_tokens(input_ids)
         cos, sin = dec.rope(hidden, position_ids)
         lengths = valid.sum(-1)
         original = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
         rows = self._score_rows()
+        bias = attention_bias(valid)
         outputs = []
         for l, layer in enumerate(dec.layers):
             query, key, value = dec.qkv(layer, hidden, cos, sin)
             keep_all = spec.fractions[l] >= 1.0
-            out, mass = prefill_attention(query, key, value, valid, dec.scaling, 0 if keep_all else rows)
+            out, mass = prefill_attention(query, key, value, valid, dec.scaling, 0 if keep_all else rows, bias)
             hidden = dec.finish(layer, hidden, out)
             if keep_all:  # nothing to choose: no scores, no TopK
                 outputs += self._keep_all(key, value, valid, lengths, original)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..exporter.onnx import OPSET, ExportError, PrefillGraph, _dynamic_shapes, _name_dims, export_graph, prefill_attention
+from ..exporter.onnx import OPSET, ExportError, PrefillGraph, _dynamic_shapes, _name_dims, export_graph
 from . import is_vision_model
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
@@ -102,23 +102,9 @@ class ImagePrefillGraph(PrefillGraph):
         self.image_token_id = int(image_token_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor):
-        spec, dec = self.spec, self.decoder
+        dec = self.decoder
         hidden = merge_image_embeds(dec.embed_tokens(input_ids), input_ids, image_embeds, self.image_token_id)
-        # from here on: PrefillGraph.forward after its embedding lookup
-        valid = attention_mask.to(torch.bool)
-        position_ids = torch.clamp(torch.cumsum(attention_mask, dim=-1) - 1, min=0)
-        cos, sin = dec.rope(hidden, position_ids)
-        lengths = valid.sum(-1)
-        original = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
-        rows = self._score_rows()
-        outputs = []
-        for l, layer in enumerate(dec.layers):
-            query, key, value = dec.qkv(layer, hidden, cos, sin)
-            out, mass = prefill_attention(query, key, value, valid, dec.scaling, rows)
-            scores = self.scorer.from_attention(mass) if mass is not None else self.scorer.from_keys(key, valid)
-            hidden = dec.finish(layer, hidden, out)
-            outputs += self._compact(key, value, scores, valid, lengths, original, spec.fractions[l])
-        return (dec.logits(hidden[:, -1]), *outputs)
+        return self.from_embeddings(hidden, attention_mask)  # the text prefill graph from here on
 
 
 # -- settings -------------------------------------------------------------------------------------

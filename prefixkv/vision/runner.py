@@ -197,10 +197,12 @@ def load_vision_runner(engine_dir: str | Path, backend: str = "onnxruntime", thr
     from ..exporter.engine_folder import read_manifest
 
     name = ALIASES.get(str(backend).lower(), str(backend).lower())
+    if name == "auto":  # vision engines are ONNX Runtime engines (no TensorRT vision graph yet)
+        name = "onnxruntime"
     if name == "onnxruntime":
         return VisionOnnxRuntimeRunner(engine_dir, providers=providers, threads=threads, verify=verify)
     if name != "torch":
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r} for a vision engine; choose one of {', '.join(b for b in BACKENDS if b != 'tensorrt')}")
     manifest = read_manifest(engine_dir, verify=verify)
     if not manifest.get("vision"):
         raise ImageError(f"{engine_dir} is a text-only engine (built from {manifest['model']['source']}); it takes no image: "
