@@ -90,3 +90,20 @@ def test_cli_generate_prints_only_the_text(tiny, capsys):
     code = main(["generate", engine_dir, "--prompt", "Hi", "--providers", "cuda"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "onnxruntime-gpu" in err[0]
+
+
+def test_cli_generate_reads_the_prompt_from_a_file(tiny, capsys, tmp_path):
+    from prefixkv.cli import main
+
+    engine_dir = str(tiny[0])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Hello there", encoding="utf-8")
+    assert main(["generate", engine_dir, "--prompt-file", str(prompt), "--max-new-tokens", "6"]) == 0
+    from_file = capsys.readouterr().out
+    assert main(["generate", engine_dir, "--prompt", "Hello there", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == from_file
+    assert main(["generate", engine_dir, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no prompt file at {tmp_path / 'missing.txt'}"
+    prompt.write_bytes(b"\xff\xfe bad")
+    assert main(["generate", engine_dir, "--prompt-file", str(prompt)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err

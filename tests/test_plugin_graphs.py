@@ -164,3 +164,23 @@ def test_tensorrt_build_refuses_early_without_tensorrt_or_with_another_scorer(tm
                 "--output", str(out), "--backend", "tensorrt", "--onnx-only")
     assert done.returncode == 2 and "accumulated" in done.stderr, done.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (and TensorRT >= 10.8 with tensorrt.plugin)")
+def test_tensorrt_engine_validates_against_the_reference(tmp_path):
+    """The whole pipeline on a GPU: plugin graphs -> TensorRT engines (fp32, AOT Triton kernels)
+    -> ``validate`` with the TensorRT runner against the PyTorch reference."""
+    pytest.importorskip("tensorrt", reason="needs TensorRT: pip install tensorrt")
+    pytest.importorskip("triton", reason="the plugins compile Triton kernels: pip install triton")
+    from test_export import SMALL_VALIDATION
+
+    from prefixkv.engines import load_runner
+    from prefixkv.exporter.build import build_engine
+
+    model, folder = tiny_model_folder(tmp_path)
+    result = build_engine(str(folder), tmp_path / "trt", KEEP, profile=tiny_profile(model), model=model,
+                          backend="tensorrt", tensorrt_options={"precision": "fp32", "max_seq": 512},
+                          validate=True, validate_options=SMALL_VALIDATION, log=print)
+    assert result.manifest["tensorrt"]["engines"] == {"prefill": "tensorrt/prefill.engine", "decode": "tensorrt/decode.engine"}
+    assert result.passed, json.dumps(result.validation, indent=1)[:4000]
+    assert load_runner(result.path).name == "tensorrt"

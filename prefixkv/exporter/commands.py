@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 import time
 
 
@@ -88,7 +89,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("generate", help="generate text with an engine")
     p.add_argument("engine", help="engine folder (from `prefixkv build`)")
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file ('-': standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -146,7 +149,7 @@ def run_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    (result,) = runner.generate(args.prompt, config, chat=args.chat, callback=stream if args.stream else None)
+    (result,) = runner.generate(_prompt_text(args), config, chat=args.chat, callback=stream if args.stream else None)
     if not args.stream:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
@@ -155,6 +158,20 @@ def run_generate(args) -> int:
     print(f"[{runner.name}] {result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens "
           f"({result.finish_reason}) in {seconds:.2f} s; load {loaded - start:.1f} s", file=sys.stderr)
     return 0
+
+
+def _prompt_text(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 def run_validate(args) -> int:
