@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .cache import PrefixKVCache
+    from .cache import PrefixKVCache, cache_argument
     from .data import builtin_text
     from .models import load_model
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             for name in scorers:
                 def scored():
                     cache = PrefixKVCache(method="full", keep_fraction=1.0, record=[name])
-                    model(input_ids=ids, logits_to_keep=1, past_key_values=cache)
+                    model(input_ids=ids, logits_to_keep=1, **cache_argument(model, cache))
 
                 seconds = _median_seconds(scored, args.repeat)
                 row[f"{name}_ms"] = round(seconds * 1e3, 1)

@@ -15,6 +15,8 @@ each layer's attention mask comes from its own validity flags.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -23,6 +25,20 @@ from .compaction import compact, decode_budget, evict
 from .policies import Method, make_method
 from .scoring import make_scorer
 from .scoring import attention_with_scores, decode_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_parameter(forward) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_argument(model, cache) -> dict:
+    """``{"cache": cache}`` for models whose forward takes ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is deprecated), else ``{"past_key_values": cache}``."""
+    kind = type(model)
+    return {_cache_parameter(getattr(kind, "forward", kind.__call__)): cache}
 
 
 class PrefixKVLayer(CacheLayerMixin):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
-from .cache import PrefixKVCache
+from .cache import PrefixKVCache, cache_argument
 from .data import samples_hash
 from .profile import Budget, Fingerprint, RetentionProfile
 from .scoring import Scorer, make_scorer
@@ -37,7 +37,7 @@ def score_sample(model, token_ids: Sequence[int], scorers: Sequence[Scorer], sco
     device = next(model.parameters()).device
     ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
     cache = PrefixKVCache(method="full", keep_fraction=1.0, record=scorers, score_block=score_block)
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     return {k: v[:, 0].float().cpu() for k, v in cache.recorded_scores().items()}
 
 

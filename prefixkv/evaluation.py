@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import PrefixKVCache, PrefixKVLayer
+from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
 from .policies import Method, make_method
 
 
@@ -129,7 +129,7 @@ def prefill(model, prompts: list[list[int]], record: Sequence, pad_id: int, scor
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = PrefixKVCache(method="full", keep_fraction=1.0, record=list(record), score_block=score_block)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_argument(model, cache),
                 use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1].float(), mask
 
@@ -167,7 +167,7 @@ def fork(base: PrefixKVCache, method: Method, keep_fraction: float, sink: int = 
 def _step(model, cache, tokens, mask):
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
     out = model(input_ids=tokens.view(-1, 1), attention_mask=mask, position_ids=cache.seen.view(-1, 1),
-                past_key_values=cache, use_cache=True)
+                **cache_argument(model, cache), use_cache=True)
     return out.logits[:, -1].float(), mask
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import PrefixKVCache
+from ..cache import PrefixKVCache, cache_argument
 from ..tokenizer import Tokenizer
 from .base import Runner
 
@@ -48,7 +48,7 @@ class TorchRunner(Runner):
         mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = self.new_cache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_argument(self.model, cache),
                          use_cache=True, logits_to_keep=1)
         cache.compress()
         return out.logits[:, -1].float().numpy(), TorchState(cache, mask)
@@ -59,7 +59,7 @@ class TorchRunner(Runner):
         mask = torch.cat([state.mask, torch.ones_like(ids)], dim=-1)
         positions = state.cache.seen.view(-1, 1).clone()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=state.cache, use_cache=True)
+                         **cache_argument(self.model, state.cache), use_cache=True)
         return out.logits[:, -1].float().numpy(), TorchState(state.cache, mask)
 
     def kept_positions(self, state: TorchState) -> list[np.ndarray]:

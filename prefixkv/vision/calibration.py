@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_argument
 from ..calibration import Calibration, calibrate
 from ..compaction import compact
 from .data import ImageError, chat_messages, check_placeholders, load_image
@@ -72,7 +73,7 @@ class _ImageFeed:
             raise RuntimeError("calibrate() fed the samples in another order than given")
         pixels = sample.get("pixel_values")
         device = input_ids.device
-        out = self.model(input_ids=input_ids, past_key_values=past_key_values,
+        out = self.model(input_ids=input_ids, **cache_argument(self.model, past_key_values),
                          pixel_values=None if pixels is None else pixels.to(device, next(self.model.parameters()).dtype), **kwargs)
         self.scores.append({k: v[:, 0].float().cpu() for k, v in past_key_values.recorded_scores().items()})
         return out

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import cache_argument
 from ..engines.torch import TorchRunner, TorchState
 from .data import load_image
 from .preprocess import ImageProcessor
@@ -58,7 +59,7 @@ class TorchVisionRunner(ImageInputs, TorchRunner):
         cache = self.new_cache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          pixel_values=torch.from_numpy(pixels).to(dtype) if len(pixels) else None,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **cache_argument(self.model, cache), use_cache=True, logits_to_keep=1)
         cache.compress()
         return out.logits[:, -1].float().numpy(), TorchState(cache, mask)
 
