@@ -8,11 +8,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 from prefixkv.compaction import keep_counts
 from prefixkv.engines.tensorrt import past_names
 from prefixkv.exporter import tensorrt as T
+from prefixkv.exporter.plugin_onnx import reference_ops
 from prefixkv.plugins import reference as R
 from prefixkv.plugins.trt import DECODE, NAMESPACE, PREFILL, SELECT, VERSION, symbolic_width
 
@@ -20,47 +20,7 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 # ---------------------------------------------------------------------------- the plugin contract in numpy
-class PrefillOp(OpRun):
-    """PrefixKVPrefillScores with the reference op; partial = importance as one row (P = 1)."""
-
-    op_domain = NAMESPACE
-
-    def _run(self, q, k, v, valid, scaling=None, heads_per_program=None, block_m=None, block_n=None,
-             plugin_namespace=None, plugin_version=None, aot=None):
-        out, importance = R.prefill_attention_with_scores(
-            torch.from_numpy(q).float(), torch.from_numpy(k).float(), torch.from_numpy(v).float(),
-            torch.from_numpy(valid) != 0, scaling)
-        return out.numpy().astype(q.dtype), importance.unsqueeze(1).numpy()
-
-
-class SelectOp(OpRun):
-    """PrefixKVSelect with the reference op, padded in front to the plugin's static width."""
-
-    op_domain = NAMESPACE
-
-    def _run(self, k, v, importance, valid, keep_fraction=None, sink=None, protect_last=None,
-             plugin_namespace=None, plugin_version=None, aot=None):
-        kk, vv, pos, kept = R.select_and_gather(torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(importance),
-                                                torch.from_numpy(valid) != 0, keep_fraction, sink, bool(protect_last))
-        width = symbolic_width(k.shape[2], keep_fraction, sink, bool(protect_last))
-        pad = width - pos.shape[1]
-        kk = torch.nn.functional.pad(kk * kept[:, None, :, None], (0, 0, pad, 0))
-        vv = torch.nn.functional.pad(vv * kept[:, None, :, None], (0, 0, pad, 0))
-        pos = torch.nn.functional.pad(pos, (pad, 0), value=-1)
-        kept = torch.nn.functional.pad(kept, (pad, 0))
-        return kk.numpy(), vv.numpy(), pos.int().numpy(), kept.int().numpy()
-
-
-class DecodeOp(OpRun):
-    op_domain = NAMESPACE
-
-    def _run(self, q, k, v, valid, scaling=None, plugin_namespace=None, plugin_version=None, aot=None):
-        out = R.decode_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
-                                 torch.from_numpy(valid) != 0, scaling)
-        return (out.numpy(),)
-
-
-OPS = [type(name, (cls,), {}) for name, cls in ((PREFILL, PrefillOp), (SELECT, SelectOp), (DECODE, DecodeOp))]
+OPS = reference_ops()  # the plugins' contract in numpy, from the PyTorch specification
 
 
 def toy_inputs(b=2, h=4, hkv=2, s=14, d=16, pads=(0, 5), seed=0):
@@ -224,3 +184,43 @@ def test_engine_runs_the_plugin_graph(tmp_path):
     assert torch.allclose(got["attn_out"].cpu(), out, atol=1e-4)
     assert torch.allclose(got["importance"].cpu(), importance, atol=1e-4)
     assert torch.equal(got["positions"].cpu()[:, -pos.shape[1]:].long(), pos)
+
+
+def test_plugin_definitions_carry_the_annotations_tensorrt_reads():
+    """``tensorrt.plugin`` validates each decorated function at registration with
+    ``inspect.signature``: tensor arguments must be annotated with real classes (a module
+    with ``from __future__ import annotations`` turns them into strings and TensorRT fails
+    with ``issubclass() arg 1 must be a class``), and ``aot_impl`` needs a return annotation.
+    The decorators here check exactly that, with stand-in classes for TensorRT's types."""
+    import inspect
+    import types
+    import typing
+
+    seen: dict[str, set] = {}
+
+    def decorator(kind):
+        def with_id(plugin_id):
+            def check(fn):
+                sig = inspect.signature(fn)
+                for name, param in sig.parameters.items():
+                    ann = param.annotation
+                    assert not isinstance(ann, str), f"{fn.__name__}: {name} is annotated with the string {ann!r}"
+                    if kind != "autotune":
+                        assert ann is not inspect.Parameter.empty, f"{fn.__name__}: {name} has no annotation"
+                        assert inspect.isclass(ann) or typing.get_origin(ann) is not None, (fn.__name__, name, ann)
+                if kind in ("aot_impl", "register"):
+                    assert sig.return_annotation is not inspect.Signature.empty, f"{fn.__name__} has no return annotation"
+                    assert not isinstance(sig.return_annotation, str)
+                seen.setdefault(plugin_id, set()).add(kind)
+                return fn
+            return check
+        return with_id
+
+    stand_ins = {name: type(name, (), {}) for name in ("TensorDesc", "Tensor", "KernelLaunchParams", "SymIntExprs",
+                                                        "SymInt32", "AutoTuneCombination")}
+    trtp = types.SimpleNamespace(register=decorator("register"), aot_impl=decorator("aot_impl"),
+                                 impl=decorator("impl"), autotune=decorator("autotune"), **stand_ins)
+    from prefixkv.plugins import trt as P
+
+    P._define(types.SimpleNamespace(float32="float32"), trtp)
+    assert seen == {P.PLUGIN_IDS[name]: {"register", "autotune", "aot_impl", "impl"} for name in (PREFILL, SELECT, DECODE)}

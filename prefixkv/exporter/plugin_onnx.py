@@ -184,63 +184,74 @@ def export_plugin_graphs(model, spec: GraphSpec, folder: str | Path, opset: int 
 # ---------------------------------------------------------------------------------------------
 # Running the plugin-mode graphs on CPU: onnx's reference evaluator + the ops' specification
 # ---------------------------------------------------------------------------------------------
-def evaluator(path: str | Path):
-    """An ``onnx.reference.ReferenceEvaluator`` for a plugin-mode graph whose PrefixKV nodes
-    run ``prefixkv.plugins.reference`` (the PyTorch specification the kernels are tested
-    against).  Slow (numpy, one op at a time): for checking the graph's wiring on small models."""
+def reference_ops() -> list:
+    """``onnx.reference`` implementations of the three PrefixKV nodes, from the ops' PyTorch
+    specification (``prefixkv.plugins.reference``), plus a GatherElements that handles any
+    index count (onnx's own gives up beyond 32 distinct indices per row).
+
+    They follow the plugins' contract: the prefill node's partial importance has one row
+    (P = 1; the graph sums it), the select node pads to the static slot bound with empty
+    slots in front (position -1, zero K/V), and outputs keep the inputs' float dtype."""
     import numpy as np
-    import onnx
-    from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 
     from ..plugins import reference
 
     def t(x):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        return x.float() if x.is_floating_point() else x
 
     class PrefixKVPrefillScores(OpRun):
         op_domain = NAMESPACE
 
         def _run(self, q, k, v, valid, scaling=None, heads_per_program=None, block_m=None, block_n=None,
                  plugin_namespace=None, plugin_version=None, aot=None):
-            out, importance = reference.prefill_attention_with_scores(t(q), t(k), t(v), t(valid).bool(), scaling)
-            b, heads, s = q.shape[0], q.shape[1], k.shape[2]
-            partial = torch.zeros(b, ((q.shape[2] + block_m - 1) // block_m) * (heads // heads_per_program), s)
-            partial[:, 0] = importance  # the kernel spreads the same sum over its rows
-            return out.numpy(), partial.numpy()
+            out, importance = reference.prefill_attention_with_scores(t(q), t(k), t(v), t(valid) != 0, scaling)
+            return out.numpy().astype(q.dtype), importance.unsqueeze(1).numpy()
 
     class PrefixKVSelect(OpRun):
         op_domain = NAMESPACE
 
         def _run(self, k, v, importance, valid, keep_fraction=None, sink=None, protect_last=None,
                  plugin_namespace=None, plugin_version=None, aot=None):
-            s = k.shape[2]
-            width = reference.width_bound(s, keep_fraction, sink, bool(protect_last))
-            kk, vk, positions, kept = compaction.compact(t(k), t(v), t(importance), t(valid).bool(),
-                                                         float(np.float32(keep_fraction)), sink, bool(protect_last))
-            pad = width - kk.shape[2]  # the static-shape bound: empty slots at the front
-            kk = torch.nn.functional.pad(kk, (0, 0, pad, 0))
-            vk = torch.nn.functional.pad(vk, (0, 0, pad, 0))
+            kk, vv, positions, kept = reference.select_and_gather(t(k), t(v), t(importance), t(valid) != 0,
+                                                                  keep_fraction, sink, bool(protect_last))
+            pad = symbolic_width(k.shape[2], keep_fraction, sink, bool(protect_last)) - positions.shape[1]
+            kk = torch.nn.functional.pad(kk * kept[:, None, :, None], (0, 0, pad, 0))
+            vv = torch.nn.functional.pad(vv * kept[:, None, :, None], (0, 0, pad, 0))
             positions = torch.nn.functional.pad(positions, (pad, 0), value=-1)
-            kept = torch.nn.functional.pad(kept, (pad, 0), value=False)
-            return kk.numpy(), vk.numpy(), positions.to(torch.int32).numpy(), kept.to(torch.int32).numpy()
+            kept = torch.nn.functional.pad(kept, (pad, 0))
+            return (kk.numpy().astype(k.dtype), vv.numpy().astype(v.dtype), positions.int().numpy(),
+                    kept.int().numpy())
 
     class PrefixKVDecode(OpRun):
         op_domain = NAMESPACE
 
         def _run(self, q, k, v, valid, scaling=None, plugin_namespace=None, plugin_version=None, aot=None):
-            return (reference.decode_attention(t(q), t(k), t(v), t(valid).bool(), scaling).numpy(),)
+            out = reference.decode_attention(t(q), t(k), t(v), t(valid) != 0, scaling)
+            return (out.numpy().astype(q.dtype),)
 
-    class GatherElements(OpRun):  # onnx's own gives up beyond 32 distinct indices per row (np.choose)
+    class GatherElements(OpRun):
         op_domain = ""
 
         def _run(self, data, indices, axis=None):
             index = np.where(indices < 0, indices + data.shape[axis], indices)
             return (np.take_along_axis(data, index, axis=axis),)
 
-    model = onnx.load(str(path))
-    return ReferenceEvaluator(model, new_ops=[PrefixKVPrefillScores, PrefixKVSelect, PrefixKVDecode, GatherElements])
+    return [PrefixKVPrefillScores, PrefixKVSelect, PrefixKVDecode, GatherElements]
+
+
+def evaluator(model):
+    """An ``onnx.reference.ReferenceEvaluator`` for a plugin-mode graph (a path or a
+    ModelProto) with ``reference_ops``.  Slow (numpy, one op at a time): for checking the
+    graphs' wiring on small models on a CPU."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    return ReferenceEvaluator(model, new_ops=reference_ops())
 
 
 __all__ = ["PluginPrefillGraph", "PluginDecodeGraph", "export_plugin_graph", "export_plugin_graphs", "evaluator",
-           "check_plugin_spec", "PLUGIN_SCORERS"]
+           "reference_ops", "check_plugin_spec", "PLUGIN_SCORERS"]

@@ -44,8 +44,8 @@ def plugin_node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], nam
                 aot: bool = True, **attributes) -> onnx.NodeProto:
     """A PrefixKV plugin node: op type = plugin name, plus the plugin_namespace /
     plugin_version attributes the TensorRT ONNX parser matches on, ``aot`` and the
-    plugin's own attributes.  ``layer`` goes into the node's doc_string, not an attribute
-    (the parser would hand an attribute to the plugin, whose signature does not take it)."""
+    plugin's own attributes.  ``layer`` goes into the node's doc_string (metadata for
+    prefixkv's own tools; the parser reads only the attributes the plugin declares)."""
     if op_type not in PLUGIN_OPS:
         raise ValueError(f"unknown PrefixKV op {op_type!r}; choose one of {', '.join(PLUGIN_OPS)}")
     if op_type == SELECT:

@@ -8,6 +8,9 @@ Python callback).  References: the tensorrt.plugin.aot_impl API page, NVIDIA/Ten
 samples/python/quickly_deployable_plugins (qdp_defs.py, README "ONNX model with an AOT
 plugin"), pytorch/TensorRT examples/dynamo/aot_plugin.py.
 
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the argument and
+return annotations at registration time and needs them as real classes.
+
 Plugins, namespace ``prefixkv`` (the ONNX op type is the plugin name):
 
     PrefixKVPrefillScores  q (B,H,Q,D), k, v (B,Hkv,S,D), valid (B,S) int32
@@ -31,10 +34,8 @@ in the process that deserialises the engine.
 No TopK anywhere: TensorRT's TopK is limited to K <= 3840, the select kernel does a radix
 select instead.  Everything here is unverified on a GPU in this repository's CI.
 """
-from __future__ import annotations
-
 import os
-from typing import Tuple
+from typing import Tuple, Union
 
 from . import reference
 
@@ -143,7 +144,8 @@ def _define(trt, trtp) -> None:  # noqa: C901 - the plugin definitions, read top
     @trtp.aot_impl(PLUGIN_IDS[PREFILL])
     def _prefill_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, valid: trtp.TensorDesc,
                      scaling: float, heads_per_program: int, block_m: int, block_n: int,
-                     outputs: Tuple[trtp.TensorDesc], tactic: int):
+                     outputs: Tuple[trtp.TensorDesc], tactic: int
+                    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         heads, d = _const(q.shape_expr[1], "query heads"), _const(q.shape_expr[3], "head dim")
         kv_heads = _const(k.shape_expr[1], "KV heads")
         dtype = _dtype_name(trt, q.dtype)
@@ -162,8 +164,8 @@ def _define(trt, trtp) -> None:  # noqa: C901 - the plugin definitions, read top
         return ck.name, ck.ptx, launch, extra
 
     @trtp.impl(PLUGIN_IDS[PREFILL])
-    def _prefill_jit(q, k, v, valid, scaling: float, heads_per_program: int, block_m: int, block_n: int,
-                     outputs, stream: int) -> None:
+    def _prefill_jit(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, valid: trtp.Tensor, scaling: float,
+                     heads_per_program: int, block_m: int, block_n: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
@@ -189,7 +191,8 @@ def _define(trt, trtp) -> None:  # noqa: C901 - the plugin definitions, read top
 
     @trtp.aot_impl(PLUGIN_IDS[SELECT])
     def _select_aot(k: trtp.TensorDesc, v: trtp.TensorDesc, importance: trtp.TensorDesc, valid: trtp.TensorDesc,
-                    keep_fraction: float, sink: int, protect_last: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
+                    keep_fraction: float, sink: int, protect_last: int, outputs: Tuple[trtp.TensorDesc], tactic: int
+                    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         kv_heads, d = _const(k.shape_expr[1], "KV heads"), _const(k.shape_expr[3], "head dim")
         ck = kernels.compile_ptx(
             "select_gather", _dtype_name(trt, k.dtype), cuda_arch(),
@@ -205,8 +208,8 @@ def _define(trt, trtp) -> None:  # noqa: C901 - the plugin definitions, read top
         return ck.name, ck.ptx, launch, extra
 
     @trtp.impl(PLUGIN_IDS[SELECT])
-    def _select_jit(k, v, importance, valid, keep_fraction: float, sink: int, protect_last: int,
-                    outputs, stream: int) -> None:
+    def _select_jit(k: trtp.Tensor, v: trtp.Tensor, importance: trtp.Tensor, valid: trtp.Tensor, keep_fraction: float,
+                    sink: int, protect_last: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
@@ -227,7 +230,8 @@ def _define(trt, trtp) -> None:  # noqa: C901 - the plugin definitions, read top
 
     @trtp.aot_impl(PLUGIN_IDS[DECODE])
     def _decode_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, valid: trtp.TensorDesc,
-                    scaling: float, outputs: Tuple[trtp.TensorDesc], tactic: int):
+                    scaling: float, outputs: Tuple[trtp.TensorDesc], tactic: int
+                    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         heads, d = _const(q.shape_expr[1], "query heads"), _const(q.shape_expr[3], "head dim")
         kv_heads = _const(k.shape_expr[1], "KV heads")
         dtype = _dtype_name(trt, q.dtype)
@@ -246,7 +250,8 @@ def _define(trt, trtp) -> None:  # noqa: C901 - the plugin definitions, read top
         return ck.name, ck.ptx, launch, extra
 
     @trtp.impl(PLUGIN_IDS[DECODE])
-    def _decode_jit(q, k, v, valid, scaling: float, outputs, stream: int) -> None:
+    def _decode_jit(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, valid: trtp.Tensor, scaling: float,
+                    outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
