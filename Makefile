@@ -20,13 +20,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# the demo prompt: a passage of the evaluation split (the profile was calibrated on the other split) + a question
+DEMO_PROMPT := results/demo_prompt.txt
+
 demo: venv
 	$(PY) scripts/build_engine.py --model smollm2-135m --profile --keep $(KEEP) --output $(ENGINE) --force
-	$(VENV)/bin/prefixkv generate $(ENGINE) --chat --max-new-tokens 48 --prompt "What is the capital of France?"
+	@mkdir -p results
+	@$(PY) -c 'from pydoc_data.topics import topics; print(topics["for"].strip() + "\n\nIn one sentence: when does the \"else\" clause of a \"for\" loop run?")' > $(DEMO_PROMPT)
+	@echo "--- prefixkv generate $(ENGINE) --chat --prompt-file $(DEMO_PROMPT) (keep fraction $(KEEP)):"
+	$(VENV)/bin/prefixkv generate $(ENGINE) --chat --max-new-tokens 48 --prompt-file $(DEMO_PROMPT)
 	@echo
-	@echo "engine:     $(ENGINE)/ (manifest.json, prefill.onnx, decode.onnx, profile.json)"
-	@echo "validation: $(ENGINE)/validation.json"
-	@echo "plots:      $(ENGINE)/report/"
+	@echo "engine:     $(ENGINE)/ (manifest.json, prefill.onnx, decode.onnx, profile.json, tokenizer)"
+	@echo "validation: $(ENGINE)/validation.json (graph + greedy lockstep vs the PyTorch reference, PPL / ROUGE-L vs full cache)"
+	@echo "plots:      $(ENGINE)/report/ (per-layer keep fractions, Lorenz curves with Gini)"
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -38,6 +38,8 @@ def test_manifest_describes_the_engine(tiny):
     assert manifest["model"]["fingerprint"]["layers"] == LAYERS
     assert manifest["opset"] >= 18 and manifest["max_context"] == 512
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest["libraries"])
+    assert manifest["backend"] == "onnxruntime" and manifest["tensorrt"] is None
+    assert "report/keep_fractions_accumulated.png" in manifest["files"]  # the profile's per-layer plot
     assert manifest["tool"]["name"] == "prefixkv"
     expected = {"prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "profile.json",
                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
@@ -150,8 +152,11 @@ def test_build_calibrates_when_no_profile_is_given(tmp_path):
     from prefixkv.tokenizer import Tokenizer
 
     model, folder = tiny_model_folder(tmp_path)
-    profile = resolve_profile(None, model, Tokenizer(folder), KEEP, calibrate_samples=2, calibrate_tokens=48, log=lambda m: None)
+    runs = []
+    profile = resolve_profile(None, model, Tokenizer(folder), KEEP, calibrate_samples=2, calibrate_tokens=48,
+                              log=lambda m: None, calibration_out=runs)
     fractions = profile.layer_fractions(KEEP)
+    assert len(runs) == 1 and runs[0].curves["accumulated"].shape == (LAYERS, 101)  # for the Lorenz plot
     assert len(fractions) == LAYERS and all(0 < f <= 1 for f in fractions)
 
 

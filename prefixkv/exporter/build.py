@@ -23,6 +23,7 @@ from .engine_folder import VALIDATION, check_output, copy_tokenizer, io_metadata
 from .onnx import OPSET, export_engine_graphs, exporter_version, graph_spec
 
 BACKENDS = ("onnxruntime", "tensorrt")
+REPORT = "report"  # the calibration plots, inside the engine folder
 
 
 def _stderr(message: str) -> None:
@@ -42,21 +43,28 @@ class BuildResult:
 
 
 def resolve_profile(profile, model, tokenizer, keep_fraction: float, calibrate_samples: int = 16,
-                    calibrate_tokens: int = 512, scorer: str = "accumulated", sink: int = 4, log=_stderr):
+                    calibrate_tokens: int = 512, scorer: str = "accumulated", sink: int = 4, log=_stderr,
+                    calibration_out: list | None = None):
     """A ``RetentionProfile`` for ``model`` holding ``keep_fraction``: loaded from a path (checked
-    against the model), taken as given, or calibrated on the built-in calibration split."""
+    against the model), taken as given, or calibrated on the built-in calibration split
+    (then the ``Calibration``, with its curves, is appended to ``calibration_out``)."""
     from ..profile import Fingerprint, RetentionProfile
 
     fingerprint = Fingerprint.of(model.config)
     if profile is None:
-        from ..calibration import calibrate_profile
+        from ..calibration import calibrate
         from ..data import builtin_samples
+        from ..scoring import make_scorer
 
         log(f"calibrating a profile: {calibrate_samples} samples x {calibrate_tokens} tokens, scorer {scorer}")
         rows = builtin_samples(tokenizer, "calibration", n=calibrate_samples, tokens=calibrate_tokens, reference_tokens=0)
         samples = [_encode(tokenizer, r["prompt"]) for r in rows]
-        profile = calibrate_profile(model, samples, [keep_fraction], sink=sink, scorer=scorer, progress=False,
-                                    data_name=f"builtin:calibration:{calibrate_samples}x{calibrate_tokens}")
+        scorer_obj = make_scorer(scorer)
+        run = calibrate(model, samples, [keep_fraction], [scorer_obj], sink=sink, progress=False,
+                        data_name=f"builtin:calibration:{calibrate_samples}x{calibrate_tokens}")
+        profile = run.profiles[scorer_obj.key]
+        if calibration_out is not None:
+            calibration_out.append(run)
     elif isinstance(profile, (str, Path)):
         profile = RetentionProfile.load(profile, fingerprint)
     else:
@@ -131,7 +139,9 @@ def build_engine(
     folder = model_folder(model)
     if folder is None:
         raise ValueError(f"cannot find the local folder of {model_source!r} (for its tokenizer files); pass a model folder")
-    profile = resolve_profile(profile, model, tokenizer, keep_fraction, calibrate_samples, calibrate_tokens, scorer, sink, log)
+    calibrated: list = []
+    profile = resolve_profile(profile, model, tokenizer, keep_fraction, calibrate_samples, calibrate_tokens, scorer, sink,
+                              log, calibrated)
     spec = graph_spec(model, profile, keep_fraction, evict_distance)
     if backend == "tensorrt":
         from .plugin_onnx import check_plugin_spec
@@ -152,6 +162,7 @@ def build_engine(
             export_engine_graphs(model, spec, tmp, opset, log)
         copy_tokenizer(folder, tmp)
         profile.save(tmp / "profile.json")
+        _plot_profile(profile, calibrated[0] if calibrated else None, keep_fraction, tmp / REPORT)
         graphs = {}
         for graph in ("prefill", "decode"):
             meta = io_metadata(tmp / f"{graph}.onnx")
@@ -178,7 +189,8 @@ def build_engine(
             "backend": backend,
             "tensorrt": tensorrt_info,
         })
-    log(f"engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB)")
+    log(f"engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB); "
+        f"calibration plots in {output / REPORT}/")
 
     report = None
     if validate and backend == "tensorrt" and onnx_only:
@@ -192,6 +204,19 @@ def build_engine(
         atomic_write_text(output / VALIDATION, json.dumps(report, indent=2) + "\n")
         log(f"validation {'passed' if report['passed'] else 'FAILED'}: {output / VALIDATION}")
     return BuildResult(output, manifest, report, time.perf_counter() - start)
+
+
+def _plot_profile(profile, calibration, keep_fraction: float, folder: Path) -> None:
+    """The profile's per-layer keep fractions and, when calibrated here, the per-layer
+    cumulative-priority (Lorenz) curves with their Gini coefficients, as PNGs in ``folder``."""
+    from .. import report
+    from ..calibration import Calibration
+    from ..scoring import make_scorer
+
+    if calibration is None:
+        key = make_scorer(profile.scorer, **profile.scorer_params).key
+        calibration = Calibration(profiles={key: profile})
+    report.plot_calibration(calibration, [keep_fraction], folder)
 
 
 def build_tensorrt_engines(folder: Path, options: dict, log=_stderr) -> dict:
