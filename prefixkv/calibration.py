@@ -18,7 +18,7 @@ from .cache import PrefixKVCache, cache_argument
 from .data import samples_hash
 from .profile import Budget, Fingerprint, RetentionProfile
 from .scoring import Scorer, make_scorer
-from .search import curve_gini, floor_and_blend, prefix_search
+from .search import DEFAULT_BLEND, curve_gini, floor_and_blend, prefix_search
 
 
 @dataclass
@@ -49,7 +49,7 @@ def calibrate(
     sink: int = 4,
     protect_last: bool = True,
     min_layer_keep: float = 0.0,
-    blend: float = 1.0,
+    blend: float = DEFAULT_BLEND,
     progress: bool = True,
     seed: int = 0,
     data_name: str = "custom",
@@ -121,7 +121,7 @@ def calibrate(
 
 
 def calibrate_profile(model, samples, keep_fractions, sink: int = 4, scorer: str | Scorer = "accumulated",
-                      scorer_params: dict | None = None, min_layer_keep: float = 0.0, blend: float = 1.0,
+                      scorer_params: dict | None = None, min_layer_keep: float = 0.0, blend: float = DEFAULT_BLEND,
                       progress: bool = True, **kwargs) -> RetentionProfile:
     """One scorer's profile (see ``calibrate``)."""
     sc = make_scorer(scorer, **(scorer_params or {}))

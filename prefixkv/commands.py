@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .models import DEFAULT_MODEL
+from .search import DEFAULT_BLEND
 
 
 def _fractions(text: str) -> list[float]:
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=int, default=8, help="query rows of the window scorer")
     p.add_argument("--sink", type=int, default=4, help="first tokens always kept")
     p.add_argument("--min-layer-keep", type=float, default=0.0, help="per-layer floor, a fraction of the uniform share")
-    p.add_argument("--blend", type=float, default=1.0, help="1 = PrefixKV lengths, 0 = uniform lengths")
+    p.add_argument("--blend", type=float, default=DEFAULT_BLEND,
+                   help="1 = PrefixKV lengths (the paper), 0 = uniform lengths (default %(default)s: measured best)")
     p.add_argument("--output", default="profile.json", help="profile path (more scorers: NAME.SCORER.json)")
     p.add_argument("--plots", help="folder for the PNG plots (default: OUTPUT_report/)")
     p.add_argument("--force", action="store_true", help="overwrite an existing profile")

@@ -133,6 +133,13 @@ def prefix_search(
     return result[0] if single else result
 
 
+# The calibration default for ``blend``, measured: the floor x blend sweep of
+# `prefixkv bench quality --sweep-floor-blend` on SmolLM2-135M (calibration-split prompts,
+# scorers accumulated / window / last-query, keep 0.1 and 0.2) ranked blend 0.5 first at every
+# floor (README, "Quality").  blend=1.0 is the paper's allocation.
+DEFAULT_BLEND = 0.5
+
+
 def floor_and_blend(
     layer_fractions: torch.Tensor, keep_fraction: float, min_layer_keep: float = 0.0, blend: float = 1.0
 ) -> torch.Tensor:

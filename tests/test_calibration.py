@@ -13,7 +13,7 @@ def samples(n=3, length=48):
 
 def test_profile_is_mean_of_per_sample_searches(tiny_model):
     data = samples()
-    run = calibrate(tiny_model, data, [0.25, 0.5], ["accumulated"], sink=2, progress=False)
+    run = calibrate(tiny_model, data, [0.25, 0.5], ["accumulated"], sink=2, blend=1.0, progress=False)  # the paper's
     profile = run.profiles["accumulated"]
     expected = torch.stack([
         prefix_search(score_sample(tiny_model, ids, [make_scorer("accumulated")])["accumulated"], 0.25, sink=2).double() / 48
@@ -23,6 +23,13 @@ def test_profile_is_mean_of_per_sample_searches(tiny_model):
     assert torch.allclose(torch.tensor(profile.layer_fractions(0.25), dtype=torch.float64), expected, atol=1e-6)
     assert profile.calibration["samples"] == 3 and profile.calibration["tokens"]["max"] == 48
     assert len(run.gini["accumulated"]) == 3 and run.curves["accumulated"].shape == (3, 101)
+
+
+def test_default_allocation_is_the_measured_blend(tiny_model):
+    from prefixkv.search import DEFAULT_BLEND
+
+    profile = calibrate(tiny_model, samples(1), [0.3], ["accumulated"], progress=False).profiles["accumulated"]
+    assert DEFAULT_BLEND == 0.5 and (profile.blend, profile.min_layer_keep) == (DEFAULT_BLEND, 0.0)
 
 
 def test_several_scorers_in_one_pass_equal_separate_runs(tiny_model):

@@ -44,7 +44,7 @@ class BuildResult:
 
 def resolve_profile(profile, model, tokenizer, keep_fraction: float, calibrate_samples: int = 16,
                     calibrate_tokens: int = 512, scorer: str = "accumulated", sink: int = 4, log=_stderr,
-                    calibration_out: list | None = None):
+                    calibration_out: list | None = None, min_layer_keep: float = 0.0, blend: float | None = None):
     """A ``RetentionProfile`` for ``model`` holding ``keep_fraction``: loaded from a path (checked
     against the model), taken as given, or calibrated on the built-in calibration split
     (then the ``Calibration``, with its curves, is appended to ``calibration_out``)."""
@@ -56,11 +56,16 @@ def resolve_profile(profile, model, tokenizer, keep_fraction: float, calibrate_s
         from ..data import builtin_samples
         from ..scoring import make_scorer
 
-        log(f"calibrating a profile: {calibrate_samples} samples x {calibrate_tokens} tokens, scorer {scorer}")
+        from ..search import DEFAULT_BLEND
+
+        blend = DEFAULT_BLEND if blend is None else blend
+        log(f"calibrating a profile: {calibrate_samples} samples x {calibrate_tokens} tokens, scorer {scorer}, "
+            f"blend {blend:g}, min layer keep {min_layer_keep:g}")
         rows = builtin_samples(tokenizer, "calibration", n=calibrate_samples, tokens=calibrate_tokens, reference_tokens=0)
         samples = [_encode(tokenizer, r["prompt"]) for r in rows]
         scorer_obj = make_scorer(scorer)
         run = calibrate(model, samples, [keep_fraction], [scorer_obj], sink=sink, progress=False,
+                        min_layer_keep=min_layer_keep, blend=blend,
                         data_name=f"builtin:calibration:{calibrate_samples}x{calibrate_tokens}")
         profile = run.profiles[scorer_obj.key]
         if calibration_out is not None:
@@ -101,6 +106,8 @@ def build_engine(
     backend: str = "onnxruntime",
     tensorrt_options: dict | None = None,
     onnx_only: bool = False,
+    min_layer_keep: float = 0.0,
+    blend: float | None = None,
 ) -> BuildResult:
     """Build the engine for ``model_source`` at ``keep_fraction`` into ``output``.
 
@@ -141,7 +148,7 @@ def build_engine(
         raise ValueError(f"cannot find the local folder of {model_source!r} (for its tokenizer files); pass a model folder")
     calibrated: list = []
     profile = resolve_profile(profile, model, tokenizer, keep_fraction, calibrate_samples, calibrate_tokens, scorer, sink,
-                              log, calibrated)
+                              log, calibrated, min_layer_keep, blend)
     spec = graph_spec(model, profile, keep_fraction, evict_distance)
     if backend == "tensorrt":
         from .plugin_onnx import check_plugin_spec

@@ -46,6 +46,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=_positive, default=512, help="tokens per calibration sample")
     p.add_argument("--scorer", default="accumulated", help="importance score when calibrating")
     p.add_argument("--sink", type=int, default=4, help="first tokens always kept (when calibrating)")
+    p.add_argument("--blend", type=float, help="when calibrating: 1 = PrefixKV lengths (the paper), 0 = uniform "
+                                              "(default 0.5, measured best; see README)")
+    p.add_argument("--min-layer-keep", type=float, default=0.0,
+                   help="when calibrating: per-layer floor, a fraction of the uniform share")
     p.add_argument("--evict-distance", type=int, default=25, help="decode-phase eviction slot from the end of the compacted prompt")
     p.add_argument("--max-context", type=_positive, help="context limit recorded in the engine (default: the model's)")
     p.add_argument("--no-validate", action="store_true", help="skip validation against the PyTorch reference")
@@ -117,11 +121,16 @@ def register(subparsers) -> None:
 def run_build(args) -> int:
     from .build import build_engine
 
+    if args.profile and (args.blend is not None or args.min_layer_keep):
+        raise ValueError("--blend and --min-layer-keep shape a new calibration; with --profile PATH the profile's own "
+                         "allocation is used (calibrate another with `prefixkv calibrate --blend ...`)")
+
     result = build_engine(
         args.model, args.output, args.keep, profile=args.profile, calibrate_samples=args.samples,
         calibrate_tokens=args.tokens, scorer=args.scorer, sink=args.sink, force=args.force,
         validate=not args.no_validate, validate_options=_validate_options(args),
         evict_distance=args.evict_distance, max_context=args.max_context, backend=args.backend,
+        blend=args.blend, min_layer_keep=args.min_layer_keep,
         onnx_only=args.onnx_only,
         tensorrt_options=dict(precision=args.precision, max_batch=args.max_batch, opt_seq=args.opt_seq,
                               max_seq=args.max_seq),

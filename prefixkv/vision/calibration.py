@@ -25,6 +25,7 @@ import torch
 from ..cache import cache_argument
 from ..calibration import Calibration, calibrate
 from ..compaction import compact
+from ..search import DEFAULT_BLEND
 from .data import ImageError, chat_messages, check_placeholders, load_image
 
 
@@ -105,7 +106,7 @@ def calibrate_vision(
     sink: int = 4,
     protect_last: bool = True,
     min_layer_keep: float = 0.0,
-    blend: float = 1.0,
+    blend: float = DEFAULT_BLEND,
     chat: bool = False,
     progress: bool = True,
     seed: int = 0,
