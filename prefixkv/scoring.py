@@ -167,10 +167,13 @@ def attention_with_scores(
     b, h, q, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g = h // hkv
-    qg = query.reshape(b, hkv, g, q, d)
-    out = torch.empty(b, hkv, g, q, value.shape[-1], dtype=query.dtype, device=query.device)
     several = not isinstance(score_rows, int)
     row_counts = [min(int(r), q) for r in (score_rows if several else [score_rows])]
+    if q == s and bool(key_valid.all()) and _flash_ready(query):
+        out, masses = _flash_with_scores(query, key, value, scaling, row_counts, block)
+        return out, (masses if several else masses[0])
+    qg = query.reshape(b, hkv, g, q, d)
+    out = torch.empty(b, hkv, g, q, value.shape[-1], dtype=query.dtype, device=query.device)
     masses = [torch.zeros(b, s, dtype=torch.float32, device=query.device) for _ in row_counts]
     first_scored = q - max(row_counts)
     query_valid = key_valid[:, s - q :]
@@ -201,6 +204,53 @@ def attention_with_scores(
     return out.reshape(b, h, q, -1).transpose(1, 2), (masses if several else masses[0])
 
 
+def _flash_ready(query: torch.Tensor) -> bool:
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def causal_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    """Causal attention of a prefill without padding (q == S) through PyTorch's fused CPU kernel.
+
+    Returns out (batch, heads, q, head_dim) and the row log-sum-exp (batch, heads, q) float32.
+    """
+    g = query.shape[1] // key.shape[1]
+    if g > 1:
+        key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scaling)
+    return out, lse.float()
+
+
+def _flash_with_scores(query, key, value, scaling, row_counts, block):
+    """``attention_with_scores`` for an unpadded prefill: the output (and each row's
+    log-sum-exp) from the fused kernel, then the probabilities of the scoring rows only, as
+    exp(q.k x scaling - lse) from one matmul (-lse folded in as an extra dimension), one block
+    of rows at a time against the keys they can see (columns < block end; the causal mask
+    only on the diagonal sub-block).  About the cost of the fused attention again, instead
+    of recomputing attention with a mask."""
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    out, lse = causal_flash(query, key, value, scaling)
+    masses = [torch.zeros(b, q, dtype=torch.float32, device=query.device) for _ in row_counts]
+    first_scored = q - max(row_counts)
+    block = max(1, min(block, 64))  # small blocks stay in cache; memory O(block x S)
+    qa = torch.cat([query.reshape(b, hkv, g, q, d).float() * scaling, -lse.reshape(b, hkv, g, q, 1)], dim=-1)
+    ka = torch.cat([key.float(), torch.ones_like(key[..., :1], dtype=torch.float32)], dim=-1)
+    ka = ka.unsqueeze(2).transpose(-1, -2)  # (b, hkv, 1, d + 1, S)
+    for start in range(first_scored, q, block):
+        stop = min(start + block, q)
+        probs = torch.matmul(qa[:, :, :, start:stop], ka[..., :stop])  # (b, hkv, g, rows, stop) = logit - lse
+        future = torch.ones(stop - start, stop - start, dtype=torch.bool, device=query.device).triu(1)
+        probs[..., start:stop].masked_fill_(future, float("-inf"))
+        per_row = probs.exp_().sum(dim=(1, 2))  # (b, rows, stop): summed over heads
+        for mass, count in zip(masses, row_counts):
+            first = max(q - count, start) - start
+            if first < stop - start:
+                mass[:, :stop] += per_row[:, first:].sum(1)
+    return out.transpose(1, 2), [mass / h for mass in masses]
+
+
 def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -212,6 +262,8 @@ def decode_attention(
     """
     b, h, q, d = query.shape
     hkv = key.shape[1]
+    if q == key.shape[2] and q > 1 and bool(key_valid.all()) and _flash_ready(query):  # an unpadded prefill
+        return causal_flash(query, key, value, scaling)[0].transpose(1, 2)
     mask = causal_mask(q, key_valid).unsqueeze(2)
     out = F.scaled_dot_product_attention(
         query.reshape(b, hkv, h // hkv, q, d), key.unsqueeze(2), value.unsqueeze(2), attn_mask=mask, scale=scaling

@@ -74,3 +74,29 @@ def test_last_query_rows_and_unknown_scorer():
     assert make_scorer("window", window=16).query_rows(10) == 10
     with pytest.raises(ValueError, match="unknown scorer"):
         make_scorer("attention-ish")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_unpadded_prefill_fast_path_equals_eager_attentions(heads, kv_heads, monkeypatch):
+    """Without padding the output comes from PyTorch's fused causal kernel and the mass from
+    exp(logit - row log-sum-exp) over the visible keys only: same numbers as eager."""
+    import prefixkv.scoring as scoring
+
+    calls = []
+    fused = scoring.causal_flash
+    monkeypatch.setattr(scoring, "causal_flash", lambda *a: calls.append(1) or fused(*a))
+    model = tiny_llama(layers=2, heads=heads, kv_heads=kv_heads)
+    ids = torch.randint(3, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    cache = PrefixKVCache(method="full", keep_fraction=1.0, record=["accumulated", Window(window=7, pool=1), "key-norm"],
+                          score_block=16)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        recorded = cache.recorded_scores()
+        expected, expected_window = eager_mass(model, ids, mask), eager_mass(model, ids, mask, rows=7)
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(recorded["accumulated"], expected, atol=1e-5)
+    assert torch.allclose(recorded["window(pool=1,window=7)"], expected_window, atol=1e-5)
+    assert torch.allclose(logits, sdpa, atol=1e-4)
+    assert len(calls) == 2  # one fused prefill per layer
