@@ -78,12 +78,31 @@ AttentionInterface.register(NAME, prefixkv_attention)
 AttentionMaskInterface.register(NAME, passthrough_mask)
 
 
+def unsupported_features(config) -> list[str]:
+    """Attention features of ``config``'s language model that the prefixkv attention does not
+    implement (it would silently compute something else): empty when supported."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = []
+    if getattr(text, "attn_logit_softcapping", None):
+        found.append(f"attention logit soft-capping ({text.attn_logit_softcapping})")
+    layer_types = getattr(text, "layer_types", None) or []
+    if getattr(text, "use_sliding_window", False) or any("sliding" in str(t) for t in layer_types):
+        found.append("sliding-window attention layers")
+    return found
+
+
 def enable(model) -> None:
     """Use the ``prefixkv`` attention in ``model``'s language model (needed by ``PrefixKVCache``).
 
     In a vision-language model only the text sub-model switches; the vision tower keeps
-    its own (bidirectional) attention.
+    its own (bidirectional) attention.  Models whose attention has features this
+    implementation lacks (soft-capping, sliding windows: Gemma 2/3, some Mistral/Qwen2
+    configurations) are refused with the reason.
     """
+    missing = unsupported_features(model.config)
+    if missing:
+        raise ValueError(f"{type(model).__name__}: the prefixkv attention does not implement {' and '.join(missing)}; "
+                         "PrefixKV supports Llama, Mistral, Qwen2/3, Gemma (1) and SmolLM models without them")
     sub_configs = getattr(model.config, "sub_configs", {}) or {}
     if "text_config" in sub_configs:
         model.set_attn_implementation({"text_config": NAME})

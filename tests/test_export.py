@@ -200,3 +200,26 @@ def test_unsupported_model_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ExportError, match="Llama-family"):
         Decoder(model)
+
+
+def test_gemma_engine_matches_the_reference(tmp_path):
+    """A tiny Gemma (embedding scale inside embed_tokens, GeLU MLP, (1 + w) RMSNorm) through the
+    same exporter: graph, greedy lockstep and quality checks pass against the reference."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    import prefixkv
+    from prefixkv.exporter.build import build_engine
+
+    torch.manual_seed(0)
+    config = GemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = GemmaForCausalLM(config).eval()
+    folder = tmp_path / "tiny-gemma"
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    prefixkv.enable(model)
+    result = build_engine(str(folder), tmp_path / "engine", KEEP, profile=tiny_profile(model), model=model,
+                          validate=True, validate_options=SMALL_VALIDATION, log=lambda m: None)
+    assert result.passed, result.validation
+    assert result.validation["checks"]["graph"]["kept_positions_identical"]

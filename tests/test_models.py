@@ -31,3 +31,26 @@ def test_hub_id_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="offline"):
         resolve("some-org/some-model")
+
+
+def test_attention_features_prefixkv_does_not_implement_are_refused():
+    """Gemma 2 soft-caps attention logits and alternates sliding-window layers: the prefixkv
+    attention and the exporter would silently compute something else, so both refuse it."""
+    import pytest
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+
+    import prefixkv
+    from prefixkv.exporter.onnx import Decoder, ExportError
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**small))
+    with pytest.raises(ValueError, match="soft-capping.*sliding-window"):
+        prefixkv.enable(gemma2)
+    with pytest.raises(ExportError, match="soft-capping"):
+        Decoder(gemma2)
+    gemma = GemmaForCausalLM(GemmaConfig(**small))  # Gemma 1: supported, embedding scale inside embed_tokens
+    prefixkv.enable(gemma)
+    Decoder(gemma)

@@ -156,6 +156,10 @@ def build_engine(
         check_plugin_spec(spec)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = int(max_context or getattr(text, "max_position_embeddings", 2048))
+    window = getattr(text, "sliding_window", None)
+    if window and context > int(window):  # Mistral: exact only while the whole context fits the window
+        log(f"context limited to the model's sliding window ({window} tokens): the engine attends over all kept entries")
+        context = int(window)
 
     with staging(output, force) as tmp:
         tensorrt_info = None

@@ -103,8 +103,14 @@ class Decoder(nn.Module):
         if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise ExportError(f"{type(attn).__name__} has no q/k/v/o projections; the ONNX exporter supports Llama-family attention")
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if getattr(text, "use_sliding_window", False):
-            raise ExportError("sliding-window attention is not supported by the ONNX exporter; use the PyTorch backend")
+        from ..attention import unsupported_features
+
+        missing = unsupported_features(model.config)
+        if missing:
+            raise ExportError(f"the ONNX exporter does not implement {' and '.join(missing)} ({type(model).__name__})")
+        if any(hasattr(layer, "pre_feedforward_layernorm") for layer in base.layers):
+            raise ExportError(f"{type(model).__name__} has sandwich norms around its MLP (Gemma 2/3 layout); "
+                              "the ONNX exporter supports Llama-family layers")
         self.embed_tokens, self.layers, self.norm, self.rotary_emb = base.embed_tokens, base.layers, base.norm, base.rotary_emb
         self.lm_head = model.lm_head
         self.heads = text.num_attention_heads
