@@ -219,6 +219,7 @@ def test_gemma_engine_matches_the_reference(tmp_path):
     model.save_pretrained(folder)
     write_tokenizer(folder)
     prefixkv.enable(model)
+    model.prefixkv_source = str(folder)  # what load_model records
     result = build_engine(str(folder), tmp_path / "engine", KEEP, profile=tiny_profile(model), model=model,
                           validate=True, validate_options=SMALL_VALIDATION, log=lambda m: None)
     assert result.passed, result.validation
