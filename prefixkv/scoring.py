@@ -236,12 +236,13 @@ def _flash_with_scores(query, key, value, scaling, row_counts, block):
     first_scored = q - max(row_counts)
     block = max(1, min(block, 64))  # small blocks stay in cache; memory O(block x S)
     qa = torch.cat([query.reshape(b, hkv, g, q, d).float() * scaling, -lse.reshape(b, hkv, g, q, 1)], dim=-1)
-    ka = torch.cat([key.float(), torch.ones_like(key[..., :1], dtype=torch.float32)], dim=-1)
-    ka = ka.unsqueeze(2).transpose(-1, -2)  # (b, hkv, 1, d + 1, S)
+    ka = torch.cat([key.float(), torch.ones_like(key[..., :1], dtype=torch.float32)], dim=-1).transpose(-1, -2)
     for start in range(first_scored, q, block):
         stop = min(start + block, q)
-        probs = torch.matmul(qa[:, :, :, start:stop], ka[..., :stop])  # (b, hkv, g, rows, stop) = logit - lse
-        future = torch.ones(stop - start, stop - start, dtype=torch.bool, device=query.device).triu(1)
+        rows = stop - start  # the group's query heads share one GEMM per KV head: (g x rows, d + 1) @ (d + 1, stop)
+        grouped = qa[:, :, :, start:stop].reshape(b, hkv, g * rows, d + 1)
+        probs = torch.matmul(grouped, ka[..., :stop]).view(b, hkv, g, rows, stop)  # logit - lse
+        future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu(1)
         probs[..., start:stop].masked_fill_(future, float("-inf"))
         per_row = probs.exp_().sum(dim=(1, 2))  # (b, rows, stop): summed over heads
         for mass, count in zip(masses, row_counts):

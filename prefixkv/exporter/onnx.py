@@ -386,12 +386,16 @@ def _name_dims(model_proto, graph: str, layers: int) -> None:
         dims[axis].dim_param = f"present_length_{l}"
 
 
-def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None) -> Path:
-    """Export the ``graph`` ("prefill" or "decode") of ``model`` to ``path`` (weights in ``path``.data)."""
+def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None,
+                 wrapper: nn.Module | None = None, postprocess=None) -> Path:
+    """Export the ``graph`` ("prefill" or "decode") of ``model`` to ``path`` (weights in ``path``.data).
+
+    wrapper: the module to export (default ``PrefillGraph`` / ``DecodeGraph``); postprocess:
+    called with the ModelProto before it is saved."""
     import onnx
 
     path = Path(path)
-    wrapper = (PrefillGraph if graph == "prefill" else DecodeGraph)(model, spec).eval()
+    wrapper = (wrapper or (PrefillGraph if graph == "prefill" else DecodeGraph)(model, spec)).eval()
     names = io_names(spec.layers)[graph]
     start = time.perf_counter()
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -415,6 +419,8 @@ def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: in
         quiet.setLevel(level)
     proto = program.model_proto
     _name_dims(proto, graph, spec.layers)
+    if postprocess is not None:
+        postprocess(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.name + ".data"
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,

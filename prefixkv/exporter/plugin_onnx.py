@@ -27,9 +27,6 @@ them needs TensorRT and a GPU (``prefixkv.exporter.tensorrt``).
 """
 from __future__ import annotations
 
-import logging
-import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +34,7 @@ from torch import nn
 
 from .. import compaction
 from ..plugins.trt import DECODE, NAMESPACE, PREFILL, SELECT, VERSION, symbolic_width
-from .onnx import OPSET, DecodeGraph, Decoder, ExportError, GraphSpec, _dynamic_shapes, _name_dims, evict, io_names, sample_inputs
+from .onnx import OPSET, DecodeGraph, Decoder, ExportError, GraphSpec, evict, export_graph
 
 PLUGIN_SCORERS = ("accumulated",)
 PREFILL_BLOCK = 64  # block_m = block_n of the prefill kernel on a GPU
@@ -135,33 +132,13 @@ def export_plugin_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
     """Export the plugin-mode ``graph`` ("prefill" or "decode") to ``path`` (weights in ``path``.data)."""
     import onnx
 
-    path = Path(path)
-    wrapper = (PluginPrefillGraph if graph == "prefill" else PluginDecodeGraph)(model, spec).eval()
-    names = io_names(spec.layers)[graph]
-    start = time.perf_counter()
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(axis name|LeafSpec).*")
-            program = torch.onnx.export(
-                wrapper, sample_inputs(spec, graph), dynamo=True, input_names=names["inputs"],
-                output_names=names["outputs"], dynamic_shapes=_dynamic_shapes(spec, graph), opset_version=opset,
-                optimize=True, verbose=False,
-            )
-    finally:
-        quiet.setLevel(level)
-    proto = program.model_proto
-    _name_dims(proto, graph, spec.layers)
-    _layer_doc_strings(proto)
-    onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    if log:
-        log(f"exported plugin-mode {graph} graph in {time.perf_counter() - start:.0f} s -> {path}")
-    return path
+    wrapper = (PluginPrefillGraph if graph == "prefill" else PluginDecodeGraph)(model, spec)
+
+    def finish(proto):
+        _layer_doc_strings(proto)
+        onnx.checker.check_model(proto)
+
+    return export_graph(model, spec, graph, path, opset, log, wrapper=wrapper, postprocess=finish)
 
 
 def _layer_doc_strings(proto) -> None:
