@@ -68,7 +68,10 @@ def test_config_parses_with_tritons_model_config():
     assert {o.name for o in config.output} == {"text_output", "output_ids", "finish_reason"}
     assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 3)]
     params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params == {"engine_dir": "engine", "backend": "onnxruntime", "threads": "2", "default_max_tokens": "16", "chat": "true"}
+    assert params == {"engine_dir": "engine", "backend": "auto", "threads": "2", "default_max_tokens": "16", "chat": "true"}
+    with_image = parse_model_config(model_config_text(image=True))  # vision engines: the optional image bytes
+    image = {i.name: i for i in with_image.input}["image"]
+    assert image.optional and image.data_type == types.TYPE_STRING and list(image.dims) == [-1]
 
 
 def test_config_errors_are_reported_with_the_place():

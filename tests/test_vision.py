@@ -436,3 +436,40 @@ def test_text_command_namespaces_reach_the_vision_stages(engine, llava, tmp_path
     args = parser.parse_args(["calibrate", "--model", str(folder), "--keep", "0.5", "--output", str(tmp_path / "q.json")])
     with pytest.raises(ValueError, match="need image data: pass --data"):
         commands.run_calibrate(args)
+
+
+@pytest.mark.serving
+def test_triton_serves_the_vision_engine_with_an_image(engine, llava, tmp_path):
+    """`prefixkv deploy` of the vision engine, a real tritonserver on loopback: a request with
+    the encoded PNG bytes in the `image` input gets the engine's own greedy text; bad image
+    requests get an error response and the server stays healthy."""
+    import io
+
+    from prefixkv.cli import main
+    from prefixkv.engines import GenerationConfig
+    from prefixkv.serving.client import TritonRequestError, grpc_generate
+    from prefixkv.serving.server import TritonServer
+    from prefixkv.vision.runner import load_vision_runner
+
+    out, _ = engine
+    buffer = io.BytesIO()
+    picture(7).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    runner = load_vision_runner(out, verify=False)
+    ids = runner.encode_image_prompt("What is in the picture?", 1, chat=True)
+    with runner.images(runner.preprocess([picture(7)])):
+        expected = runner.generate_ids([ids], GenerationConfig(max_new_tokens=8))[0]
+
+    repository = tmp_path / "triton_repo"
+    assert main(["deploy", str(out), "--repository", str(repository), "--threads", "1"]) == 0
+    assert 'name: "image"' in (repository / "prefixkv_llm" / "config.pbtxt").read_text()
+    with TritonServer(repository) as server:
+        server.wait_ready(timeout=180)
+        replies = grpc_generate(server.grpc_url, "What is in the picture?", max_tokens=8, chat=True, image=png)
+        assert replies[-1]["text_output"] == expected.text and replies[-1]["output_ids"] == expected.token_ids
+        with pytest.raises(TritonRequestError, match="not a readable image"):
+            grpc_generate(server.grpc_url, "<image>\nq", max_tokens=2, image=b"garbage")
+        with pytest.raises(TritonRequestError, match="image"):  # two placeholders, one image
+            grpc_generate(server.grpc_url, "<image>\n<image>\nq", max_tokens=2, image=png)
+        again = grpc_generate(server.grpc_url, "What is in the picture?", max_tokens=8, chat=True, image=png)
+        assert again[-1]["text_output"] == expected.text  # healthy after the bad requests

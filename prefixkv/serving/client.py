@@ -79,7 +79,8 @@ def generate_stream(http_url: str, prompt: str | None = None, max_tokens: int | 
 
 
 def grpc_inputs(prompt: str | bytes, max_tokens: int | None = None, stream: bool = False, **fields):
-    """tritonclient.grpc InferInputs for the model's inputs (dtypes as in config.pbtxt)."""
+    """tritonclient.grpc InferInputs for the model's inputs (dtypes as in config.pbtxt);
+    ``image``: the encoded bytes of one image file, or a list of them (vision engines)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -98,6 +99,10 @@ def grpc_inputs(prompt: str | bytes, max_tokens: int | None = None, stream: bool
             items = [value] if isinstance(value, str) else list(value)
             tensor = grpcclient.InferInput("stop", [len(items)], "BYTES")
             tensor.set_data_from_numpy(np.array([s.encode() for s in items], dtype=np.object_))
+        elif name == "image":  # vision engines: encoded image file(s), one per <image>
+            items = [value] if isinstance(value, (bytes, bytearray)) else list(value)
+            tensor = grpcclient.InferInput("image", [len(items)], "BYTES")
+            tensor.set_data_from_numpy(np.array([bytes(x) for x in items], dtype=np.object_))
         else:
             triton_type, np_type = dtypes[name]
             tensor = grpcclient.InferInput(name, [1], triton_type)

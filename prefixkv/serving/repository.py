@@ -18,6 +18,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..vision import is_vision_engine
+from ..vision.serving import IMAGE_INPUT_PBTXT
 from .pbtxt import write_model_config
 
 MODEL_NAME = "prefixkv_llm"
@@ -39,10 +41,13 @@ def model_config_text(
     threads: int | None = None,
     default_max_tokens: int = 64,
     chat: bool = False,
-    backend: str = "onnxruntime",
+    backend: str = "auto",
     engine_dir: str = "engine",
+    image: bool = False,
 ) -> str:
-    """The ``config.pbtxt`` of the prefixkv_llm model (text; checked by the caller)."""
+    """The ``config.pbtxt`` of the prefixkv_llm model (text; checked by the caller).
+
+    image: add the optional ``image`` input (encoded bytes; vision engines)."""
     params = {
         "engine_dir": engine_dir,
         "backend": backend,
@@ -53,6 +58,7 @@ def model_config_text(
     parameters = "\n".join(
         f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()
     )
+    image_entry = f",\n  {IMAGE_INPUT_PBTXT}" if image else ""
     return f"""# Written by `prefixkv deploy`.  One prefixkv engine on Triton's Python backend:
 # model.py runs the whole prefill + decode loop with the PrefixKV-compressed cache.
 name: "{name}"
@@ -71,7 +77,7 @@ input [
   {{ name: "seed"        data_type: TYPE_UINT64 dims: [ 1 ] optional: true }},
   {{ name: "stop"        data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream"      data_type: TYPE_BOOL   dims: [ 1 ] optional: true }},
-  {{ name: "chat"        data_type: TYPE_BOOL   dims: [ 1 ] optional: true }}
+  {{ name: "chat"        data_type: TYPE_BOOL   dims: [ 1 ] optional: true }}{image_entry}
 ]
 output [
   {{ name: "text_output"   data_type: TYPE_STRING dims: [ 1 ] }},
@@ -124,7 +130,7 @@ def write_repository(
     threads: int | None = None,
     default_max_tokens: int = 64,
     chat: bool = False,
-    backend: str = "onnxruntime",
+    backend: str = "auto",
     link: bool = False,
     force: bool = False,
 ) -> Path:
@@ -148,7 +154,8 @@ def write_repository(
         version_dir.mkdir(parents=True)
         write_model_config(
             model_dir / "config.pbtxt",
-            model_config_text(model_name, instances, threads, default_max_tokens, chat, backend),
+            model_config_text(model_name, instances, threads, default_max_tokens, chat, backend,
+                              image=is_vision_engine(engine_dir)),
             name=model_name, backend="python", decoupled=True, required_inputs=("text_input",), outputs=OUTPUTS,
         )
         shutil.copy2(TEMPLATE, version_dir / "model.py")

@@ -21,6 +21,7 @@ of Triton's generate endpoint; a tensor wins over a parameter):
     stop        STRING [-1]  stop strings (the text ends before the first one)
     stream      BOOL   [1]   stream text pieces (needs a streaming client: generate_stream, gRPC stream)
     chat        BOOL   [1]   wrap the prompt in the model's chat template (default: config parameter chat)
+    image       BYTES  [-1]  vision engines: one encoded image (PNG, JPEG, ...) per ``<image>`` in the prompt
 
 Outputs: ``text_output`` (generated text only, never the prompt), ``output_ids`` (the
 generated token ids) and ``finish_reason`` ("length", "eos" or "stop").  While streaming,
@@ -49,8 +50,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-MODEL_INPUTS = ("text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "chat")
-PARAMETERS = MODEL_INPUTS[1:]  # allowed as request parameters too
+MODEL_INPUTS = ("text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "chat", "image")
+PARAMETERS = MODEL_INPUTS[1:-1]  # allowed as request parameters too (not the image bytes)
 RESERVED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers")
 
 
@@ -67,7 +68,7 @@ def _import_runtime(version_dir: Path):
     source = version_dir / "prefixkv"
     if not (source / "engines" / "base.py").is_file():
         raise RuntimeError(f"{source} does not hold the prefixkv runtime; re-run `prefixkv deploy`")
-    for name in ("prefixkv", "prefixkv.exporter"):
+    for name in ("prefixkv", "prefixkv.exporter"):  # prefixkv.vision's own __init__ is torch-free
         package = types.ModuleType(name)
         package.__path__ = [str(source / Path(*name.split(".")[1:]))]
         package.__package__ = name
@@ -85,14 +86,17 @@ def _error(message: str) -> pb_utils.TritonError:
 class Preprocessor:
     """Request -> (prompt ids, GenerationConfig, stream).  Validates every field."""
 
-    def __init__(self, runner, generation_config_cls, prompt_error_cls, default_max_tokens: int, chat: bool):
+    def __init__(self, runner, generation_config_cls, prompt_error_cls, default_max_tokens: int, chat: bool,
+                 image_request=None, image_error_cls=None):
         self.runner = runner
+        self.image_request, self.ImageError = image_request, image_error_cls
         self.GenerationConfig = generation_config_cls
         self.PromptError = prompt_error_cls
         self.default_max_tokens = default_max_tokens
         self.default_chat = chat
 
     def __call__(self, request):
+        """-> (prompt ids, GenerationConfig, stream, pixel values or None)."""
         values = self._parameters(request)
         for name in MODEL_INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -121,6 +125,15 @@ class Preprocessor:
         except ValueError as err:  # its messages name max_new_tokens; the request field is max_tokens
             raise RequestError(str(err).replace("max_new_tokens", "max_tokens")) from err
         chat = self._bool(values, "chat", self.default_chat)
+        if values.get("image") is not None:
+            if self.image_request is None:
+                raise RequestError("this model serves a text-only engine; it takes no image: drop the image input, "
+                                   "or deploy an engine built with `prefixkv vision build`")
+            try:
+                ids, pixels = self.image_request(self.runner, prompt, values["image"], chat, max_tokens)
+            except (self.ImageError, self.PromptError) as err:
+                raise RequestError(str(err).replace("max_new_tokens", "max_tokens")) from err
+            return ids, config, self._bool(values, "stream", False), pixels
         try:
             ids = self.runner.encode_prompt(prompt, chat=chat, max_new_tokens=max_tokens)
         except self.PromptError as err:
@@ -128,7 +141,7 @@ class Preprocessor:
             raise RequestError(message.replace("max_new_tokens", "max_tokens")) from err
         except ValueError as err:  # e.g. chat asked of a model without a chat template
             raise RequestError(str(err)) from err
-        return ids, config, self._bool(values, "stream", False)
+        return ids, config, self._bool(values, "stream", False), None
 
     # -- fields ------------------------------------------------------------------------
     @staticmethod
@@ -234,20 +247,32 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         engine_dir = version_dir / params.get("engine_dir", "engine")
         threads = int(params["threads"]) if params.get("threads") else None
-        backend = params.get("backend", "onnxruntime")
+        backend = params.get("backend", "auto")
 
         load_runner = _import_runtime(version_dir)
         from prefixkv.engines.base import GenerationConfig, PromptError
+        from prefixkv.vision import is_vision_engine
 
-        # load_runner checks the engine folder's manifest (files, hashes, format) and
-        # refuses a folder it cannot serve, with the reason, so the model fails to load
-        self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads)
+        # the loaders check the engine folder's manifest (files, hashes, format) and
+        # refuse a folder they cannot serve, with the reason, so the model fails to load
+        image_request = image_error = None
+        if is_vision_engine(engine_dir):  # an image input: Pillow is imported only here
+            from prefixkv.vision.data import ImageError
+            from prefixkv.vision.runner import load_vision_runner
+            from prefixkv.vision.serving import image_request
+
+            self.runner = load_vision_runner(engine_dir.resolve(), backend=backend, threads=threads)
+            image_error = ImageError
+        else:
+            self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads)
         self.preprocess = Preprocessor(
             self.runner,
             GenerationConfig,
             PromptError,
             default_max_tokens=int(params.get("default_max_tokens", "64")),
             chat=params.get("chat", "false").lower() == "true",
+            image_request=image_request,
+            image_error_cls=image_error,
         )
         self.logger.log_info(
             f"prefixkv_llm: {backend} engine {engine_dir.resolve()} loaded (context {self.runner.max_context}, threads {threads or 'default'})"
@@ -262,7 +287,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            ids, config, stream = self.preprocess(request)
+            ids, config, stream, pixels = self.preprocess(request)
             streamed: list[str] = []
 
             def on_text(row: int, piece: str) -> None:
@@ -272,7 +297,11 @@ class TritonPythonModel:
                     sender.send(Postprocessor.response(piece, ()))
                     streamed.append(piece)
 
-            generation = self.runner.generate_ids([ids], config, on_text)[0]
+            if pixels is None:
+                generation = self.runner.generate_ids([ids], config, on_text)[0]
+            else:
+                with self.runner.images(pixels):
+                    generation = self.runner.generate_ids([ids], config, on_text)[0]
             rest = generation.text[len("".join(streamed)) :] if stream else generation.text
             sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
         except _Cancelled:
