@@ -70,3 +70,44 @@ def test_cli_validate_exit_codes(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(validate, "check_generation", lambda *a, **k: {"passed": False, "agree": [False], "prompts": 1,
                                                                         "max_new_tokens": 4})
     assert main(args) == 1
+
+
+def test_graph_check_of_another_backend_trims_static_width_slots(tiny):
+    """Engines of other backends (TensorRT) go through the generic Polygraphy runner over their
+    prefill; slots empty in every row at the front (a static width bound) are dropped before
+    the comparison.  Shown with the ONNX Runtime runner under another name, with two empty
+    columns added in front of every layer's cache."""
+    import numpy as np
+
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+    from prefixkv.engines.torch import TorchRunner
+    from prefixkv.engines.validate import check_graph, trim_empty_front
+    from test_export import KEEP
+
+    assert trim_empty_front(np.array([[0, 0, 1, 1], [0, 1, 1, 1]])) == 1
+    assert trim_empty_front(np.zeros((2, 3))) == 3
+    engine_dir, model, profile = tiny
+
+    class Padded:
+        name = "static-width-stand-in"
+
+        def __init__(self):
+            self.inner = OnnxRuntimeRunner(engine_dir, threads=1)
+            self.layers = self.inner.layers
+
+        def prefill(self, ids, mask):
+            logits, state = self.inner.prefill(ids, mask)
+            padded = []
+            for i, value in enumerate(state.past):
+                a = value.numpy()
+                pad = [(0, 0)] * a.ndim
+                pad[2 if i % 4 < 2 else 1] = (2, 0)
+                padded.append(np.pad(a, pad, constant_values=-1 if i % 4 == 2 else 0))
+            state.past = padded
+            return logits, state
+
+    reference = TorchRunner(model, engine_dir, profile=profile, keep_fraction=KEEP, method="prefixkv")
+    engine = Padded()
+    ids, mask = engine.inner.pad([list(range(3, 40)), list(range(5, 25))])
+    result = check_graph(engine_dir, reference, [{"input_ids": ids, "attention_mask": mask}], engine=engine)
+    assert result["passed"] and result["kept_positions_identical"]

@@ -39,71 +39,56 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def reference_runner_class():
-    """A Polygraphy runner over the PyTorch reference prefill (``PytRunner`` needs CUDA)."""
+def prefill_runner_class():
+    """A Polygraphy runner over any prefixkv ``Runner``'s prefill: the PyTorch reference
+    (``PytRunner`` needs CUDA) or an engine of another backend (the TensorRT runner, say).
+
+    Feeds input_ids/attention_mask; outputs named like the prefill graph's.  Engines with
+    static output shapes give a layer more slots than it keeps, empty at the front
+    (``plugins.reference.width_bound``); columns empty in every row are dropped so the
+    outputs compare with the reference's."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
-    class TorchReferenceRunner(BaseRunner):
-        """Feeds input_ids/attention_mask; outputs named like the prefill graph's."""
-
-        def __init__(self, reference, name="pytorch-reference"):
-            super().__init__(name=name)
-            self.reference = reference
+    class PrefillRunner(BaseRunner):
+        def __init__(self, runner, name=None):
+            super().__init__(name=name or runner.name)
+            self.runner = runner
 
         def get_input_metadata_impl(self):
             return TensorMetadata().add("input_ids", np.int64, (None, None)).add("attention_mask", np.int64, (None, None))
 
         def infer_impl(self, feed_dict):
             start = time.perf_counter()
-            logits, state = self.reference.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
-            out = OrderedDict(logits=logits)
-            for l, layer in enumerate(state.cache.layers):
-                for part, tensor in zip(CACHE_PARTS, (layer.keys, layer.values, layer.positions, layer.valid)):
-                    out[f"present.{l}.{part}"] = tensor.numpy()
-            self.inference_time = time.perf_counter() - start
-            return out
-
-    return TorchReferenceRunner
-
-
-def engine_runner_class():
-    """A Polygraphy runner over any prefixkv ``Runner``'s prefill (the TensorRT runner, say).
-
-    Engines with static output shapes give a layer more slots than it keeps, empty at the
-    front (``plugins.reference.width_bound``); columns empty in every row are dropped so
-    the outputs compare with the reference's."""
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-
-    class EngineRunner(BaseRunner):
-        def __init__(self, engine, name=None):
-            super().__init__(name=name or engine.name)
-            self.engine = engine
-
-        def get_input_metadata_impl(self):
-            return TensorMetadata().add("input_ids", np.int64, (None, None)).add("attention_mask", np.int64, (None, None))
-
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            logits, state = self.engine.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
+            logits, state = self.runner.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
             out = OrderedDict(logits=np.asarray(logits))
-            for l in range(self.engine.layers):
-                parts = [_numpy(t) for t in state.past[4 * l : 4 * l + 4]]
+            for l, parts in enumerate(_layer_caches(state)):
+                parts = [_numpy(t) for t in parts]
                 first = trim_empty_front(parts[3])
                 for part, array in zip(CACHE_PARTS, parts):
-                    out[f"present.{l}.{part}"] = array[:, :, first:] if part in ("key", "value") else array[:, first:]
+                    kept = array[:, :, first:] if part in ("key", "value") else array[:, first:]
+                    out[f"present.{l}.{part}"] = np.ascontiguousarray(kept)
             self.inference_time = time.perf_counter() - start
             return out
 
-    return EngineRunner
+    return PrefillRunner
+
+
+def _layer_caches(state) -> list[tuple]:
+    """Per layer (key, value, positions, valid) of a runner's state: the reference's
+    ``PrefixKVCache`` layers, or an engine's flat ``past`` list."""
+    if hasattr(state, "cache"):
+        return [(layer.keys, layer.values, layer.positions, layer.valid) for layer in state.cache.layers]
+    return [tuple(state.past[i : i + 4]) for i in range(0, len(state.past), 4)]
 
 
 def _numpy(tensor) -> np.ndarray:
-    """A torch tensor (any device; half precisions as float32) or array as numpy."""
+    """A torch tensor (any device; half precisions as float32), an OrtValue or an array as numpy."""
     if hasattr(tensor, "detach"):
         tensor = tensor.detach().cpu()
         return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    if not isinstance(tensor, np.ndarray) and hasattr(tensor, "numpy"):
+        return tensor.numpy()
     return np.asarray(tensor)
 
 
@@ -121,7 +106,7 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
     """Prefill graph vs reference through Polygraphy's Comparator, on ``feeds``.
 
     engine: None for ONNX Runtime (Polygraphy's own ``OnnxrtRunner`` on the prefill graph),
-    else a prefixkv ``Runner`` of another backend (wrapped by ``engine_runner_class``)."""
+    else a prefixkv ``Runner`` of another backend (wrapped by ``prefill_runner_class``)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
@@ -140,8 +125,8 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
                                        providers=resolve_providers(providers))
         under_test = OnnxrtRunner(session, name="onnxruntime")
     else:
-        under_test = engine_runner_class()(engine)
-    runners = [under_test, reference_runner_class()(reference)]
+        under_test = prefill_runner_class()(engine)
+    runners = [under_test, prefill_runner_class()(reference, name="pytorch-reference")]
     severity = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
     try:
