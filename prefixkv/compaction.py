@@ -166,8 +166,14 @@ def evict(
     keys = gather_kv(keys, source)
     values = gather_kv(values, source)
 
-    first = torch.min(torch.argmax(valid.to(torch.int64), dim=-1))  # leading columns empty in every row
-    return keys[:, :, first:], values[:, :, first:], positions[:, first:], valid[:, first:]
+    # leading columns empty in every row are dropped: a slice from a data-dependent start,
+    # written with an unbacked int so torch.export can trace it (the decode graph uses this)
+    width = valid.shape[-1]
+    first = torch.min(torch.argmax(valid.to(torch.int64), dim=-1)).item()
+    torch._check(first >= 0)
+    torch._check(first < width)
+    keep = width - first
+    return keys.narrow(2, first, keep), values.narrow(2, first, keep), positions.narrow(1, first, keep), valid.narrow(1, first, keep)
 
 
 def append_and_evict(keys, values, positions, valid, new_keys, new_values, new_positions, cap, slot):

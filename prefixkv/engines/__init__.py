@@ -51,25 +51,36 @@ def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | No
 
 def _torch_runner(engine_dir, threads=None, verify=True, model=None, **kwargs) -> Runner:
     from ..exporter.engine_folder import read_manifest
-    from ..profile import Fingerprint, RetentionProfile
 
     manifest = read_manifest(engine_dir, verify=verify)
     try:
-        import torch
-
         from .torch import TorchRunner
     except ImportError as err:
         raise ImportError(f"the torch backend needs PyTorch and transformers ({err}); pip install torch transformers") from err
+    model, _, settings = reference_settings(engine_dir, manifest, model, threads)
+    return TorchRunner(model, engine_dir, **settings, **kwargs)
+
+
+def reference_settings(engine_dir, manifest: dict, model=None, threads: int | None = None):
+    """What the PyTorch reference of an engine needs: (model, the processor or tokenizer
+    ``load_model`` gave, or None when ``model`` was given, PrefixKVCache settings: the
+    engine's profile (checked against the model), keep fraction, method and eviction)."""
+    import torch
+
+    from ..profile import Fingerprint, RetentionProfile
+
     if threads is not None:
         torch.set_num_threads(threads)
+    loaded = None
     if model is None:
         from ..models import load_model
 
-        model, _ = load_model(manifest["model"]["source"])
+        model, loaded = load_model(manifest["model"]["source"])
     profile = RetentionProfile.load(Path(engine_dir) / "profile.json")
     profile.check_model(Fingerprint.of(model.config))
-    return TorchRunner(model, engine_dir, profile=profile, keep_fraction=float(manifest["keep_fraction"]),
-                       method="prefixkv", evict_distance=int(manifest.get("evict_distance", 25)), **kwargs)
+    settings = dict(profile=profile, keep_fraction=float(manifest["keep_fraction"]), method="prefixkv",
+                    evict_distance=int(manifest.get("evict_distance", 25)))
+    return model, loaded, settings
 
 
 __all__ = ["BACKENDS", "engine_backend", "Generation", "GenerationConfig", "PromptError", "Runner", "load_runner"]

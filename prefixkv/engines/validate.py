@@ -361,6 +361,11 @@ def validate_engine(
         samples = builtin_samples(tok, "evaluation", n=quality_samples, tokens=quality_tokens, reference_tokens=quality_new_tokens)
         full = TorchRunner(model, engine_dir, keep_fraction=1.0)
         report["checks"]["quality"] = check_quality(engine, full, samples, quality_new_tokens, max_ppl_increase, min_rouge_l)
+    return finish_report(report, start, json_path, log)
+
+
+def finish_report(report: dict, start: float, json_path=None, log=_stderr) -> dict:
+    """Set ``passed`` and ``seconds``, log one line per check, write the JSON if asked."""
     report["passed"] = all(c["passed"] for c in report["checks"].values())
     report["seconds"] = round(time.perf_counter() - start, 1)
     for name, check in report["checks"].items():
@@ -373,6 +378,8 @@ def validate_engine(
 
 
 def _summary(name: str, check: dict) -> str:
+    if name == "vision":
+        return f" ({check['images']} images, max |diff| {check.get('max_abs', 0.0):.2e})"
     if name == "graph":
         m = check["max_abs"]
         return (f" (max |diff| logits {m['logits']:.2e}, keys {m['key']:.2e}, values {m['value']:.2e}; "

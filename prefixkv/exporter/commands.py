@@ -135,6 +135,11 @@ def run_build(args) -> int:
         tensorrt_options=dict(precision=args.precision, max_batch=args.max_batch, opt_seq=args.opt_seq,
                               max_seq=args.max_seq),
     )
+    return build_exit_code(result)
+
+
+def build_exit_code(result) -> int:
+    """Report a ``BuildResult`` on stderr: 0, or 1 when its validation failed."""
     print(f"engine: {result.path} ({result.seconds:.0f} s)", file=sys.stderr)
     if result.validation is not None and not result.validation["passed"]:
         print(f"error: validation failed; see {result.path / 'validation.json'}", file=sys.stderr)
@@ -144,11 +149,18 @@ def run_build(args) -> int:
 
 def run_generate(args) -> int:
     from ..engines import load_runner
-    from ..engines.base import GenerationConfig
 
     start = time.perf_counter()
     kwargs = {"providers": args.providers} if args.providers else {}
     runner = load_runner(args.engine, backend=args.backend, threads=args.threads, **kwargs)
+    return print_generation(runner, prompt_text(args), args, args.chat, start)
+
+
+def print_generation(runner, prompt: str, args, chat: bool, start: float, describe=None, **generate_kwargs) -> int:
+    """Generate with the CLI's sampling arguments: only the text on stdout (streamed with
+    ``--stream``), a one-line summary on stderr.  describe(result): extra summary text."""
+    from ..engines.base import GenerationConfig
+
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     config.validate()
@@ -158,18 +170,19 @@ def run_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    (result,) = runner.generate(_prompt_text(args), config, chat=args.chat, callback=stream if args.stream else None)
+    (result,) = runner.generate(prompt, config, chat=chat, callback=stream if args.stream else None, **generate_kwargs)
     if not args.stream:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    seconds = time.perf_counter() - loaded
-    print(f"[{runner.name}] {result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens "
-          f"({result.finish_reason}) in {seconds:.2f} s; load {loaded - start:.1f} s", file=sys.stderr)
+    extra = describe(result) if describe else ""
+    print(f"[{runner.name}] {result.prompt_tokens} prompt tokens{extra}, {len(result.token_ids)} new tokens "
+          f"({result.finish_reason}) in {time.perf_counter() - loaded:.2f} s; load {loaded - start:.1f} s", file=sys.stderr)
     return 0
 
 
-def _prompt_text(args) -> str:
+def prompt_text(args) -> str:
+    """The prompt of ``--prompt`` or ``--prompt-file`` ('-': standard input)."""
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file == "-":

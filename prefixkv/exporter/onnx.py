@@ -279,37 +279,16 @@ class DecodeGraph(nn.Module):
             keys, values, positions, valid = past[4 * l : 4 * l + 4]
             query, key, value = dec.qkv(layer, hidden, cos, sin)
             keys, values, positions, valid = compaction.append(keys, values, positions, valid, key, value, position_ids)
-            hidden = dec.finish(layer, hidden, decode_attention(query, keys, values, valid, dec.scaling))
+            hidden = dec.finish(layer, hidden, self.attend(l, query, keys, values, valid))
             cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
                                                  spec.protect_last, spec.evict_distance)
-            outputs += evict(keys, values, positions, valid, cap, slot)
+            outputs += compaction.evict(keys, values, positions, valid, cap, slot)
         logits = dec.logits(hidden[:, -1])
         return (logits, *outputs)
 
-
-def evict(keys, values, positions, valid, cap, slot):
-    """``compaction.evict`` with its final data-dependent slice made export-friendly.
-
-    Same math; the leading-columns drop is a slice from an unbacked start in [0, W].
-    """
-    over = valid.sum(-1) > cap
-    rank = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
-    hit = valid & (rank == slot.unsqueeze(-1))
-    column = torch.argmax(hit.to(torch.int64), dim=-1)
-    cols = torch.arange(valid.shape[-1], device=valid.device).unsqueeze(0)
-    shift = over.unsqueeze(-1) & (cols <= column.unsqueeze(-1))
-    source = torch.clamp(cols - shift.to(torch.int64), min=0)
-    empty_front = shift & (cols == 0)
-    valid = torch.gather(valid, -1, source) & ~empty_front
-    positions = torch.where(valid, torch.gather(positions, -1, source), torch.full_like(positions, -1))
-    keys = compaction.gather_kv(keys, source)
-    values = compaction.gather_kv(values, source)
-    width = valid.shape[-1]
-    first = torch.min(torch.argmax(valid.to(torch.int64), dim=-1)).item()
-    torch._check(first >= 0)
-    torch._check(first < width)
-    keep = width - first
-    return [keys.narrow(2, first, keep), values.narrow(2, first, keep), positions.narrow(1, first, keep), valid.narrow(1, first, keep)]
+    def attend(self, layer: int, query, keys, values, valid):
+        """query (B, H, 1, D) over the appended cache -> (B, 1, H, D); a subclass may fuse it."""
+        return decode_attention(query, keys, values, valid, self.decoder.scaling)
 
 
 # -- export -----------------------------------------------------------------------------------

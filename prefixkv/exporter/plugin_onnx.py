@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import compaction
 from ..plugins.trt import DECODE, NAMESPACE, PREFILL, SELECT, VERSION, symbolic_width
-from .onnx import OPSET, DecodeGraph, Decoder, ExportError, GraphSpec, evict, export_graph
+from .onnx import OPSET, DecodeGraph, Decoder, ExportError, GraphSpec, export_graph
 
 PLUGIN_SCORERS = ("accumulated",)
 PREFILL_BLOCK = 64  # block_m = block_n of the prefill kernel on a GPU
@@ -99,33 +98,20 @@ class PluginPrefillGraph(nn.Module):
 
 
 class PluginDecodeGraph(DecodeGraph):
-    """``DecodeGraph`` with the attention of each layer as a PrefixKVDecode plugin node."""
+    """``DecodeGraph`` with the attention of each layer as a PrefixKVDecode plugin node
+    (appending and the decode-phase eviction stay plain ONNX ops)."""
 
     def __init__(self, model, spec: GraphSpec):
         check_plugin_spec(spec)
         super().__init__(model, spec)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, prompt_lengths: torch.Tensor, *past: torch.Tensor):
-        spec, dec = self.spec, self.decoder
-        hidden = dec.embed_tokens(input_ids)
-        cos, sin = dec.rope(hidden, position_ids)
-        seen = position_ids[:, 0] + 1
-        b, q = input_ids.shape
-        outputs = []
-        for l, layer in enumerate(dec.layers):
-            keys, values, positions, valid = past[4 * l : 4 * l + 4]
-            query, key, value = dec.qkv(layer, hidden, cos, sin)
-            keys, values, positions, valid = compaction.append(keys, values, positions, valid, key, value, position_ids)
-            out = torch.onnx.ops.symbolic(
-                f"{NAMESPACE}::{DECODE}", [query, keys, values, valid.to(torch.int32)],
-                _attrs(scaling=float(dec.scaling)), dtype=query.dtype, shape=(b, q, dec.heads, dec.head_dim),
-                version=1, metadata_props=_layer(l),
-            )
-            hidden = dec.finish(layer, hidden, out)
-            cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
-                                                 spec.protect_last, spec.evict_distance)
-            outputs += evict(keys, values, positions, valid, cap, slot)
-        return (dec.logits(hidden[:, -1]), *outputs)
+    def attend(self, layer: int, query, keys, values, valid):
+        b, heads, q, d = query.shape
+        return torch.onnx.ops.symbolic(
+            f"{NAMESPACE}::{DECODE}", [query, keys, values, valid.to(torch.int32)],
+            _attrs(scaling=float(self.decoder.scaling)), dtype=query.dtype, shape=(b, q, heads, d),
+            version=1, metadata_props=_layer(layer),
+        )
 
 
 def export_plugin_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None) -> Path:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..exporter.commands import build_exit_code
 from ..search import DEFAULT_BLEND
 
 
@@ -222,43 +223,21 @@ def run_build(args) -> int:
         validate_options={"samples": validate_samples, "n_prompts": args.validate_prompts,
                           "max_new_tokens": args.validate_new_tokens, "chat": _chat(args)},
         evict_distance=args.evict_distance, max_context=args.max_context, model=model, processor=processor)
-    print(f"engine: {result.path} ({result.seconds:.0f} s)", file=sys.stderr)
-    if result.validation is not None and not result.validation["passed"]:
-        print(f"error: validation failed; see {result.path / 'validation.json'}", file=sys.stderr)
-        return 1
-    return 0
+    return build_exit_code(result)
 
 
 def run_generate(args) -> int:
     """Also the target of the text ``prefixkv generate`` when given ``--image`` or a vision engine."""
-    from ..engines.base import GenerationConfig
+    from ..exporter.commands import print_generation, prompt_text
+    from .data import load_image
     from .runner import load_vision_runner
 
     start = time.perf_counter()
-    images = list(getattr(args, "image", None) or [])
-    from .data import load_image
-
-    pictures = [load_image(path) for path in images]  # missing / unreadable images fail before loading the engine
+    pictures = [load_image(path) for path in getattr(args, "image", None) or []]  # fail before loading the engine
     runner = load_vision_runner(args.engine, backend=args.backend, threads=args.threads, providers=args.providers)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    config.validate()
-    loaded = time.perf_counter()
-
-    def stream(row: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    (result,) = runner.generate(args.prompt, config, chat=_chat(args), callback=stream if args.stream else None,
-                                images=[pictures])
-    if not args.stream:
-        sys.stdout.write(result.text)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    print(f"[{runner.name}] {result.prompt_tokens} prompt tokens ({len(pictures)} image(s) of "
-          f"{runner.vision['tokens_per_image']} tokens), {len(result.token_ids)} new tokens ({result.finish_reason}) in "
-          f"{time.perf_counter() - loaded:.2f} s; load {loaded - start:.1f} s", file=sys.stderr)
-    return 0
+    prompt = prompt_text(args) if hasattr(args, "prompt_file") else args.prompt
+    return print_generation(runner, prompt, args, _chat(args), start, images=[pictures],
+                            describe=lambda r: f" ({len(pictures)} image(s) of {runner.vision['tokens_per_image']} tokens)")
 
 
 def run_validate(args) -> int:

@@ -207,22 +207,11 @@ def load_vision_runner(engine_dir: str | Path, backend: str = "onnxruntime", thr
     if not manifest.get("vision"):
         raise ImageError(f"{engine_dir} is a text-only engine (built from {manifest['model']['source']}); it takes no image: "
                          "drop the image, or build a vision engine from a LLaVA model with `prefixkv vision build`")
-    import torch
-
-    from ..profile import Fingerprint, RetentionProfile
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if model is None:
-        from ..models import load_model
-
-        model, processor = load_model(manifest["model"]["source"])
-    profile = RetentionProfile.load(Path(engine_dir) / "profile.json")
-    profile.check_model(Fingerprint.of(model.config))
+    from ..engines import reference_settings
     from .torch_runner import TorchVisionRunner
 
-    return TorchVisionRunner(model, engine_dir, profile=profile, keep_fraction=float(manifest["keep_fraction"]),
-                             method="prefixkv", evict_distance=int(manifest.get("evict_distance", 25)), processor=processor)
+    model, loaded, settings = reference_settings(engine_dir, manifest, model, threads)
+    return TorchVisionRunner(model, engine_dir, **settings, processor=processor if loaded is None else loaded)
 
 
 __all__ = ["IMAGE_PLACEHOLDER", "ImageInputs", "VisionOnnxRuntimeRunner", "load_vision_runner"]

@@ -14,14 +14,13 @@ report passes when all do:
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..engines.validate import CACHE_ATOL, LOGITS_ATOL, RTOL, check_generation
+from ..engines.validate import CACHE_ATOL, LOGITS_ATOL, RTOL, check_generation, finish_report
 
 CHECKS = ("vision", "graph", "generation")
 DEFAULT_PROMPTS = (
@@ -177,24 +176,4 @@ def validate_vision_engine(
         log(f"validation: generation level ({len(encoded)} prompts, {max_new_tokens} greedy tokens in lockstep)")
         with engine.images(all_pixels), reference.images(all_pixels):
             report["checks"]["generation"] = check_generation(engine, reference, [ids for ids, _ in encoded], max_new_tokens)
-    report["passed"] = all(c["passed"] for c in report["checks"].values())
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    for name, check in report["checks"].items():
-        log(f"  {name}: {'pass' if check['passed'] else 'FAIL'}{_summary(name, check)}")
-    if json_path:
-        from ..profile import atomic_write_text
-
-        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def _summary(name: str, check: dict) -> str:
-    if name == "vision":
-        return f" ({check['images']} images, max |diff| {check.get('max_abs', 0.0):.2e})"
-    if name == "graph":
-        m = check["max_abs"]
-        return (f" (max |diff| logits {m['logits']:.2e}, keys {m['key']:.2e}, values {m['value']:.2e}; "
-                f"kept positions {'identical' if check['kept_positions_identical'] else 'DIFFER'})")
-    if name == "generation":
-        return f" ({sum(check['agree'])}/{check['prompts']} prompts agree on {check['max_new_tokens']} greedy tokens)"
-    return ""
+    return finish_report(report, start, json_path, log)
