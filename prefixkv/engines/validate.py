@@ -310,8 +310,7 @@ def validate_engine(
     backend: the runner under test: "auto" (the engine's own), "onnxruntime" or "tensorrt".
     """
     from ..data import builtin_samples
-    from ..profile import RetentionProfile
-    from . import load_runner
+    from . import load_runner, reference_settings
     from .torch import TorchRunner
 
     start = time.perf_counter()
@@ -324,17 +323,10 @@ def validate_engine(
         raise ValueError("validate checks an engine against the PyTorch reference; choose --backend auto, onnxruntime or tensorrt")
     engine = load_runner(engine_dir, backend=backend, providers=providers, threads=threads, verify=False)
     if model is None:
-        from ..models import load_model
-
         log(f"loading the reference model {manifest['model']['source']}")
-        model, _ = load_model(manifest["model"]["source"])
-    profile = RetentionProfile.load(engine_dir / "profile.json")
-    from ..profile import Fingerprint
-
-    profile.check_model(Fingerprint.of(model.config))
-    keep = float(manifest["keep_fraction"])
-    reference = TorchRunner(model, engine_dir, profile=profile, keep_fraction=keep, method="prefixkv",
-                            evict_distance=int(manifest.get("evict_distance", 25)))
+    model, _, settings = reference_settings(engine_dir, manifest, model)
+    keep = settings["keep_fraction"]
+    reference = TorchRunner(model, engine_dir, **settings)
     tok = engine.tokenizer
     if prompts is None:
         prompts = [s["prompt"] for s in builtin_samples(tok, "evaluation", n=n_prompts, tokens=prompt_tokens, reference_tokens=0)]

@@ -11,24 +11,15 @@ Data files: LLaVA conversation JSON / JSONL, or the project's JSONL with an ``im
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from ..exporter.commands import build_exit_code
+from ..exporter.commands import _positive, build_exit_code
 from ..search import DEFAULT_BLEND
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _data_arguments(p, required: bool = True) -> None:

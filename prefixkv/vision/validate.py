@@ -110,7 +110,7 @@ def validate_vision_engine(
     engine was built from (loaded from the manifest's source if None).
     """
     from ..exporter.engine_folder import read_manifest
-    from ..profile import Fingerprint, RetentionProfile
+    from ..engines import reference_settings
     from .runner import VisionOnnxRuntimeRunner
     from .torch_runner import TorchVisionRunner
 
@@ -122,15 +122,11 @@ def validate_vision_engine(
     manifest = read_manifest(engine_dir, verify=True)
     engine = VisionOnnxRuntimeRunner(engine_dir, providers=providers, threads=threads, verify=False)
     if model is None:
-        from ..models import load_model
-
         log(f"loading the reference model {manifest['model']['source']}")
-        model, processor = load_model(manifest["model"]["source"])
-    profile = RetentionProfile.load(engine_dir / "profile.json")
-    profile.check_model(Fingerprint.of(model.config))
-    keep = float(manifest["keep_fraction"])
-    reference = TorchVisionRunner(model, engine_dir, profile=profile, keep_fraction=keep, method="prefixkv",
-                                  evict_distance=int(manifest.get("evict_distance", 25)))
+    model, loaded, settings = reference_settings(engine_dir, manifest, model)
+    processor = loaded if loaded is not None else processor
+    keep = settings["keep_fraction"]
+    reference = TorchVisionRunner(model, engine_dir, **settings)
     samples = list(samples) if samples else default_samples(n_prompts)
     encoded = [_encode(engine, s, chat, max_new_tokens) for s in samples]
     report = {"engine": str(engine_dir), "keep_fraction": keep, "providers": engine.providers,
