@@ -4,7 +4,7 @@
 
 For every keep fraction and context length, in the same run: prefill ms (the keep 1.0
 engine's prefill has no scoring, no TopK: "without scoring"; the others score and
-compact), decode ms/token (median over ``--steps`` greedy steps after ``--warmup``), and
+compact), decode ms/token (median and mean over ``--steps`` greedy steps after ``--warmup``), and
 the KV bytes held per layer and in total after the prefill.  The same decode through the
 PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
 model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _floats(text: str) -> list[float]:
@@ -46,9 +48,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="retention profile holding the keep fractions below 1 (default: calibrate once, cached)")
     p.add_argument("--keep", type=_floats, default=[1.0, 0.5, 0.2], help="keep fractions (1.0 = full cache)")
     p.add_argument("--contexts", type=_ints, default=[512, 2048, 4096], help="prompt lengths in tokens")
-    p.add_argument("--steps", type=int, default=16, help="timed decode steps per point")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per point (64: the mean includes one "
+                   "compaction of each ONNX Runtime cache buffer)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first")
     p.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and PyTorch")
+    p.add_argument("--batch", type=int, default=1,
+                   help="rows decoded at once by the ONNX Runtime engines (> 1: the PyTorch reference and "
+                        "onnxruntime-genai are skipped)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--engines", help="comma-separated engine folders to use for their keep fractions (the others are built)")
     p.add_argument("--engines-dir", help="where built engines are cached (default: CACHE/bench-engines)")
@@ -122,12 +128,17 @@ def given_engines(text: str | None, keeps) -> dict[float, Path]:
 
 
 # -- timing --------------------------------------------------------------------------------------
-def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int) -> dict:
-    """Prefill once, then ``warmup`` + ``steps`` greedy decode steps; times in ms."""
+def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int, batch: int = 1) -> dict:
+    """Prefill once, then ``warmup`` + ``steps`` greedy decode steps; times in ms.
+
+    batch > 1 (ONNX Runtime engines): the prefill's cache is copied into ``batch`` identical
+    rows and the decode steps run on all of them (the prefill time is that of one row)."""
     ids, mask = runner.pad([prompt_ids])
     start = time.perf_counter()
     logits, state = runner.prefill(ids, mask)
     prefill_ms = (time.perf_counter() - start) * 1e3
+    if batch > 1:
+        logits, state = np.repeat(logits, batch, 0), repeat_rows(state, batch)
     kv = kv_layout(runner, state)
     times = []
     for step in range(warmup + steps):
@@ -137,7 +148,17 @@ def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int) -> dict:
         if step >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(times),
-            "decode_ms_min": min(times), **kv}
+            "decode_ms_mean": statistics.fmean(times), "decode_ms_min": min(times), **kv}
+
+
+def repeat_rows(state, batch: int):
+    """An ``OnnxRuntimeState`` of one row as ``batch`` identical rows (CPU)."""
+    from onnxruntime import OrtValue
+
+    from .engines.onnxruntime import OnnxRuntimeState
+
+    past = [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(v.numpy(), batch, 0))) for v in state.past]
+    return OnnxRuntimeState(past, np.repeat(state.positions, batch), np.repeat(state.prompt_lengths, batch))
 
 
 def kv_layout(runner, state) -> dict:
@@ -186,7 +207,7 @@ def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], st
         generator.generate_next_token()
         if step >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(times)}
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(times), "decode_ms_mean": statistics.fmean(times)}
 
 
 def prompt_tokens(tokenizer, length: int) -> list[int]:
@@ -199,9 +220,24 @@ def prompt_tokens(tokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
+def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
+    """onnxruntime-genai's full-cache decode at every context, or why it was not measured."""
+    from .models import model_folder
+
+    try:
+        return {str(c): genai_full_cache(model_folder(model), folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log)
+                for c in args.contexts}
+    except ImportError:
+        return {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
+    except Exception as err:  # an optional comparison: report, never fail the benchmark
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+
+
 # -- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.batch < 1:
+        parser().error(f"--batch must be at least 1, got {args.batch}")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -210,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .engines.onnxruntime import OnnxRuntimeRunner
     from .engines.torch import TorchRunner
-    from .models import cache_dir, load_model, model_folder
+    from .models import cache_dir, load_model
     from .profile import Fingerprint, RetentionProfile
 
     if args.threads:
@@ -231,18 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         profile = family_profile(model, tokenizer, missing, args.profile, folder, log)
         engines.update(engine_family(model, tokenizer, args.model, missing, profile, folder, log))
 
-    results = {"model": args.model, "keep_fractions": keeps, "contexts": args.contexts, "steps": args.steps,
+    results = {"model": args.model, "keep_fractions": keeps, "contexts": args.contexts, "steps": args.steps, "batch": args.batch,
                "threads": args.threads or torch.get_num_threads(), "engines": {f"{k:g}": str(p) for k, p in engines.items()},
                "onnxruntime": {}, "torch": {}, "genai": None}
     for keep in keeps:
         runner = OnnxRuntimeRunner(engines[keep], threads=args.threads, verify=False)
         profile = RetentionProfile.load(engines[keep] / "profile.json", Fingerprint.of(model.config))
-        reference = None if args.no_torch else (
+        reference = None if args.no_torch or args.batch > 1 else (
             TorchRunner(model, engines[keep], keep_fraction=1.0) if keep >= 1 else
             TorchRunner(model, engines[keep], profile=profile, keep_fraction=keep, method="prefixkv"))
         for context in args.contexts:
             ids = prompt_tokens(tokenizer, context)
-            point = time_runner(runner, ids, args.steps, args.warmup)
+            point = time_runner(runner, ids, args.steps, args.warmup, args.batch)
             results["onnxruntime"].setdefault(f"{keep:g}", {})[str(context)] = point
             line = f"keep {keep:g} context {context}: onnxruntime prefill {point['prefill_ms']:.0f} ms, decode {point['decode_ms_per_token']:.2f} ms/token, KV {point['kv_bytes'] / 2**20:.1f} MiB"
             if reference is not None:
@@ -252,14 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; torch prefill {ref['prefill_ms']:.0f} ms, decode {ref['decode_ms_per_token']:.2f} ms/token"
             log(line)
         del runner
-    try:
-        folder_of_model = model_folder(model)
-        results["genai"] = {str(c): genai_full_cache(folder_of_model, folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log)
-                            for c in args.contexts}
-    except ImportError:
-        results["genai"] = {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
-    except Exception as err:  # an optional comparison: report, never fail the benchmark
-        results["genai"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+    results["genai"] = genai_points(model, folder, tokenizer, args, log) if args.batch == 1 else {"skipped": "batch 1 only"}
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

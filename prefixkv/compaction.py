@@ -152,9 +152,7 @@ def evict(
     leaves an empty slot at the front; leading columns empty in every row are dropped.
     Returns the four tensors with W' <= W slots.
     """
-    over = valid.sum(-1) > cap  # (batch,)
-    rank = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
-    hit = valid & (rank == slot.unsqueeze(-1))
+    over, hit = _evicted(valid, cap, slot)
     column = torch.argmax(hit.to(torch.int64), dim=-1)  # column of the evicted entry
     cols = torch.arange(valid.shape[-1], device=valid.device).unsqueeze(0)
     shift = over.unsqueeze(-1) & (cols <= column.unsqueeze(-1))
@@ -174,6 +172,27 @@ def evict(
     torch._check(first < width)
     keep = width - first
     return keys.narrow(2, first, keep), values.narrow(2, first, keep), positions.narrow(1, first, keep), valid.narrow(1, first, keep)
+
+
+def _evicted(valid: torch.Tensor, cap: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(over (batch,), hit (batch, W)): rows holding more than ``cap`` valid entries, and the
+    column of each row's valid entry of rank ``slot`` (the one ``evict`` removes when over)."""
+    over = valid.sum(-1) > cap
+    rank = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
+    return over, valid & (rank == slot.unsqueeze(-1))
+
+
+def evict_in_place(positions: torch.Tensor, valid: torch.Tensor, cap: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``evict`` for a cache whose slots never move: the evicted entry's slot is marked empty
+    (position -1, not valid) instead of shifting the entries before it.
+
+    positions/valid (batch, W) in original order with empty slots anywhere; cap, slot (batch,).
+    Keeps the same entries as ``evict``; the K/V tensors are not touched (the decode graph's
+    fixed-capacity buffers), so a step costs no copy of the cache.
+    """
+    over, hit = _evicted(valid, cap, slot)
+    valid = valid & ~(hit & over.unsqueeze(-1))
+    return torch.where(valid, positions, torch.full_like(positions, -1)), valid
 
 
 def append_and_evict(keys, values, positions, valid, new_keys, new_values, new_positions, cap, slot):

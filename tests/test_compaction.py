@@ -69,3 +69,33 @@ def test_evict_in_a_batch_leaves_empty_slot_only_in_the_evicting_row():
     k, v, pos, val = C.evict(k, v, pos, val, torch.tensor([3, 3]), torch.tensor([1, 1]))
     assert pos.tolist() == [[0, 2, 3], [10, 12, 13]]
     assert k[0, 0, :, 0].tolist() == [0.0, 2.0, 3.0] and k[1, 0, :, 0].tolist() == [4.0, 6.0, 7.0]
+
+
+def test_evict_in_place_marks_the_slot_the_shifting_evict_removes():
+    # hand-computed: rank 1 of row 0 (position 1) goes; row 1 is within its cap of 4
+    positions = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    pos, val = C.evict_in_place(positions, positions >= 0, torch.tensor([3, 4]), torch.tensor([1, 1]))
+    assert pos.tolist() == [[0, -1, 2, 3], [10, 11, 12, 13]]
+    # the next eviction of row 0 skips the empty slot: rank 1 is now position 2
+    pos, val = C.evict_in_place(pos, val, torch.tensor([2, 4]), torch.tensor([1, 1]))
+    assert pos.tolist() == [[0, -1, -1, 3], [10, 11, 12, 13]]
+
+
+def test_evict_in_place_keeps_what_evict_keeps_over_many_steps():
+    """Both forms of the decode-phase rule, fed the same appends, hold the same entries."""
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[-1, -1, 0, 3, 5, 7], [0, 1, 2, 4, 6, 8]])
+    valid = positions >= 0
+    keys = torch.randn(2, 1, 6, 2, generator=g)
+    moved = (keys, keys.clone(), positions, valid)
+    fixed = (positions, valid)
+    for step in range(12):
+        new_pos = torch.tensor([[9 + step], [9 + step]])
+        new_key = torch.randn(2, 1, 1, 2, generator=g)
+        cap = torch.tensor([5, 6]) + step // 4
+        slot = torch.tensor([2, 3])
+        moved = C.evict(*C.append(*moved, new_key, new_key, new_pos), cap, slot)
+        appended = (torch.cat([fixed[0], new_pos], -1), torch.cat([fixed[1], torch.ones(2, 1, dtype=torch.bool)], -1))
+        fixed = C.evict_in_place(*appended, cap, slot)
+        for row in range(2):
+            assert moved[2][row][moved[3][row]].tolist() == fixed[0][row][fixed[1][row]].tolist(), (step, row)

@@ -137,20 +137,30 @@ def test_decode_graph_has_independent_per_layer_lengths(tiny):
     graph = onnx.load(str(engine_dir / "decode.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["position_ids"] == ["batch", 1]
-    assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"past_length_{l}" for l in range(LAYERS)]
-    assert dims["past.1.valid"] == ["batch", "past_length_1"]
+    # K/V are fixed-capacity buffers; positions/valid mark the slots in use, per layer
+    assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"cache_capacity_{l}" for l in range(LAYERS)]
+    assert [dims[f"past.{l}.valid"] for l in range(LAYERS)] == [["batch", f"past_length_{l}"] for l in range(LAYERS)]
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
-    assert outputs["present.2.key"] == ["batch", 2, "present_length_2", 16]
+    assert outputs["present.2.key"] == ["batch", 2, "cache_capacity_2", 16]
+    assert outputs["present.2.positions"] == ["batch", "present_length_2"]
+    # one fused attention per layer, writing straight into the graph's present buffers
+    fused = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    assert [list(n.output[1:]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
+    assert [list(n.input[3:5]) for n in fused] == [[f"past.{l}.key", f"past.{l}.value"] for l in range(LAYERS)]
     ops = {n.op_type for n in onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False).graph.node}
     assert {"TopK", "GatherElements", "Softmax"} <= ops
 
 
-def test_decode_budget_matches_reference_step_by_step(runners):
-    """Padded batch, 40 steps fed the same tokens: kept positions equal in every layer at every
-    step, and the returned cache is always within the decode budget."""
+@pytest.mark.parametrize("slack", [64, 3])
+def test_decode_budget_matches_reference_step_by_step(tiny, runners, slack):
+    """Padded batch, 40 steps fed the same tokens: kept positions and their keys and values
+    equal in every layer at every step, and the returned cache is always within the decode
+    budget.  Slack 3: the runner compacts full buffers every few steps."""
     from prefixkv.compaction import decode_budget
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
-    engine, reference = runners
+    reference = runners[1]
+    engine = OnnxRuntimeRunner(tiny[0], threads=1, cache_slack=slack)
     ids, mask = _batch(engine, [50, 23], seed=1)
     logits, state = engine.prefill(ids, mask)
     ref_logits, ref_state = reference.prefill(ids, mask)
@@ -161,6 +171,10 @@ def test_decode_budget_matches_reference_step_by_step(runners):
         for l, (a, b) in enumerate(zip(engine.kept_positions(state), reference.kept_positions(ref_state))):
             assert a.shape == b.shape, (step, l)
             np.testing.assert_array_equal(a, b)
+            got, want = engine.cache(state, l), ref_state.cache.layers[l]
+            held = want.valid.numpy()[:, None, :, None]
+            np.testing.assert_allclose(got["key"] * held, want.keys.numpy() * held, atol=1e-5)
+            np.testing.assert_allclose(got["value"] * held, want.values.numpy() * held, atol=1e-5)
         lengths = torch.tensor(engine.layer_lengths(state))
         seen = prompt_lengths + step
         for l, f in enumerate(FRACTIONS):
@@ -172,6 +186,23 @@ def test_decode_budget_matches_reference_step_by_step(runners):
         ref_logits, ref_state = reference.decode(ref_state, tokens)
         evictions += int((engine.layer_lengths(state) <= before).sum())
     assert evictions > 0  # the rule did evict
+
+
+def test_decode_writes_into_the_cache_buffers_in_place(runners):
+    """The first decode step gives each layer a buffer with free slots; later steps write into
+    that same memory (no copy of the cache) until it is full."""
+    engine, _ = runners
+    ids, mask = _batch(engine, [30])
+    logits, state = engine.prefill(ids, mask)
+    assert [state.past[4 * l].shape()[2] for l in range(LAYERS)] == [state.past[4 * l + 2].shape()[1] for l in range(LAYERS)]
+    logits, state = engine.decode(state, logits.argmax(-1))
+    buffers = [state.past[4 * l + i].data_ptr() for l in range(LAYERS) for i in (0, 1)]
+    capacity = [state.past[4 * l].shape()[2] for l in range(LAYERS)]
+    assert capacity == [state.past[4 * l + 2].shape()[1] + engine.cache_slack - 1 for l in range(LAYERS)]
+    for _ in range(5):
+        logits, state = engine.decode(state, logits.argmax(-1))
+    assert [state.past[4 * l + i].data_ptr() for l in range(LAYERS) for i in (0, 1)] == buffers
+    assert [state.past[4 * l].shape()[2] for l in range(LAYERS)] == capacity
 
 
 def test_batch_with_padding_equals_batch_one_per_row(runners):

@@ -107,3 +107,13 @@ def test_cli_generate_reads_the_prompt_from_a_file(tiny, capsys, tmp_path):
     prompt.write_bytes(b"\xff\xfe bad")
     assert main(["generate", engine_dir, "--prompt-file", str(prompt)]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_compact_slots_right_aligns_each_rows_entries():
+    from prefixkv.engines.onnxruntime import compact_slots
+
+    positions = np.array([[-1, 0, -1, 4, 7], [1, 2, 3, -1, 9]])
+    index, pos, valid = compact_slots(positions, positions >= 0)
+    assert pos.tolist() == [[-1, 0, 4, 7], [1, 2, 3, 9]]
+    assert valid.tolist() == [[False, True, True, True], [True] * 4]
+    assert index.tolist() == [[0, 1, 3, 4], [0, 1, 2, 4]]

@@ -6,8 +6,17 @@
 
 The per-layer caches stay ``OrtValue``s between steps: decode binds the previous step's
 outputs as its inputs through IOBinding, so caches never round-trip through numpy (nor
-leave the GPU).  Only the logits are copied out.  Imports numpy, onnxruntime and the
-engine-folder check only (this module runs inside Triton's Python backend).
+leave the GPU).  Only the logits are copied out.
+
+Each layer's keys and values live in a buffer with room for ``cache_slack`` more entries
+(see ``prefixkv.exporter.onnx.BufferDecodeGraph``): a decode step binds the buffer as both
+its past and its present, and the fused attention writes the new entry into it in place,
+while the decode-phase rule marks evicted slots empty.  When a layer's buffer is full the
+runner compacts it (drops the empty slots, adds ``cache_slack`` free ones: one copy every
+``cache_slack`` steps at most); the prefill's compact caches get their first buffers at the
+first decode step.  A decode step therefore consumes the state it is given: its buffers
+are the new state's.  Imports numpy, onnxruntime and the engine-folder check only, onnx
+for the compaction graph (this module runs inside Triton's Python backend).
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.engine_folder import EngineError, read_manifest
+from ..exporter.engine_folder import CACHE_LAYOUT_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
 from .base import Runner
 
@@ -71,10 +80,16 @@ def resolve_providers(requested=None) -> list[str]:
     return chosen
 
 
+CACHE_SLACK = 64  # free slots a layer's buffer gets when it is (re)allocated
+
+
 @dataclass
 class OnnxRuntimeState:
     """past: per layer (key, value, positions, valid) OrtValues, flat; positions: (B,) next
-    original position per row; prompt_lengths: (B,) real prompt lengths."""
+    original position per row; prompt_lengths: (B,) real prompt lengths.
+
+    key/value are (B, Hkv, C, D) buffers whose first W slots are in use, W the width of
+    positions/valid (B, W); after prefill C == W (compact caches, no free slot)."""
 
     past: list
     positions: np.ndarray
@@ -105,7 +120,8 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True):
+    def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True,
+                 cache_slack: int = CACHE_SLACK):
         ort = _import_ort()
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir, verify=verify)
@@ -117,12 +133,23 @@ class OnnxRuntimeRunner(Runner):
         self.providers = resolve_providers(providers)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        if int(cache_slack) < 1:
+            raise ValueError(f"cache_slack must be at least 1 free slot, got {cache_slack}")
+        self.cache_slack = int(cache_slack)
         options = session_options(ort, threads)
         self.sessions = {}
         for graph in ("prefill", "decode"):
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]
             self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
             self._check_io(graph)
+        layout = self.sessions["decode"].get_modelmeta().custom_metadata_map.get(CACHE_LAYOUT_KEY, "compact")
+        if layout != "buffer":
+            raise EngineError(
+                f"{self.engine_dir}: its decode graph appends to compact caches (an engine from an older prefixkv); "
+                "rebuild it with `prefixkv build --force`"
+            )
+        self._compactor = ort.InferenceSession(
+            _compaction_graph(self.manifest.get("dtype", "float32")), options, providers=self.providers)
         self.layers = int(self.manifest["layers"])
         self.tokenizer = Tokenizer(self.engine_dir)
         self.max_context = int(self.manifest["max_context"])
@@ -151,8 +178,14 @@ class OnnxRuntimeRunner(Runner):
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name, value in zip(self._past_names, past):
             binding.bind_ortvalue_input(name, value)
+        in_place = {}
+        if past:  # decode: present key/value are the past buffers, written in place
+            in_place = {f"present.{l}.{part}": past[4 * l + i] for l in range(self.layers) for i, part in enumerate(("key", "value"))}
         for name in self._outputs[graph]:
-            binding.bind_output(name, self.device)
+            if name in in_place:
+                binding.bind_ortvalue_output(name, in_place[name])
+            else:
+                binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -170,28 +203,101 @@ class OnnxRuntimeRunner(Runner):
     def decode(self, state: OnnxRuntimeState, token_ids):
         """token_ids (B,) int64 -> (logits (B, V) float32, state); the state's caches are replaced."""
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
+        past = list(state.past)
+        for l in range(self.layers):
+            if past[4 * l].shape()[2] <= past[4 * l + 2].shape()[1]:  # no free slot: compact, add slack
+                past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
         inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
-        outputs = self._run("decode", inputs, state.past)
+        outputs = self._run("decode", inputs, past)
         new_state = OnnxRuntimeState(list(outputs[1:]), state.positions + 1, state.prompt_lengths)
         return outputs[0].numpy(), new_state
 
+    def _compact(self, key, value, positions, valid) -> list:
+        """One layer's cache with its empty slots dropped (entries right-aligned in original
+        order, like the prefill's) in new buffers with ``cache_slack`` free slots."""
+        index, positions, valid = compact_slots(positions.numpy(), valid.numpy())
+        b, h, capacity, d = key.shape()
+        binding = self._compactor.io_binding()
+        binding.bind_ortvalue_input("key", key)
+        binding.bind_ortvalue_input("value", value)
+        binding.bind_cpu_input("index", index[:, None, :, None])
+        binding.bind_cpu_input("shape", np.array([b, h, index.shape[1], d], dtype=np.int64))
+        binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, self.cache_slack, 0], dtype=np.int64))
+        binding.bind_output("key_out", self.device)
+        binding.bind_output("value_out", self.device)
+        self._compactor.run_with_iobinding(binding)
+        ort = self._ort
+        return [*binding.get_outputs(), ort.OrtValue.ortvalue_from_numpy(positions, self.device),
+                ort.OrtValue.ortvalue_from_numpy(valid, self.device)]
+
     # -- inspection ---------------------------------------------------------------------------
     def kept_positions(self, state: OnnxRuntimeState) -> list[np.ndarray]:
-        """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot)."""
-        return [state.past[4 * l + 2].numpy() for l in range(self.layers)]
+        """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot),
+        right-aligned in original order (the layout of the reference cache)."""
+        return [self.cache(state, l, kv=False)["positions"] for l in range(self.layers)]
 
-    def cache(self, state: OnnxRuntimeState, layer: int) -> dict[str, np.ndarray]:
-        """One layer's cache as numpy: key, value (B, Hkv, W, D), positions, valid (B, W)."""
-        return {part: state.past[4 * layer + i].numpy() for i, part in enumerate(("key", "value", "positions", "valid"))}
+    def cache(self, state: OnnxRuntimeState, layer: int, kv: bool = True) -> dict[str, np.ndarray]:
+        """One layer's entries as numpy, empty slots dropped: key, value (B, Hkv, W, D) (unless
+        ``kv`` is False), positions, valid (B, W); W = the most entries any row holds."""
+        key, value, positions, valid = state.past[4 * layer : 4 * layer + 4]
+        slots = valid.numpy()
+        index, positions, valid = compact_slots(positions.numpy(), slots)
+        out = {"positions": positions, "valid": valid}
+        if kv:
+            same = np.array_equal(valid, slots)  # already compact (after prefill): the slots as they are
+            for part, buffer in (("key", key), ("value", value)):
+                array = buffer.numpy()
+                out[part] = array[:, :, : valid.shape[1]] if same else np.take_along_axis(array, index[:, None, :, None], axis=2)
+        return out
 
     def layer_lengths(self, state: OnnxRuntimeState) -> np.ndarray:
         """(layers, B) entries held per layer and row."""
         return np.stack([state.past[4 * l + 3].numpy().sum(-1) for l in range(self.layers)])
 
     def kv_bytes(self, state: OnnxRuntimeState) -> int:
-        """Bytes of key and value storage held (all slots, all layers)."""
+        """Bytes of key and value storage allocated (every slot of every layer's buffers,
+        the free ones included)."""
         total = 0
         for l in range(self.layers):
             key = state.past[4 * l]
             total += 2 * int(np.prod(key.shape())) * np.dtype(self.manifest.get("dtype", "float32")).itemsize
         return total
+
+
+def compact_slots(positions: np.ndarray, valid: np.ndarray):
+    """Where a layer's entries go when its empty slots are dropped.
+
+    positions/valid (B, W) with empty slots anywhere -> index (B, W') int64 into W (the slot
+    each new slot copies; 0 for empty ones), positions and valid (B, W'): each row's entries
+    right-aligned in original order, empty slots in front, W' = the most entries a row holds."""
+    valid = np.asarray(valid, dtype=bool)
+    width = max(int(valid.sum(-1).max()) if valid.size else 0, 1)
+    cols = np.arange(valid.shape[1])
+    # empty slots sort first, entries after them in slot order; keep the last ``width``
+    order = np.argsort(np.where(valid, cols + valid.shape[1], cols), axis=-1, kind="stable")[:, -width:]
+    kept = np.take_along_axis(valid, order, -1)
+    index = np.where(kept, order, 0).astype(np.int64)
+    positions = np.where(kept, np.take_along_axis(np.asarray(positions), order, -1), -1).astype(np.int64)
+    return index, positions, kept
+
+
+def _compaction_graph(dtype: str) -> bytes:
+    """key, value (B, Hkv, C, D), index (B, 1, W', 1), shape = (B, Hkv, W', D), pads (8,)
+    -> key_out, value_out (B, Hkv, W' + slack, D): the slots ``index`` names, then free ones."""
+    from onnx import TensorProto, helper
+
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    cache = ["batch", "heads", "slots", "dim"]
+    nodes = [helper.make_node("Expand", ["index", "shape"], ["gather_index"])]
+    for part in ("key", "value"):
+        nodes += [helper.make_node("GatherElements", [part, "gather_index"], [f"{part}_kept"], axis=2),
+                  helper.make_node("Pad", [f"{part}_kept", "pads"], [f"{part}_out"])]
+    graph = helper.make_graph(
+        nodes, "prefixkv_compact",
+        [helper.make_tensor_value_info("key", elem, cache), helper.make_tensor_value_info("value", elem, cache),
+         helper.make_tensor_value_info("index", TensorProto.INT64, ["batch", 1, "kept", 1]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [4]),
+         helper.make_tensor_value_info("pads", TensorProto.INT64, [8])],
+        [helper.make_tensor_value_info(f"{p}_out", elem, ["batch", "heads", "capacity", "dim"]) for p in ("key", "value")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()

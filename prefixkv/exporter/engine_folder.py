@@ -28,6 +28,7 @@ SCHEMA = "prefixkv.engine"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 VALIDATION = "validation.json"
+CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json",)
 

@@ -11,15 +11,21 @@
             -> logits, per layer present key/value/positions/valid
         input_ids, position_ids: (B, 1) int64, position_ids the ORIGINAL position of the token
         prompt_lengths: (B,) int64 real prompt lengths
-        past_* of layer l: (B, Hkv, P_l, D) / (B, P_l), each layer its own dynamic length P_l
-        The new token is appended, attention runs over the valid slots, then the decode-phase
-        rule evicts at most one entry per row: the cache returned is already within budget.
+        past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers; past.{l}.positions/valid:
+        (B, P_l), the P_l <= C_l - 1 slots in use; every layer has its own dynamic C_l and P_l
+        The new token's K/V are written into slot P_l of the buffers (in place, by ONNX
+        Runtime's fused GroupQueryAttention when the runner binds present to past), attention
+        runs over the valid slots, then the decode-phase rule marks at most one entry per row
+        evicted: the entries returned are already within budget.
 
-Both graphs are thin wrappers (``PrefillGraph``, ``DecodeGraph``) over the model's own
+Both graphs are thin wrappers (``PrefillGraph``, ``BufferDecodeGraph``) over the model's own
 modules (embeddings, norms, projections, rotary embedding, MLPs) and over
 ``prefixkv.compaction``, so the semantics are those of ``PrefixKVCache`` by construction.
-Attention never repeats K/V for grouped-query attention: queries are reshaped to
-(B, Hkv, group, q, D) and broadcast against (B, Hkv, 1, W, D).
+``DecodeGraph`` is the same step over compact caches in plain ONNX ops (append by Concat,
+evict by shifting: two copies of every cache per step); the TensorRT plugin-mode graph
+builds on it.  Attention never repeats K/V for grouped-query attention: queries are
+reshaped to (B, Hkv, group, q, D) and broadcast against (B, Hkv, 1, W, D), or the fused op
+does the grouping.
 
 Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM, ...), i.e.
 ``model.model.{embed_tokens, layers, norm, rotary_emb}`` with ``self_attn.{q,k,v,o}_proj``.
@@ -38,6 +44,7 @@ from torch import nn
 
 from .. import compaction
 from ..scoring import causal_mask, make_scorer
+from .engine_folder import CACHE_LAYOUT_KEY
 
 OPSET = 18
 
@@ -262,7 +269,11 @@ class PrefillGraph(nn.Module):
 
 
 class DecodeGraph(nn.Module):
-    """(input_ids, position_ids, prompt_lengths, *past) -> (logits, *present); see the module doc."""
+    """(input_ids, position_ids, prompt_lengths, *past) -> (logits, *present) over compact caches:
+    each step appends by Concat and the eviction shifts entries (two copies of every layer's
+    cache).  The TensorRT plugin-mode graph builds on it; ONNX Runtime engines use ``BufferDecodeGraph``."""
+
+    cache_layout = "compact"
 
     def __init__(self, model, spec: GraphSpec):
         super().__init__()
@@ -291,6 +302,66 @@ class DecodeGraph(nn.Module):
         return decode_attention(query, keys, values, valid, self.decoder.scaling)
 
 
+class BufferDecodeGraph(DecodeGraph):
+    """The ONNX Runtime decode graph: each layer's K/V live in a fixed-capacity buffer that a
+    step writes one entry into, in place.
+
+    past.{l}.key/value (B, Hkv, C_l, D): the layer's buffers, C_l its capacity; the first P_l
+    slots are in use, P_l being the width of past.{l}.positions/valid (which mark the slots
+    holding entries, in original order; -1 / False for empty slots, anywhere).  Per layer one
+    ``com.microsoft::GroupQueryAttention`` node writes the new token's K/V into slot P_l and
+    attends over slots [0, P_l] with an additive bias masking the empty ones.  When the runner
+    binds present.{l}.key/value to the same OrtValues as the past (IOBinding), the node writes
+    into that buffer and copies nothing.  The decode-phase rule then marks the evicted entry's
+    slot empty (``compaction.evict_in_place``): the entries held are those of ``DecodeGraph``,
+    within budget.  present.{l}.positions/valid have P_l + 1 slots; the runner compacts a
+    buffer (drops its empty slots) when it is full.
+    """
+
+    cache_layout = "buffer"
+
+    def __init__(self, model, spec: GraphSpec):
+        if spec.dtype not in ("float32", "float16"):
+            raise ExportError(f"ONNX Runtime's fused decode attention runs float32 or float16 on CPU, the model is "
+                              f"{spec.dtype}; load the model in float32")
+        super().__init__(model, spec)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, prompt_lengths: torch.Tensor, *past: torch.Tensor):
+        spec, dec = self.spec, self.decoder
+        hidden = dec.embed_tokens(input_ids)
+        cos, sin = dec.rope(hidden, position_ids)
+        seen = position_ids[:, 0] + 1  # tokens seen, the new one included
+        outputs = []
+        for l, layer in enumerate(dec.layers):
+            keys, values, positions, valid = past[4 * l : 4 * l + 4]
+            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
+            valid = torch.cat([valid, torch.ones_like(position_ids, dtype=torch.bool)], dim=-1)
+            out, keys, values = self.attend_in_place(query, key, value, keys, values, valid)
+            hidden = dec.finish(layer, hidden, out)
+            cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
+                                                 spec.protect_last, spec.evict_distance)
+            outputs += [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
+        return (dec.logits(hidden[:, -1]), *outputs)
+
+    def attend_in_place(self, query, key, value, keys, values, valid):
+        """query (B, H, 1, D), new key/value (B, Hkv, 1, D), buffers (B, Hkv, C, D), valid (B, P + 1)
+        -> attention output (B, 1, H, D) and the buffers with the new entry in slot P."""
+        dec = self.decoder
+        b, h, q, d = query.shape
+        used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) P + 1, as a tensor
+        bias = torch.where(valid, torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype))
+        out, keys, values = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            [query.transpose(1, 2).reshape(b, q, h * d), key.transpose(1, 2).reshape(b, q, -1),
+             value.transpose(1, 2).reshape(b, q, -1), keys, values, used - 1, used.max(),
+             None, None, None, bias[:, None, None, :]],
+            {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)},
+            dtypes=[query.dtype, keys.dtype, values.dtype], shapes=[(b, q, h * d), keys.shape, values.shape], version=1,
+        )
+        return out.reshape(b, q, h, d), keys, values
+
+
 # -- export -----------------------------------------------------------------------------------
 def exporter_version() -> str:
     """prefixkv's version plus a hash of the graph code: a cache key for exported engines."""
@@ -317,8 +388,9 @@ def graph_spec(model, profile, keep_fraction: float, evict_distance: int = 25) -
     )
 
 
-def sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, length: int = 12, past: int = 6):
-    """Example inputs used for tracing (never specialised on: every size is >= 2)."""
+def sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, length: int = 12, past: int = 6, layout: str = "compact"):
+    """Example inputs used for tracing (never specialised on: every size is >= 2); ``layout``
+    "buffer": K/V buffers wider than the slots in use."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab, (batch, length), generator=g)
     if graph == "prefill":
@@ -329,9 +401,10 @@ def sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, length: int = 12,
     tensors = []
     for l in range(spec.layers):
         width = past + l % 3  # distinct lengths per layer
+        capacity = width + 3 if layout == "buffer" else width
         tensors += [
-            torch.randn(batch, spec.kv_heads, width, spec.head_dim, generator=g).to(dtype),
-            torch.randn(batch, spec.kv_heads, width, spec.head_dim, generator=g).to(dtype),
+            torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype),
+            torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype),
             torch.arange(width).expand(batch, width).clone(),
             torch.ones(batch, width, dtype=torch.bool),
         ]
@@ -339,7 +412,7 @@ def sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, length: int = 12,
     return (ids[:, :1], torch.full((batch, 1), 40, dtype=torch.int64), prompt_lengths, *tensors)
 
 
-def _dynamic_shapes(spec: GraphSpec, graph: str):
+def _dynamic_shapes(spec: GraphSpec, graph: str, layout: str = "compact"):
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=1024)
     if graph == "prefill":
@@ -348,11 +421,12 @@ def _dynamic_shapes(spec: GraphSpec, graph: str):
     past = []
     for l in range(spec.layers):
         length = Dim(f"past_length_{l}", min=1, max=1 << 20)
-        past += [{0: batch, 2: length}, {0: batch, 2: length}, {0: batch, 1: length}, {0: batch, 1: length}]
+        slots = Dim(f"cache_capacity_{l}", min=2, max=1 << 20) if layout == "buffer" else length
+        past += [{0: batch, 2: slots}, {0: batch, 2: slots}, {0: batch, 1: length}, {0: batch, 1: length}]
     return {"input_ids": {0: batch}, "position_ids": {0: batch}, "prompt_lengths": {0: batch}, "past": tuple(past)}
 
 
-def _name_dims(model_proto, graph: str, layers: int) -> None:
+def _name_dims(model_proto, graph: str, layers: int, layout: str = "compact") -> None:
     """Readable names for the output dims the exporter left as opaque symbols."""
     for value in model_proto.graph.output:
         dims = value.type.tensor_type.shape.dim
@@ -362,7 +436,8 @@ def _name_dims(model_proto, graph: str, layers: int) -> None:
         l = int(value.name.split(".")[1])
         axis = 2 if value.name.endswith((".key", ".value")) else 1
         dims[0].dim_param = "batch"
-        dims[axis].dim_param = f"present_length_{l}"
+        buffer = layout == "buffer" and axis == 2
+        dims[axis].dim_param = f"cache_capacity_{l}" if buffer else f"present_length_{l}"
 
 
 def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None,
@@ -374,7 +449,8 @@ def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: in
     import onnx
 
     path = Path(path)
-    wrapper = (wrapper or (PrefillGraph if graph == "prefill" else DecodeGraph)(model, spec)).eval()
+    wrapper = (wrapper or (PrefillGraph if graph == "prefill" else BufferDecodeGraph)(model, spec)).eval()
+    layout = getattr(wrapper, "cache_layout", "compact")
     names = io_names(spec.layers)[graph]
     start = time.perf_counter()
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -385,11 +461,11 @@ def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: in
             warnings.filterwarnings("ignore", message=r".*(axis name|LeafSpec).*")
             program = torch.onnx.export(
                 wrapper,
-                sample_inputs(spec, graph),
+                sample_inputs(spec, graph, layout=layout),
                 dynamo=True,
                 input_names=names["inputs"],
                 output_names=names["outputs"],
-                dynamic_shapes=_dynamic_shapes(spec, graph),
+                dynamic_shapes=_dynamic_shapes(spec, graph, layout),
                 opset_version=opset,
                 optimize=True,
                 verbose=False,
@@ -397,7 +473,10 @@ def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: in
     finally:
         quiet.setLevel(level)
     proto = program.model_proto
-    _name_dims(proto, graph, spec.layers)
+    _name_dims(proto, graph, spec.layers, layout)
+    if graph == "decode":
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = CACHE_LAYOUT_KEY, layout
     if postprocess is not None:
         postprocess(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
