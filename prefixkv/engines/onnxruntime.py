@@ -8,13 +8,13 @@ The per-layer caches stay ``OrtValue``s between steps: decode binds the previous
 outputs as its inputs through IOBinding, so caches never round-trip through numpy (nor
 leave the GPU).  Only the logits are copied out.
 
-Each layer's keys and values live in a buffer with room for ``cache_slack`` more entries
-(see ``prefixkv.exporter.onnx.BufferDecodeGraph``): a decode step binds the buffer as both
-its past and its present, and the fused attention writes the new entry into it in place,
-while the decode-phase rule marks evicted slots empty.  When a layer's buffer is full the
-runner compacts it (drops the empty slots, adds ``cache_slack`` free ones: one copy every
-``cache_slack`` steps at most); the prefill's compact caches get their first buffers at the
-first decode step.  A decode step therefore consumes the state it is given: its buffers
+Each layer's keys and values live in a buffer with free slots (see
+``prefixkv.exporter.onnx.BufferDecodeGraph``): a decode step binds the buffer as both its
+past and its present, and the fused attention writes the new entry into it in place, while
+the decode-phase rule marks evicted slots empty.  When a layer's buffer is full the runner
+compacts it: drops the empty slots and adds max(``cache_slack``, entries / 8) free ones,
+so a cache is copied once every ``cache_slack`` steps at most; the prefill's compact caches
+get their first buffers at the first decode step.  A decode step therefore consumes the state it is given: its buffers
 are the new state's.  Imports numpy, onnxruntime and the engine-folder check only, onnx
 for the compaction graph (this module runs inside Triton's Python backend).
 """
@@ -214,15 +214,22 @@ class OnnxRuntimeRunner(Runner):
 
     def _compact(self, key, value, positions, valid) -> list:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
-        order, like the prefill's) in new buffers with ``cache_slack`` free slots."""
+        order, like the prefill's) in new buffers with free slots: ``cache_slack`` or an
+        eighth of the entries, whichever is more (a growing cache is copied O(1) times per
+        step on average)."""
         index, positions, valid = compact_slots(positions.numpy(), valid.numpy())
         b, h, capacity, d = key.shape()
+        width = index.shape[1]
+        free = max(self.cache_slack, width // 8)
+        # one flat row index per (row, head, new slot) into key viewed as (B*H*C, D); free slots copy row 0
+        slots = np.concatenate([index, np.zeros((b, free), np.int64)], axis=1)  # (B, W' + free)
+        base = (np.arange(b)[:, None] * h + np.arange(h)[None, :]) * capacity  # (B, H)
         binding = self._compactor.io_binding()
         binding.bind_ortvalue_input("key", key)
         binding.bind_ortvalue_input("value", value)
-        binding.bind_cpu_input("index", index[:, None, :, None])
-        binding.bind_cpu_input("shape", np.array([b, h, index.shape[1], d], dtype=np.int64))
-        binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, self.cache_slack, 0], dtype=np.int64))
+        binding.bind_cpu_input("rows", (base[:, :, None] + slots[:, None, :]).reshape(-1))
+        binding.bind_cpu_input("shape", np.array([b, h, width + free, d], dtype=np.int64))
+        binding.bind_cpu_input("flat", np.array([-1, d], dtype=np.int64))
         binding.bind_output("key_out", self.device)
         binding.bind_output("value_out", self.device)
         self._compactor.run_with_iobinding(binding)
@@ -282,22 +289,24 @@ def compact_slots(positions: np.ndarray, valid: np.ndarray):
 
 
 def _compaction_graph(dtype: str) -> bytes:
-    """key, value (B, Hkv, C, D), index (B, 1, W', 1), shape = (B, Hkv, W', D), pads (8,)
-    -> key_out, value_out (B, Hkv, W' + slack, D): the slots ``index`` names, then free ones."""
+    """key, value (B, Hkv, C, D), rows (B * Hkv * C',) flat indices into (B * Hkv * C, D),
+    shape = (B, Hkv, C', D), flat = (-1, D) -> key_out, value_out (B, Hkv, C', D): one Gather of whole
+    head_dim rows (contiguous copies) per buffer."""
     from onnx import TensorProto, helper
 
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
     cache = ["batch", "heads", "slots", "dim"]
-    nodes = [helper.make_node("Expand", ["index", "shape"], ["gather_index"])]
+    nodes = []
     for part in ("key", "value"):
-        nodes += [helper.make_node("GatherElements", [part, "gather_index"], [f"{part}_kept"], axis=2),
-                  helper.make_node("Pad", [f"{part}_kept", "pads"], [f"{part}_out"])]
+        nodes += [helper.make_node("Reshape", [part, "flat"], [f"{part}_rows"]),
+                  helper.make_node("Gather", [f"{part}_rows", "rows"], [f"{part}_kept"], axis=0),
+                  helper.make_node("Reshape", [f"{part}_kept", "shape"], [f"{part}_out"])]
     graph = helper.make_graph(
         nodes, "prefixkv_compact",
         [helper.make_tensor_value_info("key", elem, cache), helper.make_tensor_value_info("value", elem, cache),
-         helper.make_tensor_value_info("index", TensorProto.INT64, ["batch", 1, "kept", 1]),
+         helper.make_tensor_value_info("rows", TensorProto.INT64, ["rows"]),
          helper.make_tensor_value_info("shape", TensorProto.INT64, [4]),
-         helper.make_tensor_value_info("pads", TensorProto.INT64, [8])],
+         helper.make_tensor_value_info("flat", TensorProto.INT64, [2])],
         [helper.make_tensor_value_info(f"{p}_out", elem, ["batch", "heads", "capacity", "dim"]) for p in ("key", "value")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
