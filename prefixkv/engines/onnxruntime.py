@@ -201,7 +201,8 @@ class OnnxRuntimeRunner(Runner):
         return outputs[0].numpy(), state
 
     def decode(self, state: OnnxRuntimeState, token_ids):
-        """token_ids (B,) int64 -> (logits (B, V) float32, state); the state's caches are replaced."""
+        """token_ids (B,) int64 -> (logits (B, V) float32, new state).  The state given is
+        consumed: the step writes into its key/value buffers, which the new state holds."""
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         past = list(state.past)
         for l in range(self.layers):
