@@ -287,15 +287,20 @@ class DecodeGraph(nn.Module):
         seen = position_ids[:, 0] + 1  # tokens seen, the new one included
         outputs = []
         for l, layer in enumerate(dec.layers):
-            keys, values, positions, valid = past[4 * l : 4 * l + 4]
-            query, key, value = dec.qkv(layer, hidden, cos, sin)
-            keys, values, positions, valid = compaction.append(keys, values, positions, valid, key, value, position_ids)
-            hidden = dec.finish(layer, hidden, self.attend(l, query, keys, values, valid))
             cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
                                                  spec.protect_last, spec.evict_distance)
-            outputs += compaction.evict(keys, values, positions, valid, cap, slot)
-        logits = dec.logits(hidden[:, -1])
-        return (logits, *outputs)
+            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            out, cache = self.step(l, query, key, value, position_ids, past[4 * l : 4 * l + 4], cap, slot)
+            hidden = dec.finish(layer, hidden, out)
+            outputs += cache
+        return (dec.logits(hidden[:, -1]), *outputs)
+
+    def step(self, layer: int, query, key, value, position_ids, past, cap, slot):
+        """One layer's cache step: append the new entry, attend, apply the decode-phase rule.
+        Returns the attention output (B, 1, H, D) and the layer's present key, value, positions, valid."""
+        state = compaction.append(*past, key, value, position_ids)
+        out = self.attend(layer, query, *state[:2], state[3])
+        return out, compaction.evict(*state, cap, slot)
 
     def attend(self, layer: int, query, keys, values, valid):
         """query (B, H, 1, D) over the appended cache -> (B, 1, H, D); a subclass may fuse it."""
@@ -326,23 +331,14 @@ class BufferDecodeGraph(DecodeGraph):
                               f"{spec.dtype}; load the model in float32")
         super().__init__(model, spec)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, prompt_lengths: torch.Tensor, *past: torch.Tensor):
-        spec, dec = self.spec, self.decoder
-        hidden = dec.embed_tokens(input_ids)
-        cos, sin = dec.rope(hidden, position_ids)
-        seen = position_ids[:, 0] + 1  # tokens seen, the new one included
-        outputs = []
-        for l, layer in enumerate(dec.layers):
-            keys, values, positions, valid = past[4 * l : 4 * l + 4]
-            query, key, value = dec.qkv(layer, hidden, cos, sin)
-            positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
-            valid = torch.cat([valid, torch.ones_like(position_ids, dtype=torch.bool)], dim=-1)
-            out, keys, values = self.attend_in_place(query, key, value, keys, values, valid)
-            hidden = dec.finish(layer, hidden, out)
-            cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
-                                                 spec.protect_last, spec.evict_distance)
-            outputs += [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
-        return (dec.logits(hidden[:, -1]), *outputs)
+    def step(self, layer: int, query, key, value, position_ids, past, cap, slot):
+        """``DecodeGraph.step`` on the buffers: the new entry goes into slot P_l, an evicted one
+        is only marked empty."""
+        keys, values, positions, valid = past
+        positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
+        valid = torch.cat([valid, torch.ones_like(position_ids, dtype=torch.bool)], dim=-1)
+        out, keys, values = self.attend_in_place(query, key, value, keys, values, valid)
+        return out, [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
 
     def attend_in_place(self, query, key, value, keys, values, valid):
         """query (B, H, 1, D), new key/value (B, Hkv, 1, D), buffers (B, Hkv, C, D), valid (B, P + 1)
