@@ -48,8 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="retention profile holding the keep fractions below 1 (default: calibrate once, cached)")
     p.add_argument("--keep", type=_floats, default=[1.0, 0.5, 0.2], help="keep fractions (1.0 = full cache)")
     p.add_argument("--contexts", type=_ints, default=[512, 2048, 4096], help="prompt lengths in tokens")
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps per point (64: the mean includes one "
-                   "compaction of each ONNX Runtime cache buffer)")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per point (the mean includes the steps "
+                   "where the ONNX Runtime runner compacted a full cache buffer)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first")
     p.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and PyTorch")
     p.add_argument("--batch", type=int, default=1,

@@ -117,3 +117,25 @@ def test_compact_slots_right_aligns_each_rows_entries():
     assert pos.tolist() == [[-1, 0, 4, 7], [1, 2, 3, 9]]
     assert valid.tolist() == [[False, True, True, True], [True] * 4]
     assert index.tolist() == [[0, 1, 3, 4], [0, 1, 2, 4]]
+
+
+def test_stored_compaction_graph_is_the_built_one():
+    """The runner ships its compaction graph serialized (no onnx at run time): it must be
+    the model ``build`` makes."""
+    import onnx
+
+    from prefixkv.engines.compaction_graph import DTYPES, build, serialized
+
+    for dtype in DTYPES:
+        assert onnx.load_from_string(serialized(dtype)) == onnx.load_from_string(build(dtype)), dtype
+
+
+def test_a_consumed_state_is_refused(engine):
+    """A decode step writes into its state's buffers: decoding the same state twice would
+    corrupt the newer one, so it is refused."""
+    logits, state = engine.prefill(*engine.pad([[5, 6, 7, 8, 9, 10, 11]]))
+    token = logits.argmax(-1)
+    logits, newer = engine.decode(state, token)
+    with pytest.raises(ValueError, match="consumed"):
+        engine.decode(state, token)
+    engine.decode(newer, logits.argmax(-1))

@@ -142,7 +142,9 @@ import model
 load_runner = model._import_runtime(Path({str(version)!r}))
 import prefixkv.engines.onnxruntime, prefixkv.engines.base, prefixkv.tokenizer, prefixkv.exporter.engine_folder
 assert prefixkv.engines.base.__file__.startswith({str(version)!r}), prefixkv.engines.base.__file__
-heavy = sorted(m for m in ("torch", "transformers", "ssl") if m in sys.modules)
+import onnxruntime, prefixkv.engines.compaction_graph as compaction_graph  # the runner's compaction graph, without onnx
+onnxruntime.InferenceSession(compaction_graph.serialized("float32"), providers=["CPUExecutionProvider"])
+heavy = sorted(m for m in ("torch", "transformers", "ssl", "onnx") if m in sys.modules)
 print("HEAVY", heavy)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -15,8 +15,8 @@ the decode-phase rule marks evicted slots empty.  When a layer's buffer is full 
 compacts it: drops the empty slots and adds max(``cache_slack``, entries / 8) free ones,
 so a cache is copied once every ``cache_slack`` steps at most; the prefill's compact caches
 get their first buffers at the first decode step.  A decode step therefore consumes the state it is given: its buffers
-are the new state's.  Imports numpy, onnxruntime and the engine-folder check only, onnx
-for the compaction graph (this module runs inside Triton's Python backend).
+are the new state's (the old one is marked consumed).  Imports numpy, onnxruntime and the
+engine-folder check only (this module runs inside Triton's Python backend).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import numpy as np
 from ..exporter.engine_folder import CACHE_LAYOUT_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
 from .base import Runner
+from .compaction_graph import serialized
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -148,8 +149,10 @@ class OnnxRuntimeRunner(Runner):
                 f"{self.engine_dir}: its decode graph appends to compact caches (an engine from an older prefixkv); "
                 "rebuild it with `prefixkv build --force`"
             )
+        # no TensorRT for this graph: it would build an engine for every new buffer shape
         self._compactor = ort.InferenceSession(
-            _compaction_graph(self.manifest.get("dtype", "float32")), options, providers=self.providers)
+            serialized(self.manifest.get("dtype", "float32")), options,
+            providers=[p for p in self.providers if p != "TensorrtExecutionProvider"])
         self.layers = int(self.manifest["layers"])
         self.tokenizer = Tokenizer(self.engine_dir)
         self.max_context = int(self.manifest["max_context"])
@@ -203,6 +206,9 @@ class OnnxRuntimeRunner(Runner):
     def decode(self, state: OnnxRuntimeState, token_ids):
         """token_ids (B,) int64 -> (logits (B, V) float32, new state).  The state given is
         consumed: the step writes into its key/value buffers, which the new state holds."""
+        if state.past is None:
+            raise ValueError("this state was consumed by an earlier decode step (which wrote into its cache "
+                             "buffers); continue from the state that step returned")
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         past = list(state.past)
         for l in range(self.layers):
@@ -210,8 +216,11 @@ class OnnxRuntimeRunner(Runner):
                 past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
         inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
         outputs = self._run("decode", inputs, past)
-        new_state = OnnxRuntimeState(list(outputs[1:]), state.positions + 1, state.prompt_lengths)
-        return outputs[0].numpy(), new_state
+        present = list(outputs[1:])
+        for l in range(self.layers):  # the buffers written in place: keep the objects that own them
+            present[4 * l : 4 * l + 2] = past[4 * l : 4 * l + 2]
+        state.past = None
+        return outputs[0].numpy(), OnnxRuntimeState(present, state.positions + 1, state.prompt_lengths)
 
     def _compact(self, key, value, positions, valid) -> list:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
@@ -287,27 +296,3 @@ def compact_slots(positions: np.ndarray, valid: np.ndarray):
     index = np.where(kept, order, 0).astype(np.int64)
     positions = np.where(kept, np.take_along_axis(np.asarray(positions), order, -1), -1).astype(np.int64)
     return index, positions, kept
-
-
-def _compaction_graph(dtype: str) -> bytes:
-    """key, value (B, Hkv, C, D), rows (B * Hkv * C',) flat indices into (B * Hkv * C, D),
-    shape = (B, Hkv, C', D), flat = (-1, D) -> key_out, value_out (B, Hkv, C', D): one Gather of whole
-    head_dim rows (contiguous copies) per buffer."""
-    from onnx import TensorProto, helper
-
-    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
-    cache = ["batch", "heads", "slots", "dim"]
-    nodes = []
-    for part in ("key", "value"):
-        nodes += [helper.make_node("Reshape", [part, "flat"], [f"{part}_rows"]),
-                  helper.make_node("Gather", [f"{part}_rows", "rows"], [f"{part}_kept"], axis=0),
-                  helper.make_node("Reshape", [f"{part}_kept", "shape"], [f"{part}_out"])]
-    graph = helper.make_graph(
-        nodes, "prefixkv_compact",
-        [helper.make_tensor_value_info("key", elem, cache), helper.make_tensor_value_info("value", elem, cache),
-         helper.make_tensor_value_info("rows", TensorProto.INT64, ["rows"]),
-         helper.make_tensor_value_info("shape", TensorProto.INT64, [4]),
-         helper.make_tensor_value_info("flat", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info(f"{p}_out", elem, ["batch", "heads", "capacity", "dim"]) for p in ("key", "value")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
