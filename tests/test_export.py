@@ -256,3 +256,29 @@ def test_gemma_engine_matches_the_reference(tmp_path):
                           validate=True, validate_options=SMALL_VALIDATION, log=lambda m: None)
     assert result.passed, result.validation
     assert result.validation["checks"]["graph"]["kept_positions_identical"]
+
+
+def test_a_state_built_from_numpy_keeps_its_buffers_alive(runners):
+    """Decode from caches the caller made (numpy-backed OrtValues with free slots), dropping
+    every reference but the state's: the buffers written in place stay valid."""
+    import gc
+
+    import onnxruntime as ort
+
+    from prefixkv.engines.onnxruntime import OnnxRuntimeState
+
+    engine, reference = runners
+    ids, mask = _batch(engine, [45])
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    for step in range(8):
+        if step == 2:  # now with free slots: rebuild from copies the state alone owns
+            past = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in state.past]
+            state = OnnxRuntimeState(past, state.positions.copy(), state.prompt_lengths.copy())
+            del past
+            gc.collect()
+        tokens = ref_logits.argmax(-1)
+        logits, state = engine.decode(state, tokens)
+        ref_logits, ref_state = reference.decode(ref_state, tokens)
+        gc.collect()
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
