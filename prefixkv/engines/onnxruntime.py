@@ -161,6 +161,8 @@ class OnnxRuntimeRunner(Runner):
         self._ort = ort
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self._past_names = [i.name for i in self.sessions["decode"].get_inputs()][3:]
+        # decode output -> the index in ``past`` of the buffer it is written into
+        self._in_place = {f"present.{l}.{part}": 4 * l + i for l in range(self.layers) for i, part in enumerate(("key", "value"))}
 
     def _check_io(self, graph: str) -> None:
         session = self.sessions[graph]
@@ -181,12 +183,9 @@ class OnnxRuntimeRunner(Runner):
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name, value in zip(self._past_names, past):
             binding.bind_ortvalue_input(name, value)
-        in_place = {}
-        if past:  # decode: present key/value are the past buffers, written in place
-            in_place = {f"present.{l}.{part}": past[4 * l + i] for l in range(self.layers) for i, part in enumerate(("key", "value"))}
         for name in self._outputs[graph]:
-            if name in in_place:
-                binding.bind_ortvalue_output(name, in_place[name])
+            if name in self._in_place and past:  # decode: present key/value are the past buffers, written in place
+                binding.bind_ortvalue_output(name, past[self._in_place[name]])
             else:
                 binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)

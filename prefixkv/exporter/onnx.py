@@ -440,7 +440,7 @@ def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: in
                  wrapper: nn.Module | None = None, postprocess=None) -> Path:
     """Export the ``graph`` ("prefill" or "decode") of ``model`` to ``path`` (weights in ``path``.data).
 
-    wrapper: the module to export (default ``PrefillGraph`` / ``DecodeGraph``); postprocess:
+    wrapper: the module to export (default ``PrefillGraph`` / ``BufferDecodeGraph``); postprocess:
     called with the ModelProto before it is saved."""
     import onnx
 
