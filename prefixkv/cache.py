@@ -20,6 +20,7 @@ import functools
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .defaults import EVICT_DISTANCE
 from . import attention as _attention
 from .compaction import compact, decode_budget, evict
 from .policies import Method, make_method
@@ -95,7 +96,7 @@ class PrefixKVCache(Cache):
         allocation: str | None = None,
         sink: int | None = None,
         protect_last: bool | None = None,
-        evict_distance: int = 25,
+        evict_distance: int = EVICT_DISTANCE,
         min_layer_keep: float = 0.0,
         blend: float = 1.0,
         force_scorer: bool = False,

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .defaults import BLEND, MIN_LAYER_KEEP, PROTECT_LAST, SINK
 from . import __version__
 from .cache import PrefixKVCache, cache_argument
 from .data import samples_hash
 from .profile import Budget, Fingerprint, RetentionProfile
 from .scoring import Scorer, make_scorer
-from .search import DEFAULT_BLEND, curve_gini, floor_and_blend, prefix_search
+from .search import curve_gini, floor_and_blend, prefix_search
 
 
 @dataclass
@@ -46,10 +47,10 @@ def calibrate(
     samples: Sequence[Sequence[int]],
     keep_fractions: Sequence[float],
     scorers: Sequence[str | Scorer] = ("accumulated",),
-    sink: int = 4,
-    protect_last: bool = True,
-    min_layer_keep: float = 0.0,
-    blend: float = DEFAULT_BLEND,
+    sink: int = SINK,
+    protect_last: bool = PROTECT_LAST,
+    min_layer_keep: float = MIN_LAYER_KEEP,
+    blend: float = BLEND,
     progress: bool = True,
     seed: int = 0,
     data_name: str = "custom",
@@ -120,8 +121,8 @@ def calibrate(
     return result
 
 
-def calibrate_profile(model, samples, keep_fractions, sink: int = 4, scorer: str | Scorer = "accumulated",
-                      scorer_params: dict | None = None, min_layer_keep: float = 0.0, blend: float = DEFAULT_BLEND,
+def calibrate_profile(model, samples, keep_fractions, sink: int = SINK, scorer: str | Scorer = "accumulated",
+                      scorer_params: dict | None = None, min_layer_keep: float = 0.0, blend: float = BLEND,
                       progress: bool = True, **kwargs) -> RetentionProfile:
     """One scorer's profile (see ``calibrate``)."""
     sc = make_scorer(scorer, **(scorer_params or {}))

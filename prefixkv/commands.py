@@ -152,9 +152,9 @@ def run_eval(args) -> int:
 def run_bench(args) -> int:
     rest = [a for a in args.args if a != "--"]
     if args.kind == "quality":
-        from .bench_quality import main
+        from .bench.quality import main
     elif args.kind == "scoring":
-        from .bench_scoring import main
+        from .bench.scoring import main
     else:
-        from .bench_speed import main
+        from .bench.speed import main
     return int(main(rest) or 0)

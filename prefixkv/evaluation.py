@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .defaults import EVICT_DISTANCE, SINK
 from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
 from .policies import Method, make_method
 
@@ -46,7 +47,7 @@ class Config:
     profile: object | None = None
     label: str | None = None
     force_scorer: bool = False
-    evict_distance: int = 25
+    evict_distance: int = EVICT_DISTANCE
     extra: dict = field(default_factory=dict)
 
     def build(self, profile=None) -> Method:
@@ -134,7 +135,7 @@ def prefill(model, prompts: list[list[int]], record: Sequence, pad_id: int, scor
     return cache, out.logits[:, -1].float(), mask
 
 
-def fork(base: PrefixKVCache, method: Method, keep_fraction: float, sink: int = 4,
+def fork(base: PrefixKVCache, method: Method, keep_fraction: float, sink: int = SINK,
          protect_last: bool = True) -> PrefixKVCache:
     """A compressed cache for ``method`` built from an uncompressed full-cache prefill.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .defaults import EVICT_DISTANCE, PROTECT_LAST, SINK
 from .compaction import OLDEST
 from .scoring import Scorer, make_scorer
 from .search import floor_and_blend, prefix_search
@@ -27,14 +28,14 @@ class Allocation:
     name = "allocation"
     needs_all_layers = False  # True when one layer's length depends on the others' scores
 
-    def fractions(self, keep_fraction: float, layers: int, scores=None, valid=None, sink=4, protect_last=True):
+    def fractions(self, keep_fraction: float, layers: int, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
         raise NotImplementedError
 
 
 class Uniform(Allocation):
     name = "uniform"
 
-    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=4, protect_last=True):
+    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
         return torch.full((layers,), float(keep_fraction), dtype=torch.float64)
 
 
@@ -46,7 +47,7 @@ class Pyramid(Allocation):
     def __init__(self, spread: float = 0.5):
         self.spread = spread
 
-    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=4, protect_last=True):
+    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
         slope = torch.linspace(1 + self.spread, 1 - self.spread, layers, dtype=torch.float64) if layers > 1 else torch.ones(1, dtype=torch.float64)
         x = keep_fraction * slope
         for _ in range(layers):  # cap at 1 and hand the excess to the layers below 1
@@ -68,7 +69,7 @@ class Profiled(Allocation):
     def __init__(self, profile):
         self.profile = profile
 
-    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=4, protect_last=True):
+    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
         values = self.profile.layer_fractions(keep_fraction)
         if len(values) != layers:
             raise ValueError(f"the profile has {len(values)} layers but the model has {layers}")
@@ -84,7 +85,7 @@ class Online(Allocation):
     def __init__(self, min_layer_keep: float = 0.0, blend: float = 1.0):
         self.min_layer_keep, self.blend = min_layer_keep, blend
 
-    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=4, protect_last=True):
+    def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
         columns = []
         for row in range(scores.shape[1]):
             real = scores[:, row][:, valid[row]]  # (layers, n) this row's unpadded scores
@@ -103,7 +104,7 @@ class Method:
     name: str
     scorer: Scorer
     allocation: Allocation
-    evict_distance: int = 25
+    evict_distance: int = EVICT_DISTANCE
     compresses: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -117,7 +118,7 @@ def make_method(
     scorer: str | Scorer | None = None,
     scorer_params: dict | None = None,
     allocation: str | None = None,
-    evict_distance: int = 25,
+    evict_distance: int = EVICT_DISTANCE,
     min_layer_keep: float = 0.0,
     blend: float = 1.0,
     force_scorer: bool = False,

@@ -125,7 +125,7 @@ def bench_engine(engine: str | None, url: str | None, args) -> dict:
     server = None
     info = {"engine": engine, "url": url}
     if engine is not None:
-        from prefixkv.exporter.engine_folder import read_manifest
+        from prefixkv.engine_folder import read_manifest
         from prefixkv.serving.repository import write_repository
         from prefixkv.serving.server import TritonServer
 

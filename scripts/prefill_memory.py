@@ -24,7 +24,7 @@ def one(engine: str, tokens: int, threads: int, order: str) -> dict:
 
     from prefixkv.data import builtin_text
     from prefixkv.engines.onnxruntime import session_options
-    from prefixkv.exporter.engine_folder import read_manifest
+    from prefixkv.engine_folder import read_manifest
     from prefixkv.tokenizer import Tokenizer
 
     manifest = read_manifest(engine, verify=False)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from test_export import KEEP, LAYERS, tiny_engine, tiny_model_folder, tiny_profile, one_torch_thread  # noqa: F401  (autouse)
 
-from prefixkv.exporter.engine_folder import (
+from prefixkv.engine_folder import (
     EngineError,
     EngineExistsError,
     is_engine,

@@ -175,7 +175,7 @@ def test_every_method_on_smollm2(smollm2):
 
 def test_grid_profiles_match_calibrate(tiny_model):
     """The sweep's one-pass profiles equal calibrate()'s for the same floor and blend."""
-    from prefixkv.bench_quality import grid_profiles
+    from prefixkv.bench.quality import grid_profiles
     from prefixkv.calibration import calibrate
 
     samples = [s["prompt_ids"] for s in _samples(3, seed=9)]
@@ -197,7 +197,7 @@ def test_bench_quality_end_to_end(tmp_path):
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from prefixkv.bench_quality import main
+    from prefixkv.bench.quality import main
     from prefixkv.models import resolve
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ def engine_key(profile, exporter: str) -> str:
 @pytest.fixture(scope="module")
 def smol_engine(smollm2):
     from prefixkv.exporter.build import build_engine, resolve_profile
-    from prefixkv.exporter.engine_folder import is_engine
+    from prefixkv.engine_folder import is_engine
     from prefixkv.exporter.onnx import exporter_version
     from prefixkv.models import cache_dir
     from prefixkv.profile import Fingerprint, RetentionProfile

@@ -30,7 +30,7 @@ LAYER_FRACTIONS = [0.1, 0.15, 0.2, 0.25, 0.3]
 @pytest.fixture
 def engine(tmp_path) -> Path:
     """A manifest-complete engine folder (placeholder graphs) with 5 layers at keep fraction 0.2."""
-    from prefixkv.exporter.engine_folder import write_manifest
+    from prefixkv.engine_folder import write_manifest
     from prefixkv.models import resolve
     from prefixkv.profile import Budget, Fingerprint, RetentionProfile
 
@@ -96,7 +96,7 @@ def test_repository_layout(engine, tmp_path):
     copied = version / "engine"
     assert not copied.is_symlink()
     assert json.loads((copied / "manifest.json").read_text()) == json.loads((engine / "manifest.json").read_text())
-    for module in ("engines/base.py", "engines/onnxruntime.py", "engines/__init__.py", "tokenizer.py", "exporter/engine_folder.py"):
+    for module in ("engines/base.py", "engines/onnxruntime.py", "engines/__init__.py", "tokenizer.py", "engine_folder.py"):
         assert (version / "prefixkv" / module).is_file(), module
     assert not list((version / "prefixkv").rglob("__pycache__"))
 
@@ -113,7 +113,7 @@ def test_repository_link_existing_and_force(engine, tmp_path):
 
 
 def test_repository_refuses_a_tampered_or_missing_engine(engine, tmp_path):
-    from prefixkv.exporter.engine_folder import EngineError
+    from prefixkv.engine_folder import EngineError
 
     with pytest.raises(FileNotFoundError, match="prefixkv build"):
         write_repository(tmp_path / "nowhere", tmp_path / "repo")
@@ -140,7 +140,7 @@ sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_bac
 sys.path.insert(0, {str(version)!r})
 import model
 load_runner = model._import_runtime(Path({str(version)!r}))
-import prefixkv.engines.onnxruntime, prefixkv.engines.base, prefixkv.tokenizer, prefixkv.exporter.engine_folder
+import prefixkv.engines.onnxruntime, prefixkv.engines.base, prefixkv.tokenizer, prefixkv.engine_folder
 assert prefixkv.engines.base.__file__.startswith({str(version)!r}), prefixkv.engines.base.__file__
 import onnxruntime, prefixkv.engines.compaction_graph as compaction_graph  # the runner's compaction graph, without onnx
 onnxruntime.InferenceSession(compaction_graph.serialized("float32"), providers=["CPUExecutionProvider"])

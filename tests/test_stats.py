@@ -1,4 +1,4 @@
-"""prefixkv.stats on constructed data with hand-computed answers."""
+"""prefixkv.bench.stats on constructed data with hand-computed answers."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from prefixkv.stats import bootstrap_ci, paired_bootstrap, pooled_ppl
+from prefixkv.bench.stats import bootstrap_ci, paired_bootstrap, pooled_ppl
 
 
 def test_constant_difference_has_a_zero_width_interval():

@@ -1,9 +1,9 @@
-"""prefixkv.tasks: the retrieval generator (SmolLM2's tokenizer, no model) and its scoring."""
+"""prefixkv.bench.tasks: the retrieval generator (SmolLM2's tokenizer, no model) and its scoring."""
 from __future__ import annotations
 
 import pytest
 
-from prefixkv.tasks import answer_correct, fact_sentence, retrieval_samples, score
+from prefixkv.bench.tasks import answer_correct, fact_sentence, retrieval_samples, score
 
 
 @pytest.fixture(scope="module")

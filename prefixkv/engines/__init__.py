@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defaults import EVICT_DISTANCE
 from .base import Generation, GenerationConfig, PromptError, Runner
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -19,7 +20,7 @@ ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "ref
 
 def engine_backend(engine_dir: str | Path) -> str:
     """The backend an engine folder was built for (its manifest's ``backend``; older folders: onnxruntime)."""
-    from ..exporter.engine_folder import read_manifest
+    from ..engine_folder import read_manifest
 
     return read_manifest(engine_dir, verify=False).get("backend") or "onnxruntime"
 
@@ -50,7 +51,7 @@ def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | No
 
 
 def _torch_runner(engine_dir, threads=None, verify=True, model=None, **kwargs) -> Runner:
-    from ..exporter.engine_folder import read_manifest
+    from ..engine_folder import read_manifest
 
     manifest = read_manifest(engine_dir, verify=verify)
     try:
@@ -79,7 +80,7 @@ def reference_settings(engine_dir, manifest: dict, model=None, threads: int | No
     profile = RetentionProfile.load(Path(engine_dir) / "profile.json")
     profile.check_model(Fingerprint.of(model.config))
     settings = dict(profile=profile, keep_fraction=float(manifest["keep_fraction"]), method="prefixkv",
-                    evict_distance=int(manifest.get("evict_distance", 25)))
+                    evict_distance=int(manifest.get("evict_distance", EVICT_DISTANCE)))
     return model, loaded, settings
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.engine_folder import CACHE_LAYOUT_KEY, EngineError, read_manifest
+from ..defaults import CACHE_SLACK
+from ..engine_folder import CACHE_LAYOUT_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
 from .base import Runner
 from .compaction_graph import serialized
@@ -81,7 +82,6 @@ def resolve_providers(requested=None) -> list[str]:
     return chosen
 
 
-CACHE_SLACK = 64  # free slots a layer's buffer gets when it is (re)allocated
 
 
 @dataclass

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine_folder import ENGINE_SUBDIR, read_manifest
 from .base import Runner
-
-ENGINE_SUBDIR = "tensorrt"
 
 
 def _import_stack():
@@ -148,7 +147,6 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_dir: str | Path, engines: str = ENGINE_SUBDIR, verify: bool = True):
         trt, torch = _import_stack()
-        from ..exporter.engine_folder import read_manifest
         from ..tokenizer import Tokenizer
 
         self.engine_dir = Path(engine_dir)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.engine_folder import read_manifest
+from ..engine_folder import read_manifest
 from .base import GenerationConfig
 
 CHECKS = ("graph", "generation", "quality")

@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engine_folder import VALIDATION, check_output, copy_tokenizer, io_metadata, staging, write_manifest
-from .onnx import OPSET, export_engine_graphs, exporter_version, graph_spec
+from ..engine_folder import ENGINE_SUBDIR, VALIDATION, check_output, copy_tokenizer, staging, write_manifest
+from .onnx import OPSET, export_engine_graphs, exporter_version, graph_spec, io_metadata
 
 BACKENDS = ("onnxruntime", "tensorrt")
 REPORT = "report"  # the calibration plots, inside the engine folder
@@ -236,7 +236,6 @@ def build_tensorrt_engines(folder: Path, options: dict, log=_stderr) -> dict:
 
     Optimization profiles: prefill over (batch, prompt length); decode over (batch, every
     layer's past length), each layer's range that of the prompt it can hold."""
-    from ..engines.tensorrt import ENGINE_SUBDIR
     from .tensorrt import build_tensorrt_engine
 
     precision = options.get("precision", "fp16")

@@ -39,12 +39,14 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
+from ..defaults import EVICT_DISTANCE, SINK
 from .. import compaction
+from ..engine_folder import CACHE_LAYOUT_KEY
 from ..scoring import causal_mask, make_scorer
-from .engine_folder import CACHE_LAYOUT_KEY
 
 OPSET = 18
 
@@ -63,11 +65,11 @@ class GraphSpec:
     head_dim: int
     vocab: int
     fractions: list[float]  # per-layer keep fractions: graph constants
-    sink: int = 4
+    sink: int = SINK
     protect_last: bool = True
     scorer: str = "accumulated"
     scorer_params: dict = field(default_factory=dict)
-    evict_distance: int = 25
+    evict_distance: int = EVICT_DISTANCE
     dtype: str = "float32"
 
     def to_dict(self) -> dict:
@@ -370,7 +372,7 @@ def exporter_version() -> str:
     return f"{__version__}+{digest}"
 
 
-def graph_spec(model, profile, keep_fraction: float, evict_distance: int = 25) -> GraphSpec:
+def graph_spec(model, profile, keep_fraction: float, evict_distance: int = EVICT_DISTANCE) -> GraphSpec:
     """The spec for ``model`` with the per-layer fractions of ``profile`` at ``keep_fraction``."""
     dec = Decoder(model)
     fractions = profile.layer_fractions(keep_fraction)
@@ -488,3 +490,19 @@ def export_engine_graphs(model, spec: GraphSpec, folder: str | Path, opset: int 
     """Both graphs into ``folder``: prefill.onnx(+.data), decode.onnx(+.data)."""
     folder = Path(folder)
     return {g: export_graph(model, spec, g, folder / f"{g}.onnx", opset, log) for g in ("prefill", "decode")}
+
+
+def io_metadata(path: str | Path) -> dict:
+    """{"inputs": [{"name", "dtype", "shape"}], "outputs": [...]} of an ONNX file (no weights loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+        return out
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output), "opset": opset}

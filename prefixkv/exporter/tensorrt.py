@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
+from ..defaults import SINK, TENSORRT
 from ..plugins.trt import DECODE, NAMESPACE, PREFILL, SELECT, VERSION
 
 DOMAIN = NAMESPACE  # ONNX domain of the custom nodes
@@ -54,7 +55,7 @@ def plugin_node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], nam
             raise ValueError(f"{name}: keep_fraction must be in [0, 1], got {fraction!r}")
         attributes["keep_fraction"] = float(fraction)
         attributes["protect_last"] = int(bool(attributes.get("protect_last", True)))
-        attributes["sink"] = int(attributes.get("sink", 4))
+        attributes["sink"] = int(attributes.get("sink", SINK))
     node = helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=DOMAIN,
                             plugin_namespace=NAMESPACE, plugin_version=VERSION, aot=int(bool(aot)), **attributes)
     if layer is not None:
@@ -67,7 +68,7 @@ def build_plugin_layer_graph(
     kv_heads: int = 2,
     head_dim: int = 16,
     keep_fraction: float = 0.25,
-    sink: int = 4,
+    sink: int = SINK,
     protect_last: bool = True,
     scaling: float | None = None,
     dtype: str = "float16",
@@ -243,13 +244,13 @@ def profile_shapes(model: onnx.ModelProto, batch: tuple[int, int, int], seq: tup
 def build_tensorrt_engine(
     onnx_path: str | Path,
     output_dir: str | Path,
-    precision: str = "fp16",
+    precision: str = TENSORRT.precision,
     min_batch: int = 1,
     opt_batch: int = 1,
-    max_batch: int = 8,
+    max_batch: int = TENSORRT.max_batch,
     min_seq: int = 1,
-    opt_seq: int = 512,
-    max_seq: int = 4096,
+    opt_seq: int = TENSORRT.opt_seq,
+    max_seq: int = TENSORRT.max_seq,
     dims: Mapping[str, tuple[int, int, int]] | None = None,
     workspace_gib: float = 8.0,
     engine_name: str = "model.engine",

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..defaults import SINK
 from .. import compaction
 
 SOURCES = {
@@ -86,13 +87,13 @@ def _import_trtllm():
 # ----------------------------------------------------------------------------------------
 # pure helpers (testable without TensorRT-LLM)
 # ----------------------------------------------------------------------------------------
-def keep_count(length: int, fraction: float, sink: int = 4, protect_last: bool = True) -> int:
+def keep_count(length: int, fraction: float, sink: int = SINK, protect_last: bool = True) -> int:
     """Entries a layer keeps of a ``length``-token prompt (``compaction.keep_counts``)."""
     return int(compaction.keep_counts(torch.tensor([int(length)]), float(fraction), sink, protect_last)[0])
 
 
 def max_attention_window_from_profile(
-    layer_fractions: Sequence[float], max_seq_len: int, sink: int = 4, protect_last: bool = True
+    layer_fractions: Sequence[float], max_seq_len: int, sink: int = SINK, protect_last: bool = True
 ) -> list[int]:
     """Per-layer windows for ``KvCacheConfig(max_attention_window=[...])`` (approximate mode).
 
@@ -110,7 +111,7 @@ def max_attention_window_from_profile(
     return [max(1, keep_count(max_seq_len, f, sink, protect_last)) for f in layer_fractions]
 
 
-def kv_cache_config(layer_fractions: Sequence[float], max_seq_len: int, sink: int = 4, protect_last: bool = True, **kwargs):
+def kv_cache_config(layer_fractions: Sequence[float], max_seq_len: int, sink: int = SINK, protect_last: bool = True, **kwargs):
     """``tensorrt_llm.llmapi.KvCacheConfig`` for the approximate mode (block reuse off)."""
     _import_trtllm()
     from tensorrt_llm.llmapi import KvCacheConfig
@@ -120,12 +121,12 @@ def kv_cache_config(layer_fractions: Sequence[float], max_seq_len: int, sink: in
     return KvCacheConfig(max_attention_window=windows, sink_token_length=sink, **kwargs)
 
 
-def shared_width(prompt_len: int, layer_fractions: Sequence[float], sink: int = 4, protect_last: bool = True) -> int:
+def shared_width(prompt_len: int, layer_fractions: Sequence[float], sink: int = SINK, protect_last: bool = True) -> int:
     """W: entries every layer keeps of one prompt when layers must share one length."""
     return max(keep_count(prompt_len, f, sink, protect_last) for f in layer_fractions)
 
 
-def top_positions(importance: torch.Tensor, count: int, sink: int = 4, protect_last: bool = True) -> torch.Tensor:
+def top_positions(importance: torch.Tensor, count: int, sink: int = SINK, protect_last: bool = True) -> torch.Tensor:
     """Sorted positions of one unpadded prompt's top ``count`` entries (protected first,
     ties to the lower index), as ``compaction.select`` picks them.  importance (S,) -> (count,) int64."""
     s = importance.shape[-1]
@@ -135,7 +136,7 @@ def top_positions(importance: torch.Tensor, count: int, sink: int = 4, protect_l
     return index[0][kept[0]]
 
 
-def layer_keep_masks(positions: torch.Tensor, importance: torch.Tensor, fraction: float, sink: int = 4,
+def layer_keep_masks(positions: torch.Tensor, importance: torch.Tensor, fraction: float, sink: int = SINK,
                      protect_last: bool = True) -> torch.Tensor:
     """Which of a layer's W kept ``positions`` (W,) the layer keeps with its own budget: (W,) bool."""
     own = top_positions(importance, keep_count(importance.shape[-1], fraction, sink, protect_last), sink, protect_last)

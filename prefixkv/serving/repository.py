@@ -100,7 +100,7 @@ def check_engine_folder(engine_dir: str | Path) -> Path:
     if not engine_dir.is_dir():
         raise FileNotFoundError(f"no engine folder at {engine_dir}; build one with `prefixkv build --output {engine_dir}`")
     try:
-        from ..exporter.engine_folder import verify_engine_folder
+        from ..engine_folder import verify_engine_folder
     except ImportError:
         if not any(engine_dir.glob("*.json")):
             raise RepositoryError(f"{engine_dir} has no manifest: it is not a prefixkv engine folder; build one with `prefixkv build`")

@@ -136,7 +136,7 @@ def write_trtllm_repository(
     default the folder the engine was built from).  reference_tokens: the prompt length
     whose per-layer memory the windows match (default: the engine's max context).
     """
-    from ..exporter.engine_folder import read_manifest
+    from ..engine_folder import read_manifest
     from .repository import RepositoryError, RepositoryExistsError
 
     manifest = read_manifest(engine_dir, verify=False)

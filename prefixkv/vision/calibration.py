@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from ..defaults import BLEND, SINK
 from ..cache import cache_argument
 from ..calibration import Calibration, calibrate
 from ..compaction import compact
-from ..search import DEFAULT_BLEND
 from .data import ImageError, chat_messages, check_placeholders, load_image
 
 
@@ -103,10 +103,10 @@ def calibrate_vision(
     samples: Sequence[dict],
     keep_fractions: Sequence[float],
     scorers: Sequence = ("accumulated",),
-    sink: int = 4,
+    sink: int = SINK,
     protect_last: bool = True,
     min_layer_keep: float = 0.0,
-    blend: float = DEFAULT_BLEND,
+    blend: float = BLEND,
     chat: bool = False,
     progress: bool = True,
     seed: int = 0,

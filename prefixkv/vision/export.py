@@ -246,8 +246,8 @@ def build_vision_engine(
     Returns ``prefixkv.exporter.build.BuildResult``.
     """
     from ..exporter.build import BuildResult
-    from ..exporter.engine_folder import VALIDATION, check_output, copy_tokenizer, io_metadata, staging, write_manifest
-    from ..exporter.onnx import graph_spec
+    from ..engine_folder import VALIDATION, check_output, copy_tokenizer, staging, write_manifest
+    from ..exporter.onnx import graph_spec, io_metadata
     from ..models import model_folder
     from ..profile import Fingerprint, RetentionProfile, atomic_write_text
 

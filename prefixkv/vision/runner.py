@@ -145,7 +145,7 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
     name = "onnxruntime-vision"
 
     def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True):
-        from ..exporter.engine_folder import EngineError, read_manifest
+        from ..engine_folder import EngineError, read_manifest
 
         if not is_vision_engine(engine_dir):  # before loading any graph
             source = read_manifest(engine_dir, verify=False)["model"]["source"]
@@ -194,7 +194,7 @@ def load_vision_runner(engine_dir: str | Path, backend: str = "onnxruntime", thr
     keep fraction through the PyTorch reference cache.
     """
     from ..engines import ALIASES, BACKENDS
-    from ..exporter.engine_folder import read_manifest
+    from ..engine_folder import read_manifest
 
     name = ALIASES.get(str(backend).lower(), str(backend).lower())
     if name == "auto":  # vision engines are ONNX Runtime engines (no TensorRT vision graph yet)

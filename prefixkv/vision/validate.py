@@ -109,7 +109,7 @@ def validate_vision_engine(
     prompts with synthetic images (the last text-only).  model/processor: the LLaVA model the
     engine was built from (loaded from the manifest's source if None).
     """
-    from ..exporter.engine_folder import read_manifest
+    from ..engine_folder import read_manifest
     from ..engines import reference_settings
     from .runner import VisionOnnxRuntimeRunner
     from .torch_runner import TorchVisionRunner

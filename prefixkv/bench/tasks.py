@@ -22,7 +22,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from .data import _encode, builtin_text
+from ..data import _encode, builtin_text
 
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple", "silver", "golden", "brown", "grey")
 THINGS = ("door", "box", "gate", "chest", "safe", "locker", "vault", "cabinet", "drawer", "window", "car", "bag")

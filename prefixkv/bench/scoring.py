@@ -39,9 +39,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .cache import PrefixKVCache, cache_argument
-    from .data import builtin_text
-    from .models import load_model
+    from ..cache import PrefixKVCache, cache_argument
+    from ..data import builtin_text
+    from ..models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

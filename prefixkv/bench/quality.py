@@ -1,6 +1,6 @@
 """The quality benchmark: every method and (scorer, allocation) pair at several keep fractions.
 
-    python -m prefixkv.bench_quality --output results/quality          (prefixkv bench quality)
+    python -m prefixkv.bench.quality --output results/quality          (prefixkv bench quality)
 
 1. Calibrate retention profiles on the built-in calibration split (one pass, every scorer
    a profile pair needs); plot per-layer keep fractions and Lorenz curves.
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report, stats
-from .evaluation import Config, evaluate_many
+from ..defaults import SINK
+from .. import report
+from . import stats
+from ..evaluation import Config, evaluate_many
 
 NAMED = {  # method -> (scorer, allocation) it is made of
     "streaming": ("recency", "uniform"),
@@ -91,7 +93,7 @@ def _log(message: str, started: float) -> None:
 
 def configs_from(methods: str, pairs: str) -> list[Config]:
     """Named methods, then pairs not already covered by a named method."""
-    from .policies import METHODS
+    from ..policies import METHODS
 
     out, seen = [], set()
     for name in [m.strip() for m in methods.split(",") if m.strip()]:
@@ -119,7 +121,7 @@ def configs_from(methods: str, pairs: str) -> list[Config]:
 
 
 def _scorer_key(config: Config, profiles: dict) -> str:
-    from .scoring import make_scorer
+    from ..scoring import make_scorer
 
     name = config.scorer or NAMED.get(config.method, ("accumulated", ""))[0]
     return make_scorer(name, **(config.scorer_params or {})).key
@@ -134,7 +136,7 @@ def attach_profiles(configs: list[Config], profiles: dict) -> list[Config]:
     return configs
 
 
-def grid_profiles(model, samples, keep_fractions, scorers, grid, sink: int = 4, protect_last: bool = True,
+def grid_profiles(model, samples, keep_fractions, scorers, grid, sink: int = SINK, protect_last: bool = True,
                   base=None) -> dict:
     """Profiles for every (min_layer_keep, blend) in ``grid`` from ONE scoring pass.
 
@@ -144,10 +146,10 @@ def grid_profiles(model, samples, keep_fractions, scorers, grid, sink: int = 4, 
     """
     import torch
 
-    from .calibration import score_sample
-    from .profile import Budget, Fingerprint, RetentionProfile
-    from .scoring import make_scorer
-    from .search import floor_and_blend, prefix_search
+    from ..calibration import score_sample
+    from ..profile import Budget, Fingerprint, RetentionProfile
+    from ..scoring import make_scorer
+    from ..search import floor_and_blend, prefix_search
 
     kfs = sorted({round(float(k), 6) for k in keep_fractions})
     scorer_objs = [make_scorer(s) for s in scorers]
@@ -314,7 +316,7 @@ def _slim(results: list[dict]) -> list[dict]:
 
 def run_sweep(model, tokenizer, args, keeps, profiles_grid, started) -> list[dict]:
     """Each (scorer, floor, blend) profile at keeps 0.1/0.2 on calibration-split prompts."""
-    from .data import builtin_samples
+    from ..data import builtin_samples
     from .tasks import retrieval_samples, score
 
     sweep_keeps = [k for k in keeps if k <= 0.2 + 1e-9] or keeps[:1]
@@ -398,10 +400,10 @@ def _run(args, argv: list[str]) -> int:
     started = time.time()
     import torch
 
-    from .calibration import calibrate
-    from .data import builtin_samples
-    from .models import load_model
-    from .profile import atomic_write_text
+    from ..calibration import calibrate
+    from ..data import builtin_samples
+    from ..models import load_model
+    from ..profile import atomic_write_text
     from .tasks import retrieval_samples, score
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import SINK
+
 
 def _floats(text: str) -> list[float]:
     values = [float(x) for x in text.split(",") if x.strip()]
@@ -41,7 +43,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="prefixkv bench speed", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -65,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 # -- the engine family ----------------------------------------------------------------------------
 def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
     """A profile with every keep fraction of ``keeps`` (1.0: all layers 1.0)."""
-    from .profile import Budget, Fingerprint, RetentionProfile
+    from ..profile import Budget, Fingerprint, RetentionProfile
 
     fingerprint = Fingerprint.of(model.config)
     partial = sorted(k for k in keeps if k < 1)
@@ -76,8 +78,8 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
         if cached.is_file():
             profile = RetentionProfile.load(cached, fingerprint)
         elif partial:
-            from .calibration import calibrate_profile
-            from .data import builtin_samples
+            from ..calibration import calibrate_profile
+            from ..data import builtin_samples
 
             log(f"calibrating a profile for keep {partial} (cached at {cached})")
             rows = builtin_samples(tokenizer, "calibration", n=8, tokens=512, reference_tokens=0)
@@ -85,7 +87,7 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
             profile = calibrate_profile(model, samples, partial, progress=False)
             profile.save(cached)
         else:
-            profile = RetentionProfile(fingerprint, sink=4, budgets={})
+            profile = RetentionProfile(fingerprint, sink=SINK, budgets={})
     if any(k >= 1 for k in keeps):
         profile.budgets[1.0] = Budget([1.0] * fingerprint.layers, [0.0] * fingerprint.layers)
     for k in keeps:
@@ -95,9 +97,9 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
 
 def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, log) -> dict[float, Path]:
     """keep fraction -> engine folder, built (export only) when not cached."""
-    from .exporter.build import build_engine
-    from .exporter.engine_folder import is_engine
-    from .exporter.onnx import exporter_version
+    from ..exporter.build import build_engine
+    from ..engine_folder import is_engine
+    from ..exporter.onnx import exporter_version
 
     engines = {}
     for keep in keeps:
@@ -114,7 +116,7 @@ def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, l
 
 def given_engines(text: str | None, keeps) -> dict[float, Path]:
     """keep fraction -> folder for the engines named on the command line (manifests checked)."""
-    from .exporter.engine_folder import read_manifest
+    from ..engine_folder import read_manifest
 
     out = {}
     for item in (text or "").split(","):
@@ -155,7 +157,7 @@ def repeat_rows(state, batch: int):
     """An ``OnnxRuntimeState`` of one row as ``batch`` identical rows (CPU)."""
     from onnxruntime import OrtValue
 
-    from .engines.onnxruntime import OnnxRuntimeState
+    from ..engines.onnxruntime import OnnxRuntimeState
 
     past = [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(v.numpy(), batch, 0))) for v in state.past]
     return OnnxRuntimeState(past, np.repeat(state.positions, batch), np.repeat(state.prompt_lengths, batch))
@@ -211,7 +213,7 @@ def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], st
 
 
 def prompt_tokens(tokenizer, length: int) -> list[int]:
-    from .data import builtin_text
+    from ..data import builtin_text
 
     text = builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -222,7 +224,7 @@ def prompt_tokens(tokenizer, length: int) -> list[int]:
 
 def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
     """onnxruntime-genai's full-cache decode at every context, or why it was not measured."""
-    from .models import model_folder
+    from ..models import model_folder
 
     try:
         return {str(c): genai_full_cache(model_folder(model), folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log)
@@ -244,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .engines.onnxruntime import OnnxRuntimeRunner
-    from .engines.torch import TorchRunner
-    from .models import cache_dir, load_model
-    from .profile import Fingerprint, RetentionProfile
+    from ..engines.onnxruntime import OnnxRuntimeRunner
+    from ..engines.torch import TorchRunner
+    from ..models import cache_dir, load_model
+    from ..profile import Fingerprint, RetentionProfile
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    from .profile import atomic_write_text
+    from ..profile import atomic_write_text
 
     atomic_write_text(output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"written: {output.with_suffix('.json')}")

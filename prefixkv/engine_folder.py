@@ -28,6 +28,7 @@ SCHEMA = "prefixkv.engine"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 VALIDATION = "validation.json"
+ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
 CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json",)
@@ -120,27 +121,9 @@ def copy_tokenizer(model_folder: str | Path, folder: str | Path) -> list[str]:
     return copied
 
 
-def io_metadata(path: str | Path) -> dict:
-    """{"inputs": [{"name", "dtype", "shape"}], "outputs": [...]} of an ONNX file (no weights loaded)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
-        return out
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output), "opset": opset}
-
-
 def write_manifest(folder: str | Path, info: dict) -> dict:
     """Write manifest.json over every file in ``folder`` (sha256 + bytes), last."""
-    from .. import __version__
+    from . import __version__
 
     folder = Path(folder)
     files = {}
@@ -156,7 +139,7 @@ def write_manifest(folder: str | Path, info: dict) -> dict:
         **info,
         "files": files,
     }
-    from ..profile import atomic_write_text
+    from .profile import atomic_write_text
 
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -206,7 +189,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
 
 def _check_profile(folder: Path, manifest: dict) -> None:
     """The profile in the folder must be the one the graphs were built from."""
-    from ..profile import Fingerprint, ProfileError, RetentionProfile
+    from .profile import Fingerprint, ProfileError, RetentionProfile
 
     try:
         profile = RetentionProfile.load(folder / "profile.json")

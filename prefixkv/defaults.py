@@ -1,0 +1,70 @@
+"""Every default setting of prefixkv, in one place (no imports, no I/O).
+
+The library, the CLI and the docs take their defaults from here; a literal default
+restated anywhere else is a bug.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- the cache ---------------------------------------------------------------------------------
+SINK = 4                 # first tokens always kept (attention sinks)
+PROTECT_LAST = True      # the last prompt token is always kept
+EVICT_DISTANCE = 25      # decode: the entry this many slots before the end of the compacted prompt is evicted
+KEEP_FRACTION = 0.2      # the global keep fraction of `build`, `eval` and `generate` (0.2 keeps 20% of the entries)
+
+# -- calibration -------------------------------------------------------------------------------
+SCORER = "accumulated"   # the paper's importance: attention mass received, summed over query rows
+WINDOW = 8               # query rows of the `window` scorer
+MIN_LAYER_KEEP = 0.0     # per-layer floor, a fraction of the uniform share
+# blend 1 = PrefixKV's lengths (the paper), 0 = uniform lengths.  0.5 is measured: the floor x
+# blend sweep of `prefixkv bench quality --sweep-floor-blend` on SmolLM2-135M (calibration-split
+# prompts, scorers accumulated / window / last-query, keep 0.1 and 0.2) ranked it first at every floor.
+BLEND = 0.5
+CALIBRATION_KEEP_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CALIBRATION_SAMPLES = 16
+CALIBRATION_TOKENS = 512
+
+# -- evaluation and validation -----------------------------------------------------------------
+EVAL_SAMPLES = 8
+EVAL_TOKENS = 512
+EVAL_NEW_TOKENS = 32
+VALIDATE_PROMPTS = 3
+VALIDATE_TOKENS = 320
+VALIDATE_NEW_TOKENS = 32
+VISION_VALIDATE_NEW_TOKENS = 16
+QUALITY_SAMPLES = 4
+# ROUGE-L everywhere (eval, validate, bench): F1 of the longest common subsequence of tokens,
+# with the Porter stemmer, as rouge-score's own examples and the summarisation literature use it
+# (inflections of one word count as the same word).
+ROUGE_STEMMER = True
+
+# -- generation --------------------------------------------------------------------------------
+MAX_NEW_TOKENS = 64
+
+# -- the ONNX Runtime runner -------------------------------------------------------------------
+CACHE_SLACK = 64         # free slots a layer's buffer gets when it is (re)allocated
+
+
+@dataclass(frozen=True)
+class TensorRTProfile:
+    """A TensorRT build: precision and the optimization profile's batch and sequence ranges."""
+
+    precision: str = "fp16"
+    max_batch: int = 8
+    opt_seq: int = 512
+    max_seq: int = 4096
+
+    def __post_init__(self):
+        if self.precision not in TENSORRT_PRECISIONS:
+            raise ValueError(f"TensorRT precision must be one of {', '.join(TENSORRT_PRECISIONS)}, got {self.precision!r}")
+        for name in ("max_batch", "opt_seq", "max_seq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TensorRT {name} must be a positive integer, got {value!r}")
+        if self.opt_seq > self.max_seq:
+            raise ValueError(f"TensorRT opt_seq ({self.opt_seq}) must not exceed max_seq ({self.max_seq})")
+
+
+TENSORRT_PRECISIONS = ("fp16", "bf16", "fp32")
+TENSORRT = TensorRTProfile()
