@@ -4,20 +4,47 @@ Pure tensor math, no model and no I/O. Read top to bottom:
 
 1. ``cumulative_priority``: per layer, sort importances (descending), normalise to
    sum 1 and take the cumulative sum (the layer's Lorenz-like "priority" curve).
-2. ``prefix_search``: binary-search one threshold ``p`` in [0, 1]; layer ``l`` keeps the
-   shortest prefix of its sorted list whose cumulative mass reaches ``p``.  Stop when
-   the total kept matches the budget, then rescale the counts so the total is exact.
+   Two curves (``SEARCH_CURVES``):
+
+   - ``"all"``, the released code's (THU-MIG/PrefixKV, ``obtain_cdf_num``): the curve spans
+     all N positions, the protected ones (the first ``sink`` tokens and the last token)
+     included.  A layer whose sinks hold much of its attention reaches a threshold with a
+     short prefix, so it gets fewer entries.
+   - ``"unprotected"``: the curve spans only the N - protected unprotected positions,
+     renormalised to sum 1; the protected mass takes no part.
+
+2. ``prefix_search``: bisect one threshold ``p`` in (0, 1); layer ``l`` keeps the shortest
+   prefix of its sorted list whose cumulative mass reaches ``p``.
+
+   - ``"all"``: the layer evicts ``max(N - prefix - protected, 0)``.  The bisection stops at
+     the first ``p`` whose evicted total is within ``RELEASED_STOP`` (5) entries of the target
+     ``(1 - keep) x L x N``, as the released code does; the evicted counts are then rescaled
+     to that target.  The released code truncates the rescaled counts to integers; here they
+     are rounded by largest remainder to the exact total instead (see ``prefix_search``).
+   - ``"unprotected"``: the prefix is the number of unprotected entries kept; the bisection
+     runs to the end, looking for a free total equal to the budget, and the counts are
+     rescaled to the exact total.
+
 3. ``floor_and_blend``: optional bounds on the allocation (beyond the paper): a
    per-layer floor and a blend towards uniform lengths, keeping the mean exact.
 
-Protected positions (the first ``sink`` tokens and the last token) are always kept;
-they are counted in the returned counts but take no part in the curves.
+Protected positions are always kept and are counted in the returned counts under both curves.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+SEARCH_CURVES = ("all", "unprotected")
+
+# The released bisection stops once the evicted total is strictly within this many entries of the target.
+RELEASED_STOP = 5
+
+
+def _check_curve(curve: str) -> None:
+    if curve not in SEARCH_CURVES:
+        raise ValueError(f"curve must be one of {', '.join(SEARCH_CURVES)}, got {curve!r}")
 
 
 def n_protected(positions: int, sink: int, protect_last: bool) -> int:
@@ -26,20 +53,30 @@ def n_protected(positions: int, sink: int, protect_last: bool) -> int:
     return sinks + int(protect_last and positions > sinks)
 
 
-def cumulative_priority(importance: torch.Tensor, sink: int = 0, protect_last: bool = False) -> torch.Tensor:
-    """Per-layer cumulative priority curves of the unprotected entries.
+def cumulative_priority(
+    importance: torch.Tensor, sink: int = 0, protect_last: bool = False, curve: str = "unprotected"
+) -> torch.Tensor:
+    """Per-layer cumulative priority curves.
 
     importance: (layers, positions) non-negative scores of one sample.
-    Returns (layers, positions - n_protected) float64: sorted descending, normalised to
-    sum 1 per layer, cumulated.  A layer whose unprotected mass is zero gets a uniform curve.
+    curve: ``"unprotected"`` (default) spans the entries left after the ``sink`` first and,
+    with ``protect_last``, the last; ``"all"`` spans every position (``sink`` and
+    ``protect_last`` are then ignored).
+    Returns (layers, positions - n_protected) for "unprotected", (layers, positions) for "all",
+    float64: sorted descending, normalised to sum 1 per layer, cumulated.  A layer whose mass
+    is zero gets a uniform curve.
     """
+    _check_curve(curve)
     if importance.dim() != 2:
         raise ValueError(f"importance must be (layers, positions), got shape {tuple(importance.shape)}")
     scores = importance.detach().to(torch.float64).clamp_min(0)
     layers, positions = scores.shape
-    first = min(sink, positions)
-    last = positions - 1 if (protect_last and positions > first) else positions
-    free = scores[:, first:last] if last > first else scores[:, :0]
+    if curve == "all":
+        free = scores
+    else:
+        first = min(sink, positions)
+        last = positions - 1 if (protect_last and positions > first) else positions
+        free = scores[:, first:last] if last > first else scores[:, :0]
     ordered = free.sort(dim=-1, descending=True).values
     total = ordered.sum(-1, keepdim=True)
     uniform = torch.full_like(ordered, 1.0 / max(ordered.shape[-1], 1))
@@ -85,36 +122,40 @@ def _exact_total(raw: torch.Tensor, target: int, low: int, high: int) -> torch.T
     return counts
 
 
-def prefix_search(
-    importance: torch.Tensor,
-    keep_fraction: float | Sequence[float] | torch.Tensor,
-    sink: int = 4,
-    protect_last: bool = True,
-    iterations: int = 60,
-) -> torch.Tensor:
-    """Per-layer kept counts for one sample under a global keep fraction.
+def _search_all(curves: torch.Tensor, fractions: torch.Tensor, prot: int, iterations: int) -> torch.Tensor:
+    """The released rule on full curves (L, N).  Returns real-valued kept counts (F, L):
+    ``N - evicted``, the evicted counts at the stopping threshold rescaled to the target."""
+    layers, positions = curves.shape
 
-    importance: (layers, positions) float scores (attention mass received, per layer).
-    keep_fraction: one fraction in (0, 1], or several.
-    Returns LongTensor (layers,) for one fraction, (fractions, layers) for several.  Counts
-    include the protected entries, are never fewer than them nor more than ``positions``,
-    and sum to round(keep_fraction x layers x positions) whenever those bounds allow.
-    """
-    fractions = torch.as_tensor(keep_fraction, dtype=torch.float64).reshape(-1)
-    single = not isinstance(keep_fraction, (Sequence, torch.Tensor)) or (
-        isinstance(keep_fraction, torch.Tensor) and keep_fraction.dim() == 0
-    )
-    if fractions.numel() == 0 or bool(((fractions <= 0) | (fractions > 1)).any()):
-        raise ValueError(f"keep fractions must be in (0, 1], got {fractions.tolist()}")
-    layers, positions = importance.shape
-    prot = n_protected(positions, sink, protect_last)
-    curves = cumulative_priority(importance, sink, protect_last)
-    free = curves.shape[-1]
-    targets = torch.round(fractions * layers * positions).long()  # half-to-even, like Python's round
-    free_targets = (targets - prot * layers).clamp(min=0)
+    def evicted_at(p: torch.Tensor) -> torch.Tensor:  # (F,) -> (F, L)
+        return (positions - _counts_at(curves, p) - prot).clamp(min=0).double()
 
-    lo = torch.zeros_like(fractions)
-    hi = torch.ones_like(fractions)
+    goal = (1.0 - fractions) * layers * positions  # evicted entries, not rounded (released)
+    lo, hi = torch.zeros_like(fractions), torch.ones_like(fractions)
+    p = torch.full_like(fractions, 0.5)
+    done = torch.zeros_like(fractions, dtype=torch.bool)
+    for _ in range(iterations):  # vectorised over fractions; each stops at its first close threshold
+        mid = (lo + hi) / 2
+        total = evicted_at(mid).sum(-1)
+        p = torch.where(done, p, mid)
+        done = done | ((total - goal).abs() < RELEASED_STOP)
+        if bool(done.all()):
+            break
+        too_few = total < goal  # evict more: a lower threshold, a shorter prefix
+        hi = torch.where(~done & too_few, mid, hi)
+        lo = torch.where(~done & ~too_few, mid, lo)
+    evicted = evicted_at(p)
+    sums = evicted.sum(-1, keepdim=True)
+    scaled = torch.where(sums > 0, evicted * (goal.view(-1, 1) / sums.clamp_min(1)), goal.view(-1, 1) / layers)
+    return positions - scaled
+
+
+def _search_unprotected(curves: torch.Tensor, free_targets: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Today's rule on the unprotected curves (L, M).  Returns real-valued free counts (F, L)
+    at the smallest threshold whose free total reaches the target, rescaled to it."""
+    layers = curves.shape[0]
+    lo = torch.zeros(free_targets.numel(), dtype=torch.float64)
+    hi = torch.ones_like(lo)
     for _ in range(iterations):  # vectorised over fractions; counts are monotone in p
         mid = (lo + hi) / 2
         total = _counts_at(curves, mid).sum(-1)
@@ -123,13 +164,59 @@ def prefix_search(
         hi = torch.where(too_many | hit, mid, hi)
         lo = torch.where(too_many | hit, lo, mid)
     counts = _counts_at(curves, hi).double()  # (F, L), total >= target up to plateaus
+    sums = counts.sum(-1, keepdim=True)
+    goal = free_targets.double().view(-1, 1)
+    return torch.where(sums > 0, counts * (goal / sums.clamp_min(1)), goal / layers)
 
-    out = []
-    for f in range(fractions.numel()):
-        c, goal = counts[f], int(free_targets[f])
-        raw = c * (goal / c.sum()) if c.sum() > 0 else torch.full_like(c, goal / layers)
-        out.append(_exact_total(raw, goal, 0, free) + prot)
-    result = torch.stack(out)
+
+def prefix_search(
+    importance: torch.Tensor,
+    keep_fraction: float | Sequence[float] | torch.Tensor,
+    sink: int = 4,
+    protect_last: bool = True,
+    iterations: int = 60,
+    curve: str = "all",
+) -> torch.Tensor:
+    """Per-layer kept counts for one sample under a global keep fraction.
+
+    importance: (layers, positions) float scores (attention mass received, per layer).
+    keep_fraction: one fraction in (0, 1], or several.
+    curve: ``"all"`` (the released code's rule, curves over every position) or
+    ``"unprotected"`` (curves over the unprotected entries only); see the module docstring.
+    Returns LongTensor (layers,) for one fraction, (fractions, layers) for several.  Counts
+    include the protected entries, are never fewer than them nor more than ``positions``,
+    and sum to round(keep_fraction x layers x positions) whenever those bounds allow.
+
+    The total under ``"all"``: the released code truncates the rescaled evicted counts, so
+    it keeps at least keep x L x N entries and fewer than L more (each layer's kept count is
+    rounded up).  Here the rescaled real counts are rounded by largest remainder to the exact
+    total above instead (``_exact_total``), so that a budget means the same under both curves
+    and a profile's mean is the keep fraction; each layer is then the released count or one
+    entry below it, except where the protected floor moves entries between layers.  Where no
+    threshold gets within ``RELEASED_STOP`` of the target (tiny or flat inputs; the released
+    loop would not end), the last of ``iterations`` bisection steps is used.
+    """
+    _check_curve(curve)
+    fractions = torch.as_tensor(keep_fraction, dtype=torch.float64).reshape(-1)
+    single = not isinstance(keep_fraction, (Sequence, torch.Tensor)) or (
+        isinstance(keep_fraction, torch.Tensor) and keep_fraction.dim() == 0
+    )
+    if fractions.numel() == 0 or bool(((fractions <= 0) | (fractions > 1)).any()):
+        raise ValueError(f"keep fractions must be in (0, 1], got {fractions.tolist()}")
+    layers, positions = importance.shape
+    prot = n_protected(positions, sink, protect_last)
+    targets = torch.round(fractions * layers * positions).long()  # half-to-even, like Python's round
+
+    if curve == "all":
+        raw = _search_all(cumulative_priority(importance, curve="all"), fractions, prot, iterations)
+        low, high, offset = prot, positions, 0
+    else:
+        curves = cumulative_priority(importance, sink, protect_last)
+        targets = (targets - prot * layers).clamp(min=0)  # free entries beyond the protected ones
+        raw = _search_unprotected(curves, targets, iterations)
+        low, high, offset = 0, curves.shape[-1], prot
+
+    result = torch.stack([_exact_total(raw[f], int(targets[f]), low, high) + offset for f in range(fractions.numel())])
     return result[0] if single else result
 
 
