@@ -155,7 +155,7 @@ print("HEAVY", heavy)
 # -- TensorRT-LLM llmapi variant --------------------------------------------------------------
 def test_attention_windows():
     assert attention_windows([0.1, 0.25, 1.0], 1000) == [100, 250, 1000]
-    assert attention_windows([0.001], 1000, minimum=5) == [5]
+    assert attention_windows([0.001], 1000, sink=4) == [5]  # the sinks and the last token
     with pytest.raises(ValueError):
         attention_windows([0.5], 0)
 

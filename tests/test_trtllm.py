@@ -5,9 +5,11 @@ import importlib.util
 import pytest
 import torch
 
-from prefixkv.compaction import compact
+from prefixkv.compaction import compact, keep_counts
+from prefixkv.defaults import PROTECT_LAST, SINK
 from prefixkv.exporter import trtllm as L
 from prefixkv.plugins.reference import width_bound
+from prefixkv.serving.trtllm_repository import attention_windows, write_trtllm_repository
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 
@@ -23,6 +25,56 @@ def test_max_attention_window_by_hand():
         L.max_attention_window_from_profile([], 100)
     with pytest.raises(ValueError, match="max_seq_len"):
         L.max_attention_window_from_profile([0.5], 0)
+
+
+def test_windows_are_keep_counts():
+    # the one window rule is the one count rule (at least 1), for the exporter and for deploy --trtllm
+    for sink, last in [(SINK, PROTECT_LAST), (0, False), (0, True), (2, False), (7, True)]:
+        for n in (1, 3, 8, 100, 1000, 4096):
+            fractions = [0.0, 0.001, 0.05, 0.145, 0.2, 0.5, 0.999, 1.0]
+            want = [max(1, int(keep_counts(torch.tensor([n]), f, sink, last)[0])) for f in fractions]
+            assert L.max_attention_window_from_profile(fractions, n, sink, last) == want
+            assert attention_windows(fractions, n, sink, last) == want
+    assert L.keep_count(1000, 0.001) == keep_counts(torch.tensor([1000]), 0.001, SINK, PROTECT_LAST).item() == SINK + 1
+
+
+def _engine(folder, fractions, sink, protect_last, context):
+    """A manifest-complete engine folder (placeholder graphs) with these layer keep fractions."""
+    from prefixkv.engine_folder import write_manifest
+    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+
+    folder.mkdir()
+    for name in ("prefill.onnx", "decode.onnx", "tokenizer.json"):
+        (folder / name).write_bytes(b"placeholder")
+    fingerprint = Fingerprint("LlamaForCausalLM", len(fractions), 4, 2, 16, "0123456789abcdef")
+    RetentionProfile(fingerprint, sink=sink, budgets={0.2: Budget(fractions, [0.0] * len(fractions))},
+                     protect_last=protect_last).save(folder / "profile.json")
+    write_manifest(folder, {
+        "model": {"source": "tiny", "folder": "/models/tiny", "fingerprint": fingerprint.__dict__},
+        "keep_fraction": 0.2, "layer_keep_fractions": fractions, "layers": len(fractions), "sink": sink,
+        "protect_last": protect_last, "max_context": context,
+    })
+    return folder
+
+
+def test_repository_windows_are_the_exporters(tmp_path):
+    """deploy --trtllm writes the exporter's windows, protected-entry clamp included."""
+    yaml = pytest.importorskip("yaml")
+    fractions = [0.001, 0.03, 0.145, 0.5, 1.0]  # a profile's layer keep fractions are in (0, 1]
+    engine = _engine(tmp_path / "engine", fractions, sink=4, protect_last=False, context=100)
+    model_dir = write_trtllm_repository(engine, tmp_path / "trt", reference_tokens=100)
+    windows = yaml.safe_load((model_dir / "1" / "model.yaml").read_text())["kv_cache_config"]["max_attention_window"]
+    # by hand, 100 tokens, 4 sinks, last token not protected (4 protected entries):
+    #   0.001 -> round(0.1) = 0, clamped up to the 4 sinks -> 4
+    #   0.03 -> round(3) = 3 -> 4
+    #   0.145 -> 0.145 is 0.14499999582767487 in float32; x 100 rounds (float32) to 14.5 exactly,
+    #            floor(14.5 + 0.5) = 15 (keep_counts' float32 rule, what the engine keeps)
+    #   0.5 -> 50; 1.0 -> 100
+    assert windows == [4, 4, 15, 50, 100]
+    assert windows == L.max_attention_window_from_profile(fractions, 100, sink=4, protect_last=False)
+    # The old serving rule, min(L, max(sink + 1, floor(f x L + 0.5))) in float64, ignored the
+    # manifest's protect_last and rounded in float64: it wrote [5, 5, 14, 50, 100] (5 = sinks +
+    # a last token that is not kept; 14 from 0.145 x 100 = 14.499999999999998 in float64).
 
 
 @pytest.mark.parametrize("fraction,sink,protect_last", [(0.3, 4, True), (0.5, 0, False), (0.05, 2, True)])

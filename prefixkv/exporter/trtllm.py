@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..defaults import SINK
+from ..defaults import PROTECT_LAST, SINK
 from .. import compaction
 
 SOURCES = {
@@ -87,19 +87,22 @@ def _import_trtllm():
 # ----------------------------------------------------------------------------------------
 # pure helpers (testable without TensorRT-LLM)
 # ----------------------------------------------------------------------------------------
-def keep_count(length: int, fraction: float, sink: int = SINK, protect_last: bool = True) -> int:
+def keep_count(length: int, fraction: float, sink: int = SINK, protect_last: bool = PROTECT_LAST) -> int:
     """Entries a layer keeps of a ``length``-token prompt (``compaction.keep_counts``)."""
     return int(compaction.keep_counts(torch.tensor([int(length)]), float(fraction), sink, protect_last)[0])
 
 
 def max_attention_window_from_profile(
-    layer_fractions: Sequence[float], max_seq_len: int, sink: int = SINK, protect_last: bool = True
+    layer_fractions: Sequence[float], max_seq_len: int, sink: int = SINK, protect_last: bool = PROTECT_LAST
 ) -> list[int]:
     """Per-layer windows for ``KvCacheConfig(max_attention_window=[...])`` (approximate mode).
 
-    Layer l gets the entries PrefixKV would keep of a ``max_seq_len``-token sequence,
-    ``keep_counts(max_seq_len, f_l)`` (sinks and the last token included), at least 1.
-    Pair it with ``sink_token_length=sink``.
+    The one TensorRT-LLM window rule (``kv_cache_config`` here and ``prefixkv deploy --trtllm``,
+    ``serving.trtllm_repository``, both use it).  Layer l gets the entries PrefixKV would keep
+    of a ``max_seq_len``-token sequence, ``compaction.keep_counts(max_seq_len, f_l, sink,
+    protect_last)``: floor(f_l x max_seq_len + 0.5) in float32, clamped to [protected entries
+    (the sinks and the last token), max_seq_len], and at least 1 (TensorRT-LLM has no empty
+    window).  Pair it with ``sink_token_length=sink``.
     """
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
@@ -111,7 +114,7 @@ def max_attention_window_from_profile(
     return [max(1, keep_count(max_seq_len, f, sink, protect_last)) for f in layer_fractions]
 
 
-def kv_cache_config(layer_fractions: Sequence[float], max_seq_len: int, sink: int = SINK, protect_last: bool = True, **kwargs):
+def kv_cache_config(layer_fractions: Sequence[float], max_seq_len: int, sink: int = SINK, protect_last: bool = PROTECT_LAST, **kwargs):
     """``tensorrt_llm.llmapi.KvCacheConfig`` for the approximate mode (block reuse off)."""
     _import_trtllm()
     from tensorrt_llm.llmapi import KvCacheConfig
@@ -121,12 +124,12 @@ def kv_cache_config(layer_fractions: Sequence[float], max_seq_len: int, sink: in
     return KvCacheConfig(max_attention_window=windows, sink_token_length=sink, **kwargs)
 
 
-def shared_width(prompt_len: int, layer_fractions: Sequence[float], sink: int = SINK, protect_last: bool = True) -> int:
+def shared_width(prompt_len: int, layer_fractions: Sequence[float], sink: int = SINK, protect_last: bool = PROTECT_LAST) -> int:
     """W: entries every layer keeps of one prompt when layers must share one length."""
     return max(keep_count(prompt_len, f, sink, protect_last) for f in layer_fractions)
 
 
-def top_positions(importance: torch.Tensor, count: int, sink: int = SINK, protect_last: bool = True) -> torch.Tensor:
+def top_positions(importance: torch.Tensor, count: int, sink: int = SINK, protect_last: bool = PROTECT_LAST) -> torch.Tensor:
     """Sorted positions of one unpadded prompt's top ``count`` entries (protected first,
     ties to the lower index), as ``compaction.select`` picks them.  importance (S,) -> (count,) int64."""
     s = importance.shape[-1]
@@ -137,7 +140,7 @@ def top_positions(importance: torch.Tensor, count: int, sink: int = SINK, protec
 
 
 def layer_keep_masks(positions: torch.Tensor, importance: torch.Tensor, fraction: float, sink: int = SINK,
-                     protect_last: bool = True) -> torch.Tensor:
+                     protect_last: bool = PROTECT_LAST) -> torch.Tensor:
     """Which of a layer's W kept ``positions`` (W,) the layer keeps with its own budget: (W,) bool."""
     own = top_positions(importance, keep_count(importance.shape[-1], fraction, sink, protect_last), sink, protect_last)
     return torch.isin(positions, own)
@@ -159,7 +162,7 @@ def flatten_sparse_kv_indices(per_sequence: Sequence[torch.Tensor], num_kv_heads
     return flat.unsqueeze(0).expand(num_kv_heads, -1).contiguous(), offsets
 
 
-def loose_width(seq_len, fraction: float, sink: int, protect_last: bool = True):
+def loose_width(seq_len, fraction: float, sink: int, protect_last: bool = PROTECT_LAST):
     """An upper bound of ``reference.width_bound`` with +, * and // only (no min/max), for
     symbolic shapes that support nothing else: (S * p) // 2**16 + 1 + protected."""
     from ..plugins.reference import WIDTH_DENOMINATOR, width_numerator
@@ -195,8 +198,8 @@ def pytorch_backend_classes():
 
         algorithm: str = Field(default=ALGORITHM)
         layer_keep_fractions: list[float] = Field(default_factory=list, description="keep fraction of each layer")
-        sink: int = Field(default=4, description="first tokens always kept")
-        protect_last: bool = Field(default=True, description="the last prompt token is always kept")
+        sink: int = Field(default=SINK, description="first tokens always kept")
+        protect_last: bool = Field(default=PROTECT_LAST, description="the last prompt token is always kept")
 
         def supports_backend(self, backend: str) -> bool:
             return backend == "pytorch"

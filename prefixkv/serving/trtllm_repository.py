@@ -16,16 +16,20 @@ the matching release (``python3 -c "import tensorrt_llm; print(tensorrt_llm.__ve
 Approximation (sliding-window mode): PrefixKV keeps, in layer l, the fraction f_l of the
 prompt's entries it scores most important.  TensorRT-LLM cannot select entries by score,
 but it can give every layer its own attention window.  With a reference length L (the
-prompt length to match; default the engine's context), layer l gets a window of
-round(f_l x L) most recent tokens: the same per-layer memory as PrefixKV at length L.
+prompt length to match; default the engine's context), layer l gets a window of the
+entries the engine keeps of an L-token prompt, ``compaction.keep_counts(L, f_l)`` with the
+engine's sink and protect_last (round(f_l x L), never fewer than the sinks and the last
+token): the same per-layer memory as PrefixKV at length L.  The rule is the exporter's,
+``exporter.trtllm.max_attention_window_from_profile``; nothing here restates it.
 """
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
+from ..defaults import PROTECT_LAST, SINK
+from ..exporter.trtllm import max_attention_window_from_profile
 from .pbtxt import write_model_config
 
 TRTLLM_MODEL_NAME = "tensorrt_llm"
@@ -66,11 +70,15 @@ _OUTPUTS = [
 ]
 
 
-def attention_windows(layer_keep_fractions: list[float], reference_tokens: int, minimum: int = 1) -> list[int]:
-    """Per-layer sliding windows: round(f_l x reference_tokens), at least ``minimum``, at most the reference."""
+def attention_windows(layer_keep_fractions: list[float], reference_tokens: int, sink: int = SINK,
+                      protect_last: bool = PROTECT_LAST) -> list[int]:
+    """Per-layer sliding windows of ``reference_tokens`` tokens: the exporter's rule,
+    ``exporter.trtllm.max_attention_window_from_profile`` (the layer's keep count of a
+    reference-length prompt, protected entries included).
+    """
     if reference_tokens < 1:
         raise ValueError(f"the reference length must be a positive number of tokens, got {reference_tokens}")
-    return [int(min(reference_tokens, max(minimum, math.floor(f * reference_tokens + 0.5)))) for f in layer_keep_fractions]
+    return max_attention_window_from_profile(layer_keep_fractions, reference_tokens, sink, protect_last)
 
 
 def config_text(name: str = TRTLLM_MODEL_NAME, instances: int = 1) -> str:
@@ -99,7 +107,8 @@ def model_yaml(model: str, windows: list[int], max_seq_len: int, keep_fraction: 
     """model.yaml: LLM() arguments (everything but triton_config) and the Triton settings."""
     return f"""# Written by `prefixkv deploy --trtllm`.  Every key but triton_config is an argument of
 # tensorrt_llm.llmapi.LLM().  PrefixKV keep fraction {keep_fraction:g}, approximated as one
-# sliding attention window per layer: round(layer keep fraction x {reference_tokens} tokens).
+# sliding attention window per layer: the entries the layer keeps of a {reference_tokens}-token
+# prompt, round(layer keep fraction x {reference_tokens}), never fewer than the protected ones.
 model: {json.dumps(model)}
 backend: "pytorch"
 tensor_parallel_size: 1
@@ -145,7 +154,9 @@ def write_trtllm_repository(
     reference = int(reference_tokens or max_seq_len)
     if reference > max_seq_len:
         raise RepositoryError(f"--trtllm-reference-tokens {reference} is longer than the engine's context of {max_seq_len}")
-    windows = attention_windows(fractions, reference, minimum=max(1, int(manifest.get("sink", 0)) + 1))
+    sink = int(manifest.get("sink", SINK))
+    protect_last = bool(manifest.get("protect_last", PROTECT_LAST))
+    windows = attention_windows(fractions, reference, sink, protect_last)
     source = model or manifest["model"].get("folder") or manifest["model"]["source"]
 
     model_dir = Path(repository) / TRTLLM_MODEL_NAME
@@ -159,7 +170,7 @@ def write_trtllm_repository(
         write_model_config(model_dir / "config.pbtxt", config_text(TRTLLM_MODEL_NAME, instances),
                            name=TRTLLM_MODEL_NAME, backend="python", required_inputs=("text_input",), outputs=("text_output",))
         text = model_yaml(str(source), windows, max_seq_len, float(manifest["keep_fraction"]), reference,
-                          int(manifest.get("sink", 0)), max_batch_size)
+                          sink, max_batch_size)
         _check_yaml(text, windows)
         (version_dir / "model.yaml").write_text(text)
         (version_dir / "PREFIXKV.md").write_text(_notes(manifest, windows, reference))
@@ -194,7 +205,8 @@ installed in your Triton container into this folder, then
 
     tritonserver --model-repository <this repository>
 
-Each layer attends to its most recent `round(layer keep fraction x {reference})` tokens
+Each layer attends to its most recent `round(layer keep fraction x {reference})` tokens, never
+fewer than the entries PrefixKV always keeps (the sinks, and the last token where protected)
 (`kv_cache_config.max_attention_window`).  This reproduces PrefixKV's per-layer memory
 budget at a {reference}-token prompt, not its choice of which entries to keep (importance
 scores), not its sink tokens unless `sink_token_length` is enabled, and not its
