@@ -24,7 +24,7 @@ venv: $(VENV)/.installed
 DEMO_PROMPT := results/demo_prompt.txt
 
 demo: venv
-	$(PY) scripts/build_engine.py --model smollm2-135m --profile --keep $(KEEP) --output $(ENGINE) --force
+	$(PY) scripts/build_engine.py --model smollm2-135m --calibrate --keep $(KEEP) --output $(ENGINE) --force
 	@mkdir -p results
 	@$(PY) -c 'from pydoc_data.topics import topics; print(topics["for"].strip() + "\n\nIn one sentence: when does the \"else\" clause of a \"for\" loop run?")' > $(DEMO_PROMPT)
 	@echo "--- prefixkv generate $(ENGINE) --chat --prompt-file $(DEMO_PROMPT) (keep fraction $(KEEP)):"

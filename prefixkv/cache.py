@@ -20,12 +20,11 @@ import functools
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .defaults import EVICT_DISTANCE
 from . import attention as _attention
 from .compaction import compact, decode_budget, evict
+from .defaults import EVICT_DISTANCE
 from .policies import Method, make_method
-from .scoring import make_scorer
-from .scoring import attention_with_scores, decode_attention
+from .scoring import attention_with_scores, decode_attention, make_scorer
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .defaults import BLEND, MIN_LAYER_KEEP, PROTECT_LAST, SINK
 from . import __version__
 from .cache import PrefixKVCache, cache_argument
 from .data import samples_hash
+from .defaults import BLEND, MIN_LAYER_KEEP, PROTECT_LAST, SINK
 from .profile import Budget, Fingerprint, RetentionProfile
 from .scoring import Scorer, make_scorer
-from .search import curve_gini, floor_and_blend, prefix_search
+from .search import cumulative_priority, curve_gini, floor_and_blend, prefix_search
 
 
 @dataclass
@@ -56,7 +56,7 @@ def calibrate(
     data_name: str = "custom",
 ) -> Calibration:
     """Calibrate one profile per scorer in a single pass over ``samples`` (token-id lists)."""
-    keep_fractions = sorted({round(float(k), 6) for k in keep_fractions})
+    keep_fractions = sorted({float(k) for k in keep_fractions})
     if not keep_fractions or any(not 0 < k <= 1 for k in keep_fractions):
         raise ValueError(f"keep fractions must be in (0, 1], got {keep_fractions}")
     if not samples:
@@ -77,22 +77,14 @@ def calibrate(
         scores = score_sample(model, ids, scorers)
         for sc in scorers:
             imp = scores[sc.key]
-            counts = prefix_search(imp, keep_fractions, sink=sink, protect_last=protect_last)  # (F, L)
-            fractions = counts.double() / imp.shape[-1]
-            bounded = torch.stack([floor_and_blend(fractions[i], kf, min_layer_keep, blend)
-                                   for i, kf in enumerate(keep_fractions)])
-            per_sample[sc.key].append(bounded)
+            fractions = sample_fractions(imp, keep_fractions, sink, protect_last)
+            per_sample[sc.key].append(bound(fractions, keep_fractions, min_layer_keep, blend))
             curves[sc.key].append(_resample_curves(imp, sink, protect_last))
 
     lengths = [len(ids) for ids in samples]
     result = Calibration(profiles={})
     for sc in scorers:
-        stacked = torch.stack(per_sample[sc.key])  # (samples, F, L)
-        mean, std = stacked.mean(0), stacked.std(0, unbiased=False)
-        budgets = {}
-        for i, kf in enumerate(keep_fractions):
-            layer_f = (mean[i] * (kf / mean[i].mean())).clamp(max=1.0)  # exact mean after averaging
-            budgets[kf] = Budget([round(float(x), 6) for x in layer_f], [round(float(x), 6) for x in std[i]])
+        budgets = average(per_sample[sc.key], keep_fractions)
         curve = torch.stack(curves[sc.key]).mean(0)
         result.curves[sc.key] = curve
         result.gini[sc.key] = [round(float(g), 4) for g in curve_gini(curve)]
@@ -121,6 +113,32 @@ def calibrate(
     return result
 
 
+
+def sample_fractions(importance: torch.Tensor, keep_fractions: Sequence[float], sink: int = SINK,
+                     protect_last: bool = PROTECT_LAST) -> torch.Tensor:
+    """One sample's per-layer keep fractions: the prefix search's counts / prompt length.
+
+    importance: (layers, S); returns (fractions, layers) float64."""
+    counts = prefix_search(importance, list(keep_fractions), sink=sink, protect_last=protect_last)  # (F, L)
+    return counts.double() / importance.shape[-1]
+
+
+def bound(fractions: torch.Tensor, keep_fractions: Sequence[float], min_layer_keep: float, blend: float) -> torch.Tensor:
+    """``floor_and_blend`` of each row of (fractions, layers) at its keep fraction."""
+    return torch.stack([floor_and_blend(fractions[i], kf, min_layer_keep, blend) for i, kf in enumerate(keep_fractions)])
+
+
+def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float]) -> dict[float, Budget]:
+    """The profile's entries from per-sample (fractions, layers) keep fractions: their mean,
+    rescaled so each layer list's mean is exactly its keep fraction, and their spread."""
+    stacked = torch.stack(list(per_sample))  # (samples, F, L)
+    mean, std = stacked.mean(0), stacked.std(0, unbiased=False)
+    out = {}
+    for i, kf in enumerate(keep_fractions):
+        layer_f = (mean[i] * (kf / mean[i].mean())).clamp(max=1.0)  # exact mean after averaging
+        out[kf] = Budget([float(x) for x in layer_f], [float(x) for x in std[i]])
+    return out
+
 def calibrate_profile(model, samples, keep_fractions, sink: int = SINK, scorer: str | Scorer = "accumulated",
                       scorer_params: dict | None = None, min_layer_keep: float = 0.0, blend: float = BLEND,
                       progress: bool = True, **kwargs) -> RetentionProfile:
@@ -133,8 +151,6 @@ def calibrate_profile(model, samples, keep_fractions, sink: int = SINK, scorer: 
 
 def _resample_curves(importance: torch.Tensor, sink: int, protect_last: bool, points: int = 101) -> torch.Tensor:
     """(layers, S) -> (layers, points): cumulative priority at evenly spaced shares of entries."""
-    from .search import cumulative_priority
-
     curve = cumulative_priority(importance, sink, protect_last)
     m = curve.shape[-1]
     if m == 0:

@@ -29,10 +29,10 @@ CALIBRATION_TOKENS = 512
 EVAL_SAMPLES = 8
 EVAL_TOKENS = 512
 EVAL_NEW_TOKENS = 32
+EVAL_REFERENCE_TOKENS = 64   # continuation tokens of a built-in evaluation sample (its PPL reference)
 VALIDATE_PROMPTS = 3
 VALIDATE_TOKENS = 320
 VALIDATE_NEW_TOKENS = 32
-VISION_VALIDATE_NEW_TOKENS = 16
 QUALITY_SAMPLES = 4
 # ROUGE-L everywhere (eval, validate, bench): F1 of the longest common subsequence of tokens,
 # with the Porter stemmer, as rouge-score's own examples and the summarisation literature use it

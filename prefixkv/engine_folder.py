@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import __version__
+from .profile import Fingerprint, ProfileError, RetentionProfile, atomic_write_text
+
 SCHEMA = "prefixkv.engine"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,8 +126,6 @@ def copy_tokenizer(model_folder: str | Path, folder: str | Path) -> list[str]:
 
 def write_manifest(folder: str | Path, info: dict) -> dict:
     """Write manifest.json over every file in ``folder`` (sha256 + bytes), last."""
-    from . import __version__
-
     folder = Path(folder)
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, VALIDATION)):
@@ -139,8 +140,6 @@ def write_manifest(folder: str | Path, info: dict) -> dict:
         **info,
         "files": files,
     }
-    from .profile import atomic_write_text
-
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -189,8 +188,6 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
 
 def _check_profile(folder: Path, manifest: dict) -> None:
     """The profile in the folder must be the one the graphs were built from."""
-    from .profile import Fingerprint, ProfileError, RetentionProfile
-
     try:
         profile = RetentionProfile.load(folder / "profile.json")
         fingerprint = Fingerprint(**manifest["model"]["fingerprint"])

@@ -24,14 +24,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
-from .defaults import EVICT_DISTANCE, SINK
 from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
+from .defaults import EVAL_NEW_TOKENS, EVICT_DISTANCE, SINK
+from .metrics import perplexity, rouge_l
 from .policies import Method, make_method
+from .vision import is_vision_model
+from .vision.calibration import model_inputs
 
 
 @dataclass
-class Config:
+class MethodConfig:
     """One compression setting: a named method, or a (scorer, allocation) pair with ``method="custom"``.
 
     profile: the retention profile for the ``profile`` allocation (its scorer must match).
@@ -50,6 +54,14 @@ class Config:
     evict_distance: int = EVICT_DISTANCE
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        for name in ("min_layer_keep", "blend"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+                raise ValueError(f"{name.replace('_', '-')} must be in [0, 1], got {value!r}")
+        if isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int) or self.evict_distance < 1:
+            raise ValueError(f"the evict distance must be a positive integer, got {self.evict_distance!r}")
+
     def build(self, profile=None) -> Method:
         return make_method(self.method, self.profile or profile, self.scorer, self.scorer_params, self.allocation,
                            self.evict_distance, self.min_layer_keep, self.blend, self.force_scorer)
@@ -62,6 +74,27 @@ class Config:
             return self.method
         m = self.build(profile)
         return f"{m.scorer.name}+{m.allocation.name}"
+
+
+@dataclass
+class EvalSettings:
+    """How an evaluation runs: greedy tokens for ROUGE-L, batch size, ``generate=False`` for PPL
+    only, the sink (None: the method's own), the chat template for image prompts, a progress bar."""
+
+    max_new_tokens: int = EVAL_NEW_TOKENS
+    batch_size: int = 4
+    generate: bool = True
+    sink: int | None = None
+    chat: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.sink is not None and (isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0):
+            raise ValueError(f"the sink must be a non-negative integer, got {self.sink!r}")
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -81,16 +114,26 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids))
 
 
-def prepare(tokenizer, samples) -> list[dict]:
-    """Token ids of each sample: ``{"prompt_ids", "reference_ids" (or None)}``.
+def prepare(tokenizer, samples, images: bool = False, chat: bool = False) -> list[dict]:
+    """Token ids of each sample: ``{"prompt_ids", "reference_ids" (or None), "pixel_values" (or None)}``.
 
     A sample is a prompt string, or a dict with ``prompt`` (+ optional ``reference``), or
     already ``prompt_ids`` (+ optional ``reference_ids``; then no tokenizer is needed).
     The prompt gets the tokenizer's special tokens unless it already starts with BOS text.
+    images: ``tokenizer`` is a vision-language model's processor; dict samples may hold an
+    ``image`` (``prefixkv.vision.data``) and are encoded by it (``<image>`` expanded,
+    pixel values; ``chat``: its chat template).
     """
     out = []
+    text = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own tokenizer
     for i, s in enumerate(samples):
         s = {"prompt": s} if isinstance(s, str) else dict(s)
+        if images and "prompt_ids" not in s:
+            inputs = model_inputs(tokenizer, s, chat)
+            ref = _encode(text, s["reference"], False) if s.get("reference") else None
+            out.append({"prompt_ids": inputs["input_ids"][0].tolist(), "reference_ids": ref or None,
+                        "pixel_values": inputs.get("pixel_values")})
+            continue
         if "prompt_ids" in s:
             prompt = [int(t) for t in s["prompt_ids"]]
             ref = s.get("reference_ids")
@@ -98,13 +141,13 @@ def prepare(tokenizer, samples) -> list[dict]:
         else:
             if tokenizer is None:
                 raise ValueError("text samples need a tokenizer (or give prompt_ids)")
-            bos = getattr(tokenizer, "bos_token", None)
+            bos = getattr(text, "bos_token", None)
             special = not (bos and s["prompt"].startswith(bos))
-            prompt = _encode(tokenizer, s["prompt"], special)
-            ref = _encode(tokenizer, s["reference"], False) if s.get("reference") else None
+            prompt = _encode(text, s["prompt"], special)
+            ref = _encode(text, s["reference"], False) if s.get("reference") else None
         if len(prompt) < 1:
             raise ValueError(f"sample {i} has an empty prompt")
-        out.append({"prompt_ids": prompt, "reference_ids": ref or None})
+        out.append({"prompt_ids": prompt, "reference_ids": ref or None, "pixel_values": None})
     return out
 
 
@@ -120,9 +163,11 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def prefill(model, prompts: list[list[int]], record: Sequence, pad_id: int, score_block: int = 256):
+def prefill(model, prompts: list[list[int]], record: Sequence, pad_id: int, score_block: int = 256, pixel_values=None):
     """One full-cache prefill of a left-padded batch, recording ``record`` scorers.
 
+    pixel_values: (I, 3, H, W) for the images of a vision-language model's prompts, in
+    row-major order of their image tokens (None: no image).
     Returns (cache, last logits (batch, vocab) float32, attention mask (batch, S)).
     """
     device = next(model.parameters()).device
@@ -130,8 +175,11 @@ def prefill(model, prompts: list[list[int]], record: Sequence, pad_id: int, scor
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = PrefixKVCache(method="full", keep_fraction=1.0, record=list(record), score_block=score_block)
+    extra = {}
+    if pixel_values is not None:
+        extra["pixel_values"] = pixel_values.to(device, next(model.parameters()).dtype)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_argument(model, cache),
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **extra)
     return cache, out.logits[:, -1].float(), mask
 
 
@@ -220,26 +268,6 @@ def greedy(model, cache, first_logits, mask, max_new_tokens: int, eos_ids: Seque
 
 
 # -- metrics ------------------------------------------------------------------------------------------
-def perplexity(nll_sum: float, tokens: int) -> float:
-    """exp(summed NLL / tokens); nan without tokens."""
-    return math.exp(nll_sum / tokens) if tokens > 0 else float("nan")
-
-
-_ROUGE = None
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (``rouge-score``, with stemming); two empty texts score 1."""
-    global _ROUGE
-    if not prediction.strip() and not reference.strip():
-        return 1.0
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
@@ -263,27 +291,27 @@ def evaluate_many(
     model,
     tokenizer,
     samples,
-    configs: Sequence[Config],
+    configs: Sequence[MethodConfig],
     keep_fractions: Sequence[float],
+    settings: EvalSettings | None = None,
     profile=None,
-    max_new_tokens: int = 32,
-    batch_size: int = 4,
     full_generations: Sequence[str] | dict | None = None,
-    sink: int | None = None,
-    generate: bool = True,
-    progress: bool = True,
 ) -> list[dict]:
     """Every config at every keep fraction on ``samples``, one prefill per batch.
 
     Returns one result dict per (config, keep fraction), configs outer (see ``evaluate``);
     a ``full`` config is evaluated once, at keep fraction 1.  Full-cache generations are
     computed once here unless given (a list of strings or a full-method result).
-    ``generate=False`` skips generation and ROUGE-L (PPL only).
+    ``settings.generate=False`` skips generation and ROUGE-L (PPL only).  A vision-language
+    model (``tokenizer``: its processor) takes samples with images, prefilled with their pixels.
     """
+    settings = settings or EvalSettings()
+    max_new_tokens, batch_size, generate, sink = settings.max_new_tokens, settings.batch_size, settings.generate, settings.sink
+    images = is_vision_model(model)
     keep_fractions = [float(k) for k in keep_fractions]
     if any(not 0 < k <= 1 for k in keep_fractions):
         raise ValueError(f"keep fractions must be in (0, 1] (0.2 keeps 20% of the entries), got {keep_fractions}")
-    prepared = prepare(tokenizer, samples)
+    prepared = prepare(tokenizer, samples, images, settings.chat)
     n = len(prepared)
     if n == 0:
         raise ValueError("no samples to evaluate")
@@ -294,7 +322,7 @@ def evaluate_many(
     need_full = generate or any(p["reference_ids"] is None for p in prepared)
     runs = []  # (config, method, keep fraction, label)
     if need_full and full_generations is None and not any(c.method == "full" for c in configs):
-        configs = [Config("full")] + list(configs)
+        configs = [MethodConfig("full")] + list(configs)
         hidden_full = True
     else:
         hidden_full = False
@@ -302,7 +330,7 @@ def evaluate_many(
         m = c.build(profile)
         kfs = [1.0] if not m.compresses else keep_fractions
         prof = c.profile or profile
-        csink = sink if sink is not None else (prof.sink if prof is not None and m.allocation.name == "profile" else 4)
+        csink = sink if sink is not None else (prof.sink if prof is not None and m.allocation.name == "profile" else SINK)
         for kf in kfs:
             runs.append({"config": c, "method": m, "keep": kf, "label": c.name(profile), "sink": csink,
                          "profile": prof if m.allocation.name == "profile" else None,
@@ -312,22 +340,24 @@ def evaluate_many(
     for r in runs:
         if r["method"].compresses:
             record.setdefault(r["method"].scorer.key, r["method"].scorer)
-    pad_id, eos_ids = _pad_id(model, tokenizer), _eos_ids(model, tokenizer)
+    text = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own tokenizer
+    pad_id, eos_ids = _pad_id(model, text), _eos_ids(model, text)
+    image_token = getattr(model.config, "image_token_id", None) if images else None
 
     per_run = [[None] * n for _ in runs]
     seconds = [0.0] * len(runs)
     order = sorted(range(n), key=lambda i: len(prepared[i]["prompt_ids"]))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
+    if settings.progress:
         bar = tqdm(total=len(batches) * len(runs), desc="evaluating", unit="run")
     full_text = list(full_generations) if full_generations is not None else [None] * n
     for batch in batches:
         prompts = [prepared[i]["prompt_ids"] for i in batch]
         started = time.time()
-        base, first, mask = prefill(model, prompts, list(record.values()), pad_id)
+        pixels = [prepared[i]["pixel_values"] for i in batch if prepared[i]["pixel_values"] is not None]
+        base, first, mask = prefill(model, prompts, list(record.values()), pad_id,
+                                    pixel_values=torch.cat(pixels) if pixels else None)
         prefill_s = (time.time() - started) / max(len(runs), 1)
         prompt_lengths = [len(p) for p in prompts]
         for k, run in enumerate(runs):
@@ -352,7 +382,7 @@ def evaluate_many(
                 if ref is None:
                     full = full_text[i]
                     ref = full if isinstance(full, list) else (
-                        [int(t) for t in full.split()] if tokenizer is None else _encode(tokenizer, full, False))
+                        [int(t) for t in full.split()] if text is None else _encode(text, full, False))
                     source = "full-generation"
                 refs.append(ref if ref else [eos_ids[0] if eos_ids else pad_id])
                 sources.append(source)
@@ -373,9 +403,13 @@ def evaluate_many(
                     "kv_fraction_end": float(held_end[:, j].mean() / seen[j]),
                     "layer_keep_fractions": [round(float(x), 5) for x in held[:, j] / prompt_lengths[j]],
                 }
+                if images:
+                    pixels_i = prepared[i]["pixel_values"]
+                    row["images"] = 0 if pixels_i is None else int(pixels_i.shape[0])
+                    row["image_tokens"] = int(sum(t == image_token for t in prompts[j]))
                 if generations is not None:
                     row["generation_ids"] = generations[j]
-                    row["generation"] = _decode(tokenizer, generations[j])
+                    row["generation"] = _decode(text, generations[j])
                 per_run[k][i] = row
             seconds[k] += time.time() - started + prefill_s
             if bar is not None:
@@ -392,7 +426,7 @@ def evaluate_many(
         if generate:
             for i, row in enumerate(rows):
                 full = full_text[i]
-                full = _decode(tokenizer, full) if isinstance(full, list) else full
+                full = _decode(text, full) if isinstance(full, list) else full
                 row["rouge_l"] = rouge_l(row["generation"], full)
         results.append(_summarise(run, rows, seconds[k], generate, max_new_tokens))
     return results
@@ -425,45 +459,35 @@ def _summarise(run: dict, rows: list[dict], seconds: float, generate: bool, max_
         "seconds": round(seconds, 2),
         "per_sample": rows,
     }
+    if "images" in rows[0]:
+        result["images"] = sum(r["images"] for r in rows)
     if c.extra:
         result.update(c.extra)
     return result
 
 
-def evaluate(
-    model,
-    tokenizer,
-    samples,
-    method: str,
-    keep_fraction: float,
-    profile=None,
-    max_new_tokens: int = 32,
-    batch_size: int = 4,
-    scorer: str | None = None,
-    allocation: str | None = None,
-    min_layer_keep: float = 0.0,
-    blend: float = 1.0,
-    full_generations: Sequence[str] | dict | None = None,
-    progress: bool = True,
-    scorer_params: dict | None = None,
-    force_scorer: bool = False,
-    sink: int | None = None,
-    generate: bool = True,
-) -> dict:
-    """PPL and ROUGE-L of one method at one keep fraction.
+def evaluate(model, tokenizer, samples, config: MethodConfig, keep_fraction: float, settings: EvalSettings | None = None,
+             profile=None, full_generations: Sequence[str] | dict | None = None) -> dict:
+    """PPL and ROUGE-L of one method at one keep fraction, next to the full cache's PPL.
 
-    samples: prompt strings, ``{"prompt", "reference"?}`` dicts or ``{"prompt_ids", "reference_ids"?}``.
-    Returns a dict: ``ppl`` (pooled over reference tokens), ``nll``, ``rouge_l`` (mean F1
-    against the full cache's greedy text), ``method``, ``scorer``, ``allocation``,
-    ``keep_fraction``, ``samples``, ``kv_fraction`` (entries actually held after the prefill
-    compaction / prompt entries, mean over layers and prompts), ``kv_fraction_end`` (held
-    / seen after the last reference token), ``layer_keep_fractions`` and ``per_sample``
-    rows (nll_sum, ppl, rouge_l, generation, kv fractions...).
+    samples: prompt strings, ``{"prompt", "reference"?}`` dicts or ``{"prompt_ids", "reference_ids"?}``
+    (with ``"image"`` for a vision-language model, whose processor is ``tokenizer``).
+    Returns a dict: ``ppl`` (pooled over reference tokens), ``ppl_full`` (the full cache's, same
+    tokens), ``nll``, ``rouge_l`` (mean F1 against the full cache's greedy text), ``method``,
+    ``scorer``, ``allocation``, ``keep_fraction``, ``samples``, ``kv_fraction`` (entries actually
+    held after the prefill compaction / prompt entries, mean over layers and prompts),
+    ``kv_fraction_end`` (held / seen after the last reference token), ``layer_keep_fractions``
+    and ``per_sample`` rows (nll_sum, ppl, ppl_full, rouge_l, generation, kv fractions...).
     Pass ``full_generations`` (list of strings or the full method's result) to reuse
     full-cache generations across methods.
     """
-    config = Config(method, scorer, allocation, scorer_params, min_layer_keep, blend, force_scorer=force_scorer)
-    results = evaluate_many(model, tokenizer, samples, [config], [keep_fraction], profile=profile,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, full_generations=full_generations,
-                            sink=sink, generate=generate, progress=progress)
-    return results[0]
+    if config.method == "full":
+        result = evaluate_many(model, tokenizer, samples, [config], [keep_fraction], settings, profile, full_generations)[0]
+        full = result
+    else:
+        full, result = evaluate_many(model, tokenizer, samples, [MethodConfig("full"), config], [keep_fraction], settings,
+                                     profile, full_generations)
+    result["ppl_full"] = full["ppl"]
+    for row, base in zip(result["per_sample"], full["per_sample"]):
+        row["ppl_full"] = base["ppl"]
+    return result

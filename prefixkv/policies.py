@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .defaults import EVICT_DISTANCE, PROTECT_LAST, SINK
 from .compaction import OLDEST
+from .defaults import EVICT_DISTANCE, PROTECT_LAST, SINK
 from .scoring import Scorer, make_scorer
 from .search import floor_and_blend, prefix_search
 

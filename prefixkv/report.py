@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .search import curve_gini
+
 METRIC_NAMES = {
     "ppl": "PPL (lower is better)",
     "rouge_l": "ROUGE-L F1 vs full cache (higher is better)",
@@ -91,8 +93,6 @@ def _plot_lorenz(curves, gini, key, path: Path) -> Path:
     layers, points = c.shape
     share = [i / (points - 1) for i in range(points)]
     if gini is None:
-        from .search import curve_gini
-
         gini = curve_gini(c).tolist()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
     cmap = plt.cm.plasma

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a PrefixKV engine: calibrate (or load) a profile, export, build and validate.
 
-    python scripts/build_engine.py --model smollm2-135m --profile --keep 0.2 --output engines/smollm2-k20
+    python scripts/build_engine.py --model smollm2-135m --calibrate --keep 0.2 --output engines/smollm2-k20
 
 Same as `prefixkv build`; see `--help` for every option.
 """

@@ -93,7 +93,8 @@ def test_not_an_engine(tmp_path):
 
 
 def test_interrupted_build_leaves_no_engine(tmp_path, monkeypatch):
-    from prefixkv.exporter import build
+    from prefixkv import pipeline as build
+    from prefixkv.pipeline import BuildConfig
 
     model, folder = tiny_model_folder(tmp_path)
 
@@ -104,7 +105,7 @@ def test_interrupted_build_leaves_no_engine(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "export_engine_graphs", interrupted)
     target = tmp_path / "out" / "engine"
     with pytest.raises(KeyboardInterrupt):
-        build.build_engine(str(folder), target, KEEP, profile=tiny_profile(model), model=model, validate=False)
+        build.build_engine(BuildConfig(str(folder), target, KEEP, profile=tiny_profile(model), validate=False), model=model)
     assert not target.exists()
     assert list((tmp_path / "out").iterdir()) == []  # no partial folder either
 
@@ -123,40 +124,43 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_build_refuses_bad_input_before_any_work(tmp_path, monkeypatch):
-    from prefixkv.exporter import build
+    from prefixkv import pipeline as build
     from prefixkv.models import ModelError
+    from prefixkv.pipeline import BuildConfig
     from prefixkv.profile import ProfileError
 
     monkeypatch.setattr(build, "export_engine_graphs", lambda *a, **k: pytest.fail("exported despite bad input"))
     model, folder = tiny_model_folder(tmp_path)
     target = tmp_path / "engine"
     with pytest.raises(ModelError, match="unknown model"):
-        build.build_engine("no-such-model", target, KEEP, validate=False)
+        build.build_engine(BuildConfig("no-such-model", target, KEEP, validate=False))
     with pytest.raises(ProfileError, match="keep fraction 0.3 is not in this profile.*calibrated: 0.4"):
-        build.build_engine(str(folder), target, 0.3, profile=tiny_profile(model), model=model, validate=False)
-    other = tiny_profile(model, fractions=[0.4] * (LAYERS + 1))
-    other.fingerprint = type(other.fingerprint)(**{**other.fingerprint.__dict__, "layers": LAYERS + 1})
+        build.build_engine(BuildConfig(str(folder), target, 0.3, profile=tiny_profile(model), validate=False), model=model)
+    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+
+    mine = Fingerprint.of(model.config)  # a profile made for a model with one more layer
+    other = RetentionProfile(Fingerprint(**{**mine.__dict__, "layers": LAYERS + 1}), sink=4,
+                             budgets={KEEP: Budget([0.4] * (LAYERS + 1), [0.0] * (LAYERS + 1))})
     path = other.save(tmp_path / "other.json")
     with pytest.raises(ProfileError, match="another model"):
-        build.build_engine(str(folder), target, KEEP, profile=str(path), model=model, validate=False)
+        build.build_engine(BuildConfig(str(folder), target, KEEP, profile=str(path), validate=False), model=model)
     with pytest.raises(ValueError, match=r"keep fraction must be in \(0, 1\]"):
-        build.build_engine(str(folder), target, 1.5, model=model, validate=False)
+        build.build_engine(BuildConfig(str(folder), target, 1.5, validate=False), model=model)
     target.mkdir()
     with pytest.raises(EngineExistsError, match="pass --force"):
-        build.build_engine(str(folder), target, KEEP, profile=tiny_profile(model), model=model, validate=False)
+        build.build_engine(BuildConfig(str(folder), target, KEEP, profile=tiny_profile(model), validate=False), model=model)
     assert list(target.iterdir()) == []
 
 
 def test_build_calibrates_when_no_profile_is_given(tmp_path):
-    from prefixkv.exporter.build import resolve_profile
+    from prefixkv.pipeline import CalibrationConfig, DataConfig, resolve_profile
     from prefixkv.tokenizer import Tokenizer
 
     model, folder = tiny_model_folder(tmp_path)
-    runs = []
-    profile = resolve_profile(None, model, Tokenizer(folder), KEEP, calibrate_samples=2, calibrate_tokens=48,
-                              log=lambda m: None, calibration_out=runs)
+    calibration = CalibrationConfig(data=DataConfig(samples=2, tokens=48))
+    profile, run = resolve_profile(None, model, Tokenizer(folder), KEEP, calibration, log=lambda m: None)
     fractions = profile.layer_fractions(KEEP)
-    assert len(runs) == 1 and runs[0].curves["accumulated"].shape == (LAYERS, 101)  # for the Lorenz plot
+    assert run is not None and run.curves["accumulated"].shape == (LAYERS, 101)  # for the Lorenz plot
     assert len(fractions) == LAYERS and all(0 < f <= 1 for f in fractions)
 
 
@@ -164,6 +168,17 @@ def test_cli_refuses_existing_output_with_one_line(tmp_path, capsys):
     from prefixkv.cli import main
 
     (tmp_path / "engine").mkdir()
-    code = main(["build", "--model", "no-such-model", "--output", str(tmp_path / "engine"), "--no-validate"])
+    code = main(["build", "--model", "no-such-model", "--calibrate", "--output", str(tmp_path / "engine"), "--no-validate"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "--force" in err[0]
+
+
+def test_cli_build_asks_for_a_profile_or_calibrate(tmp_path, capsys):
+    """Calibration is its own explicit flag: `--profile PATH` or `--calibrate`, one of them."""
+    from prefixkv.cli import main
+
+    for extra, message in (([], "one of the arguments --profile --calibrate is required"),
+                           (["--profile", "p.json", "--calibrate"], "not allowed with argument")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["build", "--output", str(tmp_path / "engine"), *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

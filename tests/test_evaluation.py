@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefixkv.cache import PrefixKVCache
-from prefixkv.evaluation import Config, evaluate, evaluate_many, fork, greedy, prefill, rouge_l, teacher_force
+from prefixkv.evaluation import EvalSettings, MethodConfig, evaluate, evaluate_many, fork, greedy, prefill, rouge_l, teacher_force
 
 
 def _samples(n=3, seed=1, vocab=256):
@@ -31,7 +31,7 @@ def _plain_nll(model, prompt, ref):
 
 def test_full_cache_ppl_equals_plain_forward(tiny_model):
     samples = _samples()
-    result = evaluate(tiny_model, None, samples, "full", 1.0, batch_size=3, max_new_tokens=4, progress=False)
+    result = evaluate(tiny_model, None, samples, MethodConfig("full"), 1.0, EvalSettings(batch_size=3, max_new_tokens=4, progress=False))
     for row, s in zip(result["per_sample"], samples):
         expected = _plain_nll(tiny_model, s["prompt_ids"], s["reference_ids"])
         assert row["nll_sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
@@ -48,7 +48,7 @@ def test_uniform_distribution_ppl_is_vocab_size(tiny_model):
     with torch.no_grad():
         tiny_model.lm_head.weight.zero_()
     for method in ("full", "h2o", "streaming"):
-        result = evaluate(tiny_model, None, _samples(2), method, 0.3, batch_size=2, generate=False, progress=False)
+        result = evaluate(tiny_model, None, _samples(2), MethodConfig(method), 0.3, EvalSettings(batch_size=2, generate=False, progress=False))
         assert result["ppl"] == pytest.approx(256.0, rel=1e-5)
 
 
@@ -56,7 +56,7 @@ def test_uniform_distribution_ppl_is_vocab_size(tiny_model):
 def test_fork_matches_a_cache_of_that_method(tiny_model, method):
     """One recorded prefill + fork gives what PrefixKVCache(method=...) gives on its own prefill."""
     samples = _samples(3)
-    result = evaluate(tiny_model, None, samples, method, 0.4, batch_size=3, max_new_tokens=6, progress=False)
+    result = evaluate(tiny_model, None, samples, MethodConfig(method), 0.4, EvalSettings(batch_size=3, max_new_tokens=6, progress=False))
     for row, s in zip(result["per_sample"], samples):
         prompt = torch.tensor([s["prompt_ids"]])
         mask = torch.ones_like(prompt)
@@ -77,8 +77,8 @@ def test_fork_matches_a_cache_of_that_method(tiny_model, method):
 
 def test_left_padding_does_not_change_results(tiny_model):
     samples = _samples(3)
-    one = evaluate(tiny_model, None, samples, "h2o", 0.3, batch_size=1, max_new_tokens=5, progress=False)
-    three = evaluate(tiny_model, None, samples, "h2o", 0.3, batch_size=3, max_new_tokens=5, progress=False)
+    one = evaluate(tiny_model, None, samples, MethodConfig("h2o"), 0.3, EvalSettings(batch_size=1, max_new_tokens=5, progress=False))
+    three = evaluate(tiny_model, None, samples, MethodConfig("h2o"), 0.3, EvalSettings(batch_size=3, max_new_tokens=5, progress=False))
     for a, b in zip(one["per_sample"], three["per_sample"]):
         assert a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-4, abs=1e-4)
         assert a["generation_ids"] == b["generation_ids"]
@@ -87,7 +87,7 @@ def test_left_padding_does_not_change_results(tiny_model):
 
 def test_kept_fraction_and_budget_during_decoding(tiny_model):
     samples = [{"prompt_ids": list(range(3, 103)), "reference_ids": list(range(5, 25))}]
-    result = evaluate(tiny_model, None, samples, "snapkv", 0.2, generate=False, progress=False)
+    result = evaluate(tiny_model, None, samples, MethodConfig("snapkv"), 0.2, EvalSettings(generate=False, progress=False))
     assert result["kv_fraction"] == pytest.approx(0.2)  # round(0.2 x 100) entries per layer
     assert result["kv_fraction_end"] == pytest.approx(0.2, abs=0.02)  # budget kept while teacher forcing
     assert result["layer_keep_fractions"] == [0.2] * 3
@@ -95,8 +95,8 @@ def test_kept_fraction_and_budget_during_decoding(tiny_model):
 
 def test_without_reference_the_full_generation_is_scored(tiny_model):
     samples = [{"prompt_ids": s["prompt_ids"]} for s in _samples(2)]
-    full = evaluate(tiny_model, None, samples, "full", 1.0, max_new_tokens=5, progress=False)
-    h2o = evaluate(tiny_model, None, samples, "h2o", 0.5, max_new_tokens=5, full_generations=full, progress=False)
+    full = evaluate(tiny_model, None, samples, MethodConfig("full"), 1.0, EvalSettings(max_new_tokens=5, progress=False))
+    h2o = evaluate(tiny_model, None, samples, MethodConfig("h2o"), 0.5, EvalSettings(max_new_tokens=5, progress=False), full_generations=full)
     for f, h in zip(full["per_sample"], h2o["per_sample"]):
         assert f["reference_source"] == h["reference_source"] == "full-generation"
         assert h["reference_tokens"] == max(len(f["generation_ids"]), 1)
@@ -107,10 +107,9 @@ def test_evaluate_many_shares_one_prefill_across_settings(tiny_model):
 
     samples = _samples(2)
     profile = calibrate_profile(tiny_model, [s["prompt_ids"] for s in _samples(3, seed=5)], [0.2, 0.5], progress=False)
-    configs = [Config("full"), Config("h2o"), Config("prefixkv"), Config(scorer="window", allocation="online"),
-               Config(scorer="last-query", allocation="pyramid", label="lq-pyr")]
-    results = evaluate_many(tiny_model, None, samples, configs, [0.2, 0.5], profile=profile, max_new_tokens=3,
-                            batch_size=2, progress=False)
+    configs = [MethodConfig("full"), MethodConfig("h2o"), MethodConfig("prefixkv"), MethodConfig(scorer="window", allocation="online"),
+               MethodConfig(scorer="last-query", allocation="pyramid", label="lq-pyr")]
+    results = evaluate_many(tiny_model, None, samples, configs, [0.2, 0.5], EvalSettings(max_new_tokens=3, batch_size=2, progress=False), profile=profile)
     labels = [(r["label"], r["keep_fraction"]) for r in results]
     assert labels == [("full", 1.0), ("h2o", 0.2), ("h2o", 0.5), ("prefixkv", 0.2), ("prefixkv", 0.5),
                       ("window+online", 0.2), ("window+online", 0.5), ("lq-pyr", 0.2), ("lq-pyr", 0.5)]
@@ -159,9 +158,8 @@ def test_every_method_on_smollm2(smollm2):
     calib = builtin_samples(tokenizer, "calibration", n=2, tokens=96, reference_tokens=0)
     ids = [tokenizer.encode(s["prompt"], add_special_tokens=False) for s in calib]
     profile = calibrate_profile(model, ids, [0.2], progress=False)
-    configs = [Config(m) for m in METHODS]
-    results = evaluate_many(model, tokenizer, samples, configs, [0.2], profile=profile, max_new_tokens=8,
-                            batch_size=2, progress=False)
+    configs = [MethodConfig(m) for m in METHODS]
+    results = evaluate_many(model, tokenizer, samples, configs, [0.2], EvalSettings(max_new_tokens=8, batch_size=2, progress=False), profile=profile)
     by = {r["method"]: r for r in results}
     assert set(by) == set(METHODS)
     assert by["full"]["rouge_l"] == 1.0

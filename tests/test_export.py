@@ -63,12 +63,13 @@ def tiny_engine(root: Path):
     """(engine_dir, model, profile): the tiny engine, built (and validated) once per session."""
     key = str(root)
     if key not in _BUILT:
-        from prefixkv.exporter.build import build_engine
+        from prefixkv.engines.validate import ValidationConfig
+        from prefixkv.pipeline import BuildConfig, build_engine
 
         model, folder = tiny_model_folder(root)
         profile = tiny_profile(model)
-        result = build_engine(str(folder), root / "tiny-engine", KEEP, profile=profile, model=model,
-                              validate=True, validate_options=SMALL_VALIDATION, log=lambda m: None)
+        config = BuildConfig(str(folder), root / "tiny-engine", KEEP, profile=profile, validation=ValidationConfig(**SMALL_VALIDATION))
+        result = build_engine(config, model=model, log=lambda m: None)
         assert result.passed, result.validation
         _BUILT[key] = (result.path, model, profile)
     return _BUILT[key]
@@ -240,7 +241,8 @@ def test_gemma_engine_matches_the_reference(tmp_path):
     from transformers import GemmaConfig, GemmaForCausalLM
 
     import prefixkv
-    from prefixkv.exporter.build import build_engine
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.pipeline import BuildConfig, build_engine
 
     torch.manual_seed(0)
     config = GemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
@@ -252,8 +254,9 @@ def test_gemma_engine_matches_the_reference(tmp_path):
     write_tokenizer(folder)
     prefixkv.enable(model)
     model.prefixkv_source = str(folder)  # what load_model records
-    result = build_engine(str(folder), tmp_path / "engine", KEEP, profile=tiny_profile(model), model=model,
-                          validate=True, validate_options=SMALL_VALIDATION, log=lambda m: None)
+    config = BuildConfig(str(folder), tmp_path / "engine", KEEP, profile=tiny_profile(model),
+                         validation=ValidationConfig(**SMALL_VALIDATION))
+    result = build_engine(config, model=model, log=lambda m: None)
     assert result.passed, result.validation
     assert result.validation["checks"]["graph"]["kept_positions_identical"]
 

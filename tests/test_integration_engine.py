@@ -27,7 +27,7 @@ def engine_key(profile, exporter: str) -> str:
 
 @pytest.fixture(scope="module")
 def smol_engine(smollm2):
-    from prefixkv.exporter.build import build_engine, resolve_profile
+    from prefixkv.pipeline import BuildConfig, build_engine, resolve_profile
     from prefixkv.engine_folder import is_engine
     from prefixkv.exporter.onnx import exporter_version
     from prefixkv.models import cache_dir
@@ -40,22 +40,22 @@ def smol_engine(smollm2):
     if profile_path.is_file():
         profile = RetentionProfile.load(profile_path, fingerprint)
     else:
-        profile = resolve_profile(None, model, tokenizer, KEEP, calibrate_samples=16, calibrate_tokens=512)
+        profile, _ = resolve_profile(None, model, tokenizer, KEEP)  # the default calibration: 16 x 512 tokens
         profile.save(profile_path)
     engine_dir = root / f"smollm2-k20-{engine_key(profile, exporter_version())}"
     if not is_engine(engine_dir):
-        build_engine("smollm2-135m", engine_dir, KEEP, profile=profile, model=model, tokenizer=tokenizer,
-                     force=True, validate=False)
+        build_engine(BuildConfig("smollm2-135m", engine_dir, KEEP, profile=profile, force=True, validate=False),
+                     model=model, tokenizer=tokenizer)
     return engine_dir, model, profile
 
 
 def test_validation_passes(smol_engine, tmp_path):
-    from prefixkv.engines.validate import validate_engine
+    from prefixkv.engines.validate import ValidationConfig, validate_engine
 
     engine_dir, model, _ = smol_engine
-    report = validate_engine(engine_dir, model=model, n_prompts=3, prompt_tokens=320, max_new_tokens=24,
-                             quality_samples=2, quality_tokens=512, quality_new_tokens=24,
-                             json_path=tmp_path / "validation.json")
+    config = ValidationConfig(n_prompts=3, prompt_tokens=320, max_new_tokens=24, quality_samples=2, quality_tokens=512,
+                              quality_new_tokens=24, json_path=tmp_path / "validation.json")
+    report = validate_engine(engine_dir, config, model=model)
     assert report["passed"], json.dumps(report["checks"], indent=1)[:4000]
     assert report["checks"]["graph"]["kept_positions_identical"]
     quality = report["checks"]["quality"]  # informational: keep 0.2 costs SmolLM2-135M real perplexity

@@ -174,13 +174,15 @@ def test_tensorrt_engine_validates_against_the_reference(tmp_path):
     pytest.importorskip("triton", reason="the plugins compile Triton kernels: pip install triton")
     from test_export import SMALL_VALIDATION
 
+    from prefixkv.defaults import TensorRTProfile
     from prefixkv.engines import load_runner
-    from prefixkv.exporter.build import build_engine
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.pipeline import BuildConfig, build_engine
 
     model, folder = tiny_model_folder(tmp_path)
-    result = build_engine(str(folder), tmp_path / "trt", KEEP, profile=tiny_profile(model), model=model,
-                          backend="tensorrt", tensorrt_options={"precision": "fp32", "max_seq": 512},
-                          validate=True, validate_options=SMALL_VALIDATION, log=print)
+    config = BuildConfig(str(folder), tmp_path / "trt", KEEP, profile=tiny_profile(model), backend="tensorrt",
+                         tensorrt=TensorRTProfile(precision="fp32", max_seq=512), validation=ValidationConfig(**SMALL_VALIDATION))
+    result = build_engine(config, model=model, log=print)
     assert result.manifest["tensorrt"]["engines"] == {"prefill": "tensorrt/prefill.engine", "decode": "tensorrt/decode.engine"}
     assert result.passed, json.dumps(result.validation, indent=1)[:4000]
     assert load_runner(result.path).name == "tensorrt"

@@ -13,11 +13,11 @@ def tiny(tmp_path_factory):
 
 
 def test_validation_passes_and_writes_json(tiny, tmp_path):
-    from prefixkv.engines.validate import validate_engine
+    from prefixkv.engines.validate import ValidationConfig, validate_engine
 
     engine_dir, model, _ = tiny
     out = tmp_path / "report.json"
-    report = validate_engine(engine_dir, model=model, json_path=out, log=lambda m: None, **SMALL_VALIDATION)
+    report = validate_engine(engine_dir, ValidationConfig(json_path=out, **SMALL_VALIDATION), model=model, log=lambda m: None)
     assert report["passed"]
     assert json.loads(out.read_text())["passed"] is True
     graph = report["checks"]["graph"]
@@ -34,24 +34,26 @@ def test_validation_fails_against_another_model(tiny):
     """A reference with other weights: the graph and generation checks must fail."""
     from conftest import tiny_llama
 
-    from prefixkv.engines.validate import validate_engine
+    from prefixkv.engines.validate import ValidationConfig, validate_engine
 
     engine_dir = tiny[0]
     other = tiny_llama(layers=3, seed=1)
     other.config.architectures = ["LlamaForCausalLM"]  # as saved: same fingerprint, other weights
-    report = validate_engine(engine_dir, model=other, checks=("graph", "generation"), log=lambda m: None,
-                             **{k: v for k, v in SMALL_VALIDATION.items() if not k.startswith("quality")})
+    config = ValidationConfig(checks=("graph", "generation"),
+                              **{k: v for k, v in SMALL_VALIDATION.items() if not k.startswith("quality")})
+    report = validate_engine(engine_dir, config, model=other, log=lambda m: None)
     assert not report["passed"]
     assert not report["checks"]["graph"]["passed"]
     assert report["checks"]["graph"]["max_abs"]["logits"] > 1e-2
 
 
 def test_quality_thresholds_fail_the_report(tiny):
-    from prefixkv.engines.validate import validate_engine
+    from prefixkv.engines.validate import ValidationConfig, validate_engine
 
     engine_dir, model, _ = tiny
-    report = validate_engine(engine_dir, model=model, checks=("quality",), quality_samples=1, quality_tokens=40,
-                             quality_new_tokens=4, max_ppl_increase=-1.0, log=lambda m: None)
+    config = ValidationConfig(checks=("quality",), quality_samples=1, quality_tokens=40, quality_new_tokens=4,
+                              max_ppl_increase=-1.0)
+    report = validate_engine(engine_dir, config, model=model, log=lambda m: None)
     assert not report["passed"] and "PPL increase" in report["checks"]["quality"]["failures"][0]
 
 
@@ -60,7 +62,7 @@ def test_cli_validate_exit_codes(tiny, tmp_path, capsys, monkeypatch):
     from prefixkv.engines import validate
 
     engine_dir, model, _ = tiny
-    monkeypatch.setattr("prefixkv.models.load_model", lambda source: (model, None))
+    monkeypatch.setattr("prefixkv.engines.torch.load_model", lambda source: (model, None))
     out = tmp_path / "v.json"
     args = ["validate", str(engine_dir), "--json", str(out), "--validate-prompts", "2", "--validate-tokens", "40",
             "--validate-new-tokens", "4", "--quality-samples", "0"]

@@ -99,16 +99,17 @@ def llava(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(llava, tmp_path_factory):
     """calibrate -> export -> engine -> validate, once: (engine folder, BuildResult)."""
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.pipeline import BuildConfig, CalibrationConfig, DataConfig, build_engine
     from prefixkv.vision.data import load_samples
-    from prefixkv.vision.export import build_vision_engine
 
     folder, model, processor, data = llava
     samples = load_samples(data / "llava.json", first_turn_only=True)
     out = tmp_path_factory.mktemp("engines") / "llava-k50"
-    result = build_vision_engine(str(folder), out, 0.5, calibration_samples=samples, sink=2, model=model, processor=processor,
-                                 validate_options={"samples": samples[:2] + [{"prompt": "Describe a beach.", "image": None}],
-                                                   "max_new_tokens": 12},
-                                 log=lambda m: None)
+    calibration = CalibrationConfig(sink=2, data=DataConfig(data / "llava.json", first_turn_only=True))
+    validation = ValidationConfig(samples=samples[:2] + [{"prompt": "Describe a beach.", "image": None}], max_new_tokens=12)
+    config = BuildConfig(str(folder), out, 0.5, calibration=calibration, validation=validation)
+    result = build_engine(config, model=model, tokenizer=processor, log=lambda m: None)
     return out, result
 
 
@@ -158,7 +159,7 @@ def test_load_image_errors(tmp_path):
 
 # -- preprocessing and prompts --------------------------------------------------------------------
 def test_preprocessing_and_tokens_match_the_models_processor(llava):
-    from prefixkv.vision.torch_runner import TorchVisionRunner
+    from prefixkv.engines.torch import TorchVisionRunner
 
     folder, model, processor, _ = llava
     runner = TorchVisionRunner(model, folder)  # numpy + Pillow preprocessing, prefixkv tokenizer
@@ -175,7 +176,7 @@ def test_preprocessing_and_tokens_match_the_models_processor(llava):
 
 
 def test_placeholder_errors(llava):
-    from prefixkv.vision.torch_runner import TorchVisionRunner
+    from prefixkv.engines.torch import TorchVisionRunner
 
     folder, model, _, _ = llava
     runner = TorchVisionRunner(model, folder)
@@ -243,14 +244,14 @@ def test_calibration_image_share_is_what_the_cache_keeps(llava, tmp_path):
 
 # -- evaluation (the paper's protocol) ------------------------------------------------------------
 def test_evaluate_vision_protocol(llava):
+    from prefixkv.evaluation import EvalSettings, MethodConfig, evaluate
     from prefixkv.vision.data import load_samples
-    from prefixkv.vision.evaluation import evaluate_vision
 
     _, model, processor, data = llava
     samples = load_samples(data / "llava.json", first_turn_only=True)[:2]
-    full = evaluate_vision(model, processor, samples[:1], "full", 1.0, max_new_tokens=3, progress=False)
+    full = evaluate(model, processor, samples[:1], MethodConfig("full"), 1.0, EvalSettings(max_new_tokens=3, progress=False))
     assert full["rouge_l"] == 1.0 and full["ppl"] == pytest.approx(full["ppl_full"]) and full["images"] == 1
-    h2o = evaluate_vision(model, processor, samples, "h2o", 0.3, max_new_tokens=6, sink=2, progress=False)
+    h2o = evaluate(model, processor, samples, MethodConfig("h2o"), 0.3, EvalSettings(max_new_tokens=6, sink=2, progress=False))
     assert h2o["per_sample"][0]["ppl_full"] == pytest.approx(full["ppl"]) and np.isfinite(h2o["ppl"])
     assert h2o["images"] == 2 and h2o["ppl"] != pytest.approx(h2o["ppl_full"])
     assert 0 <= h2o["rouge_l"] <= 1 and h2o["kv_fraction"] < 0.4
@@ -274,12 +275,12 @@ def test_build_calibrates_exports_and_validates(engine):
 
 def test_engine_agrees_with_reference_on_a_new_image(engine, llava):
     from prefixkv.engines.validate import lockstep
-    from prefixkv.vision.runner import load_vision_runner
+    from prefixkv.engines import load_runner
 
     out, _ = engine
     _, model, processor, _ = llava
-    ort = load_vision_runner(out)
-    ref = load_vision_runner(out, backend="torch", model=model, processor=processor)
+    ort = load_runner(out)
+    ref = load_runner(out, backend="torch", model=model, processor=processor)
     prompts = [f"<image>\n{QUESTIONS[1]}", f"<image>\n{QUESTIONS[2]} Please be brief and precise."]
     images = [picture(11, (64, 48)), picture(12, (30, 80))]
     pixels = ort.preprocess(images)
@@ -300,7 +301,7 @@ def test_engine_agrees_with_reference_on_a_new_image(engine, llava):
 def test_generate_cli_with_image(engine, llava, tmp_path, capsys):
     from prefixkv.cli import main
     from prefixkv.engines.base import GenerationConfig
-    from prefixkv.vision.runner import load_vision_runner
+    from prefixkv.engines import load_runner
 
     out, _ = engine
     _, _, _, data = llava
@@ -308,7 +309,7 @@ def test_generate_cli_with_image(engine, llava, tmp_path, capsys):
     assert main(["vision", "generate", str(out), "--image", str(image), "--prompt", "<image>\nWhat is this?",
                  "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
-    expected = load_vision_runner(out).generate("<image>\nWhat is this?", GenerationConfig(max_new_tokens=5), images=[image])[0]
+    expected = load_runner(out).generate("<image>\nWhat is this?", GenerationConfig(max_new_tokens=5), images=[image])[0]
     assert captured.out == expected.text + "\n"
     assert "1 image(s) of 16 tokens" in captured.err
 
@@ -335,11 +336,11 @@ def test_generate_cli_with_image(engine, llava, tmp_path, capsys):
 def test_serving_image_input(engine, llava):
     import io
 
-    from prefixkv.vision.runner import load_vision_runner
+    from prefixkv.engines import load_runner
     from prefixkv.vision.serving import image_request
 
     out, _ = engine
-    runner = load_vision_runner(out, verify=False)
+    runner = load_runner(out, verify=False)
     buffer = io.BytesIO()
     picture(5).save(buffer, format="PNG")
     ids, pixels = image_request(runner, "Describe it.", np.array([buffer.getvalue()], dtype=object), chat=True, max_new_tokens=4)
@@ -374,7 +375,7 @@ def test_cli_calibrate_and_eval(llava, tmp_path, capsys):
 
 
 def test_runtime_imports_without_torch_or_transformers(engine, llava):
-    """What Triton's Python backend can import: the vendored package without its __init__, no torch."""
+    """What Triton's Python backend can import: the package (its lazy __init__) without torch or transformers."""
     import subprocess
     import sys
     from pathlib import Path
@@ -390,13 +391,10 @@ class Block:
         if name.split(".")[0] in ("torch", "transformers"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-for name in ("prefixkv", "prefixkv.exporter"):  # as prefixkv.serving.templates.model does
-    m = types.ModuleType(name); m.__path__ = [{str(Path(prefixkv.__file__).parent)!r} + ("/exporter" if "." in name else "")]
-    sys.modules[name] = m
-from prefixkv.vision.runner import load_vision_runner
+from prefixkv.engines import load_runner
 from prefixkv.vision.serving import image_request
 from prefixkv.engines.base import GenerationConfig
-runner = load_vision_runner({str(out)!r})
+runner = load_runner({str(out)!r})
 ids, pixels = image_request(runner, "<image>\\nWhat?", [open({str(image)!r}, "rb").read()], max_new_tokens=4)
 with runner.images(pixels):
     print(runner.generate_ids([ids], GenerationConfig(max_new_tokens=4, ignore_eos=True))[0].token_ids)
@@ -404,38 +402,34 @@ with runner.images(pixels):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     from prefixkv.engines.base import GenerationConfig
-    from prefixkv.vision.runner import load_vision_runner
+    from prefixkv.engines import load_runner
 
-    expected = load_vision_runner(out).generate("<image>\nWhat?", GenerationConfig(max_new_tokens=4, ignore_eos=True), images=[image])
+    expected = load_runner(out).generate("<image>\nWhat?", GenerationConfig(max_new_tokens=4, ignore_eos=True), images=[image])
     assert done.stdout.strip() == str(expected[0].token_ids)
 
 
-def test_text_command_namespaces_reach_the_vision_stages(engine, llava, tmp_path, capsys):
-    """The text commands' arguments work with the vision stages (the hooks dispatch them as they are)."""
-    from prefixkv.cli import build_parser
-    from prefixkv.vision import commands, is_vision_engine, is_vision_source
+def test_the_text_commands_take_vision_models_and_engines(engine, llava, tmp_path, capsys):
+    """The same commands serve text and vision: the modality comes from the model or the engine."""
+    from prefixkv.cli import main
+    from prefixkv.vision import is_vision_engine, is_vision_source
 
     out, _ = engine
     folder, _, _, data = llava
     assert is_vision_engine(out) and is_vision_source(folder) and not is_vision_source(tmp_path)
-    parser = build_parser()
-    args = parser.parse_args(["generate", str(out), "--prompt", "<image>\nWhat?", "--max-new-tokens", "3"])
-    args.image = [str(data / "images" / "0.png")]
-    assert commands.run_generate(args) == 0
+    assert main(["generate", str(out), "--prompt", "<image>\nWhat?", "--max-new-tokens", "3",
+                 "--image", str(data / "images" / "0.png")]) == 0
     assert "1 image(s) of 16 tokens" in capsys.readouterr().err
-    args = parser.parse_args(["validate", str(out), "--validate-prompts", "2", "--validate-new-tokens", "4"])
-    assert commands.run_validate(args) == 0
+    assert main(["validate", str(out), "--validate-prompts", "2", "--validate-new-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["passed"] is True
-    args = parser.parse_args(["calibrate", "--model", str(folder), "--data", str(data / "llava.json"), "--samples", "2",
-                              "--keep", "0.5", "--sink", "2", "--output", str(tmp_path / "p.json")])
-    assert commands.run_calibrate(args) == 0 and (tmp_path / "p.json").is_file()
-    args = parser.parse_args(["eval", "--model", str(folder), "--data", str(data / "llava.json"), "--samples", "1",
-                              "--method", "h2o", "--keep", "0.5", "--max-new-tokens", "2"])
-    assert commands.run_eval(args) == 0
+    assert main(["calibrate", "--model", str(folder), "--data", str(data / "llava.json"), "--samples", "2",
+                 "--keep", "0.5", "--sink", "2", "--output", str(tmp_path / "p.json")]) == 0
+    assert (tmp_path / "p.json").is_file()
+    assert main(["eval", "--model", str(folder), "--data", str(data / "llava.json"), "--samples", "1",
+                 "--method", "h2o", "--keep", "0.5", "--max-new-tokens", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["method"] == "h2o"
-    args = parser.parse_args(["calibrate", "--model", str(folder), "--keep", "0.5", "--output", str(tmp_path / "q.json")])
-    with pytest.raises(ValueError, match="need image data: pass --data"):
-        commands.run_calibrate(args)
+    assert main(["calibrate", "--model", str(folder), "--keep", "0.5", "--output", str(tmp_path / "q.json")]) == 2
+    assert "need image data: pass --data" in capsys.readouterr().err
+
 
 
 @pytest.mark.serving
@@ -449,13 +443,13 @@ def test_triton_serves_the_vision_engine_with_an_image(engine, llava, tmp_path):
     from prefixkv.engines import GenerationConfig
     from prefixkv.serving.client import TritonRequestError, grpc_generate
     from prefixkv.serving.server import TritonServer
-    from prefixkv.vision.runner import load_vision_runner
+    from prefixkv.engines import load_runner
 
     out, _ = engine
     buffer = io.BytesIO()
     picture(7).save(buffer, format="PNG")
     png = buffer.getvalue()
-    runner = load_vision_runner(out, verify=False)
+    runner = load_runner(out, verify=False)
     ids = runner.encode_image_prompt("What is in the picture?", 1, chat=True)
     with runner.images(runner.preprocess([picture(7)])):
         expected = runner.generate_ids([ids], GenerationConfig(max_new_tokens=8))[0]

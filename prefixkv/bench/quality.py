@@ -25,11 +25,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ..defaults import SINK
 from .. import report
+from ..calibration import average, bound, calibrate, sample_fractions, score_sample
+from ..data import builtin_samples
+from ..defaults import SINK
+from ..engine_folder import atomic_write_text
+from ..evaluation import EvalSettings, MethodConfig, evaluate_many
+from ..models import load_model
+from ..policies import METHODS
+from ..profile import Budget, Fingerprint, RetentionProfile
+from ..scoring import make_scorer
 from . import stats
-from ..evaluation import Config, evaluate_many
+from .tasks import retrieval_samples, score
 
 NAMED = {  # method -> (scorer, allocation) it is made of
     "streaming": ("recency", "uniform"),
@@ -91,15 +100,13 @@ def _log(message: str, started: float) -> None:
     print(f"[{time.time() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def configs_from(methods: str, pairs: str) -> list[Config]:
+def configs_from(methods: str, pairs: str) -> list[MethodConfig]:
     """Named methods, then pairs not already covered by a named method."""
-    from ..policies import METHODS
-
     out, seen = [], set()
     for name in [m.strip() for m in methods.split(",") if m.strip()]:
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        out.append(Config(name))
+        out.append(MethodConfig(name))
         seen.add(NAMED.get(name, ("full", "full")))
     if pairs.strip() == "all":
         wanted = [(s, a) for s in PAIR_SCORERS for a in PAIR_ALLOCATIONS]
@@ -115,19 +122,17 @@ def configs_from(methods: str, pairs: str) -> list[Config]:
         if allocation not in PAIR_ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}; choose {', '.join(PAIR_ALLOCATIONS)}")
         if (scorer, allocation) not in seen:
-            out.append(Config(scorer=scorer, allocation=allocation))
+            out.append(MethodConfig(scorer=scorer, allocation=allocation))
             seen.add((scorer, allocation))
     return out
 
 
-def _scorer_key(config: Config, profiles: dict) -> str:
-    from ..scoring import make_scorer
-
+def _scorer_key(config: MethodConfig, profiles: dict) -> str:
     name = config.scorer or NAMED.get(config.method, ("accumulated", ""))[0]
     return make_scorer(name, **(config.scorer_params or {})).key
 
 
-def attach_profiles(configs: list[Config], profiles: dict) -> list[Config]:
+def attach_profiles(configs: list[MethodConfig], profiles: dict) -> list[MethodConfig]:
     """Give every profile-allocated config the profile of its own scorer."""
     for c in configs:
         allocation = c.allocation or NAMED.get(c.method, ("", ""))[1]
@@ -140,40 +145,26 @@ def grid_profiles(model, samples, keep_fractions, scorers, grid, sink: int = SIN
                   base=None) -> dict:
     """Profiles for every (min_layer_keep, blend) in ``grid`` from ONE scoring pass.
 
-    Same math as ``calibration.calibrate`` (per-prompt search, floor and blend per prompt,
-    mean, exact rescale); returns {(scorer key, floor, blend): RetentionProfile}.
+    ``calibration.calibrate``'s own steps (``sample_fractions``, ``bound``, ``average``), with
+    the scoring pass shared across the grid; returns {(scorer key, floor, blend): RetentionProfile}.
     ``base``: {scorer key: profile} whose metadata the new profiles copy.
     """
-    import torch
-
-    from ..calibration import score_sample
-    from ..profile import Budget, Fingerprint, RetentionProfile
-    from ..scoring import make_scorer
-    from ..search import floor_and_blend, prefix_search
-
-    kfs = sorted({round(float(k), 6) for k in keep_fractions})
+    kfs = sorted({float(k) for k in keep_fractions})
     scorer_objs = [make_scorer(s) for s in scorers]
     acc = {(sc.key, f, b): [] for sc in scorer_objs for f, b in grid}
     for ids in samples:
         scores = score_sample(model, ids, scorer_objs)
         for sc in scorer_objs:
-            imp = scores[sc.key]
-            fractions = prefix_search(imp, kfs, sink=sink, protect_last=protect_last).double() / imp.shape[-1]
+            fractions = sample_fractions(scores[sc.key], kfs, sink, protect_last)
             for f, b in grid:
-                acc[(sc.key, f, b)].append(torch.stack([floor_and_blend(fractions[i], kf, f, b) for i, kf in enumerate(kfs)]))
+                acc[(sc.key, f, b)].append(bound(fractions, kfs, f, b))
     fingerprint = Fingerprint.of(model.config)
     out = {}
     for (key, f, b), rows in acc.items():
-        stacked = torch.stack(rows)
-        mean, std = stacked.mean(0), stacked.std(0, unbiased=False)
-        budgets = {}
-        for i, kf in enumerate(kfs):
-            layer_f = (mean[i] * (kf / mean[i].mean())).clamp(max=1.0)
-            budgets[kf] = Budget([round(float(x), 6) for x in layer_f], [round(float(x), 6) for x in std[i]])
         sc = next(s for s in scorer_objs if s.key == key)
         meta = dict(base[key].calibration) if base and key in base else {}
         out[(key, f, b)] = RetentionProfile(fingerprint=fingerprint, sink=sink, protect_last=protect_last,
-                                            budgets=budgets, scorer=sc.name, scorer_params=dict(sc.params),
+                                            budgets=average(rows, kfs), scorer=sc.name, scorer_params=dict(sc.params),
                                             min_layer_keep=f, blend=b, calibration=meta)
     return out
 
@@ -316,28 +307,23 @@ def _slim(results: list[dict]) -> list[dict]:
 
 def run_sweep(model, tokenizer, args, keeps, profiles_grid, started) -> list[dict]:
     """Each (scorer, floor, blend) profile at keeps 0.1/0.2 on calibration-split prompts."""
-    from ..data import builtin_samples
-    from .tasks import retrieval_samples, score
-
     sweep_keeps = [k for k in keeps if k <= 0.2 + 1e-9] or keeps[:1]
     configs = []
     for (key, floor, blend), profile in profiles_grid.items():
         label = f"{profile.scorer}+profile floor={floor:g} blend={blend:g}"
-        configs.append(Config(scorer=profile.scorer, scorer_params=dict(profile.scorer_params), allocation="profile",
+        configs.append(MethodConfig(scorer=profile.scorer, scorer_params=dict(profile.scorer_params), allocation="profile",
                               profile=profile, label=label, extra={"floor": floor, "blend_setting": blend,
                                                                    "sweep_scorer": profile.scorer}))
     rows = []
     cont = builtin_samples(tokenizer, "calibration", n=args.sweep_samples, tokens=args.prompt_tokens,
                            reference_tokens=args.reference_tokens)
     _log(f"sweep: continuation, {len(configs)} profiles x keep {sweep_keeps}", started)
-    res_c = evaluate_many(model, tokenizer, cont, configs, sweep_keeps, generate=False,
-                          batch_size=args.batch_size, progress=not args.quiet)
+    res_c = evaluate_many(model, tokenizer, cont, configs, sweep_keeps, EvalSettings(generate=False, batch_size=args.batch_size, progress=not args.quiet))
     length = 1024 if 1024 in _lengths(args) else _lengths(args)[0]
     retr = retrieval_samples(tokenizer, n=args.sweep_samples, length=length, seed=args.seed + 1000,
                              split="calibration", facts=args.facts, chat=args.chat)
     _log(f"sweep: retrieval at {length} tokens", started)
-    res_r = evaluate_many(model, tokenizer, retr, configs, sweep_keeps, max_new_tokens=8,
-                          batch_size=_batch(args.batch_size, length), progress=not args.quiet)
+    res_r = evaluate_many(model, tokenizer, retr, configs, sweep_keeps, EvalSettings(max_new_tokens=8, batch_size=_batch(args.batch_size, length), progress=not args.quiet))
     for r in res_r:
         score(r, retr)
     for c_res, r_res in zip(res_c, res_r):
@@ -385,8 +371,6 @@ def _batch(batch_size: int, length: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    import torch
-
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -398,14 +382,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, argv: list[str]) -> int:
     started = time.time()
-    import torch
-
-    from ..calibration import calibrate
-    from ..data import builtin_samples
-    from ..models import load_model
-    from ..profile import atomic_write_text
-    from .tasks import retrieval_samples, score
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in FAMILIES:
@@ -451,7 +427,7 @@ def _run(args, argv: list[str]) -> int:
                 tuned = profiles_grid.get((key, best["min_layer_keep"], best["blend"]))
                 if tuned is not None:
                     label = f"{tuned.scorer}+profile (floor {best['min_layer_keep']:g}, blend {best['blend']:g})"
-                    configs.append(Config(scorer=tuned.scorer, scorer_params=dict(tuned.scorer_params),
+                    configs.append(MethodConfig(scorer=tuned.scorer, scorer_params=dict(tuned.scorer_params),
                                           allocation="profile", profile=tuned, label=label))
 
     # 3. tasks
@@ -461,8 +437,7 @@ def _run(args, argv: list[str]) -> int:
         samples = builtin_samples(tokenizer, "evaluation", n=args.samples, tokens=args.prompt_tokens,
                                   reference_tokens=args.reference_tokens)
         _log(f"continuation: {len(samples)} prompts of {args.prompt_tokens} tokens", started)
-        results = evaluate_many(model, tokenizer, samples, configs, keeps, max_new_tokens=args.max_new_tokens,
-                                batch_size=_batch(args.batch_size, args.prompt_tokens), progress=not args.quiet)
+        results = evaluate_many(model, tokenizer, samples, configs, keeps, EvalSettings(max_new_tokens=args.max_new_tokens, batch_size=_batch(args.batch_size, args.prompt_tokens), progress=not args.quiet))
         for r in results:
             r["task"], r["length"] = "continuation", args.prompt_tokens
         task_results["continuation"] = results
@@ -474,8 +449,7 @@ def _run(args, argv: list[str]) -> int:
             samples = retrieval_samples(tokenizer, n=args.retrieval_samples, length=length, seed=args.seed,
                                         facts=args.facts, chat=args.chat)
             _log(f"retrieval: {len(samples)} prompts of {length} tokens", started)
-            results = evaluate_many(model, tokenizer, samples, configs, keeps, max_new_tokens=8,
-                                    batch_size=_batch(args.batch_size, length), progress=not args.quiet)
+            results = evaluate_many(model, tokenizer, samples, configs, keeps, EvalSettings(max_new_tokens=8, batch_size=_batch(args.batch_size, length), progress=not args.quiet))
             for r in results:
                 score(r, samples)
                 r["task"], r["length"] = "retrieval", length
@@ -516,11 +490,11 @@ def _run(args, argv: list[str]) -> int:
     return 0
 
 
-def _allocation(c: Config) -> str:
+def _allocation(c: MethodConfig) -> str:
     return c.allocation or NAMED.get(c.method, ("", ""))[1]
 
 
-def _scorer_key_name(c: Config) -> str:
+def _scorer_key_name(c: MethodConfig) -> str:
     return c.scorer or NAMED.get(c.method, ("accumulated", ""))[0]
 
 

@@ -16,6 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..cache import PrefixKVCache, cache_argument
+from ..data import builtin_text
+from ..models import load_model
+
 
 def _median_seconds(fn, repeat: int) -> float:
     fn()
@@ -38,10 +42,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
-    from ..cache import PrefixKVCache, cache_argument
-    from ..data import builtin_text
-    from ..models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,8 +24,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from onnxruntime import OrtValue
 
+from ..calibration import calibrate_profile
+from ..data import builtin_samples, builtin_text
 from ..defaults import SINK
+from ..engine_folder import atomic_write_text, is_engine, read_manifest
+from ..engines.onnxruntime import OnnxRuntimeRunner, OnnxRuntimeState
+from ..engines.torch import TorchRunner
+from ..exporter.onnx import exporter_version
+from ..optional import optional_import
+from ..models import DEFAULT_MODEL, cache_dir, load_model, model_folder
+from ..pipeline import BuildConfig, build_engine
+from ..profile import Budget, Fingerprint, RetentionProfile
 
 
 def _floats(text: str) -> list[float]:
@@ -43,7 +55,6 @@ def _ints(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from ..models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="prefixkv bench speed", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -67,8 +78,6 @@ def parser() -> argparse.ArgumentParser:
 # -- the engine family ----------------------------------------------------------------------------
 def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
     """A profile with every keep fraction of ``keeps`` (1.0: all layers 1.0)."""
-    from ..profile import Budget, Fingerprint, RetentionProfile
-
     fingerprint = Fingerprint.of(model.config)
     partial = sorted(k for k in keeps if k < 1)
     if profile_path:
@@ -78,9 +87,6 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
         if cached.is_file():
             profile = RetentionProfile.load(cached, fingerprint)
         elif partial:
-            from ..calibration import calibrate_profile
-            from ..data import builtin_samples
-
             log(f"calibrating a profile for keep {partial} (cached at {cached})")
             rows = builtin_samples(tokenizer, "calibration", n=8, tokens=512, reference_tokens=0)
             samples = [list(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
@@ -97,10 +103,6 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
 
 def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, log) -> dict[float, Path]:
     """keep fraction -> engine folder, built (export only) when not cached."""
-    from ..exporter.build import build_engine
-    from ..engine_folder import is_engine
-    from ..exporter.onnx import exporter_version
-
     engines = {}
     for keep in keeps:
         fractions = json.dumps([keep, profile.layer_fractions(keep), profile.sink, profile.scorer, profile.protect_last])
@@ -108,16 +110,14 @@ def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, l
         path = folder / f"{Path(source).name}-k{round(keep * 100)}-{key}"
         if not is_engine(path):
             log(f"building the keep {keep:g} engine (export only) -> {path}")
-            build_engine(source, path, keep, profile=profile, model=model, tokenizer=tokenizer, force=True,
-                         validate=False, log=log)
+            build_engine(BuildConfig(source, path, keep, profile=profile, force=True, validate=False),
+                         model=model, tokenizer=tokenizer, log=log)
         engines[keep] = path
     return engines
 
 
 def given_engines(text: str | None, keeps) -> dict[float, Path]:
     """keep fraction -> folder for the engines named on the command line (manifests checked)."""
-    from ..engine_folder import read_manifest
-
     out = {}
     for item in (text or "").split(","):
         if item.strip():
@@ -155,9 +155,7 @@ def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int, batch: i
 
 def repeat_rows(state, batch: int):
     """An ``OnnxRuntimeState`` of one row as ``batch`` identical rows (CPU)."""
-    from onnxruntime import OrtValue
 
-    from ..engines.onnxruntime import OnnxRuntimeState
 
     past = [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(v.numpy(), batch, 0))) for v in state.past]
     return OnnxRuntimeState(past, np.repeat(state.positions, batch), np.repeat(state.prompt_lengths, batch))
@@ -187,7 +185,7 @@ def _prod(shape) -> int:
 
 def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], steps: int, warmup: int, log) -> dict:
     """onnxruntime-genai's model builder (fp32, CPU) full-cache model: decode ms/token."""
-    import onnxruntime_genai as og  # noqa: F401  (optional extra: pip install onnxruntime-genai)
+    optional_import("onnxruntime_genai", "pip install onnxruntime-genai")
 
     out = folder / f"genai-{model_folder.name}"
     if not (out / "genai_config.json").is_file():
@@ -213,7 +211,6 @@ def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], st
 
 
 def prompt_tokens(tokenizer, length: int) -> list[int]:
-    from ..data import builtin_text
 
     text = builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -224,7 +221,6 @@ def prompt_tokens(tokenizer, length: int) -> list[int]:
 
 def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
     """onnxruntime-genai's full-cache decode at every context, or why it was not measured."""
-    from ..models import model_folder
 
     try:
         return {str(c): genai_full_cache(model_folder(model), folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log)
@@ -244,12 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    import torch
 
-    from ..engines.onnxruntime import OnnxRuntimeRunner
-    from ..engines.torch import TorchRunner
-    from ..models import cache_dir, load_model
-    from ..profile import Fingerprint, RetentionProfile
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    from ..profile import atomic_write_text
 
     atomic_write_text(output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"written: {output.with_suffix('.json')}")

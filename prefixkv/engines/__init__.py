@@ -1,17 +1,22 @@
-"""Runners: one interface (``base.Runner``), several backends.
+"""Runners: one interface (``base.Runner``), several backends, text or images.
 
     runner = load_runner("engines/smollm2-k20")                      # ONNX Runtime, CPU
     runner = load_runner("engines/smollm2-k20", backend="torch")     # the PyTorch reference
     runner.generate("Hello", GenerationConfig(max_new_tokens=32))
+    runner = load_runner("engines/llava-k20")                        # a vision engine: takes images
+    runner.generate("<image>\\nWhat is shown?", GenerationConfig(), images=["cat.png"])
 
-Backends are imported lazily: this package imports numpy only (it also runs inside
-Triton's Python backend, where torch and transformers may be missing).
+The modality is chosen once, from the manifest: a vision engine's runner adds the image
+input adapter (``images.ImageInputs``) to the same interface.  This package and its
+ONNX Runtime backend import numpy, onnxruntime, tokenizers, jinja2 and Pillow only (they
+run inside Triton's Python backend); the torch and TensorRT backends are imported when asked for.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from ..defaults import EVICT_DISTANCE
+from ..engine_folder import read_manifest
 from .base import Generation, GenerationConfig, PromptError, Runner
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -20,9 +25,15 @@ ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "ref
 
 def engine_backend(engine_dir: str | Path) -> str:
     """The backend an engine folder was built for (its manifest's ``backend``; older folders: onnxruntime)."""
-    from ..engine_folder import read_manifest
-
     return read_manifest(engine_dir, verify=False).get("backend") or "onnxruntime"
+
+
+def backend_name(backend: str) -> str:
+    """A backend name or alias as one of ``BACKENDS`` (ValueError naming them otherwise)."""
+    name = ALIASES.get(str(backend).lower(), str(backend).lower())
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return name
 
 
 def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
@@ -32,56 +43,30 @@ def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | No
     backend: "auto" (the backend the engine was built for), "onnxruntime" (the engine's
     graphs; ``providers`` e.g. ["cuda"]), "tensorrt" (its TensorRT engines; GPU) or "torch"
     (the engine's model, profile and keep fraction through the PyTorch reference cache;
-    needs torch and transformers, and the model the engine was built from).
+    needs torch and transformers, and the model the engine was built from; ``model=`` /
+    ``processor=`` pass one already loaded).
     """
-    name = ALIASES.get(str(backend).lower(), str(backend).lower())
+    name = backend_name(backend)
+    manifest = read_manifest(engine_dir, verify=False)
+    vision = bool(manifest.get("vision"))
     if name == "auto":
-        name = engine_backend(engine_dir)
+        name = manifest.get("backend") or "onnxruntime"
     if name == "tensorrt":
+        if vision:
+            raise ValueError(f"{engine_dir} is a vision engine; vision engines run on onnxruntime or torch (no TensorRT vision graph yet)")
         from .tensorrt import TensorRTRunner
 
         return TensorRTRunner(engine_dir, verify=verify)
     if name == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeRunner
+        from . import onnxruntime
 
-        return OnnxRuntimeRunner(engine_dir, providers=providers, threads=threads, verify=verify, **kwargs)
-    if name == "torch":
-        return _torch_runner(engine_dir, threads=threads, verify=verify, **kwargs)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def _torch_runner(engine_dir, threads=None, verify=True, model=None, **kwargs) -> Runner:
-    from ..engine_folder import read_manifest
-
-    manifest = read_manifest(engine_dir, verify=verify)
+        cls = onnxruntime.VisionOnnxRuntimeRunner if vision else onnxruntime.OnnxRuntimeRunner
+        return cls(engine_dir, providers=providers, threads=threads, verify=verify, **kwargs)
     try:
-        from .torch import TorchRunner
+        torch_backend = importlib.import_module(".torch", __name__)
     except ImportError as err:
         raise ImportError(f"the torch backend needs PyTorch and transformers ({err}); pip install torch transformers") from err
-    model, _, settings = reference_settings(engine_dir, manifest, model, threads)
-    return TorchRunner(model, engine_dir, **settings, **kwargs)
+    return torch_backend.load_torch_runner(engine_dir, threads=threads, verify=verify, **kwargs)
 
 
-def reference_settings(engine_dir, manifest: dict, model=None, threads: int | None = None):
-    """What the PyTorch reference of an engine needs: (model, the processor or tokenizer
-    ``load_model`` gave, or None when ``model`` was given, PrefixKVCache settings: the
-    engine's profile (checked against the model), keep fraction, method and eviction)."""
-    import torch
-
-    from ..profile import Fingerprint, RetentionProfile
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    loaded = None
-    if model is None:
-        from ..models import load_model
-
-        model, loaded = load_model(manifest["model"]["source"])
-    profile = RetentionProfile.load(Path(engine_dir) / "profile.json")
-    profile.check_model(Fingerprint.of(model.config))
-    settings = dict(profile=profile, keep_fraction=float(manifest["keep_fraction"]), method="prefixkv",
-                    evict_distance=int(manifest.get("evict_distance", EVICT_DISTANCE)))
-    return model, loaded, settings
-
-
-__all__ = ["BACKENDS", "engine_backend", "Generation", "GenerationConfig", "PromptError", "Runner", "load_runner"]
+__all__ = ["BACKENDS", "backend_name", "engine_backend", "Generation", "GenerationConfig", "PromptError", "Runner", "load_runner"]

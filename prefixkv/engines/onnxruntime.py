@@ -28,8 +28,11 @@ import numpy as np
 from ..defaults import CACHE_SLACK
 from ..engine_folder import CACHE_LAYOUT_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
+from ..vision.data import ImageError
+from ..vision.preprocess import ImageProcessor
 from .base import Runner
 from .compaction_graph import serialized
+from .images import ImageInputs
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -278,6 +281,53 @@ class OnnxRuntimeRunner(Runner):
             key = state.past[4 * l]
             total += 2 * int(np.prod(key.shape())) * np.dtype(self.manifest.get("dtype", "float32")).itemsize
         return total
+
+
+# -- images ----------------------------------------------------------------------------------------
+class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
+    """An engine folder written by ``build_vision_engine``: vision, prefill and decode graphs."""
+
+    name = "onnxruntime-vision"
+
+    def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True):
+        manifest = read_manifest(engine_dir, verify=False)
+        if not manifest.get("vision"):  # before loading any graph
+            source = manifest["model"]["source"]
+            raise ImageError(
+                f"{engine_dir} is a text-only engine (built from {source}); it takes no image: drop the image, "
+                "or build a vision engine from a LLaVA model with `prefixkv build`")
+        super().__init__(engine_dir, providers=providers, threads=threads, verify=verify)
+        self.vision = self.manifest["vision"]
+        if "vision" not in self.manifest["graphs"]:
+            raise EngineError(f"{self.engine_dir}: the manifest lists no vision graph; rebuild it with `prefixkv build --force`")
+        self.image_processor = ImageProcessor.from_dict(self.vision["processor"], f"{self.engine_dir}/manifest.json")
+        options = self.sessions["prefill"].get_session_options()
+        path = self.engine_dir / self.manifest["graphs"]["vision"]["file"]
+        self.sessions["vision"] = self._ort.InferenceSession(str(path), options, providers=self.providers)
+        self._check_io("vision")
+        self._outputs["vision"] = [o.name for o in self.sessions["vision"].get_outputs()]
+
+    def image_embeddings(self, pixel_values) -> np.ndarray:
+        """(I, 3, H, W) float32 -> (I, N, hidden): the vision graph (no run for I = 0)."""
+        pixels = np.asarray(pixel_values, dtype=np.float32)
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.vision["tokens_per_image"], self.vision["hidden"]), np.dtype(self.manifest.get("dtype", "float32")))
+        return self.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(pixels)})[0]
+
+    def prefill(self, input_ids, attention_mask, pixel_values=None):
+        """input_ids, attention_mask (B, S) int64; pixel_values (I, 3, H, W) -> (logits (B, V), state)."""
+        pixels = self._pixels_for(input_ids, pixel_values)
+        return self.prefill_embeds(input_ids, attention_mask, self.image_embeddings(pixels))
+
+    def prefill_embeds(self, input_ids, attention_mask, image_embeds):
+        """The prefill graph on given image embeddings (I, N, hidden) (graph-level validation)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[1] < 1:
+            raise ValueError(f"input_ids and attention_mask must be (batch, S) arrays of one shape, got {ids.shape} and {mask.shape}")
+        outputs = self._run("prefill", {"input_ids": ids, "attention_mask": mask, "image_embeds": np.asarray(image_embeds)})
+        lengths = mask.sum(-1).astype(np.int64)
+        return outputs[0].numpy(), OnnxRuntimeState(list(outputs[1:]), lengths.copy(), lengths)
 
 
 def compact_slots(positions: np.ndarray, valid: np.ndarray):

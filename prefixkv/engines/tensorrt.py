@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine_folder import ENGINE_SUBDIR, read_manifest
+from ..tokenizer import Tokenizer
 from .base import Runner
 
 
@@ -147,7 +148,6 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_dir: str | Path, engines: str = ENGINE_SUBDIR, verify: bool = True):
         trt, torch = _import_stack()
-        from ..tokenizer import Tokenizer
 
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir, verify=verify)

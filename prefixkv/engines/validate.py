@@ -1,38 +1,119 @@
-"""Validate an engine against the PyTorch reference (``TorchRunner`` + ``PrefixKVCache``).
+"""Validate an engine against the PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), text or images.
 
     prefixkv validate engines/smollm2-k20 --json report.json
+    validate_engine("engines/llava-k20", ValidationConfig(samples=load_samples("llava.json")))
 
-Three checks; the report passes when all do:
+The modality is chosen once, from the manifest: a vision engine's prompts carry images
+(given samples, or synthetic pictures), its runners take them, and the same checks run.
+The report passes when every check does:
 
+    vision      (vision engines) the vision graph vs the model's own ``get_image_features``
     graph       Polygraphy's Comparator runs the prefill graph in ONNX Runtime and the
-                reference on the same feeds (a padded batch and a single long prompt):
-                logits and compacted caches within atol/rtol, kept positions and validity
-                identical in every layer.
+                reference on the same feeds (a padded batch and a single prompt; vision
+                engines: both sides get the reference's image embeddings): logits and
+                compacted caches within atol/rtol, kept positions and validity identical
+                in every layer.
     generation  greedy decoding in lockstep on N prompts: at every step the engine's and the
                 reference's argmax agree (so free-running greedy outputs are identical) and
                 every layer keeps the same original positions.
-    quality     against the full cache on the evaluation split: perplexity of the reference
-                continuation (teacher forced) and ROUGE-L of greedy outputs.  Informational
-                unless ``max_ppl_increase`` / ``min_rouge_l`` are given.
+    quality     (text engines) against the full cache on the evaluation split: perplexity of
+                the reference continuation (teacher forced) and ROUGE-L of greedy outputs.
+                Informational unless ``max_ppl_increase`` / ``min_rouge_l`` are given.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.logger import G_LOGGER
 
-from ..engine_folder import read_manifest
+from .. import defaults
+from ..data import builtin_samples
+from ..engine_folder import atomic_write_text, read_manifest
+from ..metrics import rouge_l
+from ..vision.data import default_samples
+from . import backend_name, load_runner
 from .base import GenerationConfig
+from .onnxruntime import resolve_providers, session_options
+from .torch import TorchRunner, TorchVisionRunner, reference_settings
 
-CHECKS = ("graph", "generation", "quality")
+TEXT_CHECKS = ("graph", "generation", "quality")
+VISION_CHECKS = ("vision", "graph", "generation")
+CHECKS = ("vision", "graph", "generation", "quality")
 CACHE_PARTS = ("key", "value", "positions", "valid")
 LOGITS_ATOL, CACHE_ATOL, RTOL = 2e-3, 1e-3, 1e-3
+
+
+@dataclass
+class ValidationConfig:
+    """What ``validate_engine`` checks, on what, and within which tolerances.
+
+    checks: None = every check of the engine's modality (``TEXT_CHECKS`` / ``VISION_CHECKS``),
+    without ``quality`` when ``quality`` is False.
+    prompts: texts for the graph and generation checks (default: ``n_prompts`` windows of
+    ``prompt_tokens`` tokens of the evaluation split).  samples: prompts with images, dicts
+    ``{"prompt", "image"}`` (vision engines; default: ``n_prompts`` synthetic pictures, the
+    last prompt text-only).  chat: wrap vision prompts in the chat template.
+    max_ppl_increase / min_rouge_l: quality thresholds (None: reported, not checked).
+    backend: the runner under test ("auto": the engine's own; "onnxruntime", "tensorrt").
+    json_path: also write the report there.
+    """
+
+    checks: tuple[str, ...] | None = None
+    quality: bool = True
+    prompts: list[str] | None = None
+    samples: list[dict] | None = None
+    n_prompts: int = defaults.VALIDATE_PROMPTS
+    prompt_tokens: int = defaults.VALIDATE_TOKENS
+    max_new_tokens: int = defaults.VALIDATE_NEW_TOKENS
+    quality_samples: int = defaults.QUALITY_SAMPLES
+    quality_tokens: int = defaults.EVAL_TOKENS
+    quality_new_tokens: int = defaults.EVAL_NEW_TOKENS
+    logits_atol: float = LOGITS_ATOL
+    cache_atol: float = CACHE_ATOL
+    rtol: float = RTOL
+    max_ppl_increase: float | None = None
+    min_rouge_l: float | None = None
+    chat: bool = False
+    providers: str | list | None = None
+    threads: int | None = None
+    backend: str = "auto"
+    json_path: str | Path | None = None
+
+    def __post_init__(self):
+        if self.checks is not None:
+            self.checks = tuple(self.checks)
+            unknown = set(self.checks) - set(CHECKS)
+            if unknown:
+                raise ValueError(f"unknown checks {sorted(unknown)}; choose from {', '.join(CHECKS)}")
+        for name in ("n_prompts", "prompt_tokens", "max_new_tokens", "quality_samples", "quality_tokens", "quality_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"validation {name} must be a positive integer, got {value!r}")
+        for name in ("logits_atol", "cache_atol", "rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"validation {name} must be a finite number >= 0, got {value!r}")
+        if self.max_ppl_increase is not None and not math.isfinite(self.max_ppl_increase):
+            raise ValueError(f"max_ppl_increase must be a finite number (0.1 = 10%), got {self.max_ppl_increase!r}")
+        if self.min_rouge_l is not None and not 0 <= self.min_rouge_l <= 1:
+            raise ValueError(f"min_rouge_l must be in [0, 1], got {self.min_rouge_l!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if backend_name(self.backend) == "torch":
+            raise ValueError("validate checks an engine against the PyTorch reference; choose --backend auto, onnxruntime or tensorrt")
 
 
 def _stderr(message: str) -> None:
@@ -43,24 +124,29 @@ def prefill_runner_class():
     """A Polygraphy runner over any prefixkv ``Runner``'s prefill: the PyTorch reference
     (``PytRunner`` needs CUDA) or an engine of another backend (the TensorRT runner, say).
 
-    Feeds input_ids/attention_mask; outputs named like the prefill graph's.  Engines with
-    static output shapes give a layer more slots than it keeps, empty at the front
+    Feeds input_ids/attention_mask (and image_embeds, for a vision runner: its
+    ``prefill_embeds``); outputs named like the prefill graph's.  Engines with static output
+    shapes give a layer more slots than it keeps, empty at the front
     (``plugins.reference.width_bound``); columns empty in every row are dropped so the
     outputs compare with the reference's."""
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
 
     class PrefillRunner(BaseRunner):
         def __init__(self, runner, name=None):
             super().__init__(name=name or runner.name)
             self.runner = runner
+            self.images = getattr(runner, "vision", None) is not None
 
         def get_input_metadata_impl(self):
-            return TensorMetadata().add("input_ids", np.int64, (None, None)).add("attention_mask", np.int64, (None, None))
+            meta = TensorMetadata().add("input_ids", np.int64, (None, None)).add("attention_mask", np.int64, (None, None))
+            return meta.add("image_embeds", np.float32, (None, None, None)) if self.images else meta
 
         def infer_impl(self, feed_dict):
             start = time.perf_counter()
-            logits, state = self.runner.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
+            if self.images:
+                logits, state = self.runner.prefill_embeds(feed_dict["input_ids"], feed_dict["attention_mask"],
+                                                           feed_dict["image_embeds"])
+            else:
+                logits, state = self.runner.prefill(feed_dict["input_ids"], feed_dict["attention_mask"])
             out = OrderedDict(logits=np.asarray(logits))
             for l, parts in enumerate(_layer_caches(state)):
                 parts = [_numpy(t) for t in parts]
@@ -107,18 +193,12 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
 
     engine: None for ONNX Runtime (Polygraphy's own ``OnnxrtRunner`` on the prefill graph),
     else a prefixkv ``Runner`` of another backend (wrapped by ``prefill_runner_class``)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
-    from polygraphy.logger import G_LOGGER
-
-    from .onnxruntime import resolve_providers, session_options
-
     manifest = read_manifest(engine_dir, verify=False)
     names = [o["name"] for o in manifest["graphs"]["prefill"]["outputs"]]
     exact = [n for n in names if n.endswith((".positions", ".valid"))]
     atol = {"": cache_atol, "logits": logits_atol, **{n: 0.0 for n in exact}}
     rtols = {"": rtol, **{n: 0.0 for n in exact}}
-    if engine is None or engine.name == "onnxruntime":
+    if engine is None or engine.name.startswith("onnxruntime"):
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(engine_dir / manifest["graphs"]["prefill"]["file"]), session_options(ort),
@@ -159,7 +239,7 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
         "passed": bool(accuracy) and positions_identical,
         "comparator": "polygraphy",
         "tolerances": {"logits_atol": logits_atol, "cache_atol": cache_atol, "rtol": rtol, "positions": "exact", "valid": "exact"},
-        "feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds],
+        "feeds": [{k: list(np.shape(v)) for k, v in f.items()} for f in feeds],
         "kept_positions_identical": positions_identical,
         "max_abs": {"logits": worst("logits"), "key": worst(".key"), "value": worst(".value")},
         "outputs": outputs,
@@ -241,9 +321,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def check_quality(engine, full, samples: list[dict], max_new_tokens: int,
                   max_ppl_increase: float | None = None, min_rouge_l: float | None = None) -> dict:
-    """Engine vs full cache: PPL of the references, ROUGE-L of greedy outputs."""
-    from rouge_score import rouge_scorer
-
+    """Engine vs full cache: PPL of the references, ROUGE-L of greedy outputs (``metrics.rouge_l``)."""
     tok = engine.tokenizer
     prompts = [tok.encode(s["prompt"]) for s in samples]
     bos = [tok.token_to_id(tok.bos_token)] if tok.add_bos and tok.bos_token else []
@@ -260,12 +338,11 @@ def check_quality(engine, full, samples: list[dict], max_new_tokens: int,
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
     engine_out = engine.generate_ids(prompts, config)
     full_out = full.generate_ids(prompts, config)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    result["rouge_l_vs_full"] = float(np.mean([scorer.score(f.text, e.text)["rougeL"].fmeasure for e, f in zip(engine_out, full_out)]))
+    result["rouge_l_vs_full"] = float(np.mean([rouge_l(e.text, f.text) for e, f in zip(engine_out, full_out)]))
     if all(s.get("reference") for s in samples):
         result["rouge_l_vs_reference"] = {
-            "engine": float(np.mean([scorer.score(s["reference"], e.text)["rougeL"].fmeasure for s, e in zip(samples, engine_out)])),
-            "full": float(np.mean([scorer.score(s["reference"], f.text)["rougeL"].fmeasure for s, f in zip(samples, full_out)])),
+            "engine": float(np.mean([rouge_l(e.text, s["reference"]) for s, e in zip(samples, engine_out)])),
+            "full": float(np.mean([rouge_l(f.text, s["reference"]) for s, f in zip(samples, full_out)])),
         }
     failures = []
     if max_ppl_increase is not None and result.get("ppl_increase", 0.0) > max_ppl_increase:
@@ -278,83 +355,123 @@ def check_quality(engine, full, samples: list[dict], max_new_tokens: int,
     return result
 
 
+# -- the inputs: text or images, chosen once from the manifest ------------------------------------
+@dataclass
+class Prompt:
+    """One validation prompt as token ids, with the pixel values of its images ((0, 3, H, W) for none)."""
+
+    ids: list[int]
+    pixels: np.ndarray | None = None
+
+    @property
+    def images(self) -> int:
+        return 0 if self.pixels is None else len(self.pixels)
+
+
+def _text_prompts(engine, config: ValidationConfig) -> list[Prompt]:
+    texts = config.prompts
+    if texts is None:
+        texts = [s["prompt"] for s in builtin_samples(engine.tokenizer, "evaluation", n=config.n_prompts,
+                                                     tokens=config.prompt_tokens, reference_tokens=0)]
+    return [Prompt(engine.encode_prompt(t, max_new_tokens=config.max_new_tokens)) for t in texts]
+
+
+def _image_prompts(engine, config: ValidationConfig) -> list[Prompt]:
+    samples = list(config.samples) if config.samples else default_samples(config.n_prompts)
+    out = []
+    for sample in samples:
+        image = sample.get("image")
+        pixels = engine.preprocess([image] if image is not None else [])
+        ids = engine.encode_image_prompt(sample["prompt"], len(pixels), config.chat, config.max_new_tokens)
+        out.append(Prompt(ids, pixels))
+    return out
+
+
+def _feeds(engine, reference, prompts: list[Prompt], vision: bool) -> list[dict]:
+    """The graph check's feeds: a padded batch of the first two prompts (text: the second
+    shortened by a quarter) and the last prompt alone; image rows carry the reference's
+    image embeddings."""
+    groups = []
+    if len(prompts) >= 2:
+        first, second = prompts[0], prompts[1]
+        if not vision or not (first.images or second.images):
+            second = Prompt(second.ids[: max(2, 3 * len(second.ids) // 4)], second.pixels)
+        groups.append([first, second])
+    groups.append([prompts[-1]])
+    feeds = []
+    for group in groups:
+        ids, mask = engine.pad([p.ids for p in group])
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if vision:
+            pixels = np.concatenate([p.pixels for p in group])
+            feed["image_embeds"] = reference.image_embeddings(pixels) if len(pixels) else engine.image_embeddings(pixels)
+        feeds.append(feed)
+    return feeds
+
+
+def check_vision(engine, reference, pixels: np.ndarray, atol: float, rtol: float) -> dict:
+    """The engine's vision graph vs the model's own image features on the same pixels."""
+    if not len(pixels):
+        return {"passed": True, "images": 0, "skipped": "no sample has an image"}
+    got, want = engine.image_embeddings(pixels), reference.image_embeddings(pixels)
+    return {"passed": bool(got.shape == want.shape and np.allclose(got, want, atol=atol, rtol=rtol)),
+            "images": int(len(pixels)), "max_abs": float(np.abs(got - want).max()), "atol": atol}
+
+
 # -- the whole validation ------------------------------------------------------------------------
-def validate_engine(
-    engine_dir: str | Path,
-    model=None,
-    *,
-    checks=CHECKS,
-    providers=None,
-    threads: int | None = None,
-    prompts: list[str] | None = None,
-    n_prompts: int = 3,
-    prompt_tokens: int = 320,
-    max_new_tokens: int = 32,
-    quality_samples: int = 4,
-    quality_tokens: int = 512,
-    quality_new_tokens: int = 32,
-    logits_atol: float = LOGITS_ATOL,
-    cache_atol: float = CACHE_ATOL,
-    rtol: float = RTOL,
-    max_ppl_increase: float | None = None,
-    min_rouge_l: float | None = None,
-    json_path: str | Path | None = None,
-    log=_stderr,
-    backend: str = "auto",
-) -> dict:
-    """Run ``checks`` on the engine at ``engine_dir``; returns the report (``report["passed"]``).
+def validate_engine(engine_dir: str | Path, config: ValidationConfig | None = None, model=None, processor=None,
+                    log=_stderr) -> dict:
+    """Run ``config``'s checks on the engine at ``engine_dir``; returns the report (``report["passed"]``).
 
-    model: the model the engine was built from (loaded from the manifest's source if None).
-    prompts: texts for the graph and generation checks (default: the evaluation split,
-    ``n_prompts`` windows of ``prompt_tokens`` tokens).
-    backend: the runner under test: "auto" (the engine's own), "onnxruntime" or "tensorrt".
+    model (and processor, for a vision engine): the model the engine was built from, already
+    loaded; loaded from the manifest's source if None.
     """
-    from ..data import builtin_samples
-    from . import load_runner, reference_settings
-    from .torch import TorchRunner
-
+    config = config or ValidationConfig()
     start = time.perf_counter()
     engine_dir = Path(engine_dir)
-    unknown = set(checks) - set(CHECKS)
-    if unknown:
-        raise ValueError(f"unknown checks {sorted(unknown)}; choose from {', '.join(CHECKS)}")
     manifest = read_manifest(engine_dir, verify=True)
-    if backend == "torch":
-        raise ValueError("validate checks an engine against the PyTorch reference; choose --backend auto, onnxruntime or tensorrt")
-    engine = load_runner(engine_dir, backend=backend, providers=providers, threads=threads, verify=False)
+    vision = bool(manifest.get("vision"))
+    checks = config.checks or tuple(c for c in (VISION_CHECKS if vision else TEXT_CHECKS) if config.quality or c != "quality")
+    not_here = [c for c in checks if c == ("quality" if vision else "vision")]
+    if not_here:
+        raise ValueError(f"the {not_here[0]} check applies to {'text' if vision else 'vision'} engines only; "
+                         f"choose from {', '.join(VISION_CHECKS if vision else TEXT_CHECKS)}")
+    engine = load_runner(engine_dir, backend=config.backend, providers=config.providers, threads=config.threads, verify=False)
     if model is None:
         log(f"loading the reference model {manifest['model']['source']}")
-    model, _, settings = reference_settings(engine_dir, manifest, model)
-    keep = settings["keep_fraction"]
-    reference = TorchRunner(model, engine_dir, **settings)
-    tok = engine.tokenizer
-    if prompts is None:
-        prompts = [s["prompt"] for s in builtin_samples(tok, "evaluation", n=n_prompts, tokens=prompt_tokens, reference_tokens=0)]
-    token_lists = [engine.encode_prompt(p, max_new_tokens=max_new_tokens) for p in prompts]
-    report = {"engine": str(engine_dir), "backend": engine.name, "keep_fraction": keep,
-              "providers": getattr(engine, "providers", None), "checks": {}}
+    model, loaded, settings = reference_settings(engine_dir, manifest, model)
+    if vision:
+        reference = TorchVisionRunner(model, engine_dir, **settings, processor=loaded if loaded is not None else processor)
+    else:
+        reference = TorchRunner(model, engine_dir, **settings)
+    prompts = (_image_prompts if vision else _text_prompts)(engine, config)
+    pixels = np.concatenate([p.pixels for p in prompts]) if vision else None
+    report = {"engine": str(engine_dir), "backend": engine.name, "keep_fraction": settings["keep_fraction"],
+              "providers": getattr(engine, "providers", None), "prompts": len(prompts), "checks": {}}
+    if vision:
+        report["images"] = int(len(pixels))
 
+    if "vision" in checks:
+        log("validation: vision graph vs the model's get_image_features")
+        report["checks"]["vision"] = check_vision(engine, reference, pixels, config.cache_atol, config.rtol)
     if "graph" in checks:
         log("validation: graph level (Polygraphy, prefill graph vs PyTorch reference)")
-        feeds = []
-        if len(token_lists) >= 2:  # a padded batch: the second row shortened by a quarter
-            second = token_lists[1][: max(2, 3 * len(token_lists[1]) // 4)]
-            ids, mask = engine.pad([token_lists[0], second])
-            feeds.append({"input_ids": ids, "attention_mask": mask})
-        ids, mask = engine.pad([token_lists[-1]])
-        feeds.append({"input_ids": ids, "attention_mask": mask})
-        report["checks"]["graph"] = check_graph(engine_dir, reference, feeds, providers, logits_atol, cache_atol, rtol,
+        report["checks"]["graph"] = check_graph(engine_dir, reference, _feeds(engine, reference, prompts, vision),
+                                                config.providers, config.logits_atol, config.cache_atol, config.rtol,
                                                 engine=engine)
     if "generation" in checks:
-        log(f"validation: generation level ({len(token_lists)} prompts, {max_new_tokens} greedy tokens in lockstep)")
-        report["checks"]["generation"] = check_generation(engine, reference, token_lists, max_new_tokens)
+        log(f"validation: generation level ({len(prompts)} prompts, {config.max_new_tokens} greedy tokens in lockstep)")
+        with (engine.images(pixels) if vision else contextlib.nullcontext()), \
+                (reference.images(pixels) if vision else contextlib.nullcontext()):
+            report["checks"]["generation"] = check_generation(engine, reference, [p.ids for p in prompts], config.max_new_tokens)
     if "quality" in checks:
-        log(f"validation: quality vs full cache ({quality_samples} evaluation samples of {quality_tokens} tokens)")
-        samples = builtin_samples(tok, "evaluation", n=quality_samples, tokens=quality_tokens, reference_tokens=quality_new_tokens)
+        log(f"validation: quality vs full cache ({config.quality_samples} evaluation samples of {config.quality_tokens} tokens)")
+        samples = builtin_samples(engine.tokenizer, "evaluation", n=config.quality_samples, tokens=config.quality_tokens,
+                                  reference_tokens=config.quality_new_tokens)
         full = TorchRunner(model, engine_dir, keep_fraction=1.0)
-        report["checks"]["quality"] = check_quality(engine, full, samples, quality_new_tokens, max_ppl_increase, min_rouge_l)
-    return finish_report(report, start, json_path, log)
-
+        report["checks"]["quality"] = check_quality(engine, full, samples, config.quality_new_tokens,
+                                                    config.max_ppl_increase, config.min_rouge_l)
+    return finish_report(report, start, config.json_path, log)
 
 def finish_report(report: dict, start: float, json_path=None, log=_stderr) -> dict:
     """Set ``passed`` and ``seconds``, log one line per check, write the JSON if asked."""
@@ -363,8 +480,6 @@ def finish_report(report: dict, start: float, json_path=None, log=_stderr) -> di
     for name, check in report["checks"].items():
         log(f"  {name}: {'pass' if check['passed'] else 'FAIL'}{_summary(name, check)}")
     if json_path:
-        from ..profile import atomic_write_text
-
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     return report
 

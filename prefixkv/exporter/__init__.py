@@ -1,9 +1,9 @@
-"""Exporter: a model + retention profile -> an engine folder (two ONNX graphs, manifest).
+"""Exporter: the graphs of an engine, with the per-layer lengths baked in.  No calibration, no validation.
 
-    onnx.py           the prefill/decode graph wrappers and torch.onnx.export (dynamo)
-    engine_folder.py  the folder layout, atomic writing, manifest and its verification
-    build.py          the pipeline behind `prefixkv build` / scripts/build_engine.py
-    commands.py       the `build`, `generate` and `validate` subcommands
+    onnx.py           the prefill/decode graph wrappers and torch.onnx.export (dynamo); io_metadata
+    plugin_onnx.py    the same graphs in TensorRT plugin mode (PrefixKV custom ops)
+    tensorrt.py       TensorRT engines from the plugin-mode graphs
+    trtllm.py         the TensorRT-LLM window rule and sparse-attention extension
 
-Nothing is imported here: the engine-folder check also runs where torch is missing.
+The pipeline that calls them is ``prefixkv.pipeline``; the folder format is ``prefixkv.engine_folder``.
 """

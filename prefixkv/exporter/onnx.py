@@ -43,8 +43,9 @@ import onnx
 import torch
 from torch import nn
 
+from .. import __version__, compaction
+from ..attention import unsupported_features
 from ..defaults import EVICT_DISTANCE, SINK
-from .. import compaction
 from ..engine_folder import CACHE_LAYOUT_KEY
 from ..scoring import causal_mask, make_scorer
 
@@ -112,7 +113,6 @@ class Decoder(nn.Module):
         if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise ExportError(f"{type(attn).__name__} has no q/k/v/o projections; the ONNX exporter supports Llama-family attention")
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        from ..attention import unsupported_features
 
         missing = unsupported_features(model.config)
         if missing:
@@ -364,8 +364,6 @@ class BufferDecodeGraph(DecodeGraph):
 def exporter_version() -> str:
     """prefixkv's version plus a hash of the graph code: a cache key for exported engines."""
     import hashlib
-
-    from .. import __version__
 
     sources = [Path(__file__), Path(compaction.__file__), Path(sys.modules[causal_mask.__module__].__file__)]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..plugins import reference
 from ..plugins.trt import DECODE, NAMESPACE, PREFILL, SELECT, VERSION, symbolic_width
 from .onnx import OPSET, DecodeGraph, Decoder, ExportError, GraphSpec, export_graph
 
@@ -157,8 +158,6 @@ def reference_ops() -> list:
     slots in front (position -1, zero K/V), and outputs keep the inputs' float dtype."""
     import numpy as np
     from onnx.reference.op_run import OpRun
-
-    from ..plugins import reference
 
     def t(x):
         x = torch.from_numpy(np.ascontiguousarray(x))

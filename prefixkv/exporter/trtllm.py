@@ -51,8 +51,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..defaults import PROTECT_LAST, SINK
 from .. import compaction
+from ..defaults import PROTECT_LAST, SINK
+from ..optional import optional_import
+from ..plugins.reference import WIDTH_DENOMINATOR, width_numerator
 
 SOURCES = {
     "pytorch_backend": "TensorRT-LLM >= 1.1: _torch/attention_backend/sparse/rocket.py, llmapi/llm_args.py, "
@@ -72,16 +74,8 @@ DISPATCH_PATCH = """\
 
 
 def _import_trtllm():
-    try:
-        import tensorrt_llm
-    except ImportError as err:
-        from ..plugins.trt import StackMissing
-
-        raise StackMissing(
-            "TensorRT-LLM is not installed: pip install tensorrt_llm (Linux, NVIDIA GPU with CUDA; "
-            "see https://nvidia.github.io/TensorRT-LLM/installation/)"
-        ) from err
-    return tensorrt_llm
+    return optional_import("tensorrt_llm", "pip install tensorrt_llm (Linux, NVIDIA GPU with CUDA; "
+                                           "see https://nvidia.github.io/TensorRT-LLM/installation/)", "TensorRT-LLM")
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,8 +159,6 @@ def flatten_sparse_kv_indices(per_sequence: Sequence[torch.Tensor], num_kv_heads
 def loose_width(seq_len, fraction: float, sink: int, protect_last: bool = PROTECT_LAST):
     """An upper bound of ``reference.width_bound`` with +, * and // only (no min/max), for
     symbolic shapes that support nothing else: (S * p) // 2**16 + 1 + protected."""
-    from ..plugins.reference import WIDTH_DENOMINATOR, width_numerator
-
     return (seq_len * width_numerator(fraction)) // WIDTH_DENOMINATOR + 1 + int(sink) + int(bool(protect_last))
 
 

@@ -37,14 +37,11 @@ import re
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as err:  # pragma: no cover - exercised only without triton
-    raise ImportError(
-        "prefixkv.plugins.kernels needs OpenAI Triton: pip install triton "
-        "(on a CPU-only machine set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
-    ) from err
+from ..optional import optional_import
+
+_TRITON = "pip install triton (on a CPU-only machine set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
+triton = optional_import("triton", _TRITON, "OpenAI Triton")
+tl = optional_import("triton.language", _TRITON, "OpenAI Triton")
 
 NEG_INF = tl.constexpr(float("-inf"))
 

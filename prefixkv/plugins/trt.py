@@ -37,6 +37,7 @@ select instead.  Everything here is unverified on a GPU in this repository's CI.
 import os
 from typing import Tuple, Union
 
+from ..optional import StackMissing, optional_import
 from . import reference
 
 NAMESPACE = "prefixkv"
@@ -52,22 +53,10 @@ SELECT_BLOCK_S = 256
 _registered = False
 
 
-class StackMissing(ImportError, RuntimeError):
-    """TensorRT, TensorRT-LLM or a GPU is missing; the message names the fix.  An ImportError,
-    so the CLI prints it as one line (and a RuntimeError, for callers that catch that)."""
-
-
 def import_tensorrt():
     """(tensorrt, tensorrt.plugin), or a ``StackMissing`` error that says how to get them."""
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-    except ImportError as err:
-        raise StackMissing(
-            "TensorRT is not installed: pip install tensorrt (needs a GPU machine with CUDA; "
-            "TensorRT >= 10.8 for tensorrt.plugin AOT plugins)"
-        ) from err
-    return trt, trtp
+    install = "pip install tensorrt (needs a GPU machine with CUDA; TensorRT >= 10.8 for tensorrt.plugin AOT plugins)"
+    return optional_import("tensorrt", install, "TensorRT"), optional_import("tensorrt.plugin", install, "TensorRT")
 
 
 def cuda_arch() -> int:

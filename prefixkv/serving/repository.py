@@ -6,7 +6,7 @@
         1/
           model.py             prefixkv.serving.templates.model, verbatim
           engine/              the engine folder, copied (or a symlink with link=True)
-          prefixkv/            the prefixkv runtime (the package's .py files), vendored
+          prefixkv/            the prefixkv runtime (``RUNTIME_MODULES``), vendored
 
 The vendored runtime makes the repository self-contained: a stock Triton with the Python
 backend and numpy, onnxruntime, tokenizers and jinja2 importable serves it, whatever
@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..engine_folder import verify_engine_folder
 from ..vision import is_vision_engine
 from ..vision.serving import IMAGE_INPUT_PBTXT
 from .pbtxt import write_model_config
@@ -99,25 +100,35 @@ def check_engine_folder(engine_dir: str | Path) -> Path:
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise FileNotFoundError(f"no engine folder at {engine_dir}; build one with `prefixkv build --output {engine_dir}`")
-    try:
-        from ..engine_folder import verify_engine_folder
-    except ImportError:
-        if not any(engine_dir.glob("*.json")):
-            raise RepositoryError(f"{engine_dir} has no manifest: it is not a prefixkv engine folder; build one with `prefixkv build`")
-        return engine_dir
     verify_engine_folder(engine_dir)
     return engine_dir
 
 
-def _vendor_runtime(destination: Path) -> None:
-    """Copy prefixkv's .py files (not its caches or data) to ``destination``."""
-    package = Path(__file__).resolve().parents[1]
-    for source in sorted(package.rglob("*.py")):
-        if "__pycache__" in source.parts:
-            continue
-        target = destination / source.relative_to(package)
+# What the Triton model imports: the runner interface and its ONNX Runtime backend, the
+# tokenizer, the engine-folder format (with the profile it checks) and the image input.
+# The TensorRT backend and its plugin registration come along (they need torch and
+# TensorRT on the serving machine, and are imported only for a tensorrt engine).  Not the
+# exporter, the calibration, the benchmarks or the CLI.
+RUNTIME_MODULES = (
+    "__init__.py", "defaults.py", "engine_folder.py", "profile.py", "tokenizer.py", "data.py",
+    "engines/__init__.py", "engines/base.py", "engines/images.py", "engines/onnxruntime.py",
+    "engines/compaction_graph.py", "engines/tensorrt.py",
+    "vision/__init__.py", "vision/data.py", "vision/preprocess.py", "vision/serving.py",
+    "plugins/__init__.py", "plugins/trt.py", "plugins/reference.py", "plugins/kernels.py",
+    "compaction.py", "scoring.py",
+)
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def vendor_runtime(destination: Path) -> list[Path]:
+    """Copy the runtime modules of prefixkv (``RUNTIME_MODULES``) to ``destination``."""
+    written = []
+    for name in RUNTIME_MODULES:
+        target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
+        shutil.copy2(PACKAGE / name, target)
+        written.append(target)
+    return written
 
 
 def write_repository(
@@ -163,7 +174,7 @@ def write_repository(
             (version_dir / "engine").symlink_to(engine_dir, target_is_directory=True)
         else:
             shutil.copytree(engine_dir, version_dir / "engine", symlinks=False)
-        _vendor_runtime(version_dir / "prefixkv")
+        vendor_runtime(version_dir / "prefixkv")
     except BaseException:
         shutil.rmtree(model_dir, ignore_errors=True)
         raise

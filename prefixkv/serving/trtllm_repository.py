@@ -29,8 +29,10 @@ import shutil
 from pathlib import Path
 
 from ..defaults import PROTECT_LAST, SINK
+from ..engine_folder import read_manifest
 from ..exporter.trtllm import max_attention_window_from_profile
 from .pbtxt import write_model_config
+from .repository import RepositoryError, RepositoryExistsError
 
 TRTLLM_MODEL_NAME = "tensorrt_llm"
 
@@ -145,9 +147,6 @@ def write_trtllm_repository(
     default the folder the engine was built from).  reference_tokens: the prompt length
     whose per-layer memory the windows match (default: the engine's max context).
     """
-    from ..engine_folder import read_manifest
-    from .repository import RepositoryError, RepositoryExistsError
-
     manifest = read_manifest(engine_dir, verify=False)
     fractions = [float(f) for f in manifest["layer_keep_fractions"]]
     max_seq_len = int(manifest.get("max_context", 2048))

@@ -1,17 +1,15 @@
-"""Vision-language models (LLaVA-1.5 layout: CLIP vision tower, projector, Llama) end to end.
+"""What is vision-specific (LLaVA-1.5 layout: CLIP vision tower, projector, Llama); the stages are the text ones.
 
-    data.py          LLaVA conversation files, JSONL with "image", Pillow loading, <image> checks
-    calibration.py   calibrate_vision: profiles from image prompts + image/text share of kept entries
-    evaluation.py    evaluate_vision: PPL of reference answers, ROUGE-L vs full-cache generations
-    export.py        vision graph, prefill-with-image-embeddings graph, build_vision_engine
+    data.py          LLaVA conversation files, JSONL with "image", Pillow loading, <image> checks, test pictures
     preprocess.py    the model's image processor settings applied with Pillow + numpy (run time)
-    runner.py        VisionOnnxRuntimeRunner, load_vision_runner (numpy/onnxruntime only)
-    torch_runner.py  TorchVisionRunner: the Hugging Face model + PrefixKVCache (the reference)
-    validate.py      validate_vision_engine: vision graph, prefill graph, lockstep generation
+    calibration.py   calibrate_vision: the image pixels into calibration, the image/text share of kept entries
+    export.py        the vision tower graph and the prefill graph taking image embeddings
     serving.py       the Triton model's ``image`` input (encoded bytes)
-    commands.py      ``prefixkv vision calibrate|eval|build|generate|validate``
 
-Imports nothing heavy here: this package is vendored into Triton model repositories.
+``prefixkv.pipeline``, ``prefixkv.evaluation``, ``prefixkv.engines`` (``images.ImageInputs``)
+and the CLI take images when the model has a vision tower or the engine a vision graph.
+Imports nothing heavy here: this package's data, preprocessing and serving modules are
+vendored into Triton model repositories.
 """
 from __future__ import annotations
 

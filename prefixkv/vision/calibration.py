@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..defaults import BLEND, SINK
 from ..cache import cache_argument
 from ..calibration import Calibration, calibrate
 from ..compaction import compact
+from ..defaults import BLEND, SINK
 from .data import ImageError, chat_messages, check_placeholders, load_image
 
 

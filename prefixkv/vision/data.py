@@ -19,6 +19,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from ..data import load_jsonl
+
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -156,8 +160,6 @@ def load_samples(path: str | Path, image_folder: str | Path | None = None, first
 
     Every image path is checked to exist now, so a bad data file fails before any model runs.
     """
-    from ..data import load_jsonl
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
@@ -179,3 +181,31 @@ def load_samples(path: str | Path, image_folder: str | Path | None = None, first
         if s.get("image") is not None and not Path(s["image"]).is_file():
             raise ImageError(f"{path}: sample {s.get('id', '')!s} names the image {s['image']}, which does not exist; fix the path or pass --image-folder")
     return samples
+
+
+# -- validation prompts: synthetic pictures -----------------------------------------------------
+DEFAULT_PROMPTS = (
+    "<image>\nWhat is shown in this picture? Describe the colours, the shapes and where they are.",
+    "<image>\nIs there any text in the image? Answer briefly.",
+    "Describe a sunny day at the beach without looking at any image.",
+)
+
+
+def synthetic_image(seed: int, size: tuple[int, int] = (96, 128)):
+    """A deterministic RGB test picture: a colour gradient, a rectangle and noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, 40 * (seed % 6), dtype=float)], -1)
+    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    image[top : top + h // 3, left : left + w // 3] = rng.integers(0, 255, 3)
+    image += rng.normal(0, 8, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def default_samples(n: int) -> list[dict]:
+    """``n`` prompts: with synthetic images, and the last one text-only when n >= 3."""
+    return [{"prompt": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] if i < n - 1 or n < 3 else DEFAULT_PROMPTS[-1],
+             "image": synthetic_image(i) if (i < n - 1 or n < 3) else None} for i in range(n)]

@@ -1,4 +1,4 @@
-"""Export a LLaVA-style model to three ONNX graphs and build a vision engine folder.
+"""Export a LLaVA-style model to three ONNX graphs: the vision tower and the image-taking prefill.
 
     vision(pixel_values) -> image_embeds
         pixel_values: (I, 3, H, W) float32, the processor's output for I images
@@ -15,6 +15,7 @@
 
     decode: the text engine's decode graph, unchanged.
 
+``prefixkv.pipeline.build_engine`` calls ``export_vision_engine_graphs`` for a vision model.
 The language model is reached through ``TextView`` (``model.model.language_model`` and
 ``model.lm_head`` under the names the text exporter expects), so the text exporter's
 ``Decoder``, ``graph_spec``, compaction and decode export are reused as they are.
@@ -23,21 +24,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
-from ..exporter.onnx import OPSET, ExportError, PrefillGraph, _dynamic_shapes, _name_dims, export_graph
-from . import is_vision_model
+from ..exporter.onnx import OPSET, ExportError, PrefillGraph, _dynamic_shapes, _name_dims, export_graph, io_names
+from .preprocess import ImageProcessor
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _llava_parts(model):
@@ -110,8 +107,6 @@ class ImagePrefillGraph(PrefillGraph):
 # -- settings -------------------------------------------------------------------------------------
 def image_geometry(model, processor) -> dict:
     """The manifest's ``vision`` entry: image token, tokens per image, pixel size, processor settings."""
-    from .preprocess import ImageProcessor
-
     image_processor = processor if isinstance(processor, ImageProcessor) else ImageProcessor.from_dict(
         processor.image_processor.to_dict(), "the model's image processor")
     height, width = image_processor.output_size
@@ -132,8 +127,6 @@ def image_geometry(model, processor) -> dict:
 
 # -- export ---------------------------------------------------------------------------------------
 def _save(program, path: Path, log, name: str, start: float) -> Path:
-    import onnx
-
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(program.model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
@@ -175,8 +168,6 @@ def prefill_sample_inputs(spec, geometry: dict, batch: int = 2, extra: int = 8):
 
 def export_image_prefill_graph(model, spec, geometry: dict, path: str | Path, opset: int = OPSET, log=None) -> Path:
     """prefill.onnx taking (input_ids, attention_mask, image_embeds); same outputs as the text graph."""
-    from ..exporter.onnx import io_names
-
     start = time.perf_counter()
     wrapper = ImagePrefillGraph(model, spec, geometry["image_token_id"]).eval()
     shapes = dict(_dynamic_shapes(spec, "prefill"))
@@ -215,102 +206,3 @@ def copy_processor(model_folder: str | Path, folder: str | Path) -> list[str]:
             (folder / "chat_template.jinja").write_text(template)
             copied.append("chat_template.jinja")
     return copied
-
-
-# -- the build ------------------------------------------------------------------------------------
-def build_vision_engine(
-    model_source: str,
-    output: str | Path,
-    keep_fraction: float,
-    profile=None,
-    calibration_samples: list[dict] | None = None,
-    scorer: str = "accumulated",
-    sink: int = 4,
-    chat: bool = False,
-    force: bool = False,
-    validate: bool = True,
-    validate_options: dict | None = None,
-    evict_distance: int = 25,
-    max_context: int | None = None,
-    opset: int = OPSET,
-    model=None,
-    processor=None,
-    log=_stderr,
-):
-    """Build the vision engine for a LLaVA-style ``model_source`` at ``keep_fraction`` into ``output``.
-
-    profile: a path or ``RetentionProfile``; or None with ``calibration_samples`` (dicts with
-    "prompt" and "image", see ``prefixkv.vision.data``) to calibrate on them.  Writes the
-    engine folder (three graphs, tokenizer and processor files, profile, manifest with a
-    ``vision`` entry) atomically, then validates it (``prefixkv.vision.validate``).
-    Returns ``prefixkv.exporter.build.BuildResult``.
-    """
-    from ..exporter.build import BuildResult
-    from ..engine_folder import VALIDATION, check_output, copy_tokenizer, staging, write_manifest
-    from ..exporter.onnx import graph_spec, io_metadata
-    from ..models import model_folder
-    from ..profile import Fingerprint, RetentionProfile, atomic_write_text
-
-    start = time.perf_counter()
-    if not isinstance(keep_fraction, (int, float)) or not 0 < keep_fraction <= 1:
-        raise ValueError(f"the keep fraction must be in (0, 1] (0.2 keeps 20% of the entries), got {keep_fraction!r}")
-    output = check_output(output, force)
-    if model is None:
-        from ..models import load_model
-
-        log(f"loading {model_source}")
-        model, processor = load_model(model_source)
-    if not is_vision_model(model):
-        raise ExportError(f"{model_source} is a text-only model; build it with `prefixkv build`")
-    folder = model_folder(model)
-    if folder is None:
-        raise ValueError(f"cannot find the local folder of {model_source!r} (for its tokenizer and processor files); pass a model folder")
-    fingerprint = Fingerprint.of(model.config)
-    if profile is None:
-        if not calibration_samples:
-            raise ValueError("a vision engine needs a retention profile calibrated on image prompts: pass --profile, "
-                             "or --data with LLaVA conversations to calibrate one")
-        from .calibration import calibrate_vision
-
-        log(f"calibrating a profile on {len(calibration_samples)} image samples, scorer {scorer}")
-        run = calibrate_vision(model, processor, calibration_samples, [keep_fraction], [scorer], sink=sink, chat=chat, progress=False)
-        profile = run.profiles[next(iter(run.profiles))]
-    elif isinstance(profile, (str, Path)):
-        profile = RetentionProfile.load(profile, fingerprint)
-    else:
-        profile.check_model(fingerprint)
-    profile.layer_fractions(keep_fraction)
-    spec = graph_spec(TextView(model), profile, keep_fraction, evict_distance)
-    geometry = image_geometry(model, processor)
-    text = model.config.get_text_config()
-    context = int(max_context or getattr(text, "max_position_embeddings", 2048))
-
-    with staging(output, force) as tmp:
-        export_vision_engine_graphs(model, spec, geometry, tmp, opset, log)
-        copy_tokenizer(folder, tmp)
-        copy_processor(folder, tmp)
-        profile.save(tmp / "profile.json")
-        graphs = {g: {"file": f"{g}.onnx", "data": f"{g}.onnx.data", **io_metadata(tmp / f"{g}.onnx")}
-                  for g in ("vision", "prefill", "decode")}
-        manifest = write_manifest(tmp, {
-            "model": {"source": str(model_source), "folder": str(folder), "fingerprint": fingerprint.__dict__},
-            "keep_fraction": float(keep_fraction),
-            "layer_keep_fractions": spec.fractions,
-            "layers": spec.layers, "heads": spec.heads, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
-            "vocab": spec.vocab, "dtype": spec.dtype, "sink": spec.sink, "protect_last": spec.protect_last,
-            "scorer": {"name": spec.scorer, "params": spec.scorer_params},
-            "evict_distance": spec.evict_distance,
-            "opset": opset,
-            "max_context": context,
-            "vision": geometry,
-            "graphs": graphs,
-        })
-    log(f"vision engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB)")
-    report = None
-    if validate:
-        from .validate import validate_vision_engine
-
-        report = validate_vision_engine(output, model=model, processor=processor, log=log, **(validate_options or {}))
-        atomic_write_text(output / VALIDATION, json.dumps(report, indent=2) + "\n")
-        log(f"validation {'passed' if report['passed'] else 'FAILED'}: {output / VALIDATION}")
-    return BuildResult(output, manifest, report, time.perf_counter() - start)

@@ -30,8 +30,8 @@ carries any text not yet sent and all the generated ids.
 
 Run-time imports are numpy, onnxruntime, tokenizers and jinja2 only: the Python backend
 stub embeds its own libpython, under which transformers (through ``ssl``) or torch may not
-import.  The vendored ``prefixkv`` package is therefore imported without running its
-``__init__`` (which pulls in torch and transformers): see ``_import_runtime``.
+import.  The vendored ``prefixkv`` package holds the runtime modules only and imports
+neither (its ``__init__`` is lazy): see ``_import_runtime``.
 
 The three stages are kept apart (``Preprocessor``: request -> token ids; the engine's
 ``generate_ids``: ids -> ids; ``Postprocessor``: ids -> outputs), so splitting this model
@@ -44,7 +44,6 @@ import json
 import math
 import sys
 import traceback
-import types
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +59,16 @@ class RequestError(ValueError):
 
 
 def _import_runtime(version_dir: Path):
-    """Import the vendored prefixkv runtime without executing prefixkv/__init__.py.
+    """Import the vendored prefixkv runtime (``version_dir/prefixkv``) as the package itself.
 
-    Only ``prefixkv.engines`` (numpy + the engine's runtime), ``prefixkv.tokenizer``
-    (tokenizers + jinja2) and the engine-folder manifest check are used.
+    Its ``__init__`` is lazy and the runtime modules import numpy, onnxruntime, tokenizers,
+    jinja2 (and Pillow for images) only, so this works under the stub's own libpython.
     """
     source = version_dir / "prefixkv"
     if not (source / "engines" / "base.py").is_file():
         raise RuntimeError(f"{source} does not hold the prefixkv runtime; re-run `prefixkv deploy`")
-    for name in ("prefixkv", "prefixkv.exporter"):  # prefixkv.vision's own __init__ is torch-free
-        package = types.ModuleType(name)
-        package.__path__ = [str(source / Path(*name.split(".")[1:]))]
-        package.__package__ = name
-        sys.modules[name] = package
+    if str(version_dir) not in sys.path:
+        sys.path.insert(0, str(version_dir))
     from prefixkv.engines import load_runner
 
     return load_runner
@@ -256,15 +252,12 @@ class TritonPythonModel:
         # the loaders check the engine folder's manifest (files, hashes, format) and
         # refuse a folder they cannot serve, with the reason, so the model fails to load
         image_request = image_error = None
-        if is_vision_engine(engine_dir):  # an image input: Pillow is imported only here
+        self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads)
+        if is_vision_engine(engine_dir):  # an image input: Pillow is imported only when one comes
             from prefixkv.vision.data import ImageError
-            from prefixkv.vision.runner import load_vision_runner
             from prefixkv.vision.serving import image_request
 
-            self.runner = load_vision_runner(engine_dir.resolve(), backend=backend, threads=threads)
             image_error = ImageError
-        else:
-            self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads)
         self.preprocess = Preprocessor(
             self.runner,
             GenerationConfig,

@@ -1,0 +1,267 @@
+"""Every flag of the ``prefixkv`` command, defined once, and the config objects built from them.
+
+A command adds the groups it takes (``add_*``) and builds its configs from the parsed
+namespace (``*_config``).  Values are checked as they are parsed, one validator per kind of
+value, so a bad number stops the command before any work with one line naming the rule.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from .. import defaults
+from ..defaults import TensorRTProfile
+from ..engines.validate import ValidationConfig
+from ..pipeline import CalibrationConfig, DataConfig
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+# -- one validator per kind of value ---------------------------------------------------------
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
+def keep_fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated keep fractions, each in (0, 1]."""
+    what = "keep fractions are comma-separated numbers in (0, 1] (0.2 keeps 20% of the entries)"
+    values = tuple(_number(x, float, what) for x in text.split(",") if x.strip())
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"keep fractions must be in (0, 1] (0.2 keeps 20% of the entries), got {text!r}")
+    return values
+
+
+def keep_fraction(text: str) -> float:
+    """One keep fraction in (0, 1]."""
+    values = keep_fractions(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"give one keep fraction, got {text!r}")
+    return values[0]
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "expected a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int, "expected an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text, float, "expected a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0."""
+    value = _number(text, float, "expected a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {text!r}")
+    return value
+
+
+def check_writable(path: str | Path | None, what: str) -> None:
+    """Refuse an output path whose folder cannot be written, before any work (not after it)."""
+    if path is None:
+        return
+    folder = Path(path).expanduser().absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: {folder} is not a writable folder; choose another path")
+
+
+# -- the groups ---------------------------------------------------------------------------------
+def add_model(p, required: bool = False, default: str | None = None, help: str | None = None) -> None:
+    p.add_argument("--model", required=required, default=default,
+                   help=help or "HF folder, .gguf file, hub id or built-in name; a vision-language model folder "
+                                "(LLaVA) takes images" + (" (default %(default)s)" if default else ""))
+
+
+def add_keep(p, many: bool = False) -> None:
+    if many:
+        p.add_argument("--keep", type=keep_fractions, default=defaults.CALIBRATION_KEEP_FRACTIONS,
+                       help="keep fractions, comma-separated (0.2 keeps 20%% of the entries; default 0.1,...,0.9)")
+    else:
+        p.add_argument("--keep", type=keep_fraction, default=defaults.KEEP_FRACTION,
+                       help="keep fraction (0.2 keeps 20%% of the entries; default %(default)s)")
+
+
+def add_data(p, samples: int | None, tokens: bool = True, what: str = "prompts") -> None:
+    """The prompts a command runs on: a data file or the built-in text, and the image data options.
+    samples None: no ``--samples`` (the command counts its prompts with another flag)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help=f"{what}: JSONL ({{\"prompt\", \"reference\"?, \"image\"?}} per line) or, for a "
+                                  "vision-language model, LLaVA conversations (JSON/JSONL); default: the built-in text")
+    if samples is not None:
+        g.add_argument("--samples", type=positive_int, default=samples, help="how many (default %(default)s)")
+    if tokens:
+        g.add_argument("--tokens", type=positive_int, default=defaults.CALIBRATION_TOKENS,
+                       help="prompt tokens of a built-in sample (default %(default)s)")
+    g.add_argument("--image-folder", help="folder of the data's relative image paths (default: the data file's folder)")
+    g.add_argument("--first-turn-only", action="store_true", help="LLaVA data: one sample per conversation, its first exchange")
+    add_chat(g)
+
+
+def add_chat(p) -> None:
+    p.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the model's chat template (images before the text)")
+
+
+def add_scoring(p) -> None:
+    g = p.add_argument_group("importance score and allocation")
+    g.add_argument("--scorer", help="importance score(s), comma-separated: accumulated, window, last-query, key-norm "
+                                    f"(default: the method's own; when calibrating, {defaults.SCORER})")
+    g.add_argument("--window", type=positive_int, default=defaults.WINDOW, help="query rows of the window scorer (default %(default)s)")
+    g.add_argument("--sink", type=count, help=f"first tokens always kept (default: the profile's or method's; calibrating: {defaults.SINK})")
+    g.add_argument("--blend", type=unit_interval,
+                   help=f"1 = PrefixKV lengths (the paper), 0 = uniform lengths (default {defaults.BLEND}, measured best; see README)")
+    g.add_argument("--min-layer-keep", type=unit_interval,
+                   help=f"per-layer floor, a fraction of the uniform share (default {defaults.MIN_LAYER_KEEP})")
+
+
+def add_method(p) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="prefixkv",
+                   help="full, streaming, h2o, snapkv, tova, pyramidkv, prefixkv, prefixkv-online, custom (default %(default)s)")
+    g.add_argument("--allocation", help="override the method's allocation: uniform, pyramid, online, profile")
+    g.add_argument("--force-scorer", action="store_true", help="apply a profile with another scorer")
+
+
+def add_profile(p, calibrate: bool = False) -> None:
+    """``--profile PATH``; with ``calibrate``, or ``--calibrate`` (one of them is required)."""
+    if not calibrate:
+        p.add_argument("--profile", metavar="PATH", help="retention profile (from `prefixkv calibrate`)")
+        return
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--profile", metavar="PATH", help="retention profile (from `prefixkv calibrate`)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="calibrate a profile for --keep first (on --data, or the built-in calibration split)")
+
+
+def add_force(p, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace an existing {what}")
+
+
+def add_json(p, what: str) -> None:
+    p.add_argument("--json", dest="json_out", metavar="PATH", help=f"also write {what} here")
+
+
+def add_max_new_tokens(p, default: int, zero: bool = False) -> None:
+    p.add_argument("--max-new-tokens", type=count if zero else positive_int, default=default,
+                   help="greedy tokens generated" + (" (0: PPL only)" if zero else "") + " (default %(default)s)")
+
+
+def add_sampling(p) -> None:
+    g = p.add_argument_group("sampling")
+    add_max_new_tokens(g, defaults.MAX_NEW_TOKENS)
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling (default 1: off)")
+    g.add_argument("--top-k", type=count, default=0, help="0 = off (default)")
+    g.add_argument("--seed", type=count, help="sampling seed")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_backend(p, choices: tuple[str, ...], default: str, help: str) -> None:
+    p.add_argument("--backend", choices=choices, default=default, help=f"{help} (default %(default)s)")
+
+
+def add_runtime(p) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--providers", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
+    g.add_argument("--threads", type=positive_int, help="intra-op threads")
+
+
+def add_validation(p) -> None:
+    g = p.add_argument_group("validation")
+    g.add_argument("--validate-prompts", type=positive_int, default=defaults.VALIDATE_PROMPTS,
+                   help="prompts for the graph and generation checks (vision: the first of --data, else synthetic images)")
+    g.add_argument("--validate-tokens", type=positive_int, default=defaults.VALIDATE_TOKENS, help="tokens per validation prompt (text)")
+    g.add_argument("--validate-new-tokens", type=positive_int, default=defaults.VALIDATE_NEW_TOKENS,
+                   help="greedy tokens compared per prompt")
+    g.add_argument("--quality-samples", type=count, default=defaults.QUALITY_SAMPLES,
+                   help="evaluation samples for PPL / ROUGE-L (0: skip; text engines)")
+    g.add_argument("--max-ppl-increase", type=non_negative, help="fail when the PPL rises more than this (0.1 = 10%%)")
+    g.add_argument("--min-rouge-l", type=unit_interval, help="fail when ROUGE-L vs the full cache is lower")
+    add_json(g, "the validation report")
+
+
+def add_tensorrt(p) -> None:
+    g = p.add_argument_group("TensorRT (--backend tensorrt)")
+    g.add_argument("--onnx-only", action="store_true", help="write the plugin-mode ONNX graphs only (no TensorRT needed)")
+    g.add_argument("--precision", choices=defaults.TENSORRT_PRECISIONS, default=defaults.TENSORRT.precision,
+                   help="engine precision (default %(default)s)")
+    g.add_argument("--max-batch", type=positive_int, default=defaults.TENSORRT.max_batch,
+                   help="optimization profile: largest batch (default %(default)s)")
+    g.add_argument("--opt-seq", type=positive_int, default=defaults.TENSORRT.opt_seq,
+                   help="optimization profile: typical prompt length (default %(default)s)")
+    g.add_argument("--max-seq", type=positive_int, default=defaults.TENSORRT.max_seq,
+                   help="optimization profile: longest prompt / cache (default %(default)s)")
+
+
+# -- the configs built from them -------------------------------------------------------------
+def scorer_names(args) -> tuple[str, ...] | None:
+    if args.scorer is None:
+        return None
+    names = tuple(s.strip() for s in args.scorer.split(",") if s.strip())
+    if not names:
+        raise UserError(f"--scorer needs at least one name, got {args.scorer!r}")
+    return names
+
+
+def data_config(args, samples: int | None = None):
+    return DataConfig(path=args.data, samples=samples or args.samples, tokens=getattr(args, "tokens", defaults.CALIBRATION_TOKENS),
+                      image_folder=args.image_folder, first_turn_only=args.first_turn_only, chat=args.chat)
+
+
+def calibration_config(args, keep: tuple[float, ...]):
+    blend = defaults.BLEND if args.blend is None else args.blend
+    floor = defaults.MIN_LAYER_KEEP if args.min_layer_keep is None else args.min_layer_keep
+    return CalibrationConfig(keep_fractions=keep, scorers=scorer_names(args) or (defaults.SCORER,), window=args.window,
+                             sink=defaults.SINK if args.sink is None else args.sink, min_layer_keep=floor, blend=blend,
+                             data=data_config(args))
+
+
+def validation_config(args, samples=None):
+    return ValidationConfig(quality=args.quality_samples > 0, samples=samples, n_prompts=args.validate_prompts, prompt_tokens=args.validate_tokens,
+                            max_new_tokens=args.validate_new_tokens, quality_samples=max(args.quality_samples, 1),
+                            max_ppl_increase=args.max_ppl_increase, min_rouge_l=args.min_rouge_l,
+                            chat=getattr(args, "chat", False), providers=args.providers, threads=args.threads,
+                            json_path=args.json_out, **({"backend": args.backend} if hasattr(args, "engine") else {}))
+
+
+def tensorrt_profile(args) -> TensorRTProfile:
+    return TensorRTProfile(precision=args.precision, max_batch=args.max_batch, opt_seq=args.opt_seq, max_seq=args.max_seq)
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,109 @@
+"""``prefixkv calibrate``, ``eval`` and ``bench``: parsing, then one library call each."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .. import defaults
+from ..bench import quality, scoring, speed
+from ..engine_folder import atomic_write_text
+from ..evaluation import EvalSettings, MethodConfig, evaluate
+from ..models import DEFAULT_MODEL, load_model
+from ..pipeline import calibrate_model
+from ..profile import Fingerprint, RetentionProfile
+from ..report import plot_calibration
+from ..vision import is_vision_model
+from ..vision.calibration import plot_image_share
+from . import args as a
+
+BENCHMARKS = {"quality": quality.main, "speed": speed.main, "scoring": scoring.main}
+SUMMARY = ("method", "keep_fraction", "samples", "images", "ppl", "ppl_full", "rouge_l", "kv_fraction")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="calibrate a PrefixKV retention profile")
+    a.add_model(p, default=DEFAULT_MODEL)
+    a.add_keep(p, many=True)
+    a.add_data(p, samples=defaults.CALIBRATION_SAMPLES, what="calibration prompts (default: the built-in calibration split)")
+    a.add_scoring(p)
+    p.add_argument("--output", default="profile.json", help="profile path (more scorers: NAME.SCORER.json)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: OUTPUT_report/)")
+    a.add_force(p, "profile")
+    p.set_defaults(func=run_calibrate)
+
+    p = subparsers.add_parser("eval", help="PPL and ROUGE-L of a method against the full cache")
+    a.add_model(p, default=DEFAULT_MODEL)
+    a.add_method(p)
+    a.add_keep(p)
+    a.add_profile(p)
+    a.add_scoring(p)
+    a.add_data(p, samples=defaults.EVAL_SAMPLES, what="evaluation prompts (default: the built-in evaluation split)")
+    a.add_max_new_tokens(p, defaults.EVAL_NEW_TOKENS, zero=True)
+    a.add_json(p, "the full result")
+    p.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser("bench", help="benchmarks: quality (PPL, ROUGE-L, retrieval), speed, scoring (calibration prefill overhead)")
+    p.add_argument("kind", choices=sorted(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (see `prefixkv bench KIND --help`)")
+    p.set_defaults(func=run_bench)
+
+
+def run_calibrate(args) -> int:
+    config = a.calibration_config(args, args.keep)
+    output = Path(args.output)
+    outputs = {}
+    for name in config.scorers:
+        key = config.scorer(name).key
+        outputs[key] = output if len(config.scorers) == 1 else output.with_name(f"{output.stem}.{name}{output.suffix}")
+    existing = [str(p) for p in outputs.values() if p.exists()]
+    if existing and not args.force:
+        raise FileExistsError(f"{existing[0]} exists; pass --force to overwrite it or choose another --output")
+    for path in outputs.values():
+        a.check_writable(path, "the profile")
+    model, tokenizer = load_model(args.model)
+    run = calibrate_model(model, tokenizer, config)
+    for key, path in outputs.items():
+        a.stderr(f"profile ({key}): {run.profiles[key].save(path)}")
+    plots = Path(args.plots) if args.plots else output.with_name(f"{output.stem}_report")
+    paths = list(plot_calibration(run, config.keep_fractions, plots))
+    if is_vision_model(model):
+        paths += plot_image_share(run, plots)
+        for key, shares in run.image_share.items():
+            for kf, per_layer in sorted(shares.items()):
+                a.stderr(f"image share of kept entries ({key}, keep {kf:g}): " + " ".join(f"{x:.2f}" for x in per_layer)
+                         + f"  (prompts: {run.prompt_image_share:.2f})")
+    for path in paths:
+        a.stderr(f"plot: {path}")
+    return 0
+
+
+def run_eval(args) -> int:
+    if args.profile and not Path(args.profile).is_file():
+        raise FileNotFoundError(f"no profile at {args.profile}; make one with `prefixkv calibrate --output {args.profile}`")
+    a.check_writable(args.json_out, "the result")
+    names = a.scorer_names(args)
+    if names is not None and len(names) != 1:
+        raise a.UserError(f"eval takes one --scorer, got {args.scorer!r}")
+    method = MethodConfig(args.method, scorer=names[0] if names else None, allocation=args.allocation,
+                          scorer_params={"window": args.window} if names == ("window",) and args.window != defaults.WINDOW else None,
+                          min_layer_keep=defaults.MIN_LAYER_KEEP if args.min_layer_keep is None else args.min_layer_keep,
+                          blend=1.0 if args.blend is None else args.blend, force_scorer=args.force_scorer)
+    settings = EvalSettings(max_new_tokens=max(args.max_new_tokens, 1), generate=args.max_new_tokens > 0, sink=args.sink,
+                            chat=args.chat)
+    model, tokenizer = load_model(args.model)
+    profile = RetentionProfile.load(args.profile, Fingerprint.of(model.config)) if args.profile else None
+    samples, _ = a.data_config(args).load(tokenizer, "evaluation", is_vision_model(model),
+                                          reference_tokens=defaults.EVAL_REFERENCE_TOKENS)
+    result = evaluate(model, tokenizer, samples, method, args.keep, settings, profile=profile)
+    print(json.dumps({k: result[k] for k in SUMMARY if k in result}))
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.json_out}", file=sys.stderr)
+    return 0
+
+
+def run_bench(args) -> int:
+    rest = [x for x in args.args if x != "--"]
+    return int(BENCHMARKS[args.kind](rest) or 0)

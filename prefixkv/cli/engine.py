@@ -1,0 +1,150 @@
+"""``prefixkv build``, ``generate`` and ``validate``: parsing, then one library call each.
+
+    prefixkv build --model smollm2-135m --calibrate --keep 0.2 --output engines/smollm2-k20
+    prefixkv build --model models/llava --profile profile.json --keep 0.2 --output engines/llava-k20
+    prefixkv generate engines/smollm2-k20 --chat --prompt "What is the capital of France?"
+    prefixkv generate engines/llava-k20 --image cat.png --prompt "<image>\\nWhat is shown?"
+    prefixkv validate engines/smollm2-k20 --json report.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .. import defaults
+from ..engines import BACKENDS, load_runner
+from ..engines.base import GenerationConfig
+from ..engines.validate import validate_engine
+from ..models import DEFAULT_MODEL, load_model
+from ..pipeline import BuildConfig, BuildResult, build_engine
+from ..vision import is_vision_engine
+from ..vision.data import ImageError, load_image
+from . import args as a
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("build", help="calibrate (or load) a profile, export, build and validate an engine")
+    a.add_model(p, default=DEFAULT_MODEL)
+    a.add_profile(p, calibrate=True)
+    a.add_keep(p)
+    p.add_argument("--output", dest="engine_dir", required=True, help="engine folder to write")
+    a.add_force(p, "engine folder")
+    a.add_data(p, samples=defaults.CALIBRATION_SAMPLES,
+               what="calibration prompts with --calibrate (vision: also the validation prompts)")
+    a.add_scoring(p)
+    p.add_argument("--evict-distance", type=a.positive_int, default=defaults.EVICT_DISTANCE,
+                   help="decode-phase eviction slot from the end of the compacted prompt (default %(default)s)")
+    p.add_argument("--max-context", type=a.positive_int, help="context limit recorded in the engine (default: the model's)")
+    p.add_argument("--no-validate", action="store_true", help="skip validation against the PyTorch reference")
+    a.add_backend(p, ("onnxruntime", "tensorrt"), "onnxruntime",
+                  "onnxruntime: plain ONNX graphs; tensorrt: plugin-mode graphs + TensorRT engines (GPU)")
+    a.add_tensorrt(p)
+    a.add_validation(p)
+    a.add_runtime(p)
+    p.set_defaults(func=run_build)
+
+    p = subparsers.add_parser("generate", help="generate text with an engine (images too for a vision engine)")
+    p.add_argument("engine", help="engine folder (from `prefixkv build`)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text (vision: one <image> per --image unless --chat)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file ('-': standard input)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable, in prompt order)")
+    a.add_chat(p)
+    a.add_sampling(p)
+    a.add_backend(p, BACKENDS, "auto", "auto (the engine's own: onnxruntime or tensorrt), onnxruntime, tensorrt, "
+                                      "or torch (the PyTorch reference)")
+    a.add_runtime(p)
+    p.set_defaults(func=run_generate)
+
+    p = subparsers.add_parser("validate", help="check an engine against the PyTorch reference")
+    p.add_argument("engine", help="engine folder")
+    a.add_model(p, help="reference model (default: the source recorded in the engine's manifest)")
+    a.add_backend(p, ("auto", "onnxruntime", "tensorrt"), "auto", "runner under test: the engine's own, onnxruntime or tensorrt")
+    a.add_validation(p)
+    a.add_data(p, samples=None, tokens=False,
+               what="vision engines: prompts with images (default: synthetic pictures)")
+    a.add_runtime(p)
+    p.set_defaults(func=run_validate)
+
+
+def run_build(args) -> int:
+    if args.profile and (args.blend is not None or args.min_layer_keep is not None):
+        raise a.UserError("--blend and --min-layer-keep shape a new calibration; with --profile PATH the profile's own "
+                          "allocation is used (calibrate another with `prefixkv calibrate --blend ...`)")
+    a.check_writable(args.json_out, "the validation report")
+    config = BuildConfig(
+        model=args.model, engine_dir=args.engine_dir, keep_fraction=args.keep, profile=args.profile,
+        calibration=a.calibration_config(args, (args.keep,)), force=args.force, validate=not args.no_validate,
+        validation=a.validation_config(args), evict_distance=args.evict_distance, max_context=args.max_context,
+        backend=args.backend, onnx_only=args.onnx_only, tensorrt=a.tensorrt_profile(args))
+    return build_exit_code(build_engine(config))
+
+
+def build_exit_code(result: BuildResult) -> int:
+    """Report a ``BuildResult`` on stderr: 0, or 1 when its validation failed."""
+    print(f"engine: {result.path} ({result.seconds:.0f} s)", file=sys.stderr)
+    if result.validation is not None and not result.validation["passed"]:
+        print(f"error: validation failed; see {result.path / 'validation.json'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_generate(args) -> int:
+    start = time.perf_counter()
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    config.validate()
+    prompt = prompt_text(args)
+    pictures = [load_image(path) for path in args.image]  # fail before loading the engine
+    if pictures and not is_vision_engine(args.engine):
+        raise ImageError(f"{args.engine} is a text-only engine; it takes no image: drop --image, or build a vision "
+                         "engine from a LLaVA model with `prefixkv build`")
+    runner = load_runner(args.engine, backend=args.backend, threads=args.threads,
+                         **({"providers": args.providers} if args.providers else {}))
+    vision = getattr(runner, "vision", None)
+    extra = {"images": [pictures]} if vision else {}
+    loaded = time.perf_counter()
+
+    def stream(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    (result,) = runner.generate(prompt, config, chat=args.chat, callback=stream if args.stream else None, **extra)
+    if not args.stream:
+        sys.stdout.write(result.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    images = f" ({len(pictures)} image(s) of {vision['tokens_per_image']} tokens)" if vision else ""
+    print(f"[{runner.name}] {result.prompt_tokens} prompt tokens{images}, {len(result.token_ids)} new tokens "
+          f"({result.finish_reason}) in {time.perf_counter() - loaded:.2f} s; load {loaded - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def prompt_text(args) -> str:
+    """The prompt of ``--prompt`` or ``--prompt-file`` ('-': standard input)."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def run_validate(args) -> int:
+    a.check_writable(args.json_out, "the validation report")
+    vision = is_vision_engine(args.engine)
+    samples = a.data_config(args, args.validate_prompts).load(None, "evaluation", vision=True)[0] if vision and args.data else None
+    config = a.validation_config(args, samples)
+    model = processor = None
+    if args.model:
+        model, processor = load_model(args.model)
+    report = validate_engine(args.engine, config, model=model, processor=processor)
+    print(json.dumps({"passed": report["passed"], **{k: v["passed"] for k, v in report["checks"].items()}}))
+    return 0 if report["passed"] else 1
