@@ -17,7 +17,7 @@ from . import __version__
 from .cache import PrefixKVCache, cache_argument
 from .data import samples_hash
 from .defaults import BLEND, MIN_LAYER_KEEP, PROTECT_LAST, SINK
-from .profile import Budget, Fingerprint, RetentionProfile
+from .profile import Fingerprint, LayerKeep, RetentionProfile
 from .scoring import Scorer, make_scorer
 from .search import cumulative_priority, curve_gini, floor_and_blend, prefix_search
 
@@ -84,7 +84,7 @@ def calibrate(
     lengths = [len(ids) for ids in samples]
     result = Calibration(profiles={})
     for sc in scorers:
-        budgets = average(per_sample[sc.key], keep_fractions)
+        calibrated = average(per_sample[sc.key], keep_fractions)
         curve = torch.stack(curves[sc.key]).mean(0)
         result.curves[sc.key] = curve
         result.gini[sc.key] = [round(float(g), 4) for g in curve_gini(curve)]
@@ -92,7 +92,7 @@ def calibrate(
             fingerprint=fingerprint,
             sink=sink,
             protect_last=protect_last,
-            budgets=budgets,
+            calibrated=calibrated,
             scorer=sc.name,
             scorer_params=dict(sc.params),
             min_layer_keep=min_layer_keep,
@@ -128,7 +128,7 @@ def bound(fractions: torch.Tensor, keep_fractions: Sequence[float], min_layer_ke
     return torch.stack([floor_and_blend(fractions[i], kf, min_layer_keep, blend) for i, kf in enumerate(keep_fractions)])
 
 
-def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float]) -> dict[float, Budget]:
+def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float]) -> dict[float, LayerKeep]:
     """The profile's entries from per-sample (fractions, layers) keep fractions: their mean,
     rescaled so each layer list's mean is exactly its keep fraction, and their spread."""
     stacked = torch.stack(list(per_sample))  # (samples, F, L)
@@ -136,7 +136,7 @@ def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float])
     out = {}
     for i, kf in enumerate(keep_fractions):
         layer_f = (mean[i] * (kf / mean[i].mean())).clamp(max=1.0)  # exact mean after averaging
-        out[kf] = Budget([float(x) for x in layer_f], [float(x) for x in std[i]])
+        out[kf] = LayerKeep([float(x) for x in layer_f], [float(x) for x in std[i]])
     return out
 
 def calibrate_profile(model, samples, keep_fractions, sink: int = SINK, scorer: str | Scorer = "accumulated",

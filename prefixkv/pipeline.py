@@ -26,9 +26,23 @@ from pathlib import Path
 from . import defaults, report
 from .calibration import Calibration, calibrate
 from .data import builtin_samples, load_jsonl
-from .engine_folder import ENGINE_SUBDIR, VALIDATION, atomic_write_text, check_output, copy_tokenizer, staging, write_manifest
+from .engine_folder import (
+    ENGINE_SUBDIR,
+    VALIDATION,
+    atomic_write_text,
+    check_output,
+    copy_tokenizer,
+    staging,
+    write_manifest,
+)
 from .engines.validate import ValidationConfig, validate_engine
-from .exporter.onnx import OPSET, export_engine_graphs, exporter_version, graph_spec, io_metadata
+from .exporter.onnx import (
+    OPSET,
+    export_engine_graphs,
+    exporter_version,
+    graph_spec,
+    io_metadata,
+)
 from .exporter.plugin_onnx import check_plugin_spec, export_plugin_graphs
 from .exporter.tensorrt import build_tensorrt_engine
 from .models import load_model, model_folder
@@ -37,7 +51,12 @@ from .scoring import make_scorer
 from .vision import is_vision_model
 from .vision.calibration import calibrate_vision
 from .vision.data import load_samples
-from .vision.export import TextView, copy_processor, export_vision_engine_graphs, image_geometry
+from .vision.export import (
+    TextView,
+    copy_processor,
+    export_vision_engine_graphs,
+    image_geometry,
+)
 
 BACKENDS = ("onnxruntime", "tensorrt")
 REPORT = "report"  # the calibration plots, inside the engine folder

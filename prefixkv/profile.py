@@ -18,7 +18,7 @@ On disk (schema version 1)::
      "budgets": {"<keep fraction>": {"layer_keep_fractions": [float] * layers, "layer_keep_std": [float] * layers}},
      "calibration": {...}}
 
-Budget keys are written with ``repr(float)`` so they read back as the same float; keys
+LayerKeep keys are written with ``repr(float)`` so they read back as the same float; keys
 written by older versions with 6 significant digits (``:g``) are still read.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Fingerprint:
 
 
 @dataclass
-class Budget:
+class LayerKeep:
     """Per-layer keep fractions for one global keep fraction."""
 
     layer_keep_fractions: list[float]
@@ -120,11 +120,11 @@ class Budget:
     def __post_init__(self):
         source = _SOURCE.get()
         if not isinstance(self.layer_keep_std, list):
-            raise ProfileError(f"{source}: Budget.layer_keep_std: must be a list, got {_show(self.layer_keep_std)}")
+            raise ProfileError(f"{source}: LayerKeep.layer_keep_std: must be a list, got {_show(self.layer_keep_std)}")
         doc = _validate(_BudgetDoc, {"layer_keep_fractions": self.layer_keep_fractions,
-                                     "layer_keep_std": self.layer_keep_std}, source, prefix=("Budget",))
+                                     "layer_keep_std": self.layer_keep_std}, source, prefix=("LayerKeep",))
         if len(doc.layer_keep_std) != len(doc.layer_keep_fractions):
-            raise ProfileError(f"{source}: Budget.layer_keep_std: expected {len(doc.layer_keep_fractions)} values "
+            raise ProfileError(f"{source}: LayerKeep.layer_keep_std: expected {len(doc.layer_keep_fractions)} values "
                                f"(one per layer, as layer_keep_fractions), got {len(doc.layer_keep_std)}")
         self.layer_keep_fractions = [float(f) for f in doc.layer_keep_fractions]
         self.layer_keep_std = [float(s) for s in doc.layer_keep_std]
@@ -134,7 +134,7 @@ class Budget:
 class RetentionProfile:
     fingerprint: Fingerprint
     sink: int
-    budgets: dict[float, Budget]
+    calibrated: dict[float, LayerKeep]
     scorer: str = "accumulated"
     scorer_params: dict = field(default_factory=dict)
     min_layer_keep: float = 0.0
@@ -145,14 +145,14 @@ class RetentionProfile:
     def __post_init__(self):
         # a profile built in code is held to the file's rules; only an empty ``budgets`` is
         # allowed (to be filled in), and saving refuses it
-        self.budgets = _check_in_memory(self, _SOURCE.get(), allow_empty=True)
+        self.calibrated = _check_in_memory(self, _SOURCE.get(), allow_empty=True)
         self.min_layer_keep = float(self.min_layer_keep)
         self.blend = float(self.blend)
 
     # -- use ----------------------------------------------------------------------------
     @property
     def keep_fractions(self) -> list[float]:
-        return sorted(self.budgets)
+        return sorted(self.calibrated)
 
     def layer_fractions(self, keep_fraction: float) -> list[float]:
         """Per-layer keep fractions for a calibrated global ``keep_fraction``.
@@ -167,13 +167,13 @@ class RetentionProfile:
             wanted = math.nan
         if not math.isfinite(wanted):
             raise ProfileError(f"keep fraction must be a finite number, got {_show(keep_fraction)}")
-        if not self.budgets:
+        if not self.calibrated:
             raise ProfileError("this profile has no calibrated keep fractions; calibrate one with "
                                f"--keep {_num(wanted)}")
-        nearest = min(self.budgets, key=lambda k: abs(k - wanted))
+        nearest = min(self.calibrated, key=lambda k: abs(k - wanted))
         if abs(nearest - wanted) <= KEY_TOLERANCE:
-            return list(self.budgets[nearest].layer_keep_fractions)
-        two = sorted(self.budgets, key=lambda k: abs(k - wanted))[:2]
+            return list(self.calibrated[nearest].layer_keep_fractions)
+        two = sorted(self.calibrated, key=lambda k: abs(k - wanted))[:2]
         raise ProfileError(
             f"keep fraction {_num(wanted)} is not in this profile (calibrated: "
             f"{', '.join(_num(k) for k in self.keep_fractions)}); use the nearest, "
@@ -215,7 +215,7 @@ class RetentionProfile:
             "allocation": {"min_layer_keep": self.min_layer_keep, "blend": self.blend},
             "budgets": {
                 _key(kf): {"layer_keep_fractions": b.layer_keep_fractions, "layer_keep_std": b.layer_keep_std}
-                for kf, b in sorted(self.budgets.items())
+                for kf, b in sorted(self.calibrated.items())
             },
             "calibration": self.calibration,
         }
@@ -507,7 +507,7 @@ def _parse(data, source: str) -> RetentionProfile:
         return RetentionProfile(
             fingerprint=Fingerprint(**doc.model.model_dump()),
             sink=doc.sink,
-            budgets={float(k): Budget([float(f) for f in b.layer_keep_fractions],
+            calibrated={float(k): LayerKeep([float(f) for f in b.layer_keep_fractions],
                                       [float(s) for s in b.layer_keep_std] if b.layer_keep_std is not None
                                       else [0.0] * layers)
                      for k, b in doc.budgets.items()},
@@ -527,15 +527,15 @@ def _parse(data, source: str) -> RetentionProfile:
         _SOURCE.reset(token)
 
 
-def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) -> dict[float, Budget]:
+def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) -> dict[float, LayerKeep]:
     """Validate a profile object against the file's schema; returns its budgets keyed by float."""
     if not isinstance(profile.fingerprint, Fingerprint):
         raise ProfileError(f"{source}: fingerprint: must be a Fingerprint, got {_show(profile.fingerprint)}")
-    if not isinstance(profile.budgets, dict):
-        raise ProfileError(f"{source}: budgets: must be a dict of keep fraction -> Budget, got {_show(profile.budgets)}")
-    budgets: dict[float, Budget] = {}
+    if not isinstance(profile.calibrated, dict):
+        raise ProfileError(f"{source}: calibrated: must be a dict of keep fraction -> LayerKeep, got {_show(profile.calibrated)}")
+    budgets: dict[float, LayerKeep] = {}
     entries = {}
-    for k, b in profile.budgets.items():
+    for k, b in profile.calibrated.items():
         where = f"{source}: budgets[{_show(k)}]"
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             raise ProfileError(f"{where}: a keep fraction must be a number, got {_show(k)}")
@@ -544,8 +544,8 @@ def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) 
         kf = float(k)
         if not (math.isfinite(kf) and 0 < kf <= 1):
             raise ProfileError(f"{where}: keep fraction {_show(k)} is outside (0, 1]")
-        if not isinstance(b, Budget):
-            raise ProfileError(f"{where}: must be a Budget, got {_show(b)}")
+        if not isinstance(b, LayerKeep):
+            raise ProfileError(f"{where}: must be a LayerKeep, got {_show(b)}")
         if kf in budgets:
             raise ProfileError(f"{where}: keep fraction {_num(kf)} is given twice")
         budgets[kf] = b
@@ -562,7 +562,7 @@ def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) 
         "calibration": profile.calibration,
     }
     _validate(_ProfileDoc, doc, source, allow_empty=allow_empty)
-    return profile.budgets if all(type(k) is float for k in profile.budgets) else budgets
+    return profile.calibrated if all(type(k) is float for k in profile.calibrated) else budgets
 
 
 # -- error messages ---------------------------------------------------------------------------

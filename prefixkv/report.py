@@ -43,7 +43,7 @@ def plot_calibration(calibration, keep_fractions: Sequence[float] | None, out_di
     """Two PNGs per scorer: per-layer keep fractions for each budget, and per-layer
     cumulative-priority (Lorenz) curves with each layer's Gini coefficient.
 
-    calibration: a ``prefixkv.calibration.Calibration``; keep_fractions: the budgets to draw
+    calibration: a ``prefixkv.calibration.Calibration``; keep_fractions: the keep fractions to draw
     (None: all calibrated).  Returns the written paths.
     """
     out_dir = Path(out_dir)
@@ -63,7 +63,7 @@ def _plot_layer_fractions(profile, kfs, key, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = plt.cm.viridis([i / max(len(kfs) - 1, 1) for i in range(len(kfs))])
     for kf, color in zip(kfs, colors):
-        budget = profile.budgets[kf]
+        budget = profile.calibrated[kf]
         y = budget.layer_keep_fractions
         layers = range(len(y))
         ax.plot(layers, y, marker="o", ms=3, color=color, label=f"keep {kf:g}")
@@ -77,7 +77,7 @@ def _plot_layer_fractions(profile, kfs, key, path: Path) -> Path:
     calib = profile.calibration or {}
     ax.set_title(f"PrefixKV per-layer keep fractions ({key}; {calib.get('samples', '?')} calibration prompts)\n"
                  "dotted: uniform share; band: ±1 std over prompts", fontsize=10)
-    ax.set_ylim(0, min(1.0, max(max(profile.budgets[k].layer_keep_fractions) for k in kfs) * 1.15 + 0.02))
+    ax.set_ylim(0, min(1.0, max(max(profile.calibrated[k].layer_keep_fractions) for k in kfs) * 1.15 + 0.02))
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,12 +1,11 @@
 """PrefixKVCache: compaction, the decode rule, padding, and generate for every method."""
 import pytest
 import torch
+from conftest import tiny_llama
 
 from prefixkv.cache import PrefixKVCache
 from prefixkv.policies import METHODS
-from prefixkv.profile import Budget, Fingerprint, RetentionProfile
-
-from conftest import tiny_llama
+from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
 
 def prompt(n=40, seed=0, batch=1):
@@ -14,7 +13,7 @@ def prompt(n=40, seed=0, batch=1):
 
 
 def make_profile(model, fractions, kf=0.25, sink=2, scorer="accumulated"):
-    return RetentionProfile(Fingerprint.of(model.config), sink, {kf: Budget(list(fractions), [0.0] * len(fractions))}, scorer=scorer)
+    return RetentionProfile(Fingerprint.of(model.config), sink, {kf: LayerKeep(list(fractions), [0.0] * len(fractions))}, scorer=scorer)
 
 
 @torch.no_grad()

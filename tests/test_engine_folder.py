@@ -5,7 +5,14 @@ import json
 import shutil
 
 import pytest
-from test_export import KEEP, LAYERS, tiny_engine, tiny_model_folder, tiny_profile, one_torch_thread  # noqa: F401  (autouse)
+from test_export import (  # noqa: F401  (autouse)
+    KEEP,
+    LAYERS,
+    one_torch_thread,
+    tiny_engine,
+    tiny_model_folder,
+    tiny_profile,
+)
 
 from prefixkv.engine_folder import (
     EngineError,
@@ -136,11 +143,11 @@ def test_build_refuses_bad_input_before_any_work(tmp_path, monkeypatch):
         build.build_engine(BuildConfig("no-such-model", target, KEEP, validate=False))
     with pytest.raises(ProfileError, match="keep fraction 0.3 is not in this profile.*calibrated: 0.4"):
         build.build_engine(BuildConfig(str(folder), target, 0.3, profile=tiny_profile(model), validate=False), model=model)
-    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+    from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
     mine = Fingerprint.of(model.config)  # a profile made for a model with one more layer
     other = RetentionProfile(Fingerprint(**{**mine.__dict__, "layers": LAYERS + 1}), sink=4,
-                             budgets={KEEP: Budget([0.4] * (LAYERS + 1), [0.0] * (LAYERS + 1))})
+                             calibrated={KEEP: LayerKeep([0.4] * (LAYERS + 1), [0.0] * (LAYERS + 1))})
     path = other.save(tmp_path / "other.json")
     with pytest.raises(ProfileError, match="another model"):
         build.build_engine(BuildConfig(str(folder), target, KEEP, profile=str(path), validate=False), model=model)

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from prefixkv.cache import PrefixKVCache
-from prefixkv.evaluation import EvalSettings, MethodConfig, evaluate, evaluate_many, fork, greedy, prefill, rouge_l, teacher_force
+from prefixkv.evaluation import (
+    EvalSettings,
+    MethodConfig,
+    evaluate,
+    evaluate_many,
+    fork,
+    greedy,
+    prefill,
+    rouge_l,
+    teacher_force,
+)
 
 
 def _samples(n=3, seed=1, vocab=256):
@@ -195,7 +205,7 @@ def test_bench_quality_end_to_end(tmp_path):
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from prefixkv.bench.quality import main
+    from prefixkv.cli import main
     from prefixkv.models import resolve
 
     torch.manual_seed(0)
@@ -206,7 +216,7 @@ def test_bench_quality_end_to_end(tmp_path):
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve("smollm2-135m")).save_pretrained(folder)
     out = tmp_path / "out"
-    code = main(["--model", str(folder), "--samples", "2", "--prompt-tokens", "64", "--reference-tokens", "4",
+    code = main(["bench", "quality", "--model", str(folder), "--samples", "2", "--prompt-tokens", "64", "--reference-tokens", "4",
                  "--max-new-tokens", "3", "--retrieval-samples", "2", "--lengths", "128,160", "--keep", "0.2,0.5",
                  "--calibration-samples", "2", "--calibration-tokens", "64", "--sweep-floor-blend", "--floors", "0,0.5",
                  "--blends", "1", "--sweep-scorers", "accumulated", "--sweep-samples", "2", "--resamples", "50",

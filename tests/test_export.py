@@ -42,9 +42,9 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def tiny_profile(model, fractions=FRACTIONS, keep=KEEP):
-    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+    from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
-    return RetentionProfile(Fingerprint.of(model.config), sink=4, budgets={keep: Budget(list(fractions), [0.0] * len(fractions))})
+    return RetentionProfile(Fingerprint.of(model.config), sink=4, calibrated={keep: LayerKeep(list(fractions), [0.0] * len(fractions))})
 
 
 def tiny_model_folder(root: Path):

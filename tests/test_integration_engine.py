@@ -27,10 +27,10 @@ def engine_key(profile, exporter: str) -> str:
 
 @pytest.fixture(scope="module")
 def smol_engine(smollm2):
-    from prefixkv.pipeline import BuildConfig, build_engine, resolve_profile
     from prefixkv.engine_folder import is_engine
     from prefixkv.exporter.onnx import exporter_version
     from prefixkv.models import cache_dir
+    from prefixkv.pipeline import BuildConfig, build_engine, resolve_profile
     from prefixkv.profile import Fingerprint, RetentionProfile
 
     model, tokenizer = smollm2

@@ -38,7 +38,12 @@ def test_attention_features_prefixkv_does_not_implement_are_refused():
     attention and the exporter would silently compute something else, so both refuse it."""
     import pytest
     import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GemmaConfig,
+        GemmaForCausalLM,
+    )
 
     import prefixkv
     from prefixkv.exporter.onnx import Decoder, ExportError

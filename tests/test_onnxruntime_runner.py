@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_export import KEEP, tiny_engine, one_torch_thread  # noqa: F401  (autouse)
+from test_export import KEEP, one_torch_thread, tiny_engine  # noqa: F401  (autouse)
 
 from prefixkv.engines import load_runner
 from prefixkv.engines.base import GenerationConfig, PromptError

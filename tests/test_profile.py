@@ -3,13 +3,19 @@ import json
 
 import pytest
 
-from prefixkv.profile import SCHEMA_VERSION, Budget, Fingerprint, ProfileError, RetentionProfile
+from prefixkv.profile import (
+    SCHEMA_VERSION,
+    Fingerprint,
+    LayerKeep,
+    ProfileError,
+    RetentionProfile,
+)
 
 FP = Fingerprint("LlamaForCausalLM", 3, 4, 2, 16, "abc123")
 
 
 def profile():
-    return RetentionProfile(FP, 4, {0.2: Budget([0.3, 0.2, 0.1], [0.01, 0.02, 0.03]), 0.5: Budget([0.6, 0.5, 0.4], [0, 0, 0])},
+    return RetentionProfile(FP, 4, {0.2: LayerKeep([0.3, 0.2, 0.1], [0.01, 0.02, 0.03]), 0.5: LayerKeep([0.6, 0.5, 0.4], [0, 0, 0])},
                             scorer="window", scorer_params={"window": 8, "pool": 5}, min_layer_keep=0.25, blend=0.5,
                             calibration={"samples": 16})
 
@@ -20,7 +26,7 @@ def test_round_trip(tmp_path):
     assert loaded.layer_fractions(0.2) == [0.3, 0.2, 0.1]
     assert loaded.keep_fractions == [0.2, 0.5]
     assert (loaded.scorer, loaded.scorer_params, loaded.min_layer_keep, loaded.blend) == ("window", {"window": 8, "pool": 5}, 0.25, 0.5)
-    assert loaded.budgets[0.2].layer_keep_std == [0.01, 0.02, 0.03]
+    assert loaded.calibrated[0.2].layer_keep_std == [0.01, 0.02, 0.03]
     assert loaded.to_dict() == profile().to_dict()
     assert not list(tmp_path.glob(".p.json.*"))  # no temporary file left
 
@@ -145,8 +151,8 @@ def test_duplicate_json_keys_are_named_by_path(tmp_path):
 
 def test_keep_fractions_round_trip_exactly(tmp_path):
     p = profile()
-    p.budgets[0.123456789] = Budget([0.1, 0.1, 0.1], [0.0, 0.0, 0.0])
-    p.budgets[0.2000001] = Budget([0.4, 0.4, 0.4], [0.0, 0.0, 0.0])
+    p.calibrated[0.123456789] = LayerKeep([0.1, 0.1, 0.1], [0.0, 0.0, 0.0])
+    p.calibrated[0.2000001] = LayerKeep([0.4, 0.4, 0.4], [0.0, 0.0, 0.0])
     loaded = RetentionProfile.load(p.save(tmp_path / "p.json"))
     assert loaded.keep_fractions == [0.123456789, 0.2, 0.2000001, 0.5]
     assert loaded.layer_fractions(0.123456789) == [0.1, 0.1, 0.1]
@@ -163,8 +169,8 @@ def test_files_with_6_digit_keys_still_load(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(data))
     loaded = RetentionProfile.load(tmp_path / "p.json")
     assert loaded.keep_fractions == [1e-05, 0.123457, 1.0]
-    assert loaded.budgets[1.0].layer_keep_std == [0.0, 0.0, 0.0]  # absent spread: zeros
-    assert all(type(f) is float for f in loaded.budgets[1.0].layer_keep_fractions)
+    assert loaded.calibrated[1.0].layer_keep_std == [0.0, 0.0, 0.0]  # absent spread: zeros
+    assert all(type(f) is float for f in loaded.calibrated[1.0].layer_keep_fractions)
 
 
 @pytest.mark.parametrize("build,message", [
@@ -172,13 +178,13 @@ def test_files_with_6_digit_keys_still_load(tmp_path):
     (lambda: RetentionProfile(FP, True, {}), "sink: must be an integer, got true"),
     (lambda: RetentionProfile(FP, 4, {}, protect_last="false"), "protect_last: must be true or false"),
     (lambda: RetentionProfile(FP, 4, {}, blend=float("nan")), "blend: must be a finite number"),
-    (lambda: RetentionProfile(FP, 4, {0.2: Budget([0.3, 0.2], [0, 0])}), "expected 3 layer keep fractions"),
-    (lambda: RetentionProfile(FP, 4, {1.5: Budget([0.3, 0.2, 0.1], [0, 0, 0])}), r"keep fraction 1.5 is outside \(0, 1\]"),
-    (lambda: RetentionProfile(FP, 4, {0.2: Budget([0.3] * 3, [0] * 3), 0.2 + 1e-12: Budget([0.3] * 3, [0] * 3)}), "within 1e-09"),
+    (lambda: RetentionProfile(FP, 4, {0.2: LayerKeep([0.3, 0.2], [0, 0])}), "expected 3 layer keep fractions"),
+    (lambda: RetentionProfile(FP, 4, {1.5: LayerKeep([0.3, 0.2, 0.1], [0, 0, 0])}), r"keep fraction 1.5 is outside \(0, 1\]"),
+    (lambda: RetentionProfile(FP, 4, {0.2: LayerKeep([0.3] * 3, [0] * 3), 0.2 + 1e-12: LayerKeep([0.3] * 3, [0] * 3)}), "within 1e-09"),
     (lambda: RetentionProfile(FP, 4, {}, calibration={"x": object()}), "calibration.x: must be a JSON value"),
-    (lambda: Budget([0.1, float("nan")], [0, 0]), r"Budget.layer_keep_fractions\[1\]: must be a finite number"),
-    (lambda: Budget([0.1, 0.0], [0, 0]), r"Budget.layer_keep_fractions\[1\]: must be in \(0, 1\], got 0.0"),
-    (lambda: Budget([0.1], [0, 0]), "Budget.layer_keep_std: expected 1 values"),
+    (lambda: LayerKeep([0.1, float("nan")], [0, 0]), r"LayerKeep.layer_keep_fractions\[1\]: must be a finite number"),
+    (lambda: LayerKeep([0.1, 0.0], [0, 0]), r"LayerKeep.layer_keep_fractions\[1\]: must be in \(0, 1\], got 0.0"),
+    (lambda: LayerKeep([0.1], [0, 0]), "LayerKeep.layer_keep_std: expected 1 values"),
 ])
 def test_profiles_built_in_code_are_held_to_the_same_rules(build, message):
     with pytest.raises(ProfileError, match=message) as caught:

@@ -23,7 +23,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from prefixkv import profile as prof
-from prefixkv.profile import SCHEMA, SCHEMA_VERSION, Budget, Fingerprint, ProfileError, RetentionProfile
+from prefixkv.profile import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    Fingerprint,
+    LayerKeep,
+    ProfileError,
+    RetentionProfile,
+)
 
 FUZZ = settings(max_examples=1000, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -212,11 +219,11 @@ def check_invariants(p: RetentionProfile) -> None:
     assert type(p.scorer) is str and name_ok(p.scorer)
     assert isinstance(p.scorer_params, dict) and json_ok(p.scorer_params)
     assert isinstance(p.calibration, dict) and json_ok(p.calibration)
-    keys = sorted(p.budgets)
+    keys = sorted(p.calibrated)
     assert all(type(k) is float and math.isfinite(k) and 0 < k <= 1 for k in keys)
     assert all(b - a > 1e-9 for a, b in zip(keys, keys[1:]))
-    for b in p.budgets.values():
-        assert type(b) is Budget
+    for b in p.calibrated.values():
+        assert type(b) is LayerKeep
         assert type(b.layer_keep_fractions) is list and len(b.layer_keep_fractions) == fp.layers
         assert type(b.layer_keep_std) is list and len(b.layer_keep_std) == fp.layers
         assert all(type(f) is float and math.isfinite(f) and 0 < f <= 1 for f in b.layer_keep_fractions)
@@ -232,10 +239,10 @@ def matches_doc(p: RetentionProfile, d: dict) -> None:
     assert (p.min_layer_keep, p.blend) == (alloc.get("min_layer_keep", 0.0), alloc.get("blend", 1.0))
     assert p.calibration == d.get("calibration", {})
     want = {float(k): e for k, e in d["budgets"].items()}
-    assert set(p.budgets) == set(want)
+    assert set(p.calibrated) == set(want)
     for kf, e in want.items():
-        assert p.budgets[kf].layer_keep_fractions == [float(x) for x in e["layer_keep_fractions"]]
-        assert p.budgets[kf].layer_keep_std == [float(x) for x in e.get("layer_keep_std", [0.0] * d["model"]["layers"])]
+        assert p.calibrated[kf].layer_keep_fractions == [float(x) for x in e["layer_keep_fractions"]]
+        assert p.calibrated[kf].layer_keep_std == [float(x) for x in e.get("layer_keep_std", [0.0] * d["model"]["layers"])]
 
 
 def check_refusal(err: ProfileError, source: str) -> None:
@@ -523,7 +530,7 @@ def test_from_dict_any_python_value(doc, where, value, whole):
     check_invariants(loaded)
 
 
-FIELDS = ["fingerprint", "sink", "budgets", "scorer", "scorer_params", "min_layer_keep", "blend", "protect_last", "calibration"]
+FIELDS = ["fingerprint", "sink", "calibrated", "scorer", "scorer_params", "min_layer_keep", "blend", "protect_last", "calibration"]
 
 
 @FUZZ
@@ -540,14 +547,14 @@ def test_constructors_hold_the_same_rules(field, value, layers):
             assume(False)  # Python itself refuses an unhashable key in a dict
     try:
         if field in ("fractions", "std"):
-            budget = Budget(value, std) if field == "fractions" else Budget(fractions, value)
-            args["budgets"] = {key: budget}
+            budget = LayerKeep(value, std) if field == "fractions" else LayerKeep(fractions, value)
+            args["calibrated"] = {key: budget}
         elif field == "key":
-            args["budgets"] = {value: Budget(fractions, std)}
+            args["calibrated"] = {value: LayerKeep(fractions, std)}
         elif field == "second_key":
-            args["budgets"] = {key: Budget(fractions, std), value: Budget(fractions, std)}
+            args["calibrated"] = {key: LayerKeep(fractions, std), value: LayerKeep(fractions, std)}
         else:
-            args["budgets"] = {key: Budget(fractions, std)}
+            args["calibrated"] = {key: LayerKeep(fractions, std)}
             args[field] = value
         made = RetentionProfile(**args)
     except ProfileError as err:
@@ -610,7 +617,7 @@ def profiles(draw):
     layers = draw(st.integers(1, 4))
     kfs = distinct(draw(st.lists(st.one_of(unit_floats, st.sampled_from([0.2, 0.2000001, 0.123456789, 1.0, 5e-324])),
                                  min_size=1, max_size=4)))
-    budgets = {kf: Budget(draw(st.lists(unit_floats, min_size=layers, max_size=layers)),
+    budgets = {kf: LayerKeep(draw(st.lists(unit_floats, min_size=layers, max_size=layers)),
                           draw(st.lists(st.floats(0, 10), min_size=layers, max_size=layers)))
                for kf in kfs}
     return RetentionProfile(
@@ -633,15 +640,15 @@ def test_save_load_round_trip(folder, p, noise):
     q = RetentionProfile.load(path, p.fingerprint)
     count("round_trip", "cases ok")
     assert bits(q.keep_fractions) == bits(p.keep_fractions)
-    for kf, b in p.budgets.items():
-        assert bits(q.budgets[kf].layer_keep_fractions) == bits(b.layer_keep_fractions)
-        assert bits(q.budgets[kf].layer_keep_std) == bits(b.layer_keep_std)
+    for kf, b in p.calibrated.items():
+        assert bits(q.calibrated[kf].layer_keep_fractions) == bits(b.layer_keep_fractions)
+        assert bits(q.calibrated[kf].layer_keep_std) == bits(b.layer_keep_std)
         assert q.layer_fractions(kf) == b.layer_keep_fractions
         if 0 < kf + noise:
-            nearest = min(p.budgets, key=lambda k: abs(k - (kf + noise)))
-            assert q.layer_fractions(kf + noise) == p.budgets[nearest].layer_keep_fractions
+            nearest = min(p.calibrated, key=lambda k: abs(k - (kf + noise)))
+            assert q.layer_fractions(kf + noise) == p.calibrated[nearest].layer_keep_fractions
         off = kf + 3e-9
-        if all(abs(k - off) > 1e-9 for k in p.budgets):
+        if all(abs(k - off) > 1e-9 for k in p.calibrated):
             with pytest.raises(ProfileError, match="is not in this profile"):
                 q.layer_fractions(off)
     assert (q.fingerprint, q.sink, q.protect_last, q.scorer, q.scorer_params, q.calibration) == \

@@ -4,15 +4,22 @@ from __future__ import annotations
 import torch
 
 from prefixkv.calibration import Calibration
-from prefixkv.profile import Budget, Fingerprint, RetentionProfile
-from prefixkv.report import comparison_table, markdown_table, plot_calibration, plot_quality, quality_table, slug
+from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
+from prefixkv.report import (
+    comparison_table,
+    markdown_table,
+    plot_calibration,
+    plot_quality,
+    quality_table,
+    slug,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _calibration(layers=4):
     fp = Fingerprint("LlamaForCausalLM", layers, 4, 2, 16, "0" * 16)
-    budgets = {0.1: Budget([0.2, 0.1, 0.05, 0.05], [0.01] * 4), 0.2: Budget([0.35, 0.2, 0.15, 0.1], [0.02] * 4)}
+    budgets = {0.1: LayerKeep([0.2, 0.1, 0.05, 0.05], [0.01] * 4), 0.2: LayerKeep([0.35, 0.2, 0.15, 0.1], [0.02] * 4)}
     profiles = {"accumulated": RetentionProfile(fp, 4, budgets),
                 "window(pool=5,window=8)": RetentionProfile(fp, 4, budgets, scorer="window",
                                                             scorer_params={"pool": 5, "window": 8})}

@@ -1,11 +1,16 @@
 """Scores from the block-wise prefixkv attention equal eager attention's, and each scorer's math."""
 import pytest
 import torch
+from conftest import tiny_llama
 
 from prefixkv.cache import PrefixKVCache
-from prefixkv.scoring import KeyNorm, LastQuery, Window, attention_with_scores, make_scorer
-
-from conftest import tiny_llama
+from prefixkv.scoring import (
+    KeyNorm,
+    LastQuery,
+    Window,
+    attention_with_scores,
+    make_scorer,
+)
 
 
 def eager_mass(model, ids, mask, rows=None):

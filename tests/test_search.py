@@ -3,7 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from prefixkv.search import SEARCH_CURVES, cumulative_priority, curve_gini, floor_and_blend, prefix_search
+from prefixkv.search import (
+    SEARCH_CURVES,
+    cumulative_priority,
+    curve_gini,
+    floor_and_blend,
+    prefix_search,
+)
 
 
 def two_layers():

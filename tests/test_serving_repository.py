@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from prefixkv.serving.pbtxt import ModelConfigError, check_model_config, parse_model_config
+from prefixkv.serving.pbtxt import (
+    ModelConfigError,
+    check_model_config,
+    parse_model_config,
+)
 from prefixkv.serving.repository import (
     MODEL_NAME,
     TEMPLATE,
@@ -22,7 +26,10 @@ from prefixkv.serving.repository import (
     model_config_text,
     write_repository,
 )
-from prefixkv.serving.trtllm_repository import attention_windows, write_trtllm_repository
+from prefixkv.serving.trtllm_repository import (
+    attention_windows,
+    write_trtllm_repository,
+)
 
 LAYER_FRACTIONS = [0.1, 0.15, 0.2, 0.25, 0.3]
 
@@ -32,7 +39,7 @@ def engine(tmp_path) -> Path:
     """A manifest-complete engine folder (placeholder graphs) with 5 layers at keep fraction 0.2."""
     from prefixkv.engine_folder import write_manifest
     from prefixkv.models import resolve
-    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+    from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
     folder = tmp_path / "engine"
     folder.mkdir()
@@ -40,7 +47,7 @@ def engine(tmp_path) -> Path:
         (folder / name).write_bytes(b"placeholder graph")
     (folder / "tokenizer.json").write_bytes((resolve("smollm2-135m") / "tokenizer.json").read_bytes())
     fingerprint = Fingerprint("LlamaForCausalLM", 5, 4, 2, 16, "0123456789abcdef")
-    RetentionProfile(fingerprint, sink=4, budgets={0.2: Budget(LAYER_FRACTIONS, [0.0] * 5)}).save(folder / "profile.json")
+    RetentionProfile(fingerprint, sink=4, calibrated={0.2: LayerKeep(LAYER_FRACTIONS, [0.0] * 5)}).save(folder / "profile.json")
     write_manifest(folder, {
         "model": {"source": "tiny", "folder": "/models/tiny", "fingerprint": fingerprint.__dict__},
         "keep_fraction": 0.2, "layer_keep_fractions": LAYER_FRACTIONS, "layers": 5, "sink": 4, "max_context": 1000,

@@ -167,7 +167,12 @@ def test_bad_bytes_and_dtypes_over_http_and_grpc(server, reference):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from prefixkv.serving.client import TritonRequestError, generate, grpc_generate, grpc_inputs
+    from prefixkv.serving.client import (
+        TritonRequestError,
+        generate,
+        grpc_generate,
+        grpc_inputs,
+    )
 
     with pytest.raises(TritonRequestError, match="not valid UTF-8"):
         generate(server.http_url, body=b'{"text_input": "caf\xe9 \xff", "max_tokens": 4}')

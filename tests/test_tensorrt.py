@@ -14,7 +14,14 @@ from prefixkv.engines.tensorrt import past_names
 from prefixkv.exporter import tensorrt as T
 from prefixkv.exporter.plugin_onnx import reference_ops
 from prefixkv.plugins import reference as R
-from prefixkv.plugins.trt import DECODE, NAMESPACE, PREFILL, SELECT, VERSION, symbolic_width
+from prefixkv.plugins.trt import (
+    DECODE,
+    NAMESPACE,
+    PREFILL,
+    SELECT,
+    VERSION,
+    symbolic_width,
+)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

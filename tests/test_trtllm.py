@@ -9,7 +9,10 @@ from prefixkv.compaction import compact, keep_counts
 from prefixkv.defaults import PROTECT_LAST, SINK
 from prefixkv.exporter import trtllm as L
 from prefixkv.plugins.reference import width_bound
-from prefixkv.serving.trtllm_repository import attention_windows, write_trtllm_repository
+from prefixkv.serving.trtllm_repository import (
+    attention_windows,
+    write_trtllm_repository,
+)
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 
@@ -41,13 +44,13 @@ def test_windows_are_keep_counts():
 def _engine(folder, fractions, sink, protect_last, context):
     """A manifest-complete engine folder (placeholder graphs) with these layer keep fractions."""
     from prefixkv.engine_folder import write_manifest
-    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+    from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
     folder.mkdir()
     for name in ("prefill.onnx", "decode.onnx", "tokenizer.json"):
         (folder / name).write_bytes(b"placeholder")
     fingerprint = Fingerprint("LlamaForCausalLM", len(fractions), 4, 2, 16, "0123456789abcdef")
-    RetentionProfile(fingerprint, sink=sink, budgets={0.2: Budget(fractions, [0.0] * len(fractions))},
+    RetentionProfile(fingerprint, sink=sink, calibrated={0.2: LayerKeep(fractions, [0.0] * len(fractions))},
                      protect_last=protect_last).save(folder / "profile.json")
     write_manifest(folder, {
         "model": {"source": "tiny", "folder": "/models/tiny", "fingerprint": fingerprint.__dict__},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_export import SMALL_VALIDATION, tiny_engine, one_torch_thread  # noqa: F401  (autouse)
+from test_export import SMALL_VALIDATION, one_torch_thread, tiny_engine  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,11 @@ def test_graph_check_of_another_backend_trims_static_width_slots(tiny):
     the comparison.  Shown with the ONNX Runtime runner under another name, with two empty
     columns added in front of every layer's cache."""
     import numpy as np
+    from test_export import KEEP
 
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
     from prefixkv.engines.torch import TorchRunner
     from prefixkv.engines.validate import check_graph, trim_empty_front
-    from test_export import KEEP
 
     assert trim_empty_front(np.array([[0, 0, 1, 1], [0, 1, 1, 1]])) == 1
     assert trim_empty_front(np.zeros((2, 3))) == 3

@@ -27,9 +27,24 @@ TOKENS_PER_IMAGE = 16
 def make_tiny_llava(folder):
     """Save a seeded random LlavaForConditionalGeneration + LlavaProcessor into ``folder``."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
+
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -100,7 +115,12 @@ def llava(tmp_path_factory):
 def engine(llava, tmp_path_factory):
     """calibrate -> export -> engine -> validate, once: (engine folder, BuildResult)."""
     from prefixkv.engines.validate import ValidationConfig
-    from prefixkv.pipeline import BuildConfig, CalibrationConfig, DataConfig, build_engine
+    from prefixkv.pipeline import (
+        BuildConfig,
+        CalibrationConfig,
+        DataConfig,
+        build_engine,
+    )
     from prefixkv.vision.data import load_samples
 
     folder, model, processor, data = llava
@@ -198,11 +218,11 @@ def test_placeholder_errors(llava):
 @pytest.mark.parametrize("method", ["streaming", "h2o", "snapkv", "tova", "pyramidkv", "prefixkv-online", "prefixkv"])
 def test_every_policy_takes_images(llava, method):
     from prefixkv import PrefixKVCache
-    from prefixkv.profile import Budget, Fingerprint, RetentionProfile
+    from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
     _, model, processor, data = llava
     inputs = processor(images=[picture(3)], text=[f"<image>\n{QUESTIONS[0]}"], return_tensors="pt")
-    profile = RetentionProfile(Fingerprint.of(model.config), sink=2, budgets={0.5: Budget([0.4, 0.6], [0.0, 0.0])})
+    profile = RetentionProfile(Fingerprint.of(model.config), sink=2, calibrated={0.5: LayerKeep([0.4, 0.6], [0.0, 0.0])})
     cache = PrefixKVCache(profile if method == "prefixkv" else None, keep_fraction=0.5, method=method, sink=2)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
@@ -216,7 +236,11 @@ def test_every_policy_takes_images(llava, method):
 # -- calibration ----------------------------------------------------------------------------------
 def test_calibration_image_share_is_what_the_cache_keeps(llava, tmp_path):
     from prefixkv import PrefixKVCache
-    from prefixkv.vision.calibration import calibrate_vision, model_inputs, plot_image_share
+    from prefixkv.vision.calibration import (
+        calibrate_vision,
+        model_inputs,
+        plot_image_share,
+    )
     from prefixkv.vision.data import load_samples
 
     _, model, processor, data = llava
@@ -274,8 +298,8 @@ def test_build_calibrates_exports_and_validates(engine):
 
 
 def test_engine_agrees_with_reference_on_a_new_image(engine, llava):
-    from prefixkv.engines.validate import lockstep
     from prefixkv.engines import load_runner
+    from prefixkv.engines.validate import lockstep
 
     out, _ = engine
     _, model, processor, _ = llava
@@ -300,8 +324,8 @@ def test_engine_agrees_with_reference_on_a_new_image(engine, llava):
 
 def test_generate_cli_with_image(engine, llava, tmp_path, capsys):
     from prefixkv.cli import main
-    from prefixkv.engines.base import GenerationConfig
     from prefixkv.engines import load_runner
+    from prefixkv.engines.base import GenerationConfig
 
     out, _ = engine
     _, _, _, data = llava
@@ -378,9 +402,7 @@ def test_runtime_imports_without_torch_or_transformers(engine, llava):
     """What Triton's Python backend can import: the package (its lazy __init__) without torch or transformers."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    import prefixkv
 
     out, _ = engine
     image = llava[3] / "images" / "1.png"
@@ -401,8 +423,8 @@ with runner.images(pixels):
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    from prefixkv.engines.base import GenerationConfig
     from prefixkv.engines import load_runner
+    from prefixkv.engines.base import GenerationConfig
 
     expected = load_runner(out).generate("<image>\nWhat?", GenerationConfig(max_new_tokens=4, ignore_eos=True), images=[image])
     assert done.stdout.strip() == str(expected[0].token_ids)
@@ -440,10 +462,9 @@ def test_triton_serves_the_vision_engine_with_an_image(engine, llava, tmp_path):
     import io
 
     from prefixkv.cli import main
-    from prefixkv.engines import GenerationConfig
+    from prefixkv.engines import GenerationConfig, load_runner
     from prefixkv.serving.client import TritonRequestError, grpc_generate
     from prefixkv.serving.server import TritonServer
-    from prefixkv.engines import load_runner
 
     out, _ = engine
     buffer = io.BytesIO()

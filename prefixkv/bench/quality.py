@@ -17,7 +17,6 @@ Writes ``results.json``, ``quality.md`` and PNGs into ``--output`` and prints wh
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -35,7 +34,7 @@ from ..engine_folder import atomic_write_text
 from ..evaluation import EvalSettings, MethodConfig, evaluate_many
 from ..models import load_model
 from ..policies import METHODS
-from ..profile import Budget, Fingerprint, RetentionProfile
+from ..profile import Fingerprint, RetentionProfile
 from ..scoring import make_scorer
 from . import stats
 from .tasks import retrieval_samples, score
@@ -56,40 +55,6 @@ PAIR_ALLOCATIONS = ("uniform", "pyramid", "online", "profile")
 PREFIXKV_ALLOCATIONS = ("profile", "online")
 # each family: primary metric, secondary metric; True where higher is better
 FAMILIES = {"continuation": (("ppl", False), ("rouge_l", True)), "retrieval": (("accuracy", True), ("answer_ppl", False))}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prefixkv bench quality", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="model name, folder or .gguf (default smollm2-135m)")
-    p.add_argument("--tasks", default="continuation,retrieval", help="comma list: continuation, retrieval")
-    p.add_argument("--keep", default="0.1,0.2,0.3,0.5", help="keep fractions (0.2 keeps 20%% of the entries)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"named methods (default {DEFAULT_METHODS})")
-    p.add_argument("--pairs", default=DEFAULT_PAIRS,
-                   help="extra scorer+allocation pairs, 'all' for every pair, 'none' for none "
-                        f"(default {DEFAULT_PAIRS})")
-    p.add_argument("--samples", type=int, default=16, help="continuation prompts (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="continuation prompt tokens (default 512)")
-    p.add_argument("--reference-tokens", type=int, default=32, help="continuation reference tokens for PPL (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="continuation greedy tokens for ROUGE-L (default 32)")
-    p.add_argument("--retrieval-samples", type=int, default=12, help="retrieval prompts per length (default 12)")
-    p.add_argument("--lengths", default="512,1024,2048", help="retrieval prompt lengths in tokens")
-    p.add_argument("--facts", type=int, default=1, help="facts planted per retrieval prompt (default 1)")
-    p.add_argument("--chat", action="store_true", help="retrieval prompts in the chat template")
-    p.add_argument("--calibration-samples", type=int, default=16, help="calibration prompts (default 16)")
-    p.add_argument("--calibration-tokens", type=int, default=512, help="calibration prompt tokens (default 512)")
-    p.add_argument("--sweep-floor-blend", action="store_true",
-                   help="sweep min_layer_keep x blend on calibration-split prompts and report the best default")
-    p.add_argument("--floors", default="0,0.25,0.5", help="min_layer_keep values (fraction of the uniform share)")
-    p.add_argument("--blends", default="1,0.75,0.5", help="blend values (1 = PrefixKV lengths, 0 = uniform)")
-    p.add_argument("--sweep-scorers", default="accumulated,window,last-query", help="scorers whose profiles are swept")
-    p.add_argument("--sweep-samples", type=int, default=8, help="calibration-split prompts per sweep task (default 8)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (fewer for long prompts)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--output", default="results/quality", help="output folder (default results/quality)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def _floats(text: str) -> list[float]:
@@ -164,7 +129,7 @@ def grid_profiles(model, samples, keep_fractions, scorers, grid, sink: int = SIN
         sc = next(s for s in scorer_objs if s.key == key)
         meta = dict(base[key].calibration) if base and key in base else {}
         out[(key, f, b)] = RetentionProfile(fingerprint=fingerprint, sink=sink, protect_last=protect_last,
-                                            budgets=average(rows, kfs), scorer=sc.name, scorer_params=dict(sc.params),
+                                            calibrated=average(rows, kfs), scorer=sc.name, scorer_params=dict(sc.params),
                                             min_layer_keep=f, blend=b, calibration=meta)
     return out
 
@@ -360,7 +325,7 @@ def sweep_summary(rows: list[dict]) -> dict:
 
 
 def _lengths(args) -> list[int]:
-    return [int(x) for x in args.lengths.split(",") if x.strip()]
+    return list(args.lengths)
 
 
 def _batch(batch_size: int, length: int) -> int:
@@ -368,27 +333,24 @@ def _batch(batch_size: int, length: int) -> int:
     return max(1, min(batch_size, 8192 // max(length, 1)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """The benchmark ``args`` (the namespace of ``prefixkv bench quality``, ``cli.bench``) describe."""
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, argv)
+        return _run(args, list(getattr(args, "argv", [])))
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(args, argv: list[str]) -> int:
     started = time.time()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(args.tasks)
     for t in tasks:
         if t not in FAMILIES:
             raise ValueError(f"unknown task {t!r}; choose continuation and/or retrieval")
-    keeps = sorted(_floats(args.keep))
-    if not keeps or any(not 0 < k <= 1 for k in keeps):
-        raise ValueError(f"keep fractions must be in (0, 1] (0.2 keeps 20% of the entries), got {args.keep}")
+    keeps = sorted(args.keep)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -469,7 +431,7 @@ def _run(args, argv: list[str]) -> int:
         plots.append(report.plot_quality(pooled, out / "retrieval_pooled.png", title="retrieval, all lengths pooled"))
     elapsed = round(time.time() - started, 1)
     settings = {k: v for k, v in vars(args).items()}
-    command = "prefixkv bench quality " + " ".join(argv)
+    command = "prefixkv " + " ".join(argv)
     document = {
         "command": command.strip(), "argv": argv, "settings": settings, "seconds": elapsed,
         "torch_threads": torch.get_num_threads(),
@@ -586,6 +548,3 @@ def render_markdown(document: dict, task_results: dict, args) -> str:
 def _yes(v) -> str:
     return {True: "yes", False: "no", None: "not measured"}[v if v in (True, False) else None]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

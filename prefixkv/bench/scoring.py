@@ -8,13 +8,14 @@ Writes scoring.json and scoring.png; prints a markdown table.  Timings are media
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from ..cache import PrefixKVCache, cache_argument
 from ..data import builtin_text
@@ -31,23 +32,12 @@ def _median_seconds(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="prefixkv bench scoring", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lengths", default="512,1024,2048")
-    parser.add_argument("--scorers", default="accumulated,window,last-query,key-norm")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--output", default="results/scoring")
-    args = parser.parse_args(argv)
-
-    import torch
-
+def run(args) -> int:
+    """The benchmark ``args`` (the namespace of ``prefixkv bench scoring``, ``cli.bench``) describe."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    scorers = [s for s in args.scorers.split(",") if s]
+    lengths, scorers = list(args.lengths), list(args.scorers)
     text_ids = tokenizer(builtin_text("calibration"), return_tensors="pt")["input_ids"]
     rows = []
     with torch.no_grad():
@@ -69,7 +59,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), file=sys.stderr)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    command = "prefixkv bench scoring " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "prefixkv " + " ".join(getattr(args, "argv", []))
     result = {"command": command.strip(), "model": args.model, "repeat": args.repeat,
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "target": "accumulated_overhead <= 1.3 at 2048 tokens", "rows": rows}
@@ -104,6 +94,3 @@ def main(argv=None) -> int:
     print(f"written: {out}/scoring.json, scoring.md, scoring.png", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

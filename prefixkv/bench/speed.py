@@ -15,7 +15,6 @@ Timings are what this machine measured; nothing here asserts them.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import statistics
@@ -34,45 +33,10 @@ from ..engine_folder import atomic_write_text, is_engine, read_manifest
 from ..engines.onnxruntime import OnnxRuntimeRunner, OnnxRuntimeState
 from ..engines.torch import TorchRunner
 from ..exporter.onnx import exporter_version
+from ..models import cache_dir, load_model, model_folder
 from ..optional import optional_import
-from ..models import DEFAULT_MODEL, cache_dir, load_model, model_folder
 from ..pipeline import BuildConfig, build_engine
-from ..profile import Budget, Fingerprint, RetentionProfile
-
-
-def _floats(text: str) -> list[float]:
-    values = [float(x) for x in text.split(",") if x.strip()]
-    if not values or any(not 0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"keep fractions must be in (0, 1], got {text!r}")
-    return values
-
-
-def _ints(text: str) -> list[int]:
-    values = [int(x) for x in text.split(",") if x.strip()]
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"context lengths must be integers >= 2, got {text!r}")
-    return values
-
-
-def parser() -> argparse.ArgumentParser:
-
-    p = argparse.ArgumentParser(prog="prefixkv bench speed", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--profile", help="retention profile holding the keep fractions below 1 (default: calibrate once, cached)")
-    p.add_argument("--keep", type=_floats, default=[1.0, 0.5, 0.2], help="keep fractions (1.0 = full cache)")
-    p.add_argument("--contexts", type=_ints, default=[512, 2048, 4096], help="prompt lengths in tokens")
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps per point (the mean includes the steps "
-                   "where the ONNX Runtime runner compacted a full cache buffer)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first")
-    p.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime and PyTorch")
-    p.add_argument("--batch", type=int, default=1,
-                   help="rows decoded at once by the ONNX Runtime engines (> 1: the PyTorch reference and "
-                        "onnxruntime-genai are skipped)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    p.add_argument("--engines", help="comma-separated engine folders to use for their keep fractions (the others are built)")
-    p.add_argument("--engines-dir", help="where built engines are cached (default: CACHE/bench-engines)")
-    p.add_argument("--output", default="results/bench_speed", help="writes OUTPUT.json and OUTPUT.png")
-    return p
+from ..profile import Fingerprint, LayerKeep, RetentionProfile
 
 
 # -- the engine family ----------------------------------------------------------------------------
@@ -93,9 +57,9 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
             profile = calibrate_profile(model, samples, partial, progress=False)
             profile.save(cached)
         else:
-            profile = RetentionProfile(fingerprint, sink=SINK, budgets={})
+            profile = RetentionProfile(fingerprint, sink=SINK, calibrated={})
     if any(k >= 1 for k in keeps):
-        profile.budgets[1.0] = Budget([1.0] * fingerprint.layers, [0.0] * fingerprint.layers)
+        profile.calibrated[1.0] = LayerKeep([1.0] * fingerprint.layers, [0.0] * fingerprint.layers)
     for k in keeps:
         profile.layer_fractions(k)
     return profile
@@ -185,7 +149,7 @@ def _prod(shape) -> int:
 
 def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], steps: int, warmup: int, log) -> dict:
     """onnxruntime-genai's model builder (fp32, CPU) full-cache model: decode ms/token."""
-    optional_import("onnxruntime_genai", "pip install onnxruntime-genai")
+    og = optional_import("onnxruntime_genai", "pip install onnxruntime-genai")
 
     out = folder / f"genai-{model_folder.name}"
     if not (out / "genai_config.json").is_file():
@@ -232,10 +196,8 @@ def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
 
 
 # -- main ----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.batch < 1:
-        parser().error(f"--batch must be at least 1, got {args.batch}")
+def run(args) -> int:
+    """The benchmark ``args`` (the namespace of ``prefixkv bench speed``, ``cli.bench``) describe."""
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -334,6 +296,3 @@ def plot(results: dict, path: Path) -> Path:
     plt.close(fig)
     return path
 
-
-if __name__ == "__main__":
-    sys.exit(main())

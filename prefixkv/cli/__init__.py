@@ -2,7 +2,7 @@
 
     prefixkv calibrate   calibrate a retention profile               (cli.core)
     prefixkv eval        PPL / ROUGE-L of a method on a data set     (cli.core)
-    prefixkv bench       quality, speed and scoring benchmarks       (cli.core)
+    prefixkv bench       quality, speed and scoring benchmarks       (cli.bench)
     prefixkv build       calibrate or load a profile, export, build and validate an engine  (cli.engine)
     prefixkv generate    run an engine                               (cli.engine)
     prefixkv validate    an engine against the PyTorch reference     (cli.engine)
@@ -23,10 +23,10 @@ import os
 import sys
 
 from .. import __version__
-from . import core, engine, serving
+from . import bench, core, engine, serving
 from .args import UserError
 
-COMMANDS = (core, engine, serving)
+COMMANDS = (core, engine, serving, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line, for the results that record it
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -23,12 +23,13 @@ class UserError(Exception):
 
 
 # -- one validator per kind of value ---------------------------------------------------------
-def _number(text: str, kind, what: str):
+def _number(text: str, kind, what: str, low=None, high=None):
+    """``kind(text)``, finite and within [low, high] (either may be None), or an argparse error saying ``what``."""
     try:
         value = kind(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
+    if (kind is float and not math.isfinite(value)) or (low is not None and value < low) or (high is not None and value > high):
         raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
     return value
 
@@ -51,41 +52,43 @@ def keep_fraction(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    value = _number(text, int, "expected a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _number(text, int, "expected a positive integer", low=1)
 
 
 def count(text: str) -> int:
     """An integer >= 0."""
-    value = _number(text, int, "expected an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, "expected an integer >= 0", low=0)
 
 
 def unit_interval(text: str) -> float:
     """A number in [0, 1]."""
-    value = _number(text, float, "expected a number in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
+    return _number(text, float, "expected a number in [0, 1]", low=0.0, high=1.0)
 
 
 def non_negative(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float, "expected a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _number(text, float, "expected a finite number >= 0", low=0.0)
+
+
+def lengths(text: str) -> tuple[int, ...]:
+    """Comma-separated token counts, each >= 2."""
+    what = "lengths are comma-separated integers >= 2"
+    values = tuple(_number(x, int, what, low=2) for x in text.split(",") if x.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return values
+
+
+def names(text: str) -> tuple[str, ...]:
+    """Comma-separated names (at least one)."""
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
 
 
 def port(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {text!r}")
-    return value
+    return _number(text, int, "a port is an integer in [1, 65535]", low=1, high=65535)
 
 
 def check_writable(path: str | Path | None, what: str) -> None:
@@ -106,10 +109,11 @@ def add_model(p, required: bool = False, default: str | None = None, help: str |
                                 "(LLaVA) takes images" + (" (default %(default)s)" if default else ""))
 
 
-def add_keep(p, many: bool = False) -> None:
+def add_keep(p, many: bool = False, default: tuple[float, ...] = defaults.CALIBRATION_KEEP_FRACTIONS) -> None:
     if many:
-        p.add_argument("--keep", type=keep_fractions, default=defaults.CALIBRATION_KEEP_FRACTIONS,
-                       help="keep fractions, comma-separated (0.2 keeps 20%% of the entries; default 0.1,...,0.9)")
+        p.add_argument("--keep", type=keep_fractions, default=tuple(default),
+                       help="keep fractions, comma-separated (0.2 keeps 20%% of the entries; 1.0 = the full cache; "
+                            f"default {','.join(f'{k:g}' for k in default)})")
     else:
         p.add_argument("--keep", type=keep_fraction, default=defaults.KEEP_FRACTION,
                        help="keep fraction (0.2 keeps 20%% of the entries; default %(default)s)")
@@ -187,7 +191,7 @@ def add_sampling(p) -> None:
     g.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling (default 1: off)")
     g.add_argument("--top-k", type=count, default=0, help="0 = off (default)")
-    g.add_argument("--seed", type=count, help="sampling seed")
+    add_seed(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -195,10 +199,28 @@ def add_backend(p, choices: tuple[str, ...], default: str, help: str) -> None:
     p.add_argument("--backend", choices=choices, default=default, help=f"{help} (default %(default)s)")
 
 
+def add_threads(p, help: str = "intra-op threads") -> None:
+    p.add_argument("--threads", type=positive_int, help=f"{help} (default: the runtime's)")
+
+
 def add_runtime(p) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--providers", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
-    g.add_argument("--threads", type=positive_int, help="intra-op threads")
+    add_threads(g)
+
+
+def add_output(p, default: str | None, help: str, dest: str = "output") -> None:
+    """The command's output (a profile, an engine folder, a results folder): one flag, its meaning per command."""
+    p.add_argument("--output", dest=dest, default=default, required=default is None,
+                   help=help + (" (default %(default)s)" if default else ""))
+
+
+def add_lengths(p, default: tuple[int, ...], help: str = "prompt lengths in tokens") -> None:
+    p.add_argument("--lengths", type=lengths, default=default, help=f"{help} (default {','.join(map(str, default))})")
+
+
+def add_seed(p, default: int | None = None) -> None:
+    p.add_argument("--seed", type=count, default=default, help="random seed" + (" (default %(default)s)" if default is not None else ""))
 
 
 def add_validation(p) -> None:

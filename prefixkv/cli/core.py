@@ -1,13 +1,11 @@
-"""``prefixkv calibrate``, ``eval`` and ``bench``: parsing, then one library call each."""
+"""``prefixkv calibrate`` and ``eval``: parsing, then one library call each."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from .. import defaults
-from ..bench import quality, scoring, speed
 from ..engine_folder import atomic_write_text
 from ..evaluation import EvalSettings, MethodConfig, evaluate
 from ..models import DEFAULT_MODEL, load_model
@@ -18,7 +16,6 @@ from ..vision import is_vision_model
 from ..vision.calibration import plot_image_share
 from . import args as a
 
-BENCHMARKS = {"quality": quality.main, "speed": speed.main, "scoring": scoring.main}
 SUMMARY = ("method", "keep_fraction", "samples", "images", "ppl", "ppl_full", "rouge_l", "kv_fraction")
 
 
@@ -28,7 +25,7 @@ def register(subparsers) -> None:
     a.add_keep(p, many=True)
     a.add_data(p, samples=defaults.CALIBRATION_SAMPLES, what="calibration prompts (default: the built-in calibration split)")
     a.add_scoring(p)
-    p.add_argument("--output", default="profile.json", help="profile path (more scorers: NAME.SCORER.json)")
+    a.add_output(p, "profile.json", "profile path (more scorers: NAME.SCORER.json)")
     p.add_argument("--plots", help="folder for the PNG plots (default: OUTPUT_report/)")
     a.add_force(p, "profile")
     p.set_defaults(func=run_calibrate)
@@ -43,11 +40,6 @@ def register(subparsers) -> None:
     a.add_max_new_tokens(p, defaults.EVAL_NEW_TOKENS, zero=True)
     a.add_json(p, "the full result")
     p.set_defaults(func=run_eval)
-
-    p = subparsers.add_parser("bench", help="benchmarks: quality (PPL, ROUGE-L, retrieval), speed, scoring (calibration prefill overhead)")
-    p.add_argument("kind", choices=sorted(BENCHMARKS))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (see `prefixkv bench KIND --help`)")
-    p.set_defaults(func=run_bench)
 
 
 def run_calibrate(args) -> int:
@@ -102,8 +94,3 @@ def run_eval(args) -> int:
         atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json_out}", file=sys.stderr)
     return 0
-
-
-def run_bench(args) -> int:
-    rest = [x for x in args.args if x != "--"]
-    return int(BENCHMARKS[args.kind](rest) or 0)

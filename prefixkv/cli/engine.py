@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     a.add_model(p, default=DEFAULT_MODEL)
     a.add_profile(p, calibrate=True)
     a.add_keep(p)
-    p.add_argument("--output", dest="engine_dir", required=True, help="engine folder to write")
+    a.add_output(p, None, "engine folder to write", dest="engine_dir")
     a.add_force(p, "engine folder")
     a.add_data(p, samples=defaults.CALIBRATION_SAMPLES,
                what="calibration prompts with --calibrate (vision: also the validation prompts)")

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..vision.data import ImageError, chat_messages, check_placeholders, count_placeholders, load_image
+from ..vision.data import (
+    ImageError,
+    chat_messages,
+    check_placeholders,
+    count_placeholders,
+    load_image,
+)
 from ..vision.preprocess import ImageProcessor, expand_placeholders
 from .base import Generation, GenerationConfig, PromptError
 

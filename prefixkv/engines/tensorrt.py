@@ -25,13 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from ..engine_folder import ENGINE_SUBDIR, read_manifest
+from ..optional import StackMissing
 from ..tokenizer import Tokenizer
 from .base import Runner
 
 
 def _import_stack():
     """(tensorrt, torch) with a CUDA device, or a RuntimeError naming the fix."""
-    from ..plugins.trt import StackMissing, import_tensorrt
+    from ..plugins.trt import (
+        import_tensorrt,  # imports torch (the plugins' specification)
+    )
 
     trt, _ = import_tensorrt()
     try:

@@ -177,7 +177,10 @@ def pytorch_backend_classes():
     _import_trtllm()
     try:
         from pydantic import Field
-        from tensorrt_llm._torch.attention_backend.trtllm import TrtllmAttention, TrtllmAttentionMetadata
+        from tensorrt_llm._torch.attention_backend.trtllm import (
+            TrtllmAttention,
+            TrtllmAttentionMetadata,
+        )
         from tensorrt_llm.llmapi.llm_args import BaseSparseAttentionConfig
     except ImportError as err:
         raise RuntimeError(
@@ -273,7 +276,11 @@ def python_plugins():
     _import_trtllm()
     try:
         from tensorrt_llm import PluginBase
-        from tensorrt_llm.python_plugin import SymTensor, convert_to_torch_tensor, trtllm_plugin
+        from tensorrt_llm.python_plugin import (
+            SymTensor,
+            convert_to_torch_tensor,
+            trtllm_plugin,
+        )
     except ImportError as err:
         raise RuntimeError(f"this TensorRT-LLM has no python_plugin module; it was written against {SOURCES['python_plugin']}") from err
     from ..plugins import kernels

@@ -8,6 +8,11 @@
 Only ``reference`` is imported here, so ``import prefixkv.plugins`` needs neither triton
 nor tensorrt.
 """
-from .reference import decode_attention, prefill_attention_with_scores, select_and_gather, width_bound
+from .reference import (
+    decode_attention,
+    prefill_attention_with_scores,
+    select_and_gather,
+    width_bound,
+)
 
 __all__ = ["prefill_attention_with_scores", "select_and_gather", "decode_attention", "width_bound"]

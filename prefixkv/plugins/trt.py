@@ -37,7 +37,7 @@ select instead.  Everything here is unverified on a GPU in this repository's CI.
 import os
 from typing import Tuple, Union
 
-from ..optional import StackMissing, optional_import
+from ..optional import optional_import
 from . import reference
 
 NAMESPACE = "prefixkv"

@@ -110,7 +110,7 @@ def check_engine_folder(engine_dir: str | Path) -> Path:
 # TensorRT on the serving machine, and are imported only for a tensorrt engine).  Not the
 # exporter, the calibration, the benchmarks or the CLI.
 RUNTIME_MODULES = (
-    "__init__.py", "defaults.py", "engine_folder.py", "profile.py", "tokenizer.py", "data.py",
+    "__init__.py", "defaults.py", "engine_folder.py", "profile.py", "tokenizer.py", "data.py", "optional.py",
     "engines/__init__.py", "engines/base.py", "engines/images.py", "engines/onnxruntime.py",
     "engines/compaction_graph.py", "engines/tensorrt.py",
     "vision/__init__.py", "vision/data.py", "vision/preprocess.py", "vision/serving.py",

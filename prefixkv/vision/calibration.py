@@ -25,7 +25,6 @@ import torch
 from ..cache import cache_argument
 from ..calibration import Calibration, calibrate
 from ..compaction import compact
-from ..defaults import BLEND, SINK
 from .data import ImageError, chat_messages, check_placeholders, load_image
 
 
@@ -97,22 +96,12 @@ def kept_image_share(scores: torch.Tensor, is_image: torch.Tensor, fractions: Se
     return shares
 
 
-def calibrate_vision(
-    model,
-    processor,
-    samples: Sequence[dict],
-    keep_fractions: Sequence[float],
-    scorers: Sequence = ("accumulated",),
-    sink: int = SINK,
-    protect_last: bool = True,
-    min_layer_keep: float = 0.0,
-    blend: float = BLEND,
-    chat: bool = False,
-    progress: bool = True,
-    seed: int = 0,
-    data_name: str = "custom",
-) -> VisionCalibration:
-    """Calibrate one profile per scorer on image samples (see the module doc)."""
+def calibrate_vision(model, processor, samples: Sequence[dict], keep_fractions: Sequence[float],
+                     scorers: Sequence = ("accumulated",), chat: bool = False, **options) -> VisionCalibration:
+    """Calibrate one profile per scorer on image samples (see the module doc).
+
+    options: ``prefixkv.calibration.calibrate``'s own (sink, protect_last, min_layer_keep,
+    blend, progress, seed, data_name)."""
     if not samples:
         raise ValueError("calibration needs at least one sample")
     image_token_id = getattr(model.config, "image_token_id", None)
@@ -121,8 +110,7 @@ def calibrate_vision(
     prepared = [model_inputs(processor, s, chat) for s in samples]
     feed = _ImageFeed(model, prepared)
     token_lists = [p["input_ids"][0].tolist() for p in prepared]
-    run = calibrate(feed, token_lists, keep_fractions, scorers, sink=sink, protect_last=protect_last,
-                    min_layer_keep=min_layer_keep, blend=blend, progress=progress, seed=seed, data_name=data_name)
+    run = calibrate(feed, token_lists, keep_fractions, scorers, **options)
     masks = [p["input_ids"][0] == image_token_id for p in prepared]
     result = VisionCalibration(profiles=run.profiles, curves=run.curves, gini=run.gini)
     result.prompt_image_share = float(torch.stack([m.float().mean() for m in masks]).mean())

@@ -31,7 +31,15 @@ import onnx
 import torch
 from torch import nn
 
-from ..exporter.onnx import OPSET, ExportError, PrefillGraph, _dynamic_shapes, _name_dims, export_graph, io_names
+from ..exporter.onnx import (
+    OPSET,
+    ExportError,
+    PrefillGraph,
+    _dynamic_shapes,
+    _name_dims,
+    export_graph,
+    io_names,
+)
 from .preprocess import ImageProcessor
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
