@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .defaults import PROTECT_LAST, SINK
+
 SEARCH_CURVES = ("all", "unprotected")
 
 # The released bisection stops once the evicted total is strictly within this many entries of the target.
@@ -172,8 +174,8 @@ def _search_unprotected(curves: torch.Tensor, free_targets: torch.Tensor, iterat
 def prefix_search(
     importance: torch.Tensor,
     keep_fraction: float | Sequence[float] | torch.Tensor,
-    sink: int = 4,
-    protect_last: bool = True,
+    sink: int = SINK,
+    protect_last: bool = PROTECT_LAST,
     iterations: int = 60,
     curve: str = "all",
 ) -> torch.Tensor:
@@ -218,13 +220,6 @@ def prefix_search(
 
     result = torch.stack([_exact_total(raw[f], int(targets[f]), low, high) + offset for f in range(fractions.numel())])
     return result[0] if single else result
-
-
-# The calibration default for ``blend``, measured: the floor x blend sweep of
-# `prefixkv bench quality --sweep-floor-blend` on SmolLM2-135M (calibration-split prompts,
-# scorers accumulated / window / last-query, keep 0.1 and 0.2) ranked blend 0.5 first at every
-# floor (README, "Quality").  blend=1.0 is the paper's allocation.
-DEFAULT_BLEND = 0.5
 
 
 def floor_and_blend(

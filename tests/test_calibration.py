@@ -26,7 +26,7 @@ def test_profile_is_mean_of_per_sample_searches(tiny_model):
 
 
 def test_default_allocation_is_the_measured_blend(tiny_model):
-    from prefixkv.search import DEFAULT_BLEND
+    from prefixkv.defaults import BLEND as DEFAULT_BLEND
 
     profile = calibrate(tiny_model, samples(1), [0.3], ["accumulated"], progress=False).profiles["accumulated"]
     assert DEFAULT_BLEND == 0.5 and (profile.blend, profile.min_layer_keep) == (DEFAULT_BLEND, 0.0)

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--floors", default="0,0.25,0.5", help="min_layer_keep values (fraction of the uniform share)")
     p.add_argument("--blends", default="1,0.75,0.5", help="blend values (1 = PrefixKV lengths, 0 = uniform)")
     p.add_argument("--sweep-scorers", default="accumulated,window,last-query", help="scorers whose profiles are swept")
-    p.add_argument("--sweep-samples", type=a.positive_int, default=8, help="calibration-split prompts per sweep task (default 8)")
+    p.add_argument("--sweep-samples", type=a.positive_int, default=8, help="calibration-split prompts per sweep task (default %(default)s)")
     p.add_argument("--batch-size", type=a.positive_int, default=16, help="prompts per batch (fewer for long prompts)")
     p.add_argument("--resamples", type=a.positive_int, default=2000, help="bootstrap resamples (default 2000)")
     a.add_seed(p, default=0)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ..engine_folder import read_manifest
 from .base import Generation, GenerationConfig, PromptError, Runner
+from .onnxruntime import OnnxRuntimeRunner, VisionOnnxRuntimeRunner
+from .tensorrt import TensorRTRunner  # imports TensorRT and torch only when an engine is loaded
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "reference": "torch"}
@@ -54,13 +56,9 @@ def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | No
     if name == "tensorrt":
         if vision:
             raise ValueError(f"{engine_dir} is a vision engine; vision engines run on onnxruntime or torch (no TensorRT vision graph yet)")
-        from .tensorrt import TensorRTRunner
-
         return TensorRTRunner(engine_dir, verify=verify)
     if name == "onnxruntime":
-        from . import onnxruntime
-
-        cls = onnxruntime.VisionOnnxRuntimeRunner if vision else onnxruntime.OnnxRuntimeRunner
+        cls = VisionOnnxRuntimeRunner if vision else OnnxRuntimeRunner
         return cls(engine_dir, providers=providers, threads=threads, verify=verify, **kwargs)
     try:
         torch_backend = importlib.import_module(".torch", __name__)
