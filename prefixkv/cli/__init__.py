@@ -2,6 +2,7 @@
 
     prefixkv calibrate   calibrate a retention profile               (cli.core)
     prefixkv eval        PPL / ROUGE-L of a method on a data set     (cli.core)
+    prefixkv profile     import the released PrefixKV profiles       (cli.core)
     prefixkv bench       quality, speed and scoring benchmarks       (cli.bench)
     prefixkv build       calibrate or load a profile, export, build and validate an engine  (cli.engine)
     prefixkv generate    run an engine                               (cli.engine)

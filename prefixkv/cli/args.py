@@ -87,6 +87,11 @@ def names(text: str) -> tuple[str, ...]:
     return values
 
 
+def released_ratio(text: str) -> float:
+    """A finite number: the released PrefixKV ``--ratio`` (the share evicted; ``released`` checks it is in (0, 1))."""
+    return _number(text, float, "the released ratio is a number in (0, 1), the share evicted (keep = 1 - ratio)")
+
+
 def port(text: str) -> int:
     return _number(text, int, "a port is an integer in [1, 65535]", low=1, high=65535)
 

@@ -1,4 +1,4 @@
-"""``prefixkv calibrate`` and ``eval``: parsing, then one library call each."""
+"""``prefixkv calibrate``, ``eval`` and ``profile import``: parsing, then one library call each."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ from ..evaluation import EvalSettings, MethodConfig, evaluate
 from ..models import DEFAULT_MODEL, load_model
 from ..pipeline import calibrate_model
 from ..profile import Fingerprint, RetentionProfile
+from ..released import import_profiles, model_config
 from ..report import plot_calibration
 from ..vision import is_vision_model
 from ..vision.calibration import plot_image_share
@@ -40,6 +41,27 @@ def register(subparsers) -> None:
     a.add_max_new_tokens(p, defaults.EVAL_NEW_TOKENS, zero=True)
     a.add_json(p, "the full result")
     p.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser("profile", help="retention profile tools: import the released PrefixKV profiles")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    p.set_defaults(func=lambda args, p=p: p.print_help(sys.stderr) or 2)
+    p = actions.add_parser(
+        "import", help="convert released PrefixKV confs (per-layer evicted fractions) into a retention profile",
+        description="Convert the released PrefixKV lists (THU-MIG/PrefixKV confs/prefixkv_<model>_<ratio>.json: one "
+                    "evicted fraction per layer) into a retention profile for eval, build and validate. The released "
+                    "--ratio r is the share EVICTED: it becomes keep 1 - r (the paper's tables are by share kept, so "
+                    "its 20% is the released --ratio 0.8 and prefixkv's --keep 0.2). Each layer keeps 1 - r_l, "
+                    "rescaled so the layers' mean is exactly 1 - r.")
+    p.add_argument("confs", nargs="+", metavar="CONF.json",
+                   help="released lists, one budget each; the ratio comes from the name's _<ratio>.json suffix")
+    a.add_model(p, required=True, help="the model the lists are for (its config is fingerprinted; "
+                                       "HF folder, .gguf file, hub id or built-in name)")
+    a.add_output(p, None, "profile path")
+    p.add_argument("--ratio", type=a.released_ratio,
+                   help="the released --ratio of a single CONF.json whose name has no _<ratio>.json suffix: "
+                        "the share evicted (0.8 keeps 20%%)")
+    a.add_force(p, "profile")
+    p.set_defaults(func=run_profile_import)
 
 
 def run_calibrate(args) -> int:
@@ -93,4 +115,19 @@ def run_eval(args) -> int:
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json_out}", file=sys.stderr)
+    return 0
+
+
+def run_profile_import(args) -> int:
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it or choose another --output")
+    a.check_writable(output, "the profile")
+    profile = import_profiles(args.confs, Fingerprint.of(model_config(args.model)), ratio=args.ratio)
+    ratios = profile.calibration["released_ratio"]
+    for kf in profile.keep_fractions:
+        layers = profile.layer_fractions(kf)
+        a.stderr(f"keep {kf:g} (released ratio {ratios[repr(kf)]:g}): {len(layers)} layers keep "
+                 f"{min(layers):.3f}..{max(layers):.3f}, raw mean {profile.calibration['raw_mean_keep'][repr(kf)]:.4f}")
+    a.stderr(f"profile: {profile.save(output)}")
     return 0
