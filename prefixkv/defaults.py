@@ -34,6 +34,10 @@ VALIDATE_PROMPTS = 3
 VALIDATE_TOKENS = 320
 VALIDATE_NEW_TOKENS = 32
 QUALITY_SAMPLES = 4
+# The quality tolerances `validate` and `build` check by default (README, "make demo").  A keep-0.2
+# engine of SmolLM2-135M measured PPL +PPL_MEASURED over the full cache on 4 evaluation samples.
+MAX_PPL_INCREASE = 1.0   # the engine's PPL at most (1 + this) x the full cache's on the same tokens
+MIN_ROUGE_L = 0.15       # ROUGE-L of the engine's greedy text against the full cache's, at least this
 # ROUGE-L everywhere (eval, validate, bench): F1 of the longest common subsequence of tokens,
 # with the Porter stemmer, as rouge-score's own examples and the summarisation literature use it
 # (inflections of one word count as the same word).

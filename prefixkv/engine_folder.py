@@ -199,6 +199,34 @@ def _check_profile(folder: Path, manifest: dict) -> None:
         raise EngineError(f"{folder}: profile.json's layer keep fractions differ from the manifest's; rebuild the engine with `prefixkv build --force`")
 
 
+ALLOW_FAILED = "--allow-failed-validation"  # the override flag named by ``check_validated``
+
+
+def mark_validation(folder: str | Path, report: dict) -> dict:
+    """Record a validation report's verdict in the manifest (``"validation"``; the report itself
+    is ``validation.json``).  The files and their hashes are unchanged."""
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["validation"] = {
+        "passed": bool(report["passed"]),
+        "checks": {name: check.get("status", "pass" if check["passed"] else "FAIL") for name, check in report["checks"].items()},
+        "report": VALIDATION,
+    }
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def check_validated(folder: str | Path, manifest: dict, allow_failed: bool = False) -> None:
+    """Refuse an engine whose validation failed (its manifest says so), unless ``allow_failed``.
+    An engine built without validation (or before prefixkv recorded it) is not refused."""
+    verdict = manifest.get("validation")
+    if allow_failed or not isinstance(verdict, dict) or verdict.get("passed", True):
+        return
+    failed = [name for name, status in (verdict.get("checks") or {}).items() if status == "FAIL"]
+    raise EngineError(f"{folder} failed its validation ({', '.join(failed) or 'see the report'}; {Path(folder) / VALIDATION}); "
+                      f"rebuild it, or pass {ALLOW_FAILED} to use it anyway")
+
+
 def is_engine(folder: str | Path) -> bool:
     """True for a complete engine folder (manifest present and every file's size right)."""
     try:

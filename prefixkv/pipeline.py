@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +33,7 @@ from .engine_folder import (
     atomic_write_text,
     check_output,
     copy_tokenizer,
+    mark_validation,
     staging,
     write_manifest,
 )
@@ -282,6 +284,7 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
     if config.backend == "tensorrt":
         check_plugin_spec(spec)
     context = _context(model, config.max_context, log)
+    validation = _validation(config, vision, tokenizer, log)
 
     with staging(output, config.force) as tmp:
         tensorrt_info = None
@@ -321,27 +324,40 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
             "tensorrt": tensorrt_info,
             **({"vision": geometry} if vision else {}),
         })
+        report = None
+        if validation is not None:  # before the folder replaces anything
+            report = validate_engine(tmp, validation, model=model, processor=tokenizer if vision else None, log=log)
+            report["engine"] = str(output)
+            atomic_write_text(tmp / VALIDATION, json.dumps(report, indent=2) + "\n")
+            manifest = mark_validation(tmp, report)
+            if not report["passed"] and output.exists():  # --force over an engine: keep it, keep the new build aside
+                failed = output.with_name(f"{output.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(tmp, failed)
+                raise ValueError(f"the new engine failed its validation, so {output} was left as it was; the new build is "
+                                 f"in {failed} (see its {VALIDATION})")
     log(f"engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB); "
         f"calibration plots in {output / REPORT}/")
-
-    report = None
-    validate = config.validate
-    if validate and config.backend == "tensorrt" and config.onnx_only:
-        log("validation skipped: no TensorRT engines were built (--onnx-only); build and validate on a GPU machine")
-        validate = False
-    if validate:
-        validation = config.validation
-        data = config.calibration.data
-        if vision and validation.samples is None and data.path is not None:  # the image prompts of the data
-            rows, _ = data.load(tokenizer, "evaluation", vision)
-            validation = replace(validation, samples=rows[: validation.n_prompts], chat=validation.chat or data.chat)
-        if config.backend != "onnxruntime" and validation.backend == "auto":
-            validation = replace(validation, backend=config.backend)
-        report = validate_engine(output, validation, model=model, processor=tokenizer if vision else None, log=log)
-        atomic_write_text(output / VALIDATION, json.dumps(report, indent=2) + "\n")
+    if report is not None:
         log(f"validation {'passed' if report['passed'] else 'FAILED'}: {output / VALIDATION}")
     return BuildResult(output, manifest, report, time.perf_counter() - start)
 
+
+
+def _validation(config: BuildConfig, vision: bool, tokenizer, log) -> ValidationConfig | None:
+    """The validation the build runs (None: none), with a vision model's prompts from its data."""
+    if not config.validate:
+        return None
+    if config.backend == "tensorrt" and config.onnx_only:
+        log("validation skipped: no TensorRT engines were built (--onnx-only); build and validate on a GPU machine")
+        return None
+    validation = config.validation
+    data = config.calibration.data
+    if vision and validation.samples is None and data.path is not None:  # the image prompts of the data
+        rows, _ = data.load(tokenizer, "evaluation", vision)
+        validation = replace(validation, samples=rows[: validation.n_prompts], chat=validation.chat or data.chat)
+    if config.backend != "onnxruntime" and validation.backend == "auto":
+        validation = replace(validation, backend=config.backend)
+    return validation
 
 def _context(model, max_context: int | None, log) -> int:
     """The context recorded in the engine: the model's (or ``max_context``), within its sliding window."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import defaults
 from ..defaults import TensorRTProfile
+from ..engine_folder import ALLOW_FAILED
 from ..engines.validate import ValidationConfig
 from ..pipeline import CalibrationConfig, DataConfig
 
@@ -92,6 +93,15 @@ def released_ratio(text: str) -> float:
     return _number(text, float, "the released ratio is a number in (0, 1), the share evicted (keep = 1 - ratio)")
 
 
+def threshold(kind):
+    """A validator for a quality threshold: ``kind``'s value, or "off" (None: reported, not checked)."""
+    def parse(text: str):
+        return None if text.strip().lower() == "off" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def port(text: str) -> int:
     return _number(text, int, "a port is an integer in [1, 65535]", low=1, high=65535)
 
@@ -138,6 +148,11 @@ def add_data(p, samples: int | None, tokens: bool = True, what: str = "prompts")
     g.add_argument("--image-folder", help="folder of the data's relative image paths (default: the data file's folder)")
     g.add_argument("--first-turn-only", action="store_true", help="LLaVA data: one sample per conversation, its first exchange")
     add_chat(g)
+
+
+def add_allow_failed(p) -> None:
+    p.add_argument(ALLOW_FAILED, dest="allow_failed_validation", action="store_true",
+                   help="use an engine whose validation failed (its manifest says so)")
 
 
 def add_chat(p) -> None:
@@ -237,8 +252,11 @@ def add_validation(p) -> None:
                    help="greedy tokens compared per prompt")
     g.add_argument("--quality-samples", type=count, default=defaults.QUALITY_SAMPLES,
                    help="evaluation samples for PPL / ROUGE-L (0: skip; text engines)")
-    g.add_argument("--max-ppl-increase", type=non_negative, help="fail when the PPL rises more than this (0.1 = 10%%)")
-    g.add_argument("--min-rouge-l", type=unit_interval, help="fail when ROUGE-L vs the full cache is lower")
+    g.add_argument("--max-ppl-increase", type=threshold(non_negative), default=defaults.MAX_PPL_INCREASE,
+                   help="fail when the PPL rises more than this over the full cache's (1.0 = doubles; default %(default)s; "
+                        "off: reported, not checked)")
+    g.add_argument("--min-rouge-l", type=threshold(unit_interval), default=defaults.MIN_ROUGE_L,
+                   help="fail when ROUGE-L vs the full cache's text is lower (default %(default)s; off: reported, not checked)")
     add_json(g, "the validation report")
 
 

@@ -5,7 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..serving.repository import write_repository
+from ..serving.repository import check_repository, write_repository
 from ..serving.server import TritonServer, serve_forever
 from ..serving.trtllm_repository import write_trtllm_repository
 from . import args as a
@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     a.add_chat(p)
     p.add_argument("--link", action="store_true", help="symlink the engine folder instead of copying it")
     a.add_force(p, "model folder")
+    a.add_allow_failed(p)
     p.add_argument("--trtllm", metavar="REPOSITORY", help="also write the TensorRT-LLM (llmapi) variant into this repository")
     p.add_argument("--trtllm-model", help="model.yaml's model: a hub id or a path on the GPU machine (default: the engine's model folder)")
     p.add_argument("--trtllm-reference-tokens", type=a.positive_int, default=None,
@@ -45,6 +46,7 @@ def run_deploy(args) -> int:
     model_dir = write_repository(
         args.engine, args.repository, instances=args.instances, threads=args.threads,
         default_max_tokens=args.max_tokens, chat=args.chat, link=args.link, force=args.force,
+        allow_failed_validation=args.allow_failed_validation,
     )
     print(f"wrote {model_dir} (serve it with `prefixkv serve {args.repository}`)", file=sys.stderr)
     if args.trtllm:
@@ -57,6 +59,7 @@ def run_deploy(args) -> int:
 
 
 def run_serve(args) -> int:
+    check_repository(args.repository)
     log_file = args.log_file or str(Path(tempfile.mkdtemp(prefix="prefixkv-serve-")) / "tritonserver.log")
     server = TritonServer(
         args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,

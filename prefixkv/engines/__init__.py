@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..engine_folder import read_manifest
+from ..engine_folder import check_validated, read_manifest
 from .base import Generation, GenerationConfig, PromptError, Runner
 from .onnxruntime import OnnxRuntimeRunner, VisionOnnxRuntimeRunner
 from .tensorrt import TensorRTRunner  # imports TensorRT and torch only when an engine is loaded
@@ -39,17 +39,19 @@ def backend_name(backend: str) -> str:
 
 
 def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
-                providers=None, verify: bool = True, **kwargs) -> Runner:
+                providers=None, verify: bool = True, allow_failed_validation: bool = False, **kwargs) -> Runner:
     """A runner for an engine folder.
 
     backend: "auto" (the backend the engine was built for), "onnxruntime" (the engine's
     graphs; ``providers`` e.g. ["cuda"]), "tensorrt" (its TensorRT engines; GPU) or "torch"
     (the engine's model, profile and keep fraction through the PyTorch reference cache;
     needs torch and transformers, and the model the engine was built from; ``model=`` /
-    ``processor=`` pass one already loaded).
+    ``processor=`` pass one already loaded).  An engine whose validation failed is refused
+    unless ``allow_failed_validation``.
     """
     name = backend_name(backend)
     manifest = read_manifest(engine_dir, verify=False)
+    check_validated(engine_dir, manifest, allow_failed_validation)
     vision = bool(manifest.get("vision"))
     if name == "auto":
         name = manifest.get("backend") or "onnxruntime"

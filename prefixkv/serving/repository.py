@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..engine_folder import verify_engine_folder
+from ..engine_folder import check_validated, read_manifest, verify_engine_folder
 from ..vision import is_vision_engine
 from ..vision.serving import IMAGE_INPUT_PBTXT
 from .pbtxt import write_model_config
@@ -45,10 +45,12 @@ def model_config_text(
     backend: str = "auto",
     engine_dir: str = "engine",
     image: bool = False,
+    allow_failed_validation: bool = False,
 ) -> str:
     """The ``config.pbtxt`` of the prefixkv_llm model (text; checked by the caller).
 
-    image: add the optional ``image`` input (encoded bytes; vision engines)."""
+    image: add the optional ``image`` input (encoded bytes; vision engines).
+    allow_failed_validation: the model loads an engine whose validation failed."""
     params = {
         "engine_dir": engine_dir,
         "backend": backend,
@@ -56,6 +58,8 @@ def model_config_text(
         "default_max_tokens": str(default_max_tokens),
         "chat": "true" if chat else "false",
     }
+    if allow_failed_validation:
+        params["allow_failed_validation"] = "true"
     parameters = "\n".join(
         f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()
     )
@@ -95,13 +99,25 @@ instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
 """
 
 
-def check_engine_folder(engine_dir: str | Path) -> Path:
-    """The engine folder, its manifest verified (raises a ValueError subclass naming the fix)."""
+def check_engine_folder(engine_dir: str | Path, allow_failed_validation: bool = False) -> Path:
+    """The engine folder, its manifest verified and its validation not failed (unless allowed);
+    raises a ValueError subclass naming the fix."""
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise FileNotFoundError(f"no engine folder at {engine_dir}; build one with `prefixkv build --output {engine_dir}`")
-    verify_engine_folder(engine_dir)
+    check_validated(engine_dir, verify_engine_folder(engine_dir), allow_failed_validation)
     return engine_dir
+
+
+def check_repository(repository: str | Path) -> None:
+    """Before a server starts: every prefixkv model's engine in ``repository`` is one it will load
+    (manifest complete; validation not failed unless the model was deployed with ``ALLOW_FAILED``)."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise FileNotFoundError(f"no model repository at {repository}; write one with `prefixkv deploy ENGINE --repository {repository}`")
+    for engine_dir in sorted(repository.glob("*/[0-9]*/engine")):
+        allowed = '"allow_failed_validation" value { string_value: "true" }' in (engine_dir.parents[1] / "config.pbtxt").read_text()
+        check_validated(engine_dir, read_manifest(engine_dir, verify=False), allowed)
 
 
 # What the Triton model imports: the runner interface and its ONNX Runtime backend, the
@@ -144,6 +160,7 @@ def write_repository(
     backend: str = "auto",
     link: bool = False,
     force: bool = False,
+    allow_failed_validation: bool = False,
 ) -> Path:
     """Write (or with ``force`` replace) ``repository/model_name``; returns the model folder."""
     if instances < 1:
@@ -154,7 +171,7 @@ def write_repository(
         raise RepositoryError(f"--max-tokens must be at least 1, got {default_max_tokens}")
     if version < 1:
         raise RepositoryError(f"--version must be at least 1, got {version}")
-    engine_dir = check_engine_folder(engine_dir).resolve()
+    engine_dir = check_engine_folder(engine_dir, allow_failed_validation).resolve()
     model_dir = Path(repository) / model_name
     if model_dir.exists():
         if not force:
@@ -166,7 +183,7 @@ def write_repository(
         write_model_config(
             model_dir / "config.pbtxt",
             model_config_text(model_name, instances, threads, default_max_tokens, chat, backend,
-                              image=is_vision_engine(engine_dir)),
+                              image=is_vision_engine(engine_dir), allow_failed_validation=allow_failed_validation),
             name=model_name, backend="python", decoupled=True, required_inputs=("text_input",), outputs=OUTPUTS,
         )
         shutil.copy2(TEMPLATE, version_dir / "model.py")

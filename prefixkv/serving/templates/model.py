@@ -252,7 +252,8 @@ class TritonPythonModel:
         # the loaders check the engine folder's manifest (files, hashes, format) and
         # refuse a folder they cannot serve, with the reason, so the model fails to load
         image_request = image_error = None
-        self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads)
+        self.runner = load_runner(engine_dir.resolve(), backend=backend, threads=threads,
+                                  allow_failed_validation=params.get("allow_failed_validation", "false").lower() == "true")
         if is_vision_engine(engine_dir):  # an image input: Pillow is imported only when one comes
             from prefixkv.vision.data import ImageError
             from prefixkv.vision.serving import image_request
