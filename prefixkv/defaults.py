@@ -34,10 +34,12 @@ VALIDATE_PROMPTS = 3
 VALIDATE_TOKENS = 320
 VALIDATE_NEW_TOKENS = 32
 QUALITY_SAMPLES = 4
-# The quality tolerances `validate` and `build` check by default (README, "make demo").  A keep-0.2
-# engine of SmolLM2-135M measured PPL +PPL_MEASURED over the full cache on 4 evaluation samples.
-MAX_PPL_INCREASE = 1.0   # the engine's PPL at most (1 + this) x the full cache's on the same tokens
-MIN_ROUGE_L = 0.15       # ROUGE-L of the engine's greedy text against the full cache's, at least this
+# The quality tolerances `validate` and `build` check by default, against the full cache on
+# QUALITY_SAMPLES evaluation-split samples.  Measured on SmolLM2-135M at keep 0.2 (validation.json of
+# `prefixkv build --calibrate --keep 0.2`): scorer window PPL +23.6%, ROUGE-L 0.573 (passes);
+# scorer accumulated (the paper's) PPL +102.7%, ROUGE-L 0.212 (fails: the README's Quality section).
+MAX_PPL_INCREASE = 0.5   # the engine's PPL at most 1.5 x the full cache's on the same tokens
+MIN_ROUGE_L = 0.3        # ROUGE-L of the engine's greedy text against the full cache's, at least this       # ROUGE-L of the engine's greedy text against the full cache's, at least this
 # ROUGE-L everywhere (eval, validate, bench): F1 of the longest common subsequence of tokens,
 # with the Porter stemmer, as rouge-score's own examples and the summarisation literature use it
 # (inflections of one word count as the same word).
