@@ -233,10 +233,7 @@ class PrefixKVCache(Cache):
                 self.keep_fraction, n_layers, scores, valid, self.sink, self.protect_last
             )
             for i, layer in enumerate(self.layers):
-                f = fractions[i].to(torch.float32)
-                layer.keys, layer.values, layer.positions, layer.valid = compact(
-                    layer.keys, layer.values, layer.scores, layer.valid, f, self.sink, self.protect_last
-                )
+                self.compact_layer(layer, fractions[i])
         else:
             fractions = torch.ones(n_layers, dtype=torch.float64)
         for layer in self.layers:
@@ -244,6 +241,13 @@ class PrefixKVCache(Cache):
         self.layer_fractions = fractions
         self._pending = False
         self._prefilled = True
+
+    def compact_layer(self, layer: PrefixKVLayer, fraction: torch.Tensor) -> None:
+        """Keep ``layer``'s round(fraction x prompt length) most important entries (``compaction.compact``);
+        a subclass may do it another way (a fused kernel, say)."""
+        layer.keys, layer.values, layer.positions, layer.valid = compact(
+            layer.keys, layer.values, layer.scores, layer.valid, fraction.to(torch.float32), self.sink, self.protect_last
+        )
 
     def _keep_budget(self, layer_idx: int) -> None:
         """Evict until the layer is within its fraction of all tokens seen (the decode rule)."""

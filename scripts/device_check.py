@@ -639,29 +639,11 @@ def kernel_cache_class():
             self._pending = True
             return out
 
-        def compress(self) -> None:
-            import torch
-
-            if not self._pending:
-                return
-            valid = self.layers[0].valid
-            self.prompt_lengths = valid.sum(-1)
-            self.seen = self.prompt_lengths.clone()
-            n_layers = len(self.layers)
-            if self.method.compresses:
-                fractions = self.method.allocation.fractions(self.keep_fraction, n_layers, None, valid,
-                                                             self.sink, self.protect_last)
-                for i, layer in enumerate(self.layers):
-                    layer.keys, layer.values, layer.positions, layer.valid = K.select_and_gather(
-                        layer.keys, layer.values, layer.scores, layer.valid, float(fractions[i]), self.sink,
-                        self.protect_last, block_s=self.select_block)
-            else:
-                fractions = torch.ones(n_layers, dtype=torch.float64)
-            for layer in self.layers:
-                layer.scores = None
-            self.layer_fractions = fractions
-            self._pending = False
-            self._prefilled = True
+        def compact_layer(self, layer, fraction) -> None:
+            """The select/gather kernel instead of ``compaction.compact`` (the rest of ``compress`` is the cache's)."""
+            layer.keys, layer.values, layer.positions, layer.valid = K.select_and_gather(
+                layer.keys, layer.values, layer.scores, layer.valid, float(fraction), self.sink,
+                self.protect_last, block_s=self.select_block)
 
     return KernelCache
 
