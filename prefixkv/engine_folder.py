@@ -85,7 +85,7 @@ def staging(target: str | Path, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         if target.exists():  # force: swap the old engine out, then delete it
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "engine")
@@ -98,7 +98,7 @@ def staging(target: str | Path, force: bool = False):
         raise
 
 
-def _usual_permissions(folder: Path) -> None:
+def usual_permissions(folder: Path) -> None:
     """mkdtemp/mkstemp make owner-only entries; give the engine the umask's usual modes."""
     umask = os.umask(0)
     os.umask(umask)

@@ -35,6 +35,7 @@ from .engine_folder import (
     copy_tokenizer,
     mark_validation,
     staging,
+    usual_permissions,
     write_manifest,
 )
 from .engines.validate import ValidationConfig, validate_engine
@@ -116,6 +117,12 @@ class DataConfig:
         return rows, f"builtin:{split}:{self.samples}x{self.tokens}"
 
 
+def check_chat(chat: bool, vision: bool) -> None:
+    """``--chat`` wraps a vision-language model's image prompts; a text model's prompts are used as they are."""
+    if chat and not vision:
+        raise ValueError("--chat applies to a vision-language model's image prompts; a text model's prompts are used as they are")
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens (a transformers tokenizer or ``prefixkv.tokenizer``)."""
     try:
@@ -164,6 +171,7 @@ def calibrate_model(model, tokenizer, config: CalibrationConfig, progress: bool 
     tokenizer: the tokenizer, or the processor of a vision-language model.  A vision model's
     result is a ``VisionCalibration`` (the image share of the kept entries per layer, too)."""
     vision = is_vision_model(model)
+    check_chat(config.data.chat, vision)
     rows, name = config.data.load(tokenizer, "calibration", vision)
     scorers = [config.scorer(n) for n in config.scorers]
     if vision:
@@ -237,6 +245,14 @@ class BuildConfig:
             _positive("the maximum context", self.max_context)
 
 
+class _KeptAside(Exception):
+    """A --force build that failed validation, moved aside: the result to return."""
+
+    def __init__(self, result):
+        super().__init__(str(result.path))
+        self.result = result
+
+
 @dataclass
 class BuildResult:
     path: Path
@@ -266,6 +282,7 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
         log(f"loading {config.model}")
         model, tokenizer = load_model(config.model)
     vision = is_vision_model(model)
+    check_chat(config.calibration.data.chat or config.validation.chat, vision)
     if vision and config.backend != "onnxruntime":
         raise ValueError("vision engines are built for onnxruntime only (no TensorRT vision graph yet); drop --backend tensorrt")
     folder = model_folder(model)
@@ -286,55 +303,61 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
     context = _context(model, config.max_context, log)
     validation = _validation(config, vision, tokenizer, log)
 
-    with staging(output, config.force) as tmp:
-        tensorrt_info = None
-        if config.backend == "tensorrt":
-            export_plugin_graphs(model, spec, tmp, config.opset, log)
-            if not config.onnx_only:
-                tensorrt_info = build_tensorrt_engines(tmp, config.tensorrt, log)
-        elif vision:
-            export_vision_engine_graphs(model, spec, geometry, tmp, config.opset, log)
-            copy_processor(folder, tmp)
-        else:
-            export_engine_graphs(model, spec, tmp, config.opset, log)
-        copy_tokenizer(folder, tmp)
-        profile.save(tmp / "profile.json")
-        _plot_profile(profile, run, config.keep_fraction, tmp / REPORT)
-        graphs = {g: {"file": f"{g}.onnx", "data": f"{g}.onnx.data", **io_metadata(tmp / f"{g}.onnx")}
-                  for g in (("vision",) if vision else ()) + ("prefill", "decode")}
-        manifest = write_manifest(tmp, {
-            "model": {"source": str(config.model), "folder": str(folder), "fingerprint": asdict(Fingerprint.of(model.config))},
-            "keep_fraction": config.keep_fraction,
-            "layer_keep_fractions": spec.fractions,
-            "layers": spec.layers,
-            "heads": spec.heads,
-            "kv_heads": spec.kv_heads,
-            "head_dim": spec.head_dim,
-            "vocab": spec.vocab,
-            "dtype": spec.dtype,
-            "sink": spec.sink,
-            "protect_last": spec.protect_last,
-            "scorer": {"name": spec.scorer, "params": spec.scorer_params},
-            "evict_distance": spec.evict_distance,
-            "opset": config.opset,
-            "exporter": exporter_version(),
-            "max_context": context,
-            "graphs": graphs,
-            "backend": config.backend,
-            "tensorrt": tensorrt_info,
-            **({"vision": geometry} if vision else {}),
-        })
-        report = None
-        if validation is not None:  # before the folder replaces anything
-            report = validate_engine(tmp, validation, model=model, processor=tokenizer if vision else None, log=log)
-            report["engine"] = str(output)
-            atomic_write_text(tmp / VALIDATION, json.dumps(report, indent=2) + "\n")
-            manifest = mark_validation(tmp, report)
-            if not report["passed"] and output.exists():  # --force over an engine: keep it, keep the new build aside
-                failed = output.with_name(f"{output.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(tmp, failed)
-                raise ValueError(f"the new engine failed its validation, so {output} was left as it was; the new build is "
-                                 f"in {failed} (see its {VALIDATION})")
+    try:
+        with staging(output, config.force) as tmp:
+            tensorrt_info = None
+            if config.backend == "tensorrt":
+                export_plugin_graphs(model, spec, tmp, config.opset, log)
+                if not config.onnx_only:
+                    tensorrt_info = build_tensorrt_engines(tmp, config.tensorrt, log)
+            elif vision:
+                export_vision_engine_graphs(model, spec, geometry, tmp, config.opset, log)
+                copy_processor(folder, tmp)
+            else:
+                export_engine_graphs(model, spec, tmp, config.opset, log)
+            copy_tokenizer(folder, tmp)
+            profile.save(tmp / "profile.json")
+            _plot_profile(profile, run, config.keep_fraction, tmp / REPORT)
+            graphs = {g: {"file": f"{g}.onnx", "data": f"{g}.onnx.data", **io_metadata(tmp / f"{g}.onnx")}
+                      for g in (("vision",) if vision else ()) + ("prefill", "decode")}
+            manifest = write_manifest(tmp, {
+                "model": {"source": str(config.model), "folder": str(folder), "fingerprint": asdict(Fingerprint.of(model.config))},
+                "keep_fraction": config.keep_fraction,
+                "layer_keep_fractions": spec.fractions,
+                "layers": spec.layers,
+                "heads": spec.heads,
+                "kv_heads": spec.kv_heads,
+                "head_dim": spec.head_dim,
+                "vocab": spec.vocab,
+                "dtype": spec.dtype,
+                "sink": spec.sink,
+                "protect_last": spec.protect_last,
+                "scorer": {"name": spec.scorer, "params": spec.scorer_params},
+                "evict_distance": spec.evict_distance,
+                "opset": config.opset,
+                "exporter": exporter_version(),
+                "max_context": context,
+                "graphs": graphs,
+                "backend": config.backend,
+                "tensorrt": tensorrt_info,
+                **({"vision": geometry} if vision else {}),
+            })
+            report = None
+            if validation is not None:  # before the folder replaces anything
+                report = validate_engine(tmp, validation, model=model, processor=tokenizer if vision else None, log=log)
+                report["engine"] = str(output)
+                atomic_write_text(tmp / VALIDATION, json.dumps(report, indent=2) + "\n")
+                manifest = mark_validation(tmp, report)
+                if not report["passed"] and output.exists():  # --force over an engine: keep it, keep the new build aside
+                    failed = output.with_name(f"{output.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+                    report["engine"] = str(failed)
+                    atomic_write_text(tmp / VALIDATION, json.dumps(report, indent=2) + "\n")
+                    usual_permissions(tmp)
+                    os.replace(tmp, failed)
+                    log(f"validation FAILED: {output} was left as it was; the new build is in {failed} (see its {VALIDATION})")
+                    raise _KeptAside(BuildResult(failed, manifest, report, time.perf_counter() - start))
+    except _KeptAside as kept:  # staging did not swap: the engine that was there stays
+        return kept.result
     log(f"engine written: {output} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.0f} MiB); "
         f"calibration plots in {output / REPORT}/")
     if report is not None:

@@ -109,11 +109,13 @@ def test_force_build_that_fails_validation_keeps_the_old_engine(tiny, tmp_path):
     before = (target / "manifest.json").read_text()
     folder = read_manifest(target)["model"]["source"]
     failing = ValidationConfig(**{**SMALL_VALIDATION, "max_ppl_increase": -1.0})  # no engine can pass this
-    with pytest.raises(ValueError, match="failed its validation, so .* was left as it was"):
-        build_engine(BuildConfig(folder, target, KEEP, profile=profile, force=True, validation=failing), model=model,
-                     log=lambda m: None)
+    lines = []
+    result = build_engine(BuildConfig(folder, target, KEEP, profile=profile, force=True, validation=failing), model=model,
+                          log=lines.append)
+    assert not result.passed and any("was left as it was" in line for line in lines)
     assert (target / "manifest.json").read_text() == before  # the old engine, untouched
     (aside,) = tmp_path.glob("engine.failed-*")
+    assert result.path == aside and result.validation["engine"] == str(aside)
     assert json.loads((aside / "validation.json").read_text())["passed"] is False
     assert read_manifest(aside)["validation"]["passed"] is False
     # without an engine to keep, the failed build is written, marked, and exits 1 through the CLI's report

@@ -167,7 +167,8 @@ def add_scoring(p) -> None:
     g.add_argument("--window", type=positive_int, default=defaults.WINDOW, help="query rows of the window scorer (default %(default)s)")
     g.add_argument("--sink", type=count, help=f"first tokens always kept (default: the profile's or method's; calibrating: {defaults.SINK})")
     g.add_argument("--blend", type=unit_interval,
-                   help=f"1 = PrefixKV lengths (the paper), 0 = uniform lengths (default {defaults.BLEND}, measured best; see README)")
+                   help=f"1 = PrefixKV lengths (the paper), 0 = uniform lengths (calibrating: default {defaults.BLEND}, measured "
+                        "best, see README; eval's online allocation: default 1)")
     g.add_argument("--min-layer-keep", type=unit_interval,
                    help=f"per-layer floor, a fraction of the uniform share (default {defaults.MIN_LAYER_KEEP})")
 

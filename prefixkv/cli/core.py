@@ -9,7 +9,7 @@ from .. import defaults
 from ..engine_folder import atomic_write_text
 from ..evaluation import EvalSettings, MethodConfig, evaluate
 from ..models import DEFAULT_MODEL, load_model
-from ..pipeline import calibrate_model
+from ..pipeline import calibrate_model, check_chat
 from ..profile import Fingerprint, RetentionProfile
 from ..released import import_profiles, model_config
 from ..report import plot_calibration
@@ -107,6 +107,7 @@ def run_eval(args) -> int:
     settings = EvalSettings(max_new_tokens=max(args.max_new_tokens, 1), generate=args.max_new_tokens > 0, sink=args.sink,
                             chat=args.chat)
     model, tokenizer = load_model(args.model)
+    check_chat(args.chat, is_vision_model(model))
     profile = RetentionProfile.load(args.profile, Fingerprint.of(model.config)) if args.profile else None
     samples, _ = a.data_config(args).load(tokenizer, "evaluation", is_vision_model(model),
                                           reference_tokens=defaults.EVAL_REFERENCE_TOKENS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .. import defaults
@@ -71,9 +72,19 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    if args.profile and (args.blend is not None or args.min_layer_keep is not None):
-        raise a.UserError("--blend and --min-layer-keep shape a new calibration; with --profile PATH the profile's own "
-                          "allocation is used (calibrate another with `prefixkv calibrate --blend ...`)")
+    if args.profile:
+        given = [flag for flag, value in (("--blend", args.blend), ("--min-layer-keep", args.min_layer_keep),
+                                          ("--scorer", args.scorer), ("--sink", args.sink))
+                 if value is not None]
+        given += [flag for flag, value, default in (("--window", args.window, defaults.WINDOW),
+                                                    ("--samples", args.samples, defaults.CALIBRATION_SAMPLES),
+                                                    ("--tokens", args.tokens, defaults.CALIBRATION_TOKENS)) if value != default]
+        if given:
+            raise a.UserError(f"{given[0]} shapes a new calibration (--calibrate); with --profile PATH the profile's own "
+                              "settings are used (calibrate another with `prefixkv calibrate ...`)")
+    names = a.scorer_names(args)
+    if names is not None and len(names) != 1:
+        raise a.UserError(f"build calibrates one --scorer, got {args.scorer!r} (`prefixkv calibrate` takes several)")
     a.check_writable(args.json_out, "the validation report")
     config = BuildConfig(
         model=args.model, engine_dir=args.engine_dir, keep_fraction=args.keep, profile=args.profile,
@@ -142,8 +153,12 @@ def prompt_text(args) -> str:
 def run_validate(args) -> int:
     a.check_writable(args.json_out, "the validation report")
     vision = is_vision_engine(args.engine)
-    samples = a.data_config(args, args.validate_prompts).load(None, "evaluation", vision=True)[0] if vision and args.data else None
-    config = a.validation_config(args, samples)
+    if args.chat and not vision:
+        raise a.UserError("--chat applies to a vision engine's image prompts; text validation prompts are used as they are")
+    rows = a.data_config(args, args.validate_prompts).load(None, "evaluation", vision=vision)[0] if args.data else None
+    config = a.validation_config(args, rows if vision else None)
+    if rows is not None and not vision:
+        config = replace(config, prompts=[r["prompt"] for r in rows])
     model = processor = None
     if args.model:
         model, processor = load_model(args.model)

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from ..serving.repository import check_repository, write_repository
-from ..serving.server import TritonServer, serve_forever
+from ..serving.server import ServerError, TritonServer, serve_forever
 from ..serving.trtllm_repository import write_trtllm_repository
 from . import args as a
 
@@ -65,4 +65,7 @@ def run_serve(args) -> int:
         args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         host=args.host, log_verbose=args.log_verbose, log_file=log_file,
     )
-    return serve_forever(server, timeout=args.timeout)
+    try:
+        return serve_forever(server, timeout=args.timeout)
+    except ServerError as err:  # its message ends with the log's tail: the first line names the cause
+        raise a.UserError(f"{str(err).strip().splitlines()[0]} (log: {log_file})") from err

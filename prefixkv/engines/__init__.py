@@ -19,7 +19,9 @@ from pathlib import Path
 from ..engine_folder import check_validated, read_manifest
 from .base import Generation, GenerationConfig, PromptError, Runner
 from .onnxruntime import OnnxRuntimeRunner, VisionOnnxRuntimeRunner
-from .tensorrt import TensorRTRunner  # imports TensorRT and torch only when an engine is loaded
+from .tensorrt import (
+    TensorRTRunner,  # imports TensorRT and torch only when an engine is loaded
+)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "reference": "torch"}

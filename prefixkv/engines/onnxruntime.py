@@ -285,18 +285,18 @@ class OnnxRuntimeRunner(Runner):
 
 # -- images ----------------------------------------------------------------------------------------
 class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
-    """An engine folder written by ``build_vision_engine``: vision, prefill and decode graphs."""
+    """A vision engine folder (``pipeline.build_engine`` of a LLaVA model): vision, prefill and decode graphs."""
 
     name = "onnxruntime-vision"
 
-    def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True):
+    def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True, **kwargs):
         manifest = read_manifest(engine_dir, verify=False)
         if not manifest.get("vision"):  # before loading any graph
             source = manifest["model"]["source"]
             raise ImageError(
                 f"{engine_dir} is a text-only engine (built from {source}); it takes no image: drop the image, "
                 "or build a vision engine from a LLaVA model with `prefixkv build`")
-        super().__init__(engine_dir, providers=providers, threads=threads, verify=verify)
+        super().__init__(engine_dir, providers=providers, threads=threads, verify=verify, **kwargs)
         self.vision = self.manifest["vision"]
         if "vision" not in self.manifest["graphs"]:
             raise EngineError(f"{self.engine_dir}: the manifest lists no vision graph; rebuild it with `prefixkv build --force`")

@@ -190,7 +190,7 @@ def trim_empty_front(valid) -> int:
 # -- the three checks ---------------------------------------------------------------------------
 def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
                 logits_atol: float = LOGITS_ATOL, cache_atol: float = CACHE_ATOL, rtol: float = RTOL,
-                engine=None) -> dict:
+                engine=None, threads: int | None = None) -> dict:
     """Prefill graph vs reference through Polygraphy's Comparator, on ``feeds``.
 
     engine: None for ONNX Runtime (Polygraphy's own ``OnnxrtRunner`` on the prefill graph),
@@ -203,7 +203,7 @@ def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
     if engine is None or engine.name.startswith("onnxruntime"):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(engine_dir / manifest["graphs"]["prefill"]["file"]), session_options(ort),
+        session = ort.InferenceSession(str(engine_dir / manifest["graphs"]["prefill"]["file"]), session_options(ort, threads),
                                        providers=resolve_providers(providers))
         under_test = OnnxrtRunner(session, name="onnxruntime")
     else:
@@ -444,7 +444,7 @@ def validate_engine(engine_dir: str | Path, config: ValidationConfig | None = No
                          allow_failed_validation=True)  # validating it again is how a failed engine is looked into
     if model is None:
         log(f"loading the reference model {manifest['model']['source']}")
-    model, loaded, settings = reference_settings(engine_dir, manifest, model)
+    model, loaded, settings = reference_settings(engine_dir, manifest, model, config.threads)
     if vision:
         reference = TorchVisionRunner(model, engine_dir, **settings, processor=loaded if loaded is not None else processor)
     else:
@@ -463,7 +463,7 @@ def validate_engine(engine_dir: str | Path, config: ValidationConfig | None = No
         log("validation: graph level (Polygraphy, prefill graph vs PyTorch reference)")
         report["checks"]["graph"] = check_graph(engine_dir, reference, _feeds(engine, reference, prompts, vision),
                                                 config.providers, config.logits_atol, config.cache_atol, config.rtol,
-                                                engine=engine)
+                                                engine=engine, threads=config.threads)
     if "generation" in checks:
         log(f"validation: generation level ({len(prompts)} prompts, {config.max_new_tokens} greedy tokens in lockstep)")
         with (engine.images(pixels) if vision else contextlib.nullcontext()), \

@@ -46,7 +46,7 @@ def image_request(runner, prompt: str, image, chat: bool = False, max_new_tokens
     encoded = image_values(image)
     if not hasattr(runner, "encode_image_prompt"):
         raise ImageError("this model serves a text-only engine; it takes no image: drop the image input, "
-                         "or deploy an engine built with `prefixkv vision build`")
+                         "or deploy an engine built with `prefixkv build`")
     pictures = [decode_image(data, f"image[{i}]") for i, data in enumerate(encoded)]
     pixels = runner.preprocess(pictures)
     return runner.encode_image_prompt(prompt, len(pictures), chat, max_new_tokens), pixels

@@ -124,7 +124,7 @@ class Preprocessor:
         if values.get("image") is not None:
             if self.image_request is None:
                 raise RequestError("this model serves a text-only engine; it takes no image: drop the image input, "
-                                   "or deploy an engine built with `prefixkv vision build`")
+                                   "or deploy an engine built with `prefixkv build`")
             try:
                 ids, pixels = self.image_request(self.runner, prompt, values["image"], chat, max_tokens)
             except (self.ImageError, self.PromptError) as err:
