@@ -205,20 +205,7 @@ class RetentionProfile:
 
     # -- I/O ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "model": asdict(self.fingerprint),
-            "sink": self.sink,
-            "protect_last": self.protect_last,
-            "scorer": {"name": self.scorer, "params": self.scorer_params},
-            "allocation": {"min_layer_keep": self.min_layer_keep, "blend": self.blend},
-            "budgets": {
-                _key(kf): {"layer_keep_fractions": b.layer_keep_fractions, "layer_keep_std": b.layer_keep_std}
-                for kf, b in sorted(self.calibrated.items())
-            },
-            "calibration": self.calibration,
-        }
+        return _document(self, self.calibrated)
 
     def save(self, path: str | Path) -> Path:
         # fields may have been changed since construction: write only what load() accepts
@@ -527,6 +514,22 @@ def _parse(data, source: str) -> RetentionProfile:
         _SOURCE.reset(token)
 
 
+def _document(profile: RetentionProfile, calibrated: dict[float, LayerKeep]) -> dict:
+    """The profile as the file holds it (version 1: the calibrated keep fractions under "budgets")."""
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "model": asdict(profile.fingerprint),
+        "sink": profile.sink,
+        "protect_last": profile.protect_last,
+        "scorer": {"name": profile.scorer, "params": profile.scorer_params},
+        "allocation": {"min_layer_keep": profile.min_layer_keep, "blend": profile.blend},
+        "budgets": {_key(kf): {"layer_keep_fractions": b.layer_keep_fractions, "layer_keep_std": b.layer_keep_std}
+                    for kf, b in sorted(calibrated.items())},
+        "calibration": profile.calibration,
+    }
+
+
 def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) -> dict[float, LayerKeep]:
     """Validate a profile object against the file's schema; returns its budgets keyed by float."""
     if not isinstance(profile.fingerprint, Fingerprint):
@@ -534,7 +537,6 @@ def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) 
     if not isinstance(profile.calibrated, dict):
         raise ProfileError(f"{source}: calibrated: must be a dict of keep fraction -> LayerKeep, got {_show(profile.calibrated)}")
     budgets: dict[float, LayerKeep] = {}
-    entries = {}
     for k, b in profile.calibrated.items():
         where = f"{source}: budgets[{_show(k)}]"
         if isinstance(k, bool) or not isinstance(k, (int, float)):
@@ -549,19 +551,7 @@ def _check_in_memory(profile: RetentionProfile, source: str, allow_empty: bool) 
         if kf in budgets:
             raise ProfileError(f"{where}: keep fraction {_num(kf)} is given twice")
         budgets[kf] = b
-        entries[_key(kf)] = {"layer_keep_fractions": b.layer_keep_fractions, "layer_keep_std": b.layer_keep_std}
-    doc = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "model": asdict(profile.fingerprint),
-        "sink": profile.sink,
-        "protect_last": profile.protect_last,
-        "scorer": {"name": profile.scorer, "params": profile.scorer_params},
-        "allocation": {"min_layer_keep": profile.min_layer_keep, "blend": profile.blend},
-        "budgets": entries,
-        "calibration": profile.calibration,
-    }
-    _validate(_ProfileDoc, doc, source, allow_empty=allow_empty)
+    _validate(_ProfileDoc, _document(profile, budgets), source, allow_empty=allow_empty)
     return profile.calibrated if all(type(k) is float for k in profile.calibrated) else budgets
 
 
