@@ -582,14 +582,16 @@ def kernel_checks(report: Report, cfg: RunConfig, clock: Clock) -> None:
     jobs.append(("kernels/prefill_select_decode_chain[float32]", check_chain, ()))
     section = clock.section("kernels", cfg.time_limits.kernels_s)
     for name, fn, args in jobs:
-        if K is None:
-            report.add(name, SKIPPED, why_not)
-            continue
-        late = section.over()
-        if late:
-            report.add(name, SKIPPED, late)
-            continue
-        run_check(report, name, fn, K, R, cfg, *args)
+        if not skipped(report, name, section, why_not if K is None else None):
+            run_check(report, name, fn, K, R, cfg, *args)
+
+
+def skipped(report: Report, name: str, section: Section, why_not: str | None = None) -> bool:
+    """Record ``name`` as skipped (``why_not``, or the section's time is up) and say so; else False."""
+    reason = why_not or section.over()
+    if reason:
+        report.add(name, SKIPPED, reason)
+    return bool(reason)
 
 
 # ----------------------------------------------------------------------------------------
@@ -789,12 +791,7 @@ def cache_checks(report: Report, cfg: RunConfig, clock: Clock) -> None:
     kernel_jobs = [(f"cache/kernel_path_vs_reference[keep={k:g}:batch={b}{':padded' if p else ''}]", check_kernel_path, (k, b, p))
                    for k, b, p in ((0.3, 2, True), (1.0, 1, False))]
     for name, fn, args in jobs + kernel_jobs:
-        if fn is check_kernel_path and K is None:
-            report.add(name, SKIPPED, why_not)
-            continue
-        late = section.over()
-        if late:
-            report.add(name, SKIPPED, late)
+        if skipped(report, name, section, why_not if fn is check_kernel_path and K is None else None):
             continue
         if model_cpu is None:
             model_cpu = tiny_llama(cfg)

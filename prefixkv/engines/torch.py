@@ -52,11 +52,14 @@ class TorchRunner(Runner):
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask):
-        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+        return self._prefill(attention_mask, input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long))
+
+    def _prefill(self, attention_mask, **inputs):
+        """One prefill into a new compressed cache; ``inputs``: input_ids or inputs_embeds (+ pixel_values)."""
         mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = self.new_cache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_argument(self.model, cache),
+        out = self.model(attention_mask=mask, position_ids=positions, **inputs, **cache_argument(self.model, cache),
                          use_cache=True, logits_to_keep=1)
         cache.compress()
         return out.logits[:, -1].float().numpy(), TorchState(cache, mask)
@@ -107,16 +110,9 @@ class TorchVisionRunner(ImageInputs, TorchRunner):
     def prefill(self, input_ids, attention_mask, pixel_values=None):
         """input_ids, attention_mask (B, S); pixel_values (I, 3, H, W) -> (logits (B, V), state)."""
         pixels = self._pixels_for(input_ids, pixel_values)
-        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
-        mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
         dtype = next(self.model.parameters()).dtype
-        cache = self.new_cache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         pixel_values=torch.from_numpy(pixels).to(dtype) if len(pixels) else None,
-                         **cache_argument(self.model, cache), use_cache=True, logits_to_keep=1)
-        cache.compress()
-        return out.logits[:, -1].float().numpy(), TorchState(cache, mask)
+        return self._prefill(attention_mask, input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
+                             pixel_values=torch.from_numpy(pixels).to(dtype) if len(pixels) else None)
 
     @torch.no_grad()
     def image_embeddings(self, pixel_values) -> np.ndarray:
@@ -131,17 +127,10 @@ class TorchVisionRunner(ImageInputs, TorchRunner):
         the Hugging Face model puts its own (row-major ``masked_scatter``): the reference side of
         the graph check, which feeds both sides the same embeddings."""
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
-        mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
         embeds = self.model.get_input_embeddings()(ids)
         image = (ids == self.vision["image_token_id"]).unsqueeze(-1).expand_as(embeds)
         rows = torch.as_tensor(np.asarray(image_embeds)).to(embeds.dtype)
-        embeds = embeds.masked_scatter(image, rows.reshape(-1))
-        cache = self.new_cache()
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         **cache_argument(self.model, cache), use_cache=True, logits_to_keep=1)
-        cache.compress()
-        return out.logits[:, -1].float().numpy(), TorchState(cache, mask)
+        return self._prefill(attention_mask, inputs_embeds=embeds.masked_scatter(image, rows.reshape(-1)))
 
 
 def load_torch_runner(engine_dir, threads: int | None = None, verify: bool = True, model=None, processor=None,
