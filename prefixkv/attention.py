@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import architectures
 from .scoring import decode_attention
 
 NAME = "prefixkv"
@@ -54,11 +55,22 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
     return torch.cat([pad, mask], dim=-1)
 
 
+class WindowExceeded(ValueError):
+    """A sequence longer than the model's sliding window."""
+
+
 def prefixkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (batch, heads, q, head_dim); key/value (batch, kv_heads, S, head_dim).
     Returns (output (batch, q, heads, head_dim), None)."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     cache = _take(module, key)
+    window = getattr(module, "prefixkv_window", None)
+    if window is not None:
+        seen = cache.columns if cache is not None else key.shape[2]
+        if seen > window:
+            raise WindowExceeded(f"the model attends within a sliding window of {window} tokens and prefixkv keeps every "
+                                 f"sequence inside it (its engines' context is {window}); this one has {seen} tokens: "
+                                 f"use prompts and new tokens of at most {window} in all")
     if cache is not None:
         return cache.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
     if not getattr(module, "is_causal", True) or (attention_mask is not None and attention_mask.dim() == 4):
@@ -78,31 +90,19 @@ AttentionInterface.register(NAME, prefixkv_attention)
 AttentionMaskInterface.register(NAME, passthrough_mask)
 
 
-def unsupported_features(config) -> list[str]:
-    """Attention features of ``config``'s language model that the prefixkv attention does not
-    implement (it would silently compute something else): empty when supported."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    found = []
-    if getattr(text, "attn_logit_softcapping", None):
-        found.append(f"attention logit soft-capping ({text.attn_logit_softcapping})")
-    layer_types = getattr(text, "layer_types", None) or []
-    if getattr(text, "use_sliding_window", False) or any("sliding" in str(t) for t in layer_types):
-        found.append("sliding-window attention layers")
-    return found
-
-
 def enable(model) -> None:
     """Use the ``prefixkv`` attention in ``model``'s language model (needed by ``PrefixKVCache``).
 
     In a vision-language model only the text sub-model switches; the vision tower keeps
     its own (bidirectional) attention.  Models whose attention has features this
-    implementation lacks (soft-capping, sliding windows: Gemma 2/3, some Mistral/Qwen2
-    configurations) are refused with the reason.
+    implementation lacks (soft-capping, windows on some layers: Gemma 2/3) are refused with
+    the reason (``architectures.check``).  A sliding window over every layer (Mistral, Phi-3)
+    is kept by keeping every sequence within it: longer input is refused, in one line.
     """
-    missing = unsupported_features(model.config)
-    if missing:
-        raise ValueError(f"{type(model).__name__}: the prefixkv attention does not implement {' and '.join(missing)}; "
-                         "PrefixKV supports Llama, Mistral, Qwen2/3, Gemma (1) and SmolLM models without them")
+    found = architectures.check(model)
+    for module in model.modules():  # the text layers' attention modules
+        if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):
+            module.prefixkv_window = found.window
     sub_configs = getattr(model.config, "sub_configs", {}) or {}
     if "text_config" in sub_configs:
         model.set_attn_implementation({"text_config": NAME})

@@ -25,6 +25,7 @@ from .compaction import compact, decode_budget, evict
 from .defaults import EVICT_DISTANCE
 from .policies import Method, make_method
 from .scoring import attention_with_scores, decode_attention, make_scorer
+from .search import PAPER, SearchSettings
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +82,9 @@ class PrefixKVCache(Cache):
     keep_fraction: the global fraction of entries kept (0.2 keeps 20%).
     method: full | streaming | h2o | snapkv | tova | pyramidkv | prefixkv | prefixkv-online | custom.
     scorer / allocation: override the method's importance score / layer allocation.
-    sink: first tokens always kept; protect_last: the last prompt token is always kept.
+    sink: first tokens always kept (default: the method's own, a profile's for its allocation);
+    protect_last: the last prompt token is always kept.
+    search: the ``online`` allocation's curve, floor and blend (default: the paper's).
     evict_distance: decode-phase eviction slot, counted back from the end of the compacted prompt.
     """
 
@@ -96,8 +99,7 @@ class PrefixKVCache(Cache):
         sink: int | None = None,
         protect_last: bool | None = None,
         evict_distance: int = EVICT_DISTANCE,
-        min_layer_keep: float = 0.0,
-        blend: float = 1.0,
+        search: SearchSettings = PAPER,
         force_scorer: bool = False,
         score_block: int = 256,
         record: list | tuple = (),
@@ -109,12 +111,12 @@ class PrefixKVCache(Cache):
             method = "prefixkv" if profile is not None else "prefixkv-online"
         if isinstance(method, str):
             method = make_method(method, profile, scorer, scorer_params, allocation, evict_distance,
-                                 min_layer_keep, blend, force_scorer)
+                                 search, force_scorer, sink)
         if method.allocation.name == "profile":
             method.allocation.profile.layer_fractions(keep_fraction)  # fail now on an uncalibrated fraction
         self.method = method
         self.keep_fraction = float(keep_fraction)
-        self.sink = sink if sink is not None else (profile.sink if profile is not None else 4)
+        self.sink = sink if sink is not None else method.sink  # the method's own (a profile's for its allocation)
         self.protect_last = protect_last if protect_last is not None else (profile.protect_last if profile is not None else True)
         self.score_block = score_block
         self.record = [make_scorer(r) for r in record]  # extra scorers recorded at prefill (calibration)
@@ -202,7 +204,7 @@ class PrefixKVCache(Cache):
             out, masses = attention_with_scores(
                 query, key, value, valid, scaling, [sc.query_rows(q) for sc in by_attention], self.score_block
             )
-            found = {id(sc): sc.from_attention(m) for sc, m in zip(by_attention, masses)}
+            found = {id(sc): sc.from_attention(m, valid) for sc, m in zip(by_attention, masses)}
         else:
             out, found = decode_attention(query, key, value, valid, scaling), {}
         scores = [found[id(sc)] if id(sc) in found else sc.from_keys(key, valid) for sc in scorers]

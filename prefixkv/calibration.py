@@ -3,7 +3,8 @@
 For every sample: one prefill records each scorer's importance (all scorers from the
 same attention pass), the prefix search gives per-layer kept counts for every keep
 fraction, the optional floor and blend bound them, and counts / prompt length become
-that sample's per-layer keep fractions.  The profile holds their mean and spread.
+that sample's per-layer keep fractions.  The profile holds their mean and spread, and
+the ``SearchSettings`` that made them (the paper's by default).
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import torch
 from . import __version__
 from .cache import PrefixKVCache, cache_argument
 from .data import samples_hash
-from .defaults import BLEND, MIN_LAYER_KEEP, PROTECT_LAST, SINK
 from .profile import Fingerprint, LayerKeep, RetentionProfile
 from .scoring import Scorer, make_scorer
-from .search import cumulative_priority, curve_gini, floor_and_blend, prefix_search
+from .search import PAPER, SearchSettings, cumulative_priority, curve_gini
 
 
 @dataclass
@@ -47,10 +47,7 @@ def calibrate(
     samples: Sequence[Sequence[int]],
     keep_fractions: Sequence[float],
     scorers: Sequence[str | Scorer] = ("accumulated",),
-    sink: int = SINK,
-    protect_last: bool = PROTECT_LAST,
-    min_layer_keep: float = MIN_LAYER_KEEP,
-    blend: float = BLEND,
+    search: SearchSettings = PAPER,
     progress: bool = True,
     seed: int = 0,
     data_name: str = "custom",
@@ -77,9 +74,8 @@ def calibrate(
         scores = score_sample(model, ids, scorers)
         for sc in scorers:
             imp = scores[sc.key]
-            fractions = sample_fractions(imp, keep_fractions, sink, protect_last)
-            per_sample[sc.key].append(bound(fractions, keep_fractions, min_layer_keep, blend))
-            curves[sc.key].append(_resample_curves(imp, sink, protect_last))
+            per_sample[sc.key].append(search.fractions(imp, keep_fractions))
+            curves[sc.key].append(_resample_curves(imp, search))
 
     lengths = [len(ids) for ids in samples]
     result = Calibration(profiles={})
@@ -90,13 +86,14 @@ def calibrate(
         result.gini[sc.key] = [round(float(g), 4) for g in curve_gini(curve)]
         result.profiles[sc.key] = RetentionProfile(
             fingerprint=fingerprint,
-            sink=sink,
-            protect_last=protect_last,
+            sink=search.sink,
+            protect_last=search.protect_last,
             calibrated=calibrated,
             scorer=sc.name,
             scorer_params=dict(sc.params),
-            min_layer_keep=min_layer_keep,
-            blend=blend,
+            min_layer_keep=search.min_layer_keep,
+            blend=search.blend,
+            curve=search.curve,
             calibration={
                 "samples": len(samples),
                 "tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
@@ -114,20 +111,6 @@ def calibrate(
 
 
 
-def sample_fractions(importance: torch.Tensor, keep_fractions: Sequence[float], sink: int = SINK,
-                     protect_last: bool = PROTECT_LAST) -> torch.Tensor:
-    """One sample's per-layer keep fractions: the prefix search's counts / prompt length.
-
-    importance: (layers, S); returns (fractions, layers) float64."""
-    counts = prefix_search(importance, list(keep_fractions), sink=sink, protect_last=protect_last)  # (F, L)
-    return counts.double() / importance.shape[-1]
-
-
-def bound(fractions: torch.Tensor, keep_fractions: Sequence[float], min_layer_keep: float, blend: float) -> torch.Tensor:
-    """``floor_and_blend`` of each row of (fractions, layers) at its keep fraction."""
-    return torch.stack([floor_and_blend(fractions[i], kf, min_layer_keep, blend) for i, kf in enumerate(keep_fractions)])
-
-
 def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float]) -> dict[float, LayerKeep]:
     """The profile's entries from per-sample (fractions, layers) keep fractions: their mean,
     rescaled so each layer list's mean is exactly its keep fraction, and their spread."""
@@ -139,19 +122,19 @@ def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float])
         out[kf] = LayerKeep([float(x) for x in layer_f], [float(x) for x in std[i]])
     return out
 
-def calibrate_profile(model, samples, keep_fractions, sink: int = SINK, scorer: str | Scorer = "accumulated",
-                      scorer_params: dict | None = None, min_layer_keep: float = 0.0, blend: float = BLEND,
+def calibrate_profile(model, samples, keep_fractions, scorer: str | Scorer = "accumulated",
+                      scorer_params: dict | None = None, search: SearchSettings = PAPER,
                       progress: bool = True, **kwargs) -> RetentionProfile:
     """One scorer's profile (see ``calibrate``)."""
     sc = make_scorer(scorer, **(scorer_params or {}))
-    run = calibrate(model, samples, keep_fractions, [sc], sink=sink, min_layer_keep=min_layer_keep,
-                    blend=blend, progress=progress, **kwargs)
+    run = calibrate(model, samples, keep_fractions, [sc], search=search, progress=progress, **kwargs)
     return run.profiles[sc.key]
 
 
-def _resample_curves(importance: torch.Tensor, sink: int, protect_last: bool, points: int = 101) -> torch.Tensor:
-    """(layers, S) -> (layers, points): cumulative priority at evenly spaced shares of entries."""
-    curve = cumulative_priority(importance, sink, protect_last)
+def _resample_curves(importance: torch.Tensor, search: SearchSettings, points: int = 101) -> torch.Tensor:
+    """(layers, S) -> (layers, points): cumulative priority (the search's curve) at evenly
+    spaced shares of entries."""
+    curve = cumulative_priority(importance, search.sink, search.protect_last, curve=search.curve)
     m = curve.shape[-1]
     if m == 0:
         return torch.zeros(curve.shape[0], points, dtype=torch.float64)

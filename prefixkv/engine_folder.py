@@ -19,13 +19,33 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from . import __version__
-from .profile import Fingerprint, ProfileError, RetentionProfile, atomic_write_text
+
+# the profile's schema vocabulary (pydantic, strict: exact types, finite floats, bounded sizes)
+from .profile import (
+    Dim,
+    Fingerprint,
+    JsonObject,
+    Name,
+    ProfileError,
+    RetentionProfile,
+    _fail,
+    _one_line,
+    _path,
+    _show,
+    _Strict,
+    _within,
+    atomic_write_text,
+)
 
 SCHEMA = "prefixkv.engine"
 SCHEMA_VERSION = 1
@@ -35,6 +55,14 @@ ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
 CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json",)
+
+
+MAX_FILES = 10_000
+MAX_FILE_BYTES = 1 << 50
+MAX_PATH = 1024
+DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("onnxruntime", "tensorrt")
+CHECK_STATUSES = ("pass", "FAIL", "reported")
 
 
 class EngineError(ValueError):
@@ -64,35 +92,163 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _replaceable(target: Path) -> str | None:
+    """Why ``--force`` may not replace ``target`` (None: it may): only a prefixkv engine folder
+    (its manifest names the engine schema), or an empty folder, is ever replaced."""
+    if not target.is_dir():
+        return "is not a folder"
+    if not any(target.iterdir()):
+        return None
+    try:
+        schema = json.loads((target / MANIFEST).read_text()).get("schema")
+    except (OSError, ValueError, AttributeError):
+        schema = None
+    if schema != SCHEMA:
+        return f"is not a prefixkv engine (no prefixkv {MANIFEST}); --force replaces only an engine folder"
+    return None
+
+
 def check_output(target: str | Path, force: bool = False) -> Path:
-    """Refuse an existing output folder unless ``force`` (before any expensive work)."""
+    """Refuse an existing output folder unless ``force`` (before any expensive work); ``force``
+    replaces only an engine folder (or an empty one), never anything else."""
     target = Path(target)
     if target.exists() and not force:
         raise EngineExistsError(f"{target} exists; pass --force to replace it or choose another --output")
-    if target.exists() and not target.is_dir():
-        raise EngineExistsError(f"{target} exists and is not a folder; remove it or choose another --output")
+    if target.exists():
+        why = _replaceable(target)
+        if why is not None:
+            raise EngineExistsError(f"{target} exists and {why}: remove it yourself or choose another --output")
     return target
 
 
+LOCK_SUFFIX = ".lock"
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+def _try_lock(path: Path):
+    """An exclusive, non-blocking lock on ``path`` (an open file), or None when another process
+    holds it.  The file may be removed by its last holder: the lock counts only when the
+    path still names the file that was locked."""
+    import fcntl
+
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()  # removed (and perhaps re-made) since it was opened: try again
+
+
+def _unlock(path: Path, handle) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    handle.close()
+
+
 @contextlib.contextmanager
-def staging(target: str | Path, force: bool = False):
+def output_lock(target: str | Path):
+    """Hold the build lock of ``target`` (``.NAME.lock`` next to it) for the whole build, so two
+    builds into one folder never run at once: the second is refused at its start."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(target)
+    handle = _try_lock(path)
+    if handle is None:
+        try:
+            holder = Path(path).read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        raise EngineExistsError(f"another prefixkv build is writing {target} (pid {holder}); wait for it to finish "
+                                "or choose another --output")
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield path
+    finally:
+        _unlock(path, handle)
+
+
+_LEFTOVER = (".partial-", ".old-")
+
+
+def remove_stale_builds(parent: str | Path, log=None) -> list[Path]:
+    """Remove the temporary folders (``.NAME.partial-*``, ``.NAME.old-*``) that interrupted or
+    killed builds left in ``parent``: those whose NAME no running build holds the lock of.
+    ``log`` gets one line per folder removed.  Returns the folders removed."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        name = entry.name
+        cut = min((name.find(m) for m in _LEFTOVER if m in name), default=-1)
+        if not (entry.is_dir() and name.startswith(".") and cut > 1) or entry.is_symlink():
+            continue
+        owner = parent / name[1:cut]
+        lock = _lock_path(owner)
+        handle = _try_lock(lock)
+        if handle is None:
+            continue  # a build of that name is running: its folder is in use
+        try:
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file() and not p.is_symlink())
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            _unlock(lock, handle)
+        removed.append(entry)
+        if log is not None:
+            log(f"removed {entry} ({size / 2**20:.1f} MiB), left by an interrupted build of {owner.name}")
+    return removed
+
+
+def _keep_aside(tmp: Path, target: Path, why: str):
+    kept = target.with_name(f"{target.name}.new-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(tmp, kept)
+    raise EngineExistsError(f"{target} {why} and was left as it is; the new engine is in {kept}")
+
+
+@contextlib.contextmanager
+def staging(target: str | Path, force: bool = False, log=None):
     """Yield a temporary folder next to ``target``; on success it becomes ``target``.
 
-    On any error (or interruption) the temporary folder is removed and ``target`` is untouched.
+    The caller holds ``output_lock(target)``.  On any error (or interruption) the temporary
+    folder is removed and ``target`` is untouched.  At the swap, ``target`` is checked again:
+    a folder that appeared meanwhile (without ``force``), or that is no longer an engine, is
+    never replaced; the new build is then kept next to it, under ``NAME.new-TIME``, and
+    ``EngineExistsError`` says where.
     """
     target = check_output(target, force).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(target.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
         usual_permissions(tmp)
-        if target.exists():  # force: swap the old engine out, then delete it
+        if target.exists() or target.is_symlink():
+            why = "appeared during the build" if not force else _replaceable(target)
+            if why is not None:
+                _keep_aside(tmp, target, why)
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "engine")
+            os.replace(target, old / "engine")  # force: swap the old engine out, then delete it
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)  # fails on a folder with files in it: nothing is overwritten
+            except OSError:
+                _keep_aside(tmp, target, "appeared during the build")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -144,6 +300,149 @@ def write_manifest(folder: str | Path, info: dict) -> dict:
     return manifest
 
 
+# -- the manifest's schema --------------------------------------------------------------------------
+def _relative(value: str) -> str:
+    """A path inside the engine folder: relative, POSIX separators, no '..', no empty parts."""
+    parts = value.split("/")
+    if value.startswith("/") or "\\" in value or (len(value) > 1 and value[1] == ":"):
+        _fail(f"must be a relative path inside the engine folder, got {_show(value)}")
+    if any(part in ("", ".", "..") for part in parts):
+        _fail(f"must be a plain relative path inside the engine folder (no '.', '..' or empty parts), got {_show(value)}")
+    if value in (MANIFEST,):
+        _fail(f"{MANIFEST} does not hash itself")
+    return value
+
+
+RelPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_relative)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Text = Annotated[str, Field(max_length=4096)]
+
+
+class _FileDoc(_Strict):
+    bytes: Annotated[int, _within(0, MAX_FILE_BYTES)]
+    sha256: Sha256
+
+
+class _TensorDoc(_Strict):
+    name: Name
+    dtype: Name
+    shape: Annotated[list[Annotated[int, _within(0, 1 << 40)] | Name], Field(max_length=16)]
+
+
+class _GraphDoc(_Strict):
+    file: RelPath
+    data: RelPath | None = None
+    inputs: Annotated[list[_TensorDoc], Field(max_length=MAX_FILES)] = []
+    outputs: Annotated[list[_TensorDoc], Field(max_length=MAX_FILES)] = []
+    opset: Annotated[int, _within(1, 1000)] | None = None
+
+
+class _FingerprintDoc(_Strict):
+    architecture: Name
+    layers: Dim
+    heads: Dim
+    kv_heads: Dim
+    head_dim: Dim
+    config_hash: Name
+
+
+class _ModelDoc(_Strict):
+    source: Text
+    folder: Text
+    fingerprint: _FingerprintDoc
+
+
+class _ScorerDoc(_Strict):
+    name: Name
+    params: JsonObject = {}
+
+
+class _ValidationDoc(_Strict):
+    passed: bool
+    checks: Annotated[dict[Name, Literal[CHECK_STATUSES]], Field(max_length=64)] = {}
+    report: RelPath = VALIDATION
+
+
+class _ManifestDoc(_Strict):
+    schema_: Literal[SCHEMA] = Field(alias="schema")
+    schema_version: Literal[SCHEMA_VERSION]
+    created: Text
+    tool: JsonObject
+    libraries: Annotated[dict[Name, Name], Field(max_length=64)] = {}
+    model: _ModelDoc
+    keep_fraction: Annotated[float, _within(0, 1, open_lo=True)]
+    layer_keep_fractions: Annotated[list[Annotated[float, _within(0, 1)]], Field(min_length=1, max_length=MAX_FILES)]
+    layers: Dim
+    heads: Dim
+    kv_heads: Dim
+    head_dim: Dim
+    vocab: Dim
+    dtype: Literal[DTYPES]
+    sink: Annotated[int, _within(0, 1_000_000)]
+    protect_last: bool
+    scorer: _ScorerDoc
+    evict_distance: Annotated[int, _within(1, 1_000_000)]
+    opset: Annotated[int, _within(1, 1000)]
+    exporter: Text
+    max_context: Annotated[int, _within(1, 1 << 30)]
+    graphs: dict[Literal["prefill", "decode", "vision"], _GraphDoc]
+    backend: Literal[BACKENDS]
+    tensorrt: JsonObject | None = None
+    vision: JsonObject | None = None
+    validation: _ValidationDoc | None = None
+    files: Annotated[dict[RelPath, _FileDoc], Field(min_length=1, max_length=MAX_FILES)]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(self.layer_keep_fractions) != self.layers:
+            _fail(f"expected {self.layers} values (one per layer), got {len(self.layer_keep_fractions)}",
+                  ("layer_keep_fractions",))
+        if self.model.fingerprint.layers != self.layers:
+            _fail(f"says {self.model.fingerprint.layers} layers but the engine has {self.layers}",
+                  ("model", "fingerprint", "layers"))
+        for graph in ("prefill", "decode"):
+            if graph not in self.graphs:
+                _fail(f"has no {graph!r} graph", ("graphs",))
+        for name, graph in self.graphs.items():
+            for key in ("file", "data"):
+                path = getattr(graph, key)
+                if path is not None and path not in self.files:
+                    _fail(f"{path} is not in the hashed files", ("graphs", name, key))
+        for name in ("prefill.onnx", "decode.onnx", "profile.json", "tokenizer.json"):
+            if name not in self.files:
+                _fail(f"does not list {name}", ("files",))
+        return self
+
+
+def _manifest_error(err: ValidationError, path: Path) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = tuple(e["loc"])
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        loc = loc[:-1]
+    ctx = e.get("ctx") or {}
+    if e["type"] == "prefixkv":
+        loc, message = loc + tuple(ctx.get("path", ())), str(ctx.get("message", e["msg"]))
+    elif e["type"] == "missing":
+        message = "is missing"
+    elif e["type"] == "extra_forbidden":
+        message = "is not a field of the engine manifest"
+    else:
+        text = re.sub(r" or instance of _?\w+", "", e["msg"])
+        message = f"{text[:1].lower()}{text[1:]}, got {_show(e.get('input'))}"
+    where = _path(loc).replace("schema_", "schema")
+    return _one_line(f"{path}: {where}: {message}" if where else f"{path}: {message}")[:600]
+
+
+def check_manifest(manifest, path: str | Path) -> dict:
+    """``manifest`` (the parsed JSON of ``path``) against the declared schema; returns it.
+    Raises ``EngineError``, one line naming the file and the field."""
+    try:
+        _ManifestDoc.model_validate(manifest)
+    except ValidationError as err:
+        raise EngineError(f"{_manifest_error(err, Path(path))}; rebuild the engine with `prefixkv build --force`") from None
+    return manifest
+
+
 def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     """The manifest of an engine folder, checked; ``verify`` also hashes every file.
 
@@ -168,19 +467,24 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
             f"{folder} has engine schema version {manifest.get('schema_version')!r}; this prefixkv reads "
             f"version {SCHEMA_VERSION}: rebuild the engine with this version (`prefixkv build --force`)"
         )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise EngineError(f"{path} lists no files; rebuild the engine with `prefixkv build --force`")
-    needed = {"prefill.onnx", "decode.onnx", "profile.json", "tokenizer.json"}
-    if needed - set(files):
-        raise EngineError(f"{path} does not list {sorted(needed - set(files))}; rebuild the engine with `prefixkv build --force`")
+    check_manifest(manifest, path)
+    files = manifest["files"]
+    root = folder.resolve()
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() not in (MANIFEST, VALIDATION)}
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+        raise EngineError(f"{folder / unlisted[0]} is not in the manifest's hashed files (added or dropped after the build); "
+                          f"rebuild the engine with `prefixkv build --force --output {folder}`")
     for name, entry in files.items():
         file = folder / name
+        if file.is_symlink() or not file.resolve().is_relative_to(root):
+            raise EngineError(f"{file} is a link or leads outside the engine folder; rebuild the engine with `prefixkv build --force`")
         if not file.is_file():
             raise EngineError(f"{file} is missing from the engine; rebuild it with `prefixkv build --force --output {folder}`")
-        if file.stat().st_size != entry.get("bytes"):
+        if file.stat().st_size != entry["bytes"]:
             raise EngineError(f"{file} was modified after the build (size differs from the manifest); rebuild the engine with `prefixkv build --force`")
-        if verify and sha256(file) != entry.get("sha256"):
+        if verify and sha256(file) != entry["sha256"]:
             raise EngineError(f"{file} was modified after the build (sha256 differs from the manifest); rebuild the engine with `prefixkv build --force`")
     _check_profile(folder, manifest)
     return manifest

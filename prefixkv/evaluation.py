@@ -18,7 +18,6 @@ No plotting and no files here: results are plain dicts (see ``evaluate``).
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
-from .defaults import EVAL_NEW_TOKENS, EVICT_DISTANCE, SINK
+from .defaults import EVAL_NEW_TOKENS, EVICT_DISTANCE
 from .metrics import perplexity, rouge_l
 from .policies import Method, make_method
+from .search import PAPER, SearchSettings
 from .vision import is_vision_model
 from .vision.calibration import model_inputs
 
@@ -39,15 +39,16 @@ class MethodConfig:
     """One compression setting: a named method, or a (scorer, allocation) pair with ``method="custom"``.
 
     profile: the retention profile for the ``profile`` allocation (its scorer must match).
-    min_layer_keep / blend: bounds of the ``online`` allocation (a profile carries its own).
+    search: the ``online`` allocation's curve, floor and blend (the paper's by default; a
+    profile carries its own).
     """
 
     method: str = "custom"
     scorer: str | None = None
     allocation: str | None = None
     scorer_params: dict | None = None
-    min_layer_keep: float = 0.0
-    blend: float = 1.0
+    search: SearchSettings = PAPER
+    sink: int | None = None  # None: the method's own (a profile's for its allocation)
     profile: object | None = None
     label: str | None = None
     force_scorer: bool = False
@@ -55,16 +56,16 @@ class MethodConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("min_layer_keep", "blend"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
-                raise ValueError(f"{name.replace('_', '-')} must be in [0, 1], got {value!r}")
+        if not isinstance(self.search, SearchSettings):
+            raise ValueError(f"search must be a SearchSettings, got {self.search!r}")
+        if self.sink is not None and (isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0):
+            raise ValueError(f"the sink must be a non-negative integer, got {self.sink!r}")
         if isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int) or self.evict_distance < 1:
             raise ValueError(f"the evict distance must be a positive integer, got {self.evict_distance!r}")
 
     def build(self, profile=None) -> Method:
         return make_method(self.method, self.profile or profile, self.scorer, self.scorer_params, self.allocation,
-                           self.evict_distance, self.min_layer_keep, self.blend, self.force_scorer)
+                           self.evict_distance, self.search, self.force_scorer, self.sink)
 
     def name(self, profile=None) -> str:
         """The label, or ``method`` / ``scorer+allocation``."""
@@ -79,12 +80,11 @@ class MethodConfig:
 @dataclass
 class EvalSettings:
     """How an evaluation runs: greedy tokens for ROUGE-L, batch size, ``generate=False`` for PPL
-    only, the sink (None: the method's own), the chat template for image prompts, a progress bar."""
+    only, the chat template for image prompts, a progress bar."""
 
     max_new_tokens: int = EVAL_NEW_TOKENS
     batch_size: int = 4
     generate: bool = True
-    sink: int | None = None
     chat: bool = False
     progress: bool = True
 
@@ -93,8 +93,6 @@ class EvalSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.sink is not None and (isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0):
-            raise ValueError(f"the sink must be a non-negative integer, got {self.sink!r}")
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -183,7 +181,7 @@ def prefill(model, prompts: list[list[int]], record: Sequence, pad_id: int, scor
     return cache, out.logits[:, -1].float(), mask
 
 
-def fork(base: PrefixKVCache, method: Method, keep_fraction: float, sink: int = SINK,
+def fork(base: PrefixKVCache, method: Method, keep_fraction: float, sink: int | None = None,
          protect_last: bool = True) -> PrefixKVCache:
     """A compressed cache for ``method`` built from an uncompressed full-cache prefill.
 
@@ -306,7 +304,7 @@ def evaluate_many(
     model (``tokenizer``: its processor) takes samples with images, prefilled with their pixels.
     """
     settings = settings or EvalSettings()
-    max_new_tokens, batch_size, generate, sink = settings.max_new_tokens, settings.batch_size, settings.generate, settings.sink
+    max_new_tokens, batch_size, generate = settings.max_new_tokens, settings.batch_size, settings.generate
     images = is_vision_model(model)
     keep_fractions = [float(k) for k in keep_fractions]
     if any(not 0 < k <= 1 for k in keep_fractions):
@@ -330,7 +328,7 @@ def evaluate_many(
         m = c.build(profile)
         kfs = [1.0] if not m.compresses else keep_fractions
         prof = c.profile or profile
-        csink = sink if sink is not None else (prof.sink if prof is not None and m.allocation.name == "profile" else SINK)
+        csink = m.sink  # the config's, else the method's own, or its profile's
         for kf in kfs:
             runs.append({"config": c, "method": m, "keep": kf, "label": c.name(profile), "sink": csink,
                          "profile": prof if m.allocation.name == "profile" else None,
@@ -444,8 +442,10 @@ def _summarise(run: dict, rows: list[dict], seconds: float, generate: bool, max_
         "scorer": m.scorer.key if m.compresses else None,
         "allocation": m.allocation.name if m.compresses else None,
         "keep_fraction": run["keep"],
-        "min_layer_keep": (run["profile"].min_layer_keep if run["profile"] is not None else c.min_layer_keep),
-        "blend": (run["profile"].blend if run["profile"] is not None else c.blend),
+        "min_layer_keep": (run["profile"].min_layer_keep if run["profile"] is not None else c.search.min_layer_keep),
+        "blend": (run["profile"].blend if run["profile"] is not None else c.search.blend),
+        "curve": (run["profile"].curve if run["profile"] is not None
+                  else c.search.curve if m.allocation.name == "online" else None),
         "sink": run["sink"],
         "samples": len(rows),
         "reference_tokens": tokens,

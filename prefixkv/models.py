@@ -55,12 +55,30 @@ def resolve(source: str) -> Path:
         return path
     if path.exists():
         raise ModelError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
-    if source.count("/") == 1 and not source.startswith((".", "/")):
+    hub_shaped = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if hub_shaped and not path.parent.is_dir():  # org/name, and no local folder called org
         return _from_hub(source)
+    if hub_shaped or "/" in source or source.startswith((".", "~")):  # a path, mistyped
+        hint = (f" (read as a local path because a folder {path.parent} exists here; a hub id org/name is fetched "
+                "only when no such folder exists)") if hub_shaped else ""
+        raise ModelError(f"no model folder at {path}{_nearby(path)}; check the path{hint}")
     raise ModelError(
         f"unknown model {source!r}: give a Hugging Face folder, a .gguf file, a hub id (org/name) "
         f"or one of the built-in names: {', '.join(BUILTIN)}"
     )
+
+
+def _nearby(path: Path) -> str:
+    """' (did you mean X?)' for a close name next to a mistyped path, else ''."""
+    import difflib
+
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir() or p.suffix == ".gguf"]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -70,9 +88,20 @@ def _from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as err:  # offline, unknown repo, gated...
         raise ModelError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-            "this machine may be offline: download the model elsewhere and pass its local folder"
+            f"{repo_id!r} is not a local folder, and could not be fetched from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); check the path, or (offline) download "
+            "the model elsewhere and pass its local folder"
         ) from err
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_tokenizer(folder: Path) -> None:
+    """Refuse a model folder without tokenizer files, naming the fix (before loading weights)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}); save the model's tokenizer "
+                         f"there with AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('{folder}')")
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
@@ -122,6 +151,7 @@ def load_model(source: str = DEFAULT_MODEL, dtype=None, trust_remote_code: bool 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(source)
+    check_tokenizer(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
     if getattr(config, "vision_config", None) is not None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import defaults, report
+from . import architectures, defaults, report
 from .calibration import Calibration, calibrate
 from .data import builtin_samples, load_jsonl
 from .engine_folder import (
@@ -34,6 +34,7 @@ from .engine_folder import (
     check_output,
     copy_tokenizer,
     mark_validation,
+    output_lock,
     staging,
     usual_permissions,
     write_manifest,
@@ -51,6 +52,7 @@ from .exporter.tensorrt import build_tensorrt_engine
 from .models import load_model, model_folder
 from .profile import Fingerprint, RetentionProfile
 from .scoring import make_scorer
+from .search import PAPER, SearchSettings
 from .vision import is_vision_model
 from .vision.calibration import calibrate_vision
 from .vision.data import load_samples
@@ -134,14 +136,13 @@ def encode(tokenizer, text: str) -> list[int]:
 # -- calibration -------------------------------------------------------------------------------
 @dataclass
 class CalibrationConfig:
-    """One calibration run: keep fractions, importance scores, allocation bounds and data."""
+    """One calibration run: keep fractions, importance scores, the search's settings (the
+    paper's by default) and data."""
 
     keep_fractions: tuple[float, ...] = defaults.CALIBRATION_KEEP_FRACTIONS
     scorers: tuple[str, ...] = (defaults.SCORER,)
     window: int = defaults.WINDOW
-    sink: int = defaults.SINK
-    min_layer_keep: float = defaults.MIN_LAYER_KEEP
-    blend: float = defaults.BLEND
+    search: SearchSettings = PAPER
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self):
@@ -154,12 +155,8 @@ class CalibrationConfig:
         for name in self.scorers:
             self.scorer(name)  # ValueError naming the known scorers
         _positive("the window", self.window)
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"the sink must be a non-negative integer (first tokens always kept), got {self.sink!r}")
-        for name in ("min_layer_keep", "blend"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
-                raise ValueError(f"{name.replace('_', '-')} must be in [0, 1], got {value!r}")
+        if not isinstance(self.search, SearchSettings):
+            raise ValueError(f"search must be a SearchSettings, got {self.search!r}")
 
     def scorer(self, name: str):
         return make_scorer(name, window=self.window) if name == "window" else make_scorer(name)
@@ -175,12 +172,11 @@ def calibrate_model(model, tokenizer, config: CalibrationConfig, progress: bool 
     rows, name = config.data.load(tokenizer, "calibration", vision)
     scorers = [config.scorer(n) for n in config.scorers]
     if vision:
-        return calibrate_vision(model, tokenizer, rows, config.keep_fractions, scorers, sink=config.sink,
-                                min_layer_keep=config.min_layer_keep, blend=config.blend, chat=config.data.chat,
-                                progress=progress, data_name=name)
+        return calibrate_vision(model, tokenizer, rows, config.keep_fractions, scorers, search=config.search,
+                                chat=config.data.chat, progress=progress, data_name=name)
     samples = [encode(tokenizer, r["prompt"]) for r in rows]
-    return calibrate(model, samples, config.keep_fractions, scorers, sink=config.sink, min_layer_keep=config.min_layer_keep,
-                     blend=config.blend, progress=progress, data_name=name)
+    return calibrate(model, samples, config.keep_fractions, scorers, search=config.search, progress=progress,
+                     data_name=name)
 
 
 def resolve_profile(profile, model, tokenizer, keep_fraction: float, calibration: CalibrationConfig | None = None,
@@ -193,8 +189,9 @@ def resolve_profile(profile, model, tokenizer, keep_fraction: float, calibration
     if profile is None:
         config = calibration or CalibrationConfig()
         config = replace(config, keep_fractions=(keep_fraction,), scorers=config.scorers[:1])
-        log(f"calibrating a profile: {config.data.samples} samples, scorer {config.scorers[0]}, "
-            f"blend {config.blend:g}, min layer keep {config.min_layer_keep:g}")
+        departures = config.search.departures()
+        log(f"calibrating a profile: {config.data.samples} samples, scorer {config.scorers[0]}, search settings: "
+            + (f"the paper's except {', '.join(departures)}" if departures else f"the paper's (curve {defaults.CURVE}, sink {defaults.SINK}, blend {defaults.BLEND:g}, no floor)"))
         run = calibrate_model(model, tokenizer, config, progress=False)
         profile = next(iter(run.profiles.values()))
     elif isinstance(profile, (str, Path)):
@@ -268,7 +265,16 @@ class BuildResult:
 def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -> BuildResult:
     """Build the engine ``config`` describes; returns a ``BuildResult`` (``passed`` False when
     validation failed).  model/tokenizer: the model of ``config.model`` already loaded (and its
-    tokenizer, or processor for a vision model), to skip loading."""
+    tokenizer, or processor for a vision model), to skip loading.
+
+    The output is checked first (``--force`` replaces only an engine folder), and the build
+    holds the output's lock throughout: a second build into the same folder is refused."""
+    check_output(config.engine_dir, config.force)
+    with output_lock(config.engine_dir):
+        return _build(config, model, tokenizer, log)
+
+
+def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
     start = time.perf_counter()
     output = check_output(config.engine_dir, config.force)
     if config.backend == "tensorrt" and not config.onnx_only:
@@ -282,6 +288,7 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
         log(f"loading {config.model}")
         model, tokenizer = load_model(config.model)
     vision = is_vision_model(model)
+    architectures.check(model, export=True)  # before any work: the exporter implements this layout
     check_chat(config.calibration.data.chat or config.validation.chat, vision)
     if vision and config.backend != "onnxruntime":
         raise ValueError("vision engines are built for onnxruntime only (no TensorRT vision graph yet); drop --backend tensorrt")
@@ -304,7 +311,7 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
     validation = _validation(config, vision, tokenizer, log)
 
     try:
-        with staging(output, config.force) as tmp:
+        with staging(output, config.force, log) as tmp:
             tensorrt_info = None
             if config.backend == "tensorrt":
                 export_plugin_graphs(model, spec, tmp, config.opset, log)

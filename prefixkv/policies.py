@@ -12,14 +12,14 @@ Allocations turn a keep fraction into per-layer keep fractions:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .compaction import OLDEST
-from .defaults import EVICT_DISTANCE, PROTECT_LAST, SINK
+from .defaults import EVICT_DISTANCE, METHOD_SINKS, PROTECT_LAST, SINK
 from .scoring import Scorer, make_scorer
-from .search import floor_and_blend, prefix_search
+from .search import PAPER, SearchSettings
 
 
 class Allocation:
@@ -77,20 +77,23 @@ class Profiled(Allocation):
 
 
 class Online(Allocation):
-    """PrefixKV online: the search on each prompt's scores (no profile).  Returns (layers, batch)."""
+    """PrefixKV online: the search on each prompt's scores (no profile).  Returns (layers, batch).
+
+    ``search`` sets the curve, floor and blend (the paper's by default); the protected
+    entries are the cache's own (``sink``, ``protect_last``)."""
 
     name = "online"
     needs_all_layers = True
 
-    def __init__(self, min_layer_keep: float = 0.0, blend: float = 1.0):
-        self.min_layer_keep, self.blend = min_layer_keep, blend
+    def __init__(self, search: SearchSettings = PAPER):
+        self.search = search
 
     def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
+        search = replace(self.search, sink=sink, protect_last=protect_last)
         columns = []
         for row in range(scores.shape[1]):
             real = scores[:, row][:, valid[row]]  # (layers, n) this row's unpadded scores
-            counts = prefix_search(real, keep_fraction, sink=sink, protect_last=protect_last)
-            columns.append(floor_and_blend(counts.double() / real.shape[-1], keep_fraction, self.min_layer_keep, self.blend))
+            columns.append(search.fractions(real, [keep_fraction])[0])
         return torch.stack(columns, dim=1)
 
 
@@ -99,7 +102,8 @@ ALLOCATIONS = {"uniform": Uniform, "pyramid": Pyramid}
 
 @dataclass
 class Method:
-    """A named (scorer, allocation, eviction distance) triple."""
+    """A named (scorer, allocation, eviction distance) triple, and its sink: the first tokens
+    it always keeps (its own paper's or released code's setting, ``defaults.METHOD_SINKS``)."""
 
     name: str
     scorer: Scorer
@@ -107,6 +111,7 @@ class Method:
     evict_distance: int = EVICT_DISTANCE
     compresses: bool = True
     extra: dict = field(default_factory=dict)
+    sink: int = SINK
 
 
 METHODS = ("full", "streaming", "h2o", "snapkv", "tova", "pyramidkv", "prefixkv", "prefixkv-online")
@@ -119,11 +124,16 @@ def make_method(
     scorer_params: dict | None = None,
     allocation: str | None = None,
     evict_distance: int = EVICT_DISTANCE,
-    min_layer_keep: float = 0.0,
-    blend: float = 1.0,
+    search: SearchSettings = PAPER,
     force_scorer: bool = False,
+    sink: int | None = None,
 ) -> Method:
-    """Build a method by name; ``scorer=`` / ``allocation=`` override its parts.
+    """Build a method by name; ``scorer=`` / ``allocation=`` / ``sink=`` override its parts.
+
+    ``search`` is the ``online`` allocation's curve, floor and blend (the paper's by default).
+    The sink: ``sink=``, else the profile's for a profile allocation, else the method's own
+    (``defaults.METHOD_SINKS``: 4 for StreamingLLM, none for H2O, SnapKV, TOVA and PyramidKV,
+    1 for PrefixKV).
 
     full             no compression
     streaming        recency score, uniform lengths, evict the oldest entry after the sinks
@@ -160,10 +170,12 @@ def make_method(
         profile.check_scorer(scorer_obj.name, scorer_obj.params, force=force_scorer)
         alloc: Allocation = Profiled(profile)
     elif alloc_name == "online":
-        alloc = Online(min_layer_keep, blend)
+        alloc = Online(search)
     elif alloc_name in ALLOCATIONS:
         alloc = ALLOCATIONS[alloc_name]()
     else:
         raise ValueError(f"unknown allocation {alloc_name!r}; choose uniform, pyramid, online or profile")
     distance = OLDEST if name == "streaming" else evict_distance
-    return Method(name, scorer_obj, alloc, distance, compresses=name != "full")
+    if sink is None:
+        sink = profile.sink if alloc_name == "profile" else METHOD_SINKS[name]
+    return Method(name, scorer_obj, alloc, distance, compresses=name != "full", sink=sink)

@@ -1,7 +1,7 @@
 """Retention profiles: per-layer keep fractions calibrated offline, as a versioned JSON file.
 
 A profile belongs to one model (its fingerprint), one importance score (the scorer and
-its parameters) and one allocation setting (floor, blend).  For each calibrated keep
+its parameters) and one allocation setting (the search's curve, floor and blend).  For each calibrated keep
 fraction it holds the per-layer keep fractions averaged over the calibration samples and
 their spread.  Loading validates everything against a declared schema and says exactly
 what is wrong, in one line that names the file and the field.
@@ -14,9 +14,12 @@ On disk (schema version 1)::
      "model": {"architecture": str, "layers": int, "heads": int, "kv_heads": int, "head_dim": int, "config_hash": str},
      "sink": int, "protect_last": bool,
      "scorer": {"name": str, "params": {...}},
-     "allocation": {"min_layer_keep": float, "blend": float},
+     "allocation": {"min_layer_keep": float, "blend": float, "curve": "all" | "unprotected"},
      "budgets": {"<keep fraction>": {"layer_keep_fractions": [float] * layers, "layer_keep_std": [float] * layers}},
      "calibration": {...}}
+
+``allocation.curve`` is the search's curve (``prefixkv.search``); files written before it was
+recorded have none, and load with ``curve`` None ("not recorded").
 
 LayerKeep keys are written with ``repr(float)`` so they read back as the same float; keys
 written by older versions with 6 significant digits (``:g``) are still read.
@@ -33,7 +36,7 @@ import tempfile
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
     AfterValidator,
@@ -46,6 +49,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from . import defaults
 
 SCHEMA = "prefixkv.retention-profile"
 SCHEMA_VERSION = 1
@@ -141,6 +146,7 @@ class RetentionProfile:
     blend: float = 1.0
     protect_last: bool = True
     calibration: dict = field(default_factory=dict)
+    curve: str | None = None  # the search's curve; None: not recorded (older files)
 
     def __post_init__(self):
         # a profile built in code is held to the file's rules; only an empty ``budgets`` is
@@ -192,6 +198,14 @@ class RetentionProfile:
             diff = [f"{k}: profile {getattr(mine, k)!r} vs model {getattr(fingerprint, k)!r}"
                     for k in asdict(mine) if getattr(mine, k) != getattr(fingerprint, k)]
             raise ProfileError("the profile was calibrated for another model (" + "; ".join(diff) + "); calibrate one for this model")
+
+    def departures(self) -> list[str]:
+        """The search settings that differ from the paper's (``prefixkv.defaults``: curve all,
+        one sink, the last token, no floor, blend 1), as ``name=value``; empty: the paper's."""
+        paper = {"curve": defaults.CURVE, "sink": defaults.SINK, "protect_last": defaults.PROTECT_LAST,
+                 "min_layer_keep": defaults.MIN_LAYER_KEEP, "blend": defaults.BLEND}
+        return [f"{name}={'not recorded' if getattr(self, name) is None else repr(getattr(self, name))}"
+                for name, value in paper.items() if getattr(self, name) != value]
 
     def check_scorer(self, scorer: str, params: dict | None = None, force: bool = False) -> None:
         """Refuse to apply the profile with another importance score unless forced."""
@@ -367,6 +381,7 @@ class _ScorerDoc(_Strict):
 class _AllocationDoc(_Strict):
     min_layer_keep: Unit = 0.0
     blend: Unit = 1.0
+    curve: Optional[Literal["all", "unprotected"]] = None
 
 
 class _BudgetDoc(_Strict):
@@ -502,6 +517,7 @@ def _parse(data, source: str) -> RetentionProfile:
             scorer_params=dict(doc.scorer.params),
             min_layer_keep=float(doc.allocation.min_layer_keep),
             blend=float(doc.allocation.blend),
+            curve=doc.allocation.curve,
             protect_last=doc.protect_last,
             calibration=dict(doc.calibration),
         )
@@ -523,7 +539,8 @@ def _document(profile: RetentionProfile, calibrated: dict[float, LayerKeep]) -> 
         "sink": profile.sink,
         "protect_last": profile.protect_last,
         "scorer": {"name": profile.scorer, "params": profile.scorer_params},
-        "allocation": {"min_layer_keep": profile.min_layer_keep, "blend": profile.blend},
+        "allocation": {"min_layer_keep": profile.min_layer_keep, "blend": profile.blend,
+                       **({"curve": profile.curve} if profile.curve is not None else {})},
         "budgets": {_key(kf): {"layer_keep_fractions": b.layer_keep_fractions, "layer_keep_std": b.layer_keep_std}
                     for kf, b in sorted(calibrated.items())},
         "calibration": profile.calibration,

@@ -28,7 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, defaults
 from .profile import (
     KEY_TOLERANCE,
     MAX_FILE_BYTES,
@@ -39,13 +39,14 @@ from .profile import (
 )
 
 SETTINGS = "released PrefixKV (THU-MIG/PrefixKV)"
-# the released code's settings (its evaluation scripts: --start-size 1, the last token kept)
-SINK = 1
-PROTECT_LAST = True
+# the released code's settings (its evaluation scripts: --start-size 1, the last token kept),
+# which are prefixkv's defaults
+SINK = defaults.SINK
+PROTECT_LAST = defaults.PROTECT_LAST
 SCORER = "accumulated"
-BLEND = 1.0
-MIN_LAYER_KEEP = 0.0
-CURVE = "all"
+BLEND = defaults.BLEND
+MIN_LAYER_KEEP = defaults.MIN_LAYER_KEEP
+CURVE = defaults.CURVE
 
 _NUMBER = re.compile(r"[+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?")
 _RATIO_RULE = "the released ratio is the share evicted, in (0, 1); keep = 1 - ratio"
@@ -149,13 +150,13 @@ def import_profiles(paths, fingerprint: Fingerprint, ratio: float | None = None)
         scorer_params={},
         min_layer_keep=MIN_LAYER_KEEP,
         blend=BLEND,
+        curve=CURVE,
         calibration={
             "imported_from": sources,
             "released_ratio": ratios,
             "raw_mean_keep": raw_means,
             "rescaled": "each layer list scaled so its mean is the keep fraction (capped at 1), as calibration does",
             "settings": SETTINGS,
-            "curve": CURVE,
             "tool": f"prefixkv {__version__}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

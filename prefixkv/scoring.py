@@ -39,8 +39,9 @@ class Scorer:
     def query_rows(self, q_len: int) -> int:
         return q_len
 
-    def from_attention(self, mass: torch.Tensor) -> torch.Tensor:
-        """mass (batch, S): summed attention over the contributing rows, mean over heads."""
+    def from_attention(self, mass: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """mass (batch, S): summed attention over the contributing rows, mean over heads;
+        valid (batch, S) bool: the real (not padding) positions, None for all."""
         return mass
 
     def from_keys(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -68,10 +69,18 @@ class Window(Scorer):
     def query_rows(self, q_len: int) -> int:
         return min(self.window, q_len)
 
-    def from_attention(self, mass: torch.Tensor) -> torch.Tensor:
+    def from_attention(self, mass: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean over each key's ``pool`` neighbours among the real positions: padding
+        columns (left padding of a batch) neither count nor pull a neighbour's score down,
+        so a padded row scores as it does alone."""
         if self.pool == 1:
             return mass
-        return F.avg_pool1d(mass.unsqueeze(1), self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)[:, 0]
+        if valid is None:
+            return F.avg_pool1d(mass.unsqueeze(1), self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)[:, 0]
+        real = valid.to(mass.dtype)
+        pooled = F.avg_pool1d(torch.stack([mass * real, real], 1).flatten(0, 1).unsqueeze(1), self.pool, stride=1,
+                              padding=self.pool // 2).view(mass.shape[0], 2, -1)
+        return torch.where(valid, pooled[:, 0] / pooled[:, 1].clamp_min(1e-9), torch.zeros_like(mass))
 
 
 @dataclass(frozen=True)

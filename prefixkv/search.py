@@ -28,15 +28,21 @@ Pure tensor math, no model and no I/O. Read top to bottom:
 3. ``floor_and_blend``: optional bounds on the allocation (beyond the paper): a
    per-layer floor and a blend towards uniform lengths, keeping the mean exact.
 
+4. ``SearchSettings``: the curve, the protected entries, the floor and the blend, in one
+   object; its defaults are the paper's (the released code's): curve "all", one sink, the
+   last token, no floor, blend 1.  ``departures()`` names the settings that differ.
+
 Protected positions are always kept and are counted in the returned counts under both curves.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .defaults import PROTECT_LAST, SINK
+from .defaults import BLEND, CURVE, MIN_LAYER_KEEP, PROTECT_LAST, SINK
 
 SEARCH_CURVES = ("all", "unprotected")
 
@@ -177,7 +183,7 @@ def prefix_search(
     sink: int = SINK,
     protect_last: bool = PROTECT_LAST,
     iterations: int = 60,
-    curve: str = "all",
+    curve: str = CURVE,
 ) -> torch.Tensor:
     """Per-layer kept counts for one sample under a global keep fraction.
 
@@ -263,3 +269,47 @@ def curve_gini(curves: torch.Tensor) -> torch.Tensor:
     c = curves.to(torch.float64)
     area = torch.trapezoid(c, dx=1.0 / (c.shape[-1] - 1), dim=-1)
     return (2 * area - 1).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the prefix search turns one sample's importances into per-layer keep fractions.
+
+    The defaults are the paper's, as its released code runs them: the curve over all
+    positions, one sink (``--start-size 1``), the last token kept, no floor, blend 1.
+    """
+
+    curve: str = CURVE
+    sink: int = SINK
+    protect_last: bool = PROTECT_LAST
+    min_layer_keep: float = MIN_LAYER_KEEP
+    blend: float = BLEND
+
+    def __post_init__(self):
+        _check_curve(self.curve)
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"the sink must be a non-negative integer (first tokens always kept), got {self.sink!r}")
+        if not isinstance(self.protect_last, bool):
+            raise ValueError(f"protect_last must be true or false, got {self.protect_last!r}")
+        for name in ("min_layer_keep", "blend"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+    def fractions(self, importance: torch.Tensor, keep_fractions: Sequence[float]) -> torch.Tensor:
+        """(fractions, layers) float64: the search's counts / positions, floored and blended;
+        each row's mean is its keep fraction."""
+        counts = prefix_search(importance, list(keep_fractions), sink=self.sink, protect_last=self.protect_last,
+                               curve=self.curve)
+        raw = counts.double() / importance.shape[-1]
+        return torch.stack([floor_and_blend(raw[i], kf, self.min_layer_keep, self.blend)
+                            for i, kf in enumerate(keep_fractions)])
+
+    def departures(self) -> list[str]:
+        """The settings that differ from the paper's, as ``name=value`` (empty: the paper's)."""
+        paper = SearchSettings()
+        return [f"{name}={getattr(self, name)!r}" for name in ("curve", "sink", "protect_last", "min_layer_keep", "blend")
+                if getattr(self, name) != getattr(paper, name)]
+
+
+PAPER = SearchSettings()  # the paper's settings, as its released code runs them

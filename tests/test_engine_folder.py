@@ -15,10 +15,14 @@ from test_export import (  # noqa: F401  (autouse)
 )
 
 from prefixkv.engine_folder import (
+    MANIFEST,
+    SCHEMA,
     EngineError,
     EngineExistsError,
     is_engine,
+    output_lock,
     read_manifest,
+    remove_stale_builds,
     sha256,
     staging,
 )
@@ -120,7 +124,7 @@ def test_interrupted_build_leaves_no_engine(tmp_path, monkeypatch):
 def test_existing_output_needs_force(tmp_path):
     target = tmp_path / "engine"
     target.mkdir()
-    (target / "old").write_text("old engine")
+    (target / MANIFEST).write_text(json.dumps({"schema": SCHEMA}))
     with pytest.raises(EngineExistsError, match="--force"):
         with staging(target):
             pass
@@ -128,6 +132,76 @@ def test_existing_output_needs_force(tmp_path):
         (tmp / "new").write_text("new engine")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_force_replaces_only_an_engine_folder(tmp_path, capsys):
+    """--force over a folder that is not an engine (no prefixkv manifest) deletes nothing: refused
+    before any work, in one line."""
+    from prefixkv.cli import main
+
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"precious")
+    (target / MANIFEST).write_text('{"schema": "somebody-else"}')
+    with pytest.raises(EngineExistsError, match="is not a prefixkv engine.*--force replaces only an engine folder"):
+        with staging(target, force=True):
+            pytest.fail("staged over a folder that is not an engine")
+    code = main(["build", "--model", "no-such-model", "--calibrate", "--output", str(target), "--force", "--no-validate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not a prefixkv engine" in err[0]
+    assert (target / "holiday.jpg").read_bytes() == b"precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with staging(empty, force=True) as tmp:  # an empty folder holds nothing to lose
+        (tmp / "new").write_text("x")
+    assert [p.name for p in empty.iterdir()] == ["new"]
+
+
+def test_a_second_build_into_the_same_folder_is_refused(tmp_path):
+    """Two builds to one --output: the one that comes second is refused at its start (the
+    first holds the folder's lock for its whole build), and the lock goes with the build."""
+    from prefixkv.pipeline import BuildConfig, build_engine
+
+    model, folder = tiny_model_folder(tmp_path)
+    target = tmp_path / "out" / "engine"
+    with output_lock(target):
+        with pytest.raises(EngineExistsError, match=r"another prefixkv build is writing .*engine \(pid \d+\)"):
+            build_engine(BuildConfig(str(folder), target, KEEP, profile=tiny_profile(model), validate=False), model=model)
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # the lock file went with the lock
+    with output_lock(target):  # free again
+        pass
+
+
+def test_a_folder_that_appears_during_the_build_is_not_replaced(tmp_path):
+    """The swap checks the target again: what appeared meanwhile stays, and the new engine is
+    kept next to it instead of being thrown away."""
+    target = tmp_path / "engine"
+    with pytest.raises(EngineExistsError, match=r"appeared during the build and was left as it is; the new engine is in"):
+        with staging(target) as tmp:
+            (tmp / "new").write_text("new engine")
+            target.mkdir()
+            (target / "theirs").write_text("somebody else's")
+    assert [p.name for p in target.iterdir()] == ["theirs"]
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("engine.new-")]
+    assert len(kept) == 1 and (kept[0] / "new").read_text() == "new engine"
+
+
+def test_stale_partial_builds_are_removed_by_the_next_build(tmp_path):
+    """Folders a killed build left (.NAME.partial-*, .NAME.old-*) go with the next build into the same
+    parent, one line each; a folder of a build that is still running (its lock held) stays."""
+    for name in (".engine.partial-abc123", ".other.partial-x", ".other.old-y", ".running.partial-z"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prefill.onnx.data").write_bytes(b"\0" * 4096)
+    (tmp_path / "keep.partial-not-hidden").mkdir()
+    lines = []
+    with output_lock(tmp_path / "running"):
+        with staging(tmp_path / "engine", log=lines.append) as tmp:
+            (tmp / "new").write_text("x")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".running.partial-z", "engine", "keep.partial-not-hidden"]
+    assert len(lines) == 3 and all(line.startswith("removed ") and "left by an interrupted build" in line for line in lines)
+    assert remove_stale_builds(tmp_path / "nowhere") == []
 
 
 def test_build_refuses_bad_input_before_any_work(tmp_path, monkeypatch):

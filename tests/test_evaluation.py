@@ -185,13 +185,14 @@ def test_grid_profiles_match_calibrate(tiny_model):
     """The sweep's one-pass profiles equal calibrate()'s for the same floor and blend."""
     from prefixkv.bench.quality import grid_profiles
     from prefixkv.calibration import calibrate
+    from prefixkv.search import SearchSettings
 
     samples = [s["prompt_ids"] for s in _samples(3, seed=9)]
     grid = [(0.0, 1.0), (0.5, 0.75)]
     got = grid_profiles(tiny_model, samples, [0.2, 0.5], ["accumulated", "window"], grid)
     for floor, blend in grid:
-        ref = calibrate(tiny_model, samples, [0.2, 0.5], scorers=("accumulated", "window"), min_layer_keep=floor,
-                        blend=blend, progress=False)
+        ref = calibrate(tiny_model, samples, [0.2, 0.5], scorers=("accumulated", "window"),
+                        search=SearchSettings(min_layer_keep=floor, blend=blend), progress=False)
         for key, profile in ref.profiles.items():
             mine = got[(key, floor, blend)]
             assert (mine.min_layer_keep, mine.blend, mine.scorer) == (floor, blend, profile.scorer)
@@ -220,14 +221,27 @@ def test_bench_quality_end_to_end(tmp_path):
                  "--max-new-tokens", "3", "--retrieval-samples", "2", "--lengths", "128,160", "--keep", "0.2,0.5",
                  "--calibration-samples", "2", "--calibration-tokens", "64", "--sweep-floor-blend", "--floors", "0,0.5",
                  "--blends", "1", "--sweep-scorers", "accumulated", "--sweep-samples", "2", "--resamples", "50",
-                 "--pairs", "window+profile", "--threads", "1", "--output", str(out), "--quiet"])
+                 "--pairs", "window+profile", "--variants", "unprotected", "--threads", "1", "--output", str(out), "--quiet"])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["command"].startswith("prefixkv bench quality --model")
     cont = doc["results"]["continuation"]
     labels = {r["label"] for r in cont}
     assert {"full", "h2o", "prefixkv", "streaming", "window+profile"} <= labels
-    assert len(cont) == 1 + 8 * 2 + (1 if len(labels) == 10 else 0) * 2
+    variants = {"accumulated+profile [curve='unprotected', sink=4]", "accumulated+online [curve='unprotected', sink=4]"}
+    assert variants <= labels
+    assert len(cont) == 1 + 10 * 2 + (1 if len(labels) == 12 else 0) * 2
+    by_label = {r["label"]: r for r in cont}
+    assert (by_label["prefixkv"]["sink"], by_label["prefixkv"]["curve"]) == (1, "all")  # the paper's settings
+    assert (by_label["snapkv"]["sink"], by_label["streaming"]["sink"]) == (0, 4)  # each method's own
+    assert all("sink" in r for task in doc["results"].values() for r in task)
+    # the paper's settings against the unprotected rule, pair by pair, at each keep and on every metric
+    rules = doc["rules"]
+    assert {(r["a"], r["b"]) for r in rules} == {("prefixkv", "accumulated+profile [curve='unprotected', sink=4]"),
+                                                ("prefixkv-online", "accumulated+online [curve='unprotected', sink=4]")}
+    assert {(r["task"], r["keep"], r["metric"]) for r in rules} == {
+        (t, k, m) for t, ms in (("continuation", ("ppl", "rouge_l")), ("retrieval", ("accuracy", "answer_ppl")))
+        for k in (0.2, 0.5) for m in ms}
     retr = doc["results"]["retrieval"]
     assert {r["length"] for r in retr} == {128, 160}
     assert all("accuracy" in r and "answer_ppl" in r for r in retr)
@@ -236,6 +250,7 @@ def test_bench_quality_end_to_end(tmp_path):
     assert doc["targets"]["issue2"]["ppl_increase_at_0.2"]["paper"] == 0.49
     md = (out / "quality.md").read_text()
     assert "## Continuation" in md and "## Retrieval" in md and "Target (issue 7)" in md
+    assert "## The paper's search settings against the variants" in md
     for name in ("continuation.png", "retrieval.png", "retrieval_pooled.png", "calibration/lorenz_accumulated.png",
                  "calibration/keep_fractions_window-pool5-window8.png", "profiles/accumulated.json"):
         assert (out / name).is_file(), name

@@ -52,7 +52,7 @@ def test_attention_features_prefixkv_does_not_implement_are_refused():
                  num_key_value_heads=1, head_dim=16)
     torch.manual_seed(0)
     gemma2 = Gemma2ForCausalLM(Gemma2Config(**small))
-    with pytest.raises(ValueError, match="soft-capping.*sliding-window"):
+    with pytest.raises(ValueError, match="soft-capping.*sliding windows on some layers only"):
         prefixkv.enable(gemma2)
     with pytest.raises(ExportError, match="soft-capping"):
         Decoder(gemma2)

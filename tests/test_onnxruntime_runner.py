@@ -109,6 +109,34 @@ def test_cli_generate_reads_the_prompt_from_a_file(tiny, capsys, tmp_path):
     assert "is not UTF-8 text" in capsys.readouterr().err
 
 
+def test_cli_generate_takes_standard_input_and_refuses_bytes_that_are_not_utf8(tiny, capsys, monkeypatch):
+    """'-' reads the prompt from standard input as UTF-8 bytes; bytes that are not UTF-8, on
+    standard input or in --prompt (where they arrive as surrogate escapes), get one line."""
+    import io
+
+    from prefixkv.cli import main
+
+    engine_dir = str(tiny[0])
+    assert main(["generate", engine_dir, "--prompt", "Hello there", "--max-new-tokens", "4"]) == 0
+    direct = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello there")))
+    assert main(["generate", engine_dir, "--prompt-file", "-", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == direct
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    assert main(["generate", engine_dir, "--prompt-file", "-"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: standard input is not UTF-8 text (invalid continuation byte: byte 0xe9 at offset 3); "
+                   "convert it to UTF-8 (e.g. iconv -t UTF-8)"]
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what argv holds for those bytes
+    assert main(["generate", engine_dir, "--prompt", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --prompt is not UTF-8 text (byte 0xe9 at character 3)")
+    for value in ("inf", "nan", "-1"):
+        with pytest.raises(SystemExit):
+            main(["generate", engine_dir, "--prompt", "Hi", "--temperature", value])
+        assert "--temperature: expected a finite number >= 0" in capsys.readouterr().err
+
+
 def test_compact_slots_right_aligns_each_rows_entries():
     from prefixkv.engines.onnxruntime import compact_slots
 

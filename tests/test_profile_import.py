@@ -77,9 +77,9 @@ def test_cli_import_for_the_tiny_model(tiny, tmp_path, capsys):
         assert fractions == pytest.approx(expected(evicted, keep), abs=1e-12)
         assert sum(fractions) / 3 == pytest.approx(keep, abs=1e-12)
     assert (profile.sink, profile.protect_last, profile.scorer, profile.scorer_params) == (1, True, "accumulated", {})
-    assert (profile.blend, profile.min_layer_keep) == (1.0, 0.0)
+    assert (profile.blend, profile.min_layer_keep, profile.curve) == (1.0, 0.0, "all") and profile.departures() == []
     cal = profile.calibration
-    assert cal["settings"] == "released PrefixKV (THU-MIG/PrefixKV)" and cal["curve"] == "all"
+    assert cal["settings"] == "released PrefixKV (THU-MIG/PrefixKV)"
     assert cal["imported_from"] == [{"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in (f08, f05)]
     assert cal["released_ratio"] == {"0.2": 0.8, "0.5": 0.5}
     assert cal["raw_mean_keep"]["0.2"] == pytest.approx(0.21) and cal["raw_mean_keep"]["0.5"] == pytest.approx(0.49)

@@ -65,6 +65,19 @@ def test_window_pooling_by_hand():
     assert pooled.tolist() == [[1.5, 1.0, 1.0, 2.0, 3.0]]  # edges average over the keys that exist
 
 
+def test_window_pooling_ignores_left_padding():
+    """A left-padded row scores as it does alone: padding columns are not neighbours.  (Before,
+    the first real keys of a padded row averaged zeros from the padding, so batched evaluation
+    differed from one prompt at a time wherever fewer than 2 sinks protected them.)"""
+    mass = torch.tensor([[0.0, 3.0, 0.0, 0.0, 6.0]])
+    padded = torch.cat([torch.zeros(1, 2), mass], dim=-1)
+    valid = torch.tensor([[False, False, True, True, True, True, True]])
+    got = Window(window=2, pool=3).from_attention(padded, valid)
+    assert got.tolist() == [[0.0, 0.0, 1.5, 1.0, 1.0, 2.0, 3.0]]
+    alone = Window(window=2, pool=3).from_attention(mass, torch.ones(1, 5, dtype=torch.bool))
+    assert alone.tolist() == [[1.5, 1.0, 1.0, 2.0, 3.0]]
+
+
 def test_key_norm_prefers_small_keys():
     keys = torch.zeros(1, 2, 3, 2)
     keys[0, :, 0] = torch.tensor([3.0, 4.0])  # norm 5

@@ -37,6 +37,8 @@ LAYER_FRACTIONS = [0.1, 0.15, 0.2, 0.25, 0.3]
 @pytest.fixture
 def engine(tmp_path) -> Path:
     """A manifest-complete engine folder (placeholder graphs) with 5 layers at keep fraction 0.2."""
+    from placeholders import engine_fields
+
     from prefixkv.engine_folder import write_manifest
     from prefixkv.models import resolve
     from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
@@ -48,10 +50,7 @@ def engine(tmp_path) -> Path:
     (folder / "tokenizer.json").write_bytes((resolve("smollm2-135m") / "tokenizer.json").read_bytes())
     fingerprint = Fingerprint("LlamaForCausalLM", 5, 4, 2, 16, "0123456789abcdef")
     RetentionProfile(fingerprint, sink=4, calibrated={0.2: LayerKeep(LAYER_FRACTIONS, [0.0] * 5)}).save(folder / "profile.json")
-    write_manifest(folder, {
-        "model": {"source": "tiny", "folder": "/models/tiny", "fingerprint": fingerprint.__dict__},
-        "keep_fraction": 0.2, "layer_keep_fractions": LAYER_FRACTIONS, "layers": 5, "sink": 4, "max_context": 1000,
-    })
+    write_manifest(folder, engine_fields(fingerprint, LAYER_FRACTIONS))
     return folder
 
 

@@ -43,6 +43,8 @@ def test_windows_are_keep_counts():
 
 def _engine(folder, fractions, sink, protect_last, context):
     """A manifest-complete engine folder (placeholder graphs) with these layer keep fractions."""
+    from placeholders import engine_fields
+
     from prefixkv.engine_folder import write_manifest
     from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
@@ -52,11 +54,7 @@ def _engine(folder, fractions, sink, protect_last, context):
     fingerprint = Fingerprint("LlamaForCausalLM", len(fractions), 4, 2, 16, "0123456789abcdef")
     RetentionProfile(fingerprint, sink=sink, calibrated={0.2: LayerKeep(fractions, [0.0] * len(fractions))},
                      protect_last=protect_last).save(folder / "profile.json")
-    write_manifest(folder, {
-        "model": {"source": "tiny", "folder": "/models/tiny", "fingerprint": fingerprint.__dict__},
-        "keep_fraction": 0.2, "layer_keep_fractions": fractions, "layers": len(fractions), "sink": sink,
-        "protect_last": protect_last, "max_context": context,
-    })
+    write_manifest(folder, engine_fields(fingerprint, fractions, sink=sink, protect_last=protect_last, max_context=context))
     return folder
 
 
@@ -105,7 +103,7 @@ def test_shared_width_and_layer_masks():
         mask = L.layer_keep_masks(positions, importance, f)
         assert int(mask.sum()) == L.keep_count(n, f)  # the layer's own budget, a subset of the shared W
         _, _, own, kept = compact(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1), importance[None],
-                                  torch.ones(1, n, dtype=torch.bool), f, 4, True)
+                                  torch.ones(1, n, dtype=torch.bool), f, SINK, True)  # the defaults' sink, as L's
         assert torch.equal(positions[mask], own[kept])
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from prefixkv.search import SearchSettings
 from prefixkv.vision.data import ImageError
 
 IMAGE_TOKEN_ID = 299
@@ -126,7 +127,7 @@ def engine(llava, tmp_path_factory):
     folder, model, processor, data = llava
     samples = load_samples(data / "llava.json", first_turn_only=True)
     out = tmp_path_factory.mktemp("engines") / "llava-k50"
-    calibration = CalibrationConfig(sink=2, data=DataConfig(data / "llava.json", first_turn_only=True))
+    calibration = CalibrationConfig(search=SearchSettings(sink=2), data=DataConfig(data / "llava.json", first_turn_only=True))
     validation = ValidationConfig(samples=samples[:2] + [{"prompt": "Describe a beach.", "image": None}], max_new_tokens=12)
     config = BuildConfig(str(folder), out, 0.5, calibration=calibration, validation=validation)
     result = build_engine(config, model=model, tokenizer=processor, log=lambda m: None)
@@ -245,7 +246,8 @@ def test_calibration_image_share_is_what_the_cache_keeps(llava, tmp_path):
 
     _, model, processor, data = llava
     samples = load_samples(data / "llava.json", first_turn_only=True)[:3]
-    run = calibrate_vision(model, processor, samples, [0.3, 0.6], ["accumulated", "last-query"], sink=2, progress=False)
+    run = calibrate_vision(model, processor, samples, [0.3, 0.6], ["accumulated", "last-query"], search=SearchSettings(sink=2),
+                           progress=False)
     profile = run.profiles["accumulated"]
     assert profile.calibration["images"] == 3 and "image_share" in profile.calibration
     assert 0 < run.prompt_image_share < 1
@@ -253,7 +255,7 @@ def test_calibration_image_share_is_what_the_cache_keeps(llava, tmp_path):
         assert abs(np.mean(profile.layer_fractions(kf)) - kf) < 1e-4
     # the share reported for one sample equals the share of image tokens among the entries
     # a PrefixKVCache with that profile keeps
-    single = calibrate_vision(model, processor, samples[:1], [0.3], ["accumulated"], sink=2, progress=False)
+    single = calibrate_vision(model, processor, samples[:1], [0.3], ["accumulated"], search=SearchSettings(sink=2), progress=False)
     inputs = model_inputs(processor, samples[0])
     cache = PrefixKVCache(single.profiles["accumulated"], keep_fraction=0.3)
     with torch.no_grad():
@@ -275,7 +277,7 @@ def test_evaluate_vision_protocol(llava):
     samples = load_samples(data / "llava.json", first_turn_only=True)[:2]
     full = evaluate(model, processor, samples[:1], MethodConfig("full"), 1.0, EvalSettings(max_new_tokens=3, progress=False))
     assert full["rouge_l"] == 1.0 and full["ppl"] == pytest.approx(full["ppl_full"]) and full["images"] == 1
-    h2o = evaluate(model, processor, samples, MethodConfig("h2o"), 0.3, EvalSettings(max_new_tokens=6, sink=2, progress=False))
+    h2o = evaluate(model, processor, samples, MethodConfig("h2o", sink=2), 0.3, EvalSettings(max_new_tokens=6, progress=False))
     assert h2o["per_sample"][0]["ppl_full"] == pytest.approx(full["ppl"]) and np.isfinite(h2o["ppl"])
     assert h2o["images"] == 2 and h2o["ppl"] != pytest.approx(h2o["ppl_full"])
     assert 0 <= h2o["rouge_l"] <= 1 and h2o["kv_fraction"] < 0.4

@@ -21,21 +21,23 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import report
-from ..calibration import average, bound, calibrate, sample_fractions, score_sample
+from ..calibration import average, calibrate, score_sample
 from ..data import builtin_samples
-from ..defaults import SINK
+from ..defaults import MEASURED_BLEND, MEASURED_SINK
 from ..engine_folder import atomic_write_text
 from ..evaluation import EvalSettings, MethodConfig, evaluate_many
 from ..models import load_model
 from ..policies import METHODS
 from ..profile import Fingerprint, RetentionProfile
 from ..scoring import make_scorer
+from ..search import PAPER, SearchSettings
 from . import stats
 from .tasks import retrieval_samples, score
 
@@ -53,6 +55,17 @@ DEFAULT_PAIRS = "window+profile,window+online,last-query+profile,last-query+onli
 PAIR_SCORERS = ("accumulated", "window", "last-query", "key-norm")
 PAIR_ALLOCATIONS = ("uniform", "pyramid", "online", "profile")
 PREFIXKV_ALLOCATIONS = ("profile", "online")
+# Search-setting variants beside the paper's: name -> (scorer, allocations, settings, the paper's
+# config of the same scorer and allocation, by label, compared with it pair by pair).
+VARIANTS = {
+    # the rule before the fidelity issue: curves over the unprotected entries, 4 sinks
+    "unprotected": ("accumulated", ("profile", "online"), SearchSettings(curve="unprotected", sink=4),
+                    {"profile": "prefixkv", "online": "prefixkv-online"}),
+    # `make demo`'s engine: the window score, 4 sinks, blend 0.5
+    "demo": ("window", ("profile",), SearchSettings(sink=MEASURED_SINK, blend=MEASURED_BLEND),
+             {"profile": "window+profile"}),
+}
+DEFAULT_VARIANTS = "unprotected,demo"
 # each family: primary metric, secondary metric; True where higher is better
 FAMILIES = {"continuation": (("ppl", False), ("rouge_l", True)), "retrieval": (("accuracy", True), ("answer_ppl", False))}
 
@@ -106,32 +119,82 @@ def attach_profiles(configs: list[MethodConfig], profiles: dict) -> list[MethodC
     return configs
 
 
-def grid_profiles(model, samples, keep_fractions, scorers, grid, sink: int = SINK, protect_last: bool = True,
+def grid_profiles(model, samples, keep_fractions, scorers, grid, search: SearchSettings = PAPER,
                   base=None) -> dict:
     """Profiles for every (min_layer_keep, blend) in ``grid`` from ONE scoring pass.
 
-    ``calibration.calibrate``'s own steps (``sample_fractions``, ``bound``, ``average``), with
-    the scoring pass shared across the grid; returns {(scorer key, floor, blend): RetentionProfile}.
-    ``base``: {scorer key: profile} whose metadata the new profiles copy.
+    ``calibration.calibrate``'s own steps (``SearchSettings.fractions``, ``average``), with
+    the scoring pass shared across the grid; ``search`` gives the curve and protected entries.
+    Returns {(scorer key, floor, blend): RetentionProfile}.  ``base``: {scorer key: profile}
+    whose metadata the new profiles copy.
     """
     kfs = sorted({float(k) for k in keep_fractions})
     scorer_objs = [make_scorer(s) for s in scorers]
+    settings = {(f, b): replace(search, min_layer_keep=f, blend=b) for f, b in grid}
     acc = {(sc.key, f, b): [] for sc in scorer_objs for f, b in grid}
     for ids in samples:
         scores = score_sample(model, ids, scorer_objs)
         for sc in scorer_objs:
-            fractions = sample_fractions(scores[sc.key], kfs, sink, protect_last)
-            for f, b in grid:
-                acc[(sc.key, f, b)].append(bound(fractions, kfs, f, b))
+            for (f, b), setting in settings.items():
+                acc[(sc.key, f, b)].append(setting.fractions(scores[sc.key], kfs))
     fingerprint = Fingerprint.of(model.config)
     out = {}
     for (key, f, b), rows in acc.items():
         sc = next(s for s in scorer_objs if s.key == key)
         meta = dict(base[key].calibration) if base and key in base else {}
-        out[(key, f, b)] = RetentionProfile(fingerprint=fingerprint, sink=sink, protect_last=protect_last,
+        out[(key, f, b)] = RetentionProfile(fingerprint=fingerprint, sink=search.sink, protect_last=search.protect_last,
                                             calibrated=average(rows, kfs), scorer=sc.name, scorer_params=dict(sc.params),
-                                            min_layer_keep=f, blend=b, calibration=meta)
+                                            min_layer_keep=f, blend=b, curve=search.curve, calibration=meta)
     return out
+
+
+def variant_label(scorer: str, allocation: str, search: SearchSettings) -> str:
+    return f"{scorer}+{allocation} [{', '.join(search.departures()) or 'the paper'}]"
+
+
+def variant_names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip() and v.strip() != "none"]
+    for name in names:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)} or none")
+    return names
+
+
+def variant_configs(model, calib_ids, keeps, names, progress, seed, data_name) -> tuple[list[MethodConfig], dict]:
+    """The configs of each named variant (profiles calibrated with its own search settings),
+    and {label: (variant, the paper's label)} for the comparisons."""
+    configs, paired = [], {}
+    for name in names:
+        scorer, allocations, search, paper = VARIANTS[name]
+        profile = None
+        if "profile" in allocations:
+            profile = calibrate(model, calib_ids, keeps, scorers=[scorer], search=search, progress=progress, seed=seed,
+                                data_name=data_name).profiles[make_scorer(scorer).key]
+        for allocation in allocations:
+            label = variant_label(scorer, allocation, search)
+            configs.append(MethodConfig(scorer=scorer, allocation=allocation, search=search, sink=search.sink,
+                                        profile=profile if allocation == "profile" else None, label=label))
+            paired[label] = (name, paper[allocation])
+    return configs, paired
+
+
+def rule_comparisons(task_results: dict, paired: dict, resamples: int, seed: int) -> list[dict]:
+    """Each variant against the paper's settings of the same scorer and allocation, at every
+    keep fraction and on every metric of each family (A = the paper's, B = the variant)."""
+    rows = []
+    for task, results in task_results.items():
+        groups = _group(results)
+        keeps = sorted({k for (_, k) in groups})
+        for label, (variant, paper) in paired.items():
+            for keep in keeps:
+                a, b = groups.get((paper, keep)), groups.get((label, keep))
+                if a is None or b is None:
+                    continue
+                for metric, higher in FAMILIES[task]:
+                    row = comparison_row(task, keep, paper, label, a, b, metric, higher, resamples, seed)
+                    row["variant"] = variant
+                    rows.append(row)
+    return rows
 
 
 # -- comparisons ----------------------------------------------------------------------------------------
@@ -374,6 +437,13 @@ def _run(args, argv: list[str]) -> int:
             prof.save(out / "profiles" / f"{report.slug(key)}.json")
         plots += report.plot_calibration(calibration, keeps, out / "calibration")
     attach_profiles(configs, profiles)
+    variants = variant_names(args.variants)
+    paired = {}
+    if variants:
+        _log(f"variants {variants}: calibrating with their own search settings", started)
+        extra, paired = variant_configs(model, calib_ids, keeps, variants, not args.quiet, args.seed,
+                                        f"builtin:calibration:{args.calibration_tokens}")
+        configs += extra
 
     # 2. floor / blend sweep on calibration-split prompts
     sweep_rows, sweep = [], None
@@ -422,6 +492,7 @@ def _run(args, argv: list[str]) -> int:
     # 4. comparisons, tables, plots
     _log("comparisons", started)
     checked = targets(task_results, args.resamples, args.seed, keeps=[k for k in (0.1, 0.2) if k in keeps])
+    rules = rule_comparisons(task_results, paired, args.resamples, args.seed)
     for task, results in task_results.items():
         facet = "length" if task == "retrieval" else None
         plots.append(report.plot_quality(results, out / f"{task}.png", facet=facet,
@@ -440,6 +511,7 @@ def _run(args, argv: list[str]) -> int:
                         if calibration else None),
         "sweep": {"rows": sweep_rows, **(sweep or {})} if sweep is not None else None,
         "targets": checked,
+        "rules": rules,
         "results": {task: _slim(results) for task, results in task_results.items()},
         "samples": {"retrieval": task_samples.get("retrieval")},
         "plots": [str(p) for p in plots],
@@ -523,6 +595,11 @@ def render_markdown(document: dict, task_results: dict, args) -> str:
                                         [[f"{r['min_layer_keep']:g}", f"{r['blend']:g}", r["mean_rank"]] for r in sweep["mean_rank"]]),
                   "",
                   f"Best setting by mean rank: floor {sweep['best']['min_layer_keep']:g}, blend {sweep['best']['blend']:g}.", ""]
+    if document.get("rules"):
+        lines += ["## The paper's search settings against the variants", "",
+                  "A = the paper's settings (curve over all positions, 1 sink, blend 1), B = the variant named in "
+                  "brackets, same scorer and allocation; paired bootstrap over the same prompts.", "",
+                  report.comparison_table(document["rules"]), ""]
     checked = document["targets"]
     i2 = checked.get("issue2", {})
     if i2.get("rows"):

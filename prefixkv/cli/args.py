@@ -17,6 +17,7 @@ from ..defaults import TensorRTProfile
 from ..engine_folder import ALLOW_FAILED
 from ..engines.validate import ValidationConfig
 from ..pipeline import CalibrationConfig, DataConfig
+from ..search import SEARCH_CURVES, SearchSettings
 
 
 class UserError(Exception):
@@ -165,12 +166,18 @@ def add_scoring(p) -> None:
     g.add_argument("--scorer", help="importance score(s), comma-separated: accumulated, window, last-query, key-norm "
                                     f"(default: the method's own; when calibrating, {defaults.SCORER})")
     g.add_argument("--window", type=positive_int, default=defaults.WINDOW, help="query rows of the window scorer (default %(default)s)")
-    g.add_argument("--sink", type=count, help=f"first tokens always kept (default: the profile's or method's; calibrating: {defaults.SINK})")
+    g.add_argument("--sink", type=count,
+                   help=f"first tokens always kept (default: the profile's, else the method's own: {defaults.SINK} for "
+                        "PrefixKV as its released code, 4 for streaming, 0 for h2o, snapkv, tova and pyramidkv)")
     g.add_argument("--blend", type=unit_interval,
-                   help=f"1 = PrefixKV lengths (the paper), 0 = uniform lengths (calibrating: default {defaults.BLEND}, measured "
-                        "best, see README; eval's online allocation: default 1)")
+                   help=f"the search: 1 = PrefixKV lengths (the paper), 0 = uniform lengths (default {defaults.BLEND:g}; "
+                        f"{defaults.MEASURED_BLEND:g} measured best on SmolLM2, see README)")
     g.add_argument("--min-layer-keep", type=unit_interval,
-                   help=f"per-layer floor, a fraction of the uniform share (default {defaults.MIN_LAYER_KEEP})")
+                   help=f"the search: per-layer floor, a fraction of the uniform share (default {defaults.MIN_LAYER_KEEP:g}, "
+                        "the paper's: none)")
+    g.add_argument("--curve", choices=SEARCH_CURVES,
+                   help=f"the search's cumulative-priority curve: all = over every position, protected ones included "
+                        f"(the released code's), unprotected = over the unprotected entries only (default {defaults.CURVE})")
 
 
 def add_method(p) -> None:
@@ -289,12 +296,16 @@ def data_config(args, samples: int | None = None):
                       image_folder=args.image_folder, first_turn_only=args.first_turn_only, chat=args.chat)
 
 
+def search_settings(args) -> SearchSettings:
+    """The search's settings from --curve, --sink, --min-layer-keep and --blend (the paper's where not given)."""
+    given = {name: getattr(args, name) for name in ("curve", "sink", "min_layer_keep", "blend")
+             if getattr(args, name, None) is not None}
+    return SearchSettings(**given)
+
+
 def calibration_config(args, keep: tuple[float, ...]):
-    blend = defaults.BLEND if args.blend is None else args.blend
-    floor = defaults.MIN_LAYER_KEEP if args.min_layer_keep is None else args.min_layer_keep
     return CalibrationConfig(keep_fractions=keep, scorers=scorer_names(args) or (defaults.SCORER,), window=args.window,
-                             sink=defaults.SINK if args.sink is None else args.sink, min_layer_keep=floor, blend=blend,
-                             data=data_config(args))
+                             search=search_settings(args), data=data_config(args))
 
 
 def validation_config(args, samples=None):

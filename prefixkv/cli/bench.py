@@ -15,10 +15,13 @@ def register(subparsers) -> None:
     p = kinds.add_parser("quality", help=quality.__doc__.splitlines()[0], description=quality.__doc__.splitlines()[0])
     a.add_model(p, default=DEFAULT_MODEL)
     p.add_argument("--tasks", type=a.names, default=("continuation", "retrieval"), help="comma list: continuation, retrieval")
-    a.add_keep(p, many=True, default=(0.1, 0.2, 0.3, 0.5))
+    a.add_keep(p, many=True, default=(0.1, 0.2, 0.3, 0.5, 0.8))
     p.add_argument("--methods", default=quality.DEFAULT_METHODS, help=f"named methods (default {quality.DEFAULT_METHODS})")
     p.add_argument("--pairs", default=quality.DEFAULT_PAIRS,
                    help=f"extra scorer+allocation pairs, 'all' for every pair, 'none' for none (default {quality.DEFAULT_PAIRS})")
+    p.add_argument("--variants", default=quality.DEFAULT_VARIANTS,
+                   help="search-setting variants beside the paper's, compared with it pair by pair: "
+                        f"{', '.join(quality.VARIANTS)}, or none (default {quality.DEFAULT_VARIANTS})")
     p.add_argument("--samples", type=a.positive_int, default=16, help="continuation prompts (default 16)")
     p.add_argument("--prompt-tokens", type=a.positive_int, default=512, help="continuation prompt tokens (default 512)")
     p.add_argument("--reference-tokens", type=a.positive_int, default=32, help="continuation reference tokens for PPL (default 32)")

@@ -77,6 +77,9 @@ def run_calibrate(args) -> int:
     for path in outputs.values():
         a.check_writable(path, "the profile")
     model, tokenizer = load_model(args.model)
+    departures = config.search.departures()
+    a.stderr("search settings: " + (f"the paper's except {', '.join(departures)} (recorded in the profile)"
+                                    if departures else "the paper's (PrefixKV's released code)"))
     run = calibrate_model(model, tokenizer, config)
     for key, path in outputs.items():
         a.stderr(f"profile ({key}): {run.profiles[key].save(path)}")
@@ -102,9 +105,8 @@ def run_eval(args) -> int:
         raise a.UserError(f"eval takes one --scorer, got {args.scorer!r}")
     method = MethodConfig(args.method, scorer=names[0] if names else None, allocation=args.allocation,
                           scorer_params={"window": args.window} if names == ("window",) and args.window != defaults.WINDOW else None,
-                          min_layer_keep=defaults.MIN_LAYER_KEEP if args.min_layer_keep is None else args.min_layer_keep,
-                          blend=1.0 if args.blend is None else args.blend, force_scorer=args.force_scorer)
-    settings = EvalSettings(max_new_tokens=max(args.max_new_tokens, 1), generate=args.max_new_tokens > 0, sink=args.sink,
+                          search=a.search_settings(args), sink=args.sink, force_scorer=args.force_scorer)
+    settings = EvalSettings(max_new_tokens=max(args.max_new_tokens, 1), generate=args.max_new_tokens > 0,
                             chat=args.chat)
     model, tokenizer = load_model(args.model)
     check_chat(args.chat, is_vision_model(model))

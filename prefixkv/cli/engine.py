@@ -74,7 +74,7 @@ def register(subparsers) -> None:
 def run_build(args) -> int:
     if args.profile:
         given = [flag for flag, value in (("--blend", args.blend), ("--min-layer-keep", args.min_layer_keep),
-                                          ("--scorer", args.scorer), ("--sink", args.sink))
+                                          ("--curve", args.curve), ("--scorer", args.scorer), ("--sink", args.sink))
                  if value is not None]
         given += [flag for flag, value, default in (("--window", args.window, defaults.WINDOW),
                                                     ("--samples", args.samples, defaults.CALIBRATION_SAMPLES),
@@ -136,18 +136,27 @@ def run_generate(args) -> int:
 
 
 def prompt_text(args) -> str:
-    """The prompt of ``--prompt`` or ``--prompt-file`` ('-': standard input)."""
+    """The prompt of ``--prompt`` or ``--prompt-file`` ('-': standard input), as UTF-8 text."""
     if args.prompt is not None:
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape)
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            bad = args.prompt[err.start].encode("utf-8", "surrogateescape")
+            raise a.UserError(f"--prompt is not UTF-8 text (byte 0x{bad.hex()} at character {err.start}); "
+                              "pass UTF-8 text, or --prompt-file with a UTF-8 file") from None
         return args.prompt
     if args.prompt_file == "-":
-        return sys.stdin.read()
-    path = Path(args.prompt_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompt file at {path}")
+        where, data = "standard input", sys.stdin.buffer.read()
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"no prompt file at {path}")
+        where, data = str(path), path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise a.UserError(f"{where} is not UTF-8 text ({err.reason}: byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          "convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
 
 
 def run_validate(args) -> int:

@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +440,18 @@ def validate_engine(engine_dir: str | Path, config: ValidationConfig | None = No
     if not_here:
         raise ValueError(f"the {not_here[0]} check applies to {'text' if vision else 'vision'} engines only; "
                          f"choose from {', '.join(VISION_CHECKS if vision else TEXT_CHECKS)}")
+    context = int(manifest["max_context"])
+    if not vision and config.prompts is None and config.prompt_tokens + config.max_new_tokens > context:
+        raise ValueError(f"validation prompts of {config.prompt_tokens} tokens + {config.max_new_tokens} new tokens do not fit "
+                         f"the engine's context of {context}: pass --validate-tokens and --validate-new-tokens that sum to "
+                         f"at most {context}")
+    if "quality" in checks and config.quality_tokens + config.quality_new_tokens > context:
+        fit = context - config.quality_new_tokens
+        if fit < 2:
+            raise ValueError(f"the quality check's {config.quality_new_tokens} reference tokens do not fit the engine's context "
+                             f"of {context}; skip it with --quality-samples 0")
+        log(f"quality samples shortened to {fit} tokens to fit the engine's context of {context}")
+        config = replace(config, quality_tokens=fit)
     engine = load_runner(engine_dir, backend=config.backend, providers=config.providers, threads=config.threads, verify=False,
                          allow_failed_validation=True)  # validating it again is how a failed engine is looked into
     if model is None:

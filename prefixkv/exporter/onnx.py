@@ -43,8 +43,7 @@ import onnx
 import torch
 from torch import nn
 
-from .. import __version__, compaction
-from ..attention import unsupported_features
+from .. import __version__, architectures, compaction
 from ..defaults import EVICT_DISTANCE, SINK
 from ..engine_folder import CACHE_LAYOUT_KEY
 from ..scoring import causal_mask, make_scorer
@@ -97,30 +96,38 @@ def io_names(layers: int) -> dict[str, dict[str, list[str]]]:
 
 
 # -- the model's parts ------------------------------------------------------------------------
+class _Scaled(nn.Module):
+    """An embedding whose output is multiplied by a constant (Granite's embedding multiplier)."""
+
+    def __init__(self, embedding: nn.Module, factor: float):
+        super().__init__()
+        self.embedding, self.factor = embedding, factor
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids) * self.factor
+
+
 class Decoder(nn.Module):
-    """The pieces of a Llama-family causal LM that the graphs call, and nothing else."""
+    """The pieces of a Llama-family causal LM that the graphs call, and nothing else.
+
+    Pre-norm layers (Llama, Mistral, Qwen2/3, Gemma, SmolLM), Granite's embedding, residual and
+    logit multipliers, Phi-3's fused q/k/v projection (split here, at export) and OLMo2's
+    post-norm layers with q/k norms over all heads; ``architectures.check`` refuses the rest."""
 
     def __init__(self, model):
         super().__init__()
+        try:
+            found = architectures.check(model, export=True)
+        except architectures.UnsupportedModel as err:
+            raise ExportError(str(err)) from None
         base = getattr(model, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if base is None or not all(hasattr(base, n) for n in needed) or not hasattr(model, "lm_head"):
-            raise ExportError(
-                f"{type(model).__name__} is not a Llama-family decoder (model.model.embed_tokens/layers/norm/rotary_emb "
-                "and model.lm_head); the ONNX exporter supports Llama, Mistral, Qwen2/3 and SmolLM models"
-            )
-        attn = base.layers[0].self_attn
-        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ExportError(f"{type(attn).__name__} has no q/k/v/o projections; the ONNX exporter supports Llama-family attention")
+        base = getattr(base, "language_model", None) or base
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-        missing = unsupported_features(model.config)
-        if missing:
-            raise ExportError(f"the ONNX exporter does not implement {' and '.join(missing)} ({type(model).__name__})")
-        if any(hasattr(layer, "pre_feedforward_layernorm") for layer in base.layers):
-            raise ExportError(f"{type(model).__name__} has sandwich norms around its MLP (Gemma 2/3 layout); "
-                              "the ONNX exporter supports Llama-family layers")
-        self.embed_tokens, self.layers, self.norm, self.rotary_emb = base.embed_tokens, base.layers, base.norm, base.rotary_emb
+        attn = base.layers[0].self_attn
+        self.structure = found
+        embed = base.embed_tokens
+        self.embed_tokens = embed if found.embedding_multiplier == 1.0 else _Scaled(embed, found.embedding_multiplier)
+        self.layers, self.norm, self.rotary_emb = base.layers, base.norm, base.rotary_emb
         self.lm_head = model.lm_head
         self.heads = text.num_attention_heads
         self.kv_heads = getattr(text, "num_key_value_heads", None) or self.heads
@@ -133,13 +140,20 @@ class Decoder(nn.Module):
 
     def qkv(self, layer, hidden, cos, sin):
         """hidden (B, q, hidden) -> query (B, H, q, D), key/value (B, Hkv, q, D), rotated."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
+        attn, found = layer.self_attn, self.structure
+        x = hidden if found.norms == "post" else layer.input_layernorm(hidden)
         b, q = x.shape[:2]
-        query = attn.q_proj(x).view(b, q, -1, self.head_dim)
-        key = attn.k_proj(x).view(b, q, -1, self.head_dim)
-        value = attn.v_proj(x).view(b, q, -1, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
+        if found.fused_qkv:  # Phi-3: [q | k | v] from one projection
+            q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            query, key, value = attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            query, key, value = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if found.qk_norm == "full":  # OLMo2: over all heads, before the split into heads
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query = query.view(b, q, -1, self.head_dim)
+        key = key.view(b, q, -1, self.head_dim)
+        value = value.view(b, q, -1, self.head_dim).transpose(1, 2)
+        if found.qk_norm == "head":  # Qwen3
             query, key = attn.q_norm(query), attn.k_norm(key)
         query, key = self._rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         return query, key, value
@@ -147,12 +161,21 @@ class Decoder(nn.Module):
     def finish(self, layer, hidden, attn_out):
         """attn_out (B, q, H, D) -> the layer's output hidden states (B, q, hidden)."""
         b, q = attn_out.shape[:2]
-        hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(b, q, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        found, m = self.structure, self.structure.residual_multiplier
+        out = layer.self_attn.o_proj(attn_out.reshape(b, q, -1))
+        if found.norms == "post":  # OLMo2
+            hidden = hidden + layer.post_attention_layernorm(out)
+            return hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
+        hidden = hidden + (out * m if m != 1.0 else out)
+        mlp = layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + (mlp * m if m != 1.0 else mlp)
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """hidden_last (B, hidden) -> (B, V) float32."""
-        return self.lm_head(self.norm(hidden_last)).float()
+        logits = self.lm_head(self.norm(hidden_last))
+        if self.structure.logits_scaling != 1.0:  # Granite
+            logits = logits / self.structure.logits_scaling
+        return logits.float()
 
 
 def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -246,7 +269,7 @@ class PrefillGraph(nn.Module):
             if keep_all:  # nothing to choose: no scores, no TopK
                 outputs += self._keep_all(key, value, valid, lengths, original)
                 continue
-            scores = self.scorer.from_attention(mass) if mass is not None else self.scorer.from_keys(key, valid)
+            scores = self.scorer.from_attention(mass, valid) if mass is not None else self.scorer.from_keys(key, valid)
             outputs += self._compact(key, value, scores, valid, lengths, original, spec.fractions[l])
         logits = dec.logits(hidden[:, -1])
         return (logits, *outputs)

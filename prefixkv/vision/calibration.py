@@ -100,8 +100,7 @@ def calibrate_vision(model, processor, samples: Sequence[dict], keep_fractions: 
                      scorers: Sequence = ("accumulated",), chat: bool = False, **options) -> VisionCalibration:
     """Calibrate one profile per scorer on image samples (see the module doc).
 
-    options: ``prefixkv.calibration.calibrate``'s own (sink, protect_last, min_layer_keep,
-    blend, progress, seed, data_name)."""
+    options: ``prefixkv.calibration.calibrate``'s own (search, progress, seed, data_name)."""
     if not samples:
         raise ValueError("calibration needs at least one sample")
     image_token_id = getattr(model.config, "image_token_id", None)
