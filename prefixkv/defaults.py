@@ -59,6 +59,15 @@ ROUGE_STEMMER = True
 # -- generation --------------------------------------------------------------------------------
 MAX_NEW_TOKENS = 64
 
+# -- weight precision of the ONNX Runtime engine (build --weights) -----------------------------
+WEIGHT_PRECISIONS = ("fp32", "int8", "int4")
+WEIGHTS = "fp32"
+WEIGHT_BLOCK = 32            # input channels per quantization scale (MatMulNBits block_size)
+WEIGHT_ACCURACY_LEVEL = 4    # MatMulNBits compute type on CPU: 4 = int8 (the fastest)
+# A quantized engine's greedy tokens against the fp32 reference fed the same tokens (validate's
+# lockstep): at least this share of the steps must agree (fp32 engines: every step).
+MIN_TOKEN_AGREEMENT = {"int8": 0.9, "int4": 0.75}
+
 # -- the ONNX Runtime runner -------------------------------------------------------------------
 CACHE_SLACK = 64         # free slots a layer's buffer gets when it is (re)allocated
 

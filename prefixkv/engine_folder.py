@@ -301,6 +301,19 @@ def write_manifest(folder: str | Path, info: dict) -> dict:
 
 
 # -- the manifest's schema --------------------------------------------------------------------------
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all distinct (a later duplicate would silently win)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
 def _relative(value: str) -> str:
     """A path inside the engine folder: relative, POSIX separators, no '..', no empty parts."""
     parts = value.split("/")
@@ -363,6 +376,15 @@ class _ValidationDoc(_Strict):
     report: RelPath = VALIDATION
 
 
+class _WeightsDoc(_Strict):
+    precision: Literal["int8", "int4"]
+    bits: Literal[8, 4]
+    block_size: Annotated[int, _within(16, 1 << 16)]
+    symmetric: bool
+    accuracy_level: Annotated[int, _within(0, 4)] | None = None
+    tool: Text
+
+
 class _ManifestDoc(_Strict):
     schema_: Literal[SCHEMA] = Field(alias="schema")
     schema_version: Literal[SCHEMA_VERSION]
@@ -389,6 +411,7 @@ class _ManifestDoc(_Strict):
     backend: Literal[BACKENDS]
     tensorrt: JsonObject | None = None
     vision: JsonObject | None = None
+    weights: _WeightsDoc | None = None  # absent: the weights as exported (fp32)
     validation: _ValidationDoc | None = None
     files: Annotated[dict[RelPath, _FileDoc], Field(min_length=1, max_length=MAX_FILES)]
 
@@ -456,10 +479,14 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
         partial = folder.name.startswith(".") and ".partial-" in folder.name
         hint = "an interrupted build" if partial else "not an engine, or an unfinished build"
         raise EngineError(f"{folder} has no {MANIFEST} ({hint}); rebuild it with `prefixkv build --force --output {folder}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise EngineError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest prefixkv wrote; "
+                          "rebuild the engine with `prefixkv build --force`")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EngineError(f"{path} is not valid JSON ({err}); rebuild the engine with `prefixkv build --force`") from err
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a key given twice, nesting too deep
+        reason = _one_line(str(err))[:200] if not isinstance(err, RecursionError) else "nested too deep"
+        raise EngineError(f"{path} is not a valid manifest ({reason}); rebuild the engine with `prefixkv build --force`") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise EngineError(f"{path} is not a prefixkv engine manifest; rebuild the engine with `prefixkv build --force`")
     if manifest.get("schema_version") != SCHEMA_VERSION:

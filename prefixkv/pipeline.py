@@ -48,6 +48,7 @@ from .exporter.onnx import (
     io_metadata,
 )
 from .exporter.plugin_onnx import check_plugin_spec, export_plugin_graphs
+from .exporter.quantize import quantize_graphs
 from .exporter.tensorrt import build_tensorrt_engine
 from .models import load_model, model_folder
 from .profile import Fingerprint, RetentionProfile
@@ -226,6 +227,7 @@ class BuildConfig:
     evict_distance: int = defaults.EVICT_DISTANCE
     max_context: int | None = None
     backend: str = "onnxruntime"
+    weights: str = defaults.WEIGHTS
     onnx_only: bool = False
     tensorrt: defaults.TensorRTProfile = defaults.TENSORRT
     opset: int = OPSET
@@ -238,6 +240,10 @@ class BuildConfig:
         if self.onnx_only and self.backend != "tensorrt":
             raise ValueError("--onnx-only applies to --backend tensorrt (the ONNX Runtime engine is ONNX already)")
         _positive("the evict distance", self.evict_distance)
+        if self.weights not in defaults.WEIGHT_PRECISIONS:
+            raise ValueError(f"weights must be one of {', '.join(defaults.WEIGHT_PRECISIONS)}, got {self.weights!r}")
+        if self.weights != "fp32" and self.backend != "onnxruntime":
+            raise ValueError("--weights int8/int4 applies to the ONNX Runtime engine; TensorRT builds set --precision")
         if self.max_context is not None:
             _positive("the maximum context", self.max_context)
 
@@ -322,6 +328,8 @@ def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
                 copy_processor(folder, tmp)
             else:
                 export_engine_graphs(model, spec, tmp, config.opset, log)
+            # the language model's weights (a vision engine's image encoder stays as exported)
+            weights = quantize_graphs(tmp, ["prefill", "decode"], config.weights, log)
             copy_tokenizer(folder, tmp)
             profile.save(tmp / "profile.json")
             _plot_profile(profile, run, config.keep_fraction, tmp / REPORT)
@@ -347,6 +355,7 @@ def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
                 "graphs": graphs,
                 "backend": config.backend,
                 "tensorrt": tensorrt_info,
+                **({"weights": weights} if weights is not None else {}),
                 **({"vision": geometry} if vision else {}),
             })
             report = None

@@ -262,6 +262,24 @@ def test_the_folder_matches_its_hashed_files(action, name, extra):
         assert outcome == ("accepted" if action == "none" else "refused"), (action, name, extra)
 
 
+def test_duplicate_keys_and_huge_files_are_refused(tmp_path):
+    """JSON lets a key repeat (the later one would win unseen): refused, as is a manifest too big
+    to be one prefixkv wrote."""
+    folder = tmp_path / "e"
+    folder.mkdir()
+    write_engine(folder, valid_manifest())
+    text = json.dumps(valid_manifest())
+    (folder / MANIFEST).write_text(text[:-1] + ', "sink": 4}')
+    with pytest.raises(EngineError, match="not a valid manifest \\(the key 'sink' is given twice\\)"):
+        read_manifest(folder)
+    (folder / MANIFEST).write_bytes(b" " * (17 << 20))
+    with pytest.raises(EngineError, match="larger than 16 MiB"):
+        read_manifest(folder)
+    (folder / MANIFEST).write_bytes(b"[" * 100_000)
+    with pytest.raises(EngineError, match="not a valid manifest"):
+        read_manifest(folder)
+
+
 def test_every_property_ran_enough_cases():
     for prop in ("mutated", "any", "folder"):
         assert STATS.get(prop, Counter())["cases"] >= 1000, (prop, STATS.get(prop))

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .. import defaults
@@ -116,6 +117,12 @@ def check_writable(path: str | Path | None, what: str) -> None:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {what} {path}: {folder} is not a writable folder; choose another path")
+    try:  # access() can say yes where writing fails (read-only mounts, /proc): try it
+        fd, probe = tempfile.mkstemp(prefix=".prefixkv-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write {what} {path}: {folder} is not writable ({err.strerror}); choose another path") from None
 
 
 # -- the groups ---------------------------------------------------------------------------------
@@ -265,6 +272,9 @@ def add_validation(p) -> None:
                         "off: reported, not checked)")
     g.add_argument("--min-rouge-l", type=threshold(unit_interval), default=defaults.MIN_ROUGE_L,
                    help="fail when ROUGE-L vs the full cache's text is lower (default %(default)s; off: reported, not checked)")
+    g.add_argument("--min-token-agreement", type=unit_interval,
+                   help="int8 / int4 engines: the share of greedy steps that must choose the fp32 reference's token "
+                        f"(default {', '.join(f'{k} {v:g}' for k, v in defaults.MIN_TOKEN_AGREEMENT.items())})")
     add_json(g, "the validation report")
 
 
@@ -312,6 +322,7 @@ def validation_config(args, samples=None):
     return ValidationConfig(quality=args.quality_samples > 0, samples=samples, n_prompts=args.validate_prompts, prompt_tokens=args.validate_tokens,
                             max_new_tokens=args.validate_new_tokens, quality_samples=max(args.quality_samples, 1),
                             max_ppl_increase=args.max_ppl_increase, min_rouge_l=args.min_rouge_l,
+                            min_token_agreement=args.min_token_agreement,
                             chat=getattr(args, "chat", False), providers=args.providers, threads=args.threads,
                             json_path=args.json_out, **({"backend": args.backend} if hasattr(args, "engine") else {}))
 

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip validation against the PyTorch reference")
     a.add_backend(p, ("onnxruntime", "tensorrt"), "onnxruntime",
                   "onnxruntime: plain ONNX graphs; tensorrt: plugin-mode graphs + TensorRT engines (GPU)")
+    p.add_argument("--weights", choices=defaults.WEIGHT_PRECISIONS, default=defaults.WEIGHTS,
+                   help="ONNX Runtime engine weights: fp32 as exported, or int8 / int4 weight-only (onnxruntime's "
+                        f"MatMulNBits, blocks of {defaults.WEIGHT_BLOCK}; validated by greedy agreement and PPL) "
+                        "(default %(default)s)")
     a.add_tensorrt(p)
     a.add_validation(p)
     a.add_runtime(p)
@@ -90,7 +94,7 @@ def run_build(args) -> int:
         model=args.model, engine_dir=args.engine_dir, keep_fraction=args.keep, profile=args.profile,
         calibration=a.calibration_config(args, (args.keep,)), force=args.force, validate=not args.no_validate,
         validation=a.validation_config(args), evict_distance=args.evict_distance, max_context=args.max_context,
-        backend=args.backend, onnx_only=args.onnx_only, tensorrt=a.tensorrt_profile(args))
+        backend=args.backend, weights=args.weights, onnx_only=args.onnx_only, tensorrt=a.tensorrt_profile(args))
     return build_exit_code(build_engine(config))
 
 
