@@ -27,6 +27,27 @@ def test_local_folder_checks(tmp_path):
         resolve("not-a-model")
 
 
+def test_a_mistyped_path_is_named_not_fetched(tmp_path, monkeypatch):
+    """A path that does not exist is reported as a path (with the nearest name), not as a hub
+    download failure; a hub-shaped id is read as a path when its first part is a local folder."""
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"no model folder at models/tiny-lama \(did you mean models/tiny-llama\?\); "
+                                         r"check the path \(read as a local path"):
+        resolve("models/tiny-lama")
+    with pytest.raises(ModelError, match=r"^no model folder at .*/nowhere/model; check the path$"):
+        resolve(str(tmp_path / "nowhere" / "model"))
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(tmp_path):
+    from prefixkv.models import check_tokenizer
+
+    with pytest.raises(ModelError, match=r"has no tokenizer \(tokenizer.json or tokenizer.model\); save the model's"):
+        check_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    check_tokenizer(tmp_path)
+
+
 def test_hub_id_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="offline"):

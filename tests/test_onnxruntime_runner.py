@@ -137,6 +137,17 @@ def test_cli_generate_takes_standard_input_and_refuses_bytes_that_are_not_utf8(t
         assert "--temperature: expected a finite number >= 0" in capsys.readouterr().err
 
 
+def test_validation_prompts_longer_than_the_context_name_the_flags(tiny, capsys):
+    """The tiny engine's context is 512: built-in validation prompts that cannot fit are refused
+    before any work, naming the flags that set them (not a prompt the user never gave)."""
+    from prefixkv.cli import main
+
+    code = main(["validate", str(tiny[0]), "--validate-tokens", "500", "--validate-new-tokens", "32"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and err == ["error: validation prompts of 500 tokens + 32 new tokens do not fit the engine's context "
+                                 "of 512: pass --validate-tokens and --validate-new-tokens that sum to at most 512"]
+
+
 def test_compact_slots_right_aligns_each_rows_entries():
     from prefixkv.engines.onnxruntime import compact_slots
 
