@@ -32,6 +32,16 @@ BLEND = 1.0              # 1 = PrefixKV's lengths (the paper), 0 = uniform lengt
 # prompts, scorers accumulated / window / last-query, keep 0.1 and 0.2), and 4 sinks.
 MEASURED_BLEND = 0.5
 MEASURED_SINK = 4
+# the search settings above, by name: what `SearchSettings` and a profile's departures are measured against
+PAPER_SEARCH = {"curve": CURVE, "sink": SINK, "protect_last": PROTECT_LAST, "min_layer_keep": MIN_LAYER_KEEP,
+                "blend": BLEND}
+
+
+def departures(settings) -> list[str]:
+    """The search settings of ``settings`` (any object with those attributes) that differ from
+    the paper's, as ``name=value``; None shows as "not recorded"."""
+    return [f"{name}={'not recorded' if getattr(settings, name) is None else repr(getattr(settings, name))}"
+            for name, value in PAPER_SEARCH.items() if getattr(settings, name) != value]
 CALIBRATION_KEEP_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CALIBRATION_SAMPLES = 16
 CALIBRATION_TOKENS = 512

@@ -321,7 +321,7 @@ def _relative(value: str) -> str:
         _fail(f"must be a relative path inside the engine folder, got {_show(value)}")
     if any(part in ("", ".", "..") for part in parts):
         _fail(f"must be a plain relative path inside the engine folder (no '.', '..' or empty parts), got {_show(value)}")
-    if value in (MANIFEST,):
+    if value == MANIFEST:
         _fail(f"{MANIFEST} does not hash itself")
     return value
 

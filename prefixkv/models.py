@@ -94,13 +94,13 @@ def _from_hub(repo_id: str) -> Path:
         ) from err
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def check_tokenizer(folder: Path) -> None:
     """Refuse a model folder without tokenizer files, naming the fix (before loading weights)."""
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}); save the model's tokenizer "
+    if not any((folder / name).is_file() for name in TOKENIZER_SOURCES):
+        raise ModelError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_SOURCES[:2])}); save the model's tokenizer "
                          f"there with AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('{folder}')")
 
 

@@ -273,9 +273,9 @@ def build_engine(config: BuildConfig, model=None, tokenizer=None, log=_stderr) -
     validation failed).  model/tokenizer: the model of ``config.model`` already loaded (and its
     tokenizer, or processor for a vision model), to skip loading.
 
-    The output is checked first (``--force`` replaces only an engine folder), and the build
-    holds the output's lock throughout: a second build into the same folder is refused."""
-    check_output(config.engine_dir, config.force)
+    The build holds the output's lock throughout (a second build into the same folder is
+    refused), and checks the output first thing under it (``--force`` replaces only an
+    engine folder)."""
     with output_lock(config.engine_dir):
         return _build(config, model, tokenizer, log)
 

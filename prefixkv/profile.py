@@ -202,10 +202,7 @@ class RetentionProfile:
     def departures(self) -> list[str]:
         """The search settings that differ from the paper's (``prefixkv.defaults``: curve all,
         one sink, the last token, no floor, blend 1), as ``name=value``; empty: the paper's."""
-        paper = {"curve": defaults.CURVE, "sink": defaults.SINK, "protect_last": defaults.PROTECT_LAST,
-                 "min_layer_keep": defaults.MIN_LAYER_KEEP, "blend": defaults.BLEND}
-        return [f"{name}={'not recorded' if getattr(self, name) is None else repr(getattr(self, name))}"
-                for name, value in paper.items() if getattr(self, name) != value]
+        return defaults.departures(self)
 
     def check_scorer(self, scorer: str, params: dict | None = None, force: bool = False) -> None:
         """Refuse to apply the profile with another importance score unless forced."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .defaults import BLEND, CURVE, MIN_LAYER_KEEP, PROTECT_LAST, SINK
+from .defaults import BLEND, CURVE, MIN_LAYER_KEEP, PROTECT_LAST, SINK, departures
 
 SEARCH_CURVES = ("all", "unprotected")
 
@@ -307,9 +307,7 @@ class SearchSettings:
 
     def departures(self) -> list[str]:
         """The settings that differ from the paper's, as ``name=value`` (empty: the paper's)."""
-        paper = SearchSettings()
-        return [f"{name}={getattr(self, name)!r}" for name in ("curve", "sink", "protect_last", "min_layer_keep", "blend")
-                if getattr(self, name) != getattr(paper, name)]
+        return departures(self)
 
 
 PAPER = SearchSettings()  # the paper's settings, as its released code runs them

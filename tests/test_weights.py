@@ -5,28 +5,22 @@ import json
 
 import onnx
 import pytest
-from test_export import (  # noqa: F401  (autouse)
+from test_export import (  # noqa: F401  (autouse; the fp32 tiny engine)
     KEEP,
     SMALL_VALIDATION,
     one_torch_thread,
-    tiny_engine,
+    tiny,
     tiny_model_folder,
-    tiny_profile,
 )
 
 
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
-    return tiny_engine(tmp_path_factory.getbasetemp())
-
-
 @pytest.mark.parametrize("precision,bits", [("int8", 8), ("int4", 4)])
-def test_quantized_engine_is_recorded_and_validated_by_agreement(precision, bits, fp32, tmp_path):
+def test_quantized_engine_is_recorded_and_validated_by_agreement(precision, bits, tiny, tmp_path):  # noqa: F811
     from prefixkv.engine_folder import read_manifest
     from prefixkv.engines.validate import ValidationConfig
     from prefixkv.pipeline import BuildConfig, build_engine
 
-    fp32_dir, model, profile = fp32
+    fp32_dir, model, profile = tiny
     _, folder = tiny_model_folder(tmp_path)
     validation = ValidationConfig(**{**SMALL_VALIDATION, "quality_samples": 1}, min_token_agreement=0.5)
     result = build_engine(BuildConfig(str(folder), tmp_path / "engine", KEEP, profile=profile, weights=precision,
