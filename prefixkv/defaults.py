@@ -79,6 +79,7 @@ WEIGHT_ACCURACY_LEVEL = 4    # MatMulNBits compute type on CPU: 4 = int8 (the fa
 MIN_TOKEN_AGREEMENT = {"int8": 0.9, "int4": 0.75}
 
 # -- the ONNX Runtime runner -------------------------------------------------------------------
+PREFILL_CHUNK = 256      # prompt tokens per decoder-graph run (ONNX Runtime engines)
 CACHE_SLACK = 64         # free slots a layer's buffer gets when it is (re)allocated
 
 

@@ -1,8 +1,11 @@
 """The engine folder: what ``build`` writes and every runner loads.
 
     ENGINE/
-      prefill.onnx, prefill.onnx.data     prompt -> logits + compacted cache (per-layer lengths baked in)
-      decode.onnx, decode.onnx.data       one token per row, cache kept within budget
+      decoder.onnx, decoder.onnx.data     the model, once: a chunk of C >= 1 tokens per row over the
+                                          layers' cache buffers (prefill chunks and decode steps alike)
+      compact.onnx                        no weights: the prompt's caches compacted to the profile's
+                                          per-layer counts (the lengths baked in)
+      (tensorrt backend: prefill.onnx and decode.onnx plugin-mode graphs, tensorrt/ engines)
       profile.json                        the retention profile the lengths come from
       tokenizer.json, tokenizer_config.json, chat_template.jinja
       manifest.json                       written last: versions, settings, I/O, sha256 of every file
@@ -48,11 +51,14 @@ from .profile import (
 )
 
 SCHEMA = "prefixkv.engine"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ONNX Runtime engines hold one decoder graph (and a weightless compact graph)
+# the graphs of each kind of engine folder
+ENGINE_GRAPHS = {"onnxruntime": ("decoder", "compact"), "tensorrt": ("prefill", "decode")}
 MANIFEST = "manifest.json"
 VALIDATION = "validation.json"
 ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
 CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
+SCORE_ROWS_KEY = "prefixkv.score_rows"  # decoder graph metadata: trailing prompt rows scored ("all" or a count)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json",)
 
@@ -407,7 +413,7 @@ class _ManifestDoc(_Strict):
     opset: Annotated[int, _within(1, 1000)]
     exporter: Text
     max_context: Annotated[int, _within(1, 1 << 30)]
-    graphs: dict[Literal["prefill", "decode", "vision"], _GraphDoc]
+    graphs: dict[Literal["decoder", "compact", "prefill", "decode", "vision"], _GraphDoc]
     backend: Literal[BACKENDS]
     tensorrt: JsonObject | None = None
     vision: JsonObject | None = None
@@ -423,7 +429,7 @@ class _ManifestDoc(_Strict):
         if self.model.fingerprint.layers != self.layers:
             _fail(f"says {self.model.fingerprint.layers} layers but the engine has {self.layers}",
                   ("model", "fingerprint", "layers"))
-        for graph in ("prefill", "decode"):
+        for graph in ENGINE_GRAPHS[self.backend]:
             if graph not in self.graphs:
                 _fail(f"has no {graph!r} graph", ("graphs",))
         for name, graph in self.graphs.items():
@@ -431,7 +437,7 @@ class _ManifestDoc(_Strict):
                 path = getattr(graph, key)
                 if path is not None and path not in self.files:
                     _fail(f"{path} is not in the hashed files", ("graphs", name, key))
-        for name in ("prefill.onnx", "decode.onnx", "profile.json", "tokenizer.json"):
+        for name in (*(f"{g}.onnx" for g in ENGINE_GRAPHS[self.backend]), "profile.json", "tokenizer.json"):
             if name not in self.files:
                 _fail(f"does not list {name}", ("files",))
         return self

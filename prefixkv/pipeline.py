@@ -28,6 +28,7 @@ from . import architectures, defaults, report
 from .calibration import Calibration, calibrate
 from .data import builtin_samples, load_jsonl
 from .engine_folder import (
+    ENGINE_GRAPHS,
     ENGINE_SUBDIR,
     VALIDATION,
     atomic_write_text,
@@ -328,13 +329,15 @@ def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
                 copy_processor(folder, tmp)
             else:
                 export_engine_graphs(model, spec, tmp, config.opset, log)
+            language = ENGINE_GRAPHS[config.backend]
             # the language model's weights (a vision engine's image encoder stays as exported)
-            weights = quantize_graphs(tmp, ["prefill", "decode"], config.weights, log)
+            weights = quantize_graphs(tmp, [g for g in language if g != "compact"], config.weights, log)
             copy_tokenizer(folder, tmp)
             profile.save(tmp / "profile.json")
             _plot_profile(profile, run, config.keep_fraction, tmp / REPORT)
-            graphs = {g: {"file": f"{g}.onnx", "data": f"{g}.onnx.data", **io_metadata(tmp / f"{g}.onnx")}
-                      for g in (("vision",) if vision else ()) + ("prefill", "decode")}
+            graphs = {g: {"file": f"{g}.onnx", "data": f"{g}.onnx.data" if (tmp / f"{g}.onnx.data").is_file() else None,
+                          **io_metadata(tmp / f"{g}.onnx")}
+                      for g in (("vision",) if vision else ()) + language}
             manifest = write_manifest(tmp, {
                 "model": {"source": str(config.model), "folder": str(folder), "fingerprint": asdict(Fingerprint.of(model.config))},
                 "keep_fraction": config.keep_fraction,

@@ -43,7 +43,7 @@ def engine_copy(tiny, tmp_path):
 def test_manifest_describes_the_engine(tiny):
     engine_dir, model, profile = tiny
     manifest = read_manifest(engine_dir)
-    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 1
+    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 2
     assert manifest["keep_fraction"] == KEEP
     assert manifest["layer_keep_fractions"] == profile.layer_fractions(KEEP)
     assert manifest["model"]["fingerprint"]["layers"] == LAYERS
@@ -52,21 +52,21 @@ def test_manifest_describes_the_engine(tiny):
     assert manifest["backend"] == "onnxruntime" and manifest["tensorrt"] is None
     assert "report/keep_fractions_accumulated.png" in manifest["files"]  # the profile's per-layer plot
     assert manifest["tool"]["name"] == "prefixkv"
-    expected = {"prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "profile.json",
+    expected = {"decoder.onnx", "decoder.onnx.data", "compact.onnx", "profile.json",
                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert expected <= set(manifest["files"])
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256(engine_dir / name)
-    prefill = manifest["graphs"]["prefill"]
-    assert [i["name"] for i in prefill["inputs"]] == ["input_ids", "attention_mask"]
-    assert prefill["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 256]}
-    decode = manifest["graphs"]["decode"]
-    assert [i["name"] for i in decode["inputs"][:3]] == ["input_ids", "position_ids", "prompt_lengths"]
-    assert {"name": "past.0.valid", "dtype": "bool", "shape": ["batch", "past_length_0"]} in decode["inputs"]
+    decoder = manifest["graphs"]["decoder"]
+    assert [i["name"] for i in decoder["inputs"][:4]] == ["input_ids", "position_ids", "prompt_lengths", "score_from"]
+    assert decoder["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 256]}
+    assert {"name": "past.0.valid", "dtype": "bool", "shape": ["batch", "past_length_0"]} in decoder["inputs"]
+    compact = manifest["graphs"]["compact"]
+    assert compact["data"] is None and compact["inputs"][0]["name"] == "attention_mask"
     assert json.loads((engine_dir / "validation.json").read_text())["passed"] is True
 
 
-@pytest.mark.parametrize("name", ["profile.json", "decode.onnx.data", "tokenizer.json"])
+@pytest.mark.parametrize("name", ["profile.json", "decoder.onnx.data", "tokenizer.json"])
 def test_a_modified_file_is_refused(engine_copy, name):
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
@@ -81,8 +81,8 @@ def test_a_modified_file_is_refused(engine_copy, name):
 
 
 def test_missing_or_mismatched_files_are_refused(engine_copy):
-    (engine_copy / "decode.onnx.data").unlink()
-    with pytest.raises(EngineError, match="decode.onnx.data is missing"):
+    (engine_copy / "decoder.onnx.data").unlink()
+    with pytest.raises(EngineError, match="decoder.onnx.data is missing"):
         read_manifest(engine_copy)
 
 
@@ -110,7 +110,7 @@ def test_interrupted_build_leaves_no_engine(tmp_path, monkeypatch):
     model, folder = tiny_model_folder(tmp_path)
 
     def interrupted(model, spec, folder, opset, log):
-        (folder / "prefill.onnx").write_bytes(b"half written")
+        (folder / "decoder.onnx").write_bytes(b"half written")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(build, "export_engine_graphs", interrupted)
@@ -263,3 +263,17 @@ def test_cli_build_asks_for_a_profile_or_calibrate(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["build", "--output", str(tmp_path / "engine"), *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_engine_of_the_two_graph_layout_is_refused(engine_copy):
+    """Schema version 1 (prefill.onnx + decode.onnx, two copies of the weights): one line, "rebuild"."""
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    manifest["graphs"] = {"prefill": manifest["graphs"]["decoder"], "decode": manifest["graphs"]["decoder"]}
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    for load in (read_manifest, OnnxRuntimeRunner):
+        with pytest.raises(EngineError, match=r"schema version 1; this prefixkv reads version 2: rebuild") as err:
+            load(engine_copy)
+        assert "\n" not in str(err.value)

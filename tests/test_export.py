@@ -1,4 +1,4 @@
-"""ONNX export of a tiny random Llama: prefill and decode graphs against the PyTorch reference.
+"""ONNX export of a tiny random Llama: the decoder and compact graphs against the PyTorch reference.
 
 The tiny engine is built once per session (``tiny_engine``, shared with the other engine
 test files) and compared with ``TorchRunner`` (the HF model + ``PrefixKVCache``).
@@ -114,8 +114,9 @@ def test_prefill_matches_reference_with_left_padding(runners):
         got = engine.cache(state, l)
         np.testing.assert_array_equal(got["positions"], layer.positions.numpy())
         np.testing.assert_array_equal(got["valid"], layer.valid.numpy())
-        np.testing.assert_allclose(got["key"], layer.keys.numpy(), atol=1e-5)
-        np.testing.assert_allclose(got["value"], layer.values.numpy(), atol=1e-5)
+        held = layer.valid.numpy()[:, None, :, None]  # empty slots' contents mean nothing
+        np.testing.assert_allclose(got["key"] * held, layer.keys.numpy() * held, atol=1e-5)
+        np.testing.assert_allclose(got["value"] * held, layer.values.numpy() * held, atol=1e-5)
 
 
 def test_layer_lengths_follow_the_profile_constants(runners):
@@ -132,25 +133,65 @@ def test_layer_lengths_follow_the_profile_constants(runners):
         assert engine.layer_lengths(state)[:, 0].tolist() == expected
 
 
-def test_decode_graph_has_independent_per_layer_lengths(tiny):
+def test_one_decoder_graph_holds_the_weights_once(tiny):
+    """decoder.onnx: chunks of C tokens over per-layer buffers, one fused attention per layer
+    writing into the present buffers, attention mass for the scored layers; compact.onnx:
+    the per-layer TopK compaction and no weights; one weights file in the folder."""
     import onnx
 
     engine_dir = tiny[0]
-    graph = onnx.load(str(engine_dir / "decode.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(engine_dir / "decoder.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    assert dims["position_ids"] == ["batch", 1]
+    assert dims["input_ids"] == dims["position_ids"] == ["batch", "chunk"]
+    assert dims["score_from"] == []
+    assert sum(n.op_type == "If" for n in graph.node) == 2  # the mass of each scored layer, skipped in a decode step
     # K/V are fixed-capacity buffers; positions/valid mark the slots in use, per layer
     assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"cache_capacity_{l}" for l in range(LAYERS)]
     assert [dims[f"past.{l}.valid"] for l in range(LAYERS)] == [["batch", f"past_length_{l}"] for l in range(LAYERS)]
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
     assert outputs["present.2.key"] == ["batch", 2, "cache_capacity_2", 16]
     assert outputs["present.2.positions"] == ["batch", "present_length_2"]
-    # one fused attention per layer, writing straight into the graph's present buffers
+    # layer 1 keeps everything: no scores
+    assert [n for n in outputs if n.startswith("mass.")] == ["mass.0", "mass.2"]
     fused = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     assert [list(n.output[1:]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
     assert [list(n.input[3:5]) for n in fused] == [[f"past.{l}.key", f"past.{l}.value"] for l in range(LAYERS)]
-    ops = {n.op_type for n in onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False).graph.node}
-    assert {"TopK", "GatherElements", "Softmax"} <= ops
+    compact = onnx.load(str(engine_dir / "compact.onnx"), load_external_data=False).graph
+    assert {"TopK", "GatherElements"} <= {n.op_type for n in compact.node}
+    assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
+    assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 2
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_matches_the_reference(tiny, runners, chunk):
+    """A padded batch longer than several chunks: kept positions identical in every layer,
+    logits and kept keys/values within the tolerances, whatever the chunk size."""
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    engine = OnnxRuntimeRunner(tiny[0], threads=1, prefill_chunk=chunk)
+    reference = runners[1]
+    ids, mask = _batch(engine, [150, 97])
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for l, layer in enumerate(ref_state.cache.layers):
+        got = engine.cache(state, l)
+        np.testing.assert_array_equal(got["positions"], layer.positions.numpy())
+        held = layer.valid.numpy()[:, None, :, None]
+        np.testing.assert_allclose(got["key"] * held, layer.keys.numpy() * held, atol=1e-5)
+    logits, state = engine.decode(state, ref_logits.argmax(-1))
+    ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_chunk_is_checked(tiny):
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens"):
+            OnnxRuntimeRunner(tiny[0], prefill_chunk=bad)
 
 
 @pytest.mark.parametrize("slack", [64, 3])

@@ -91,3 +91,29 @@ def test_cli_generate_with_chat(smol_engine, capsys):
     assert main(["generate", engine_dir, "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "[onnxruntime]" in err
+
+
+def test_the_whole_context_runs_and_keeps_what_the_reference_keeps(smol_engine):
+    """A prompt of the model's full context (8192 tokens for SmolLM2, 32 decoder chunks):
+    every layer keeps the reference's positions and the next token is the reference's."""
+    import numpy as np
+
+    from prefixkv.data import builtin_text
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+    from prefixkv.engines.torch import TorchRunner
+
+    engine_dir, model, profile = smol_engine
+    engine = OnnxRuntimeRunner(engine_dir, verify=False)
+    reference = TorchRunner(model, engine_dir, profile=profile, keep_fraction=KEEP, method="prefixkv")
+    context = engine.max_context
+    assert context == 8192
+    ids = engine.tokenizer.encode(builtin_text("evaluation") + "\n\n" + builtin_text("calibration"))[: context - 1]
+    logits, state = engine.prefill(*engine.pad([ids]))
+    ref_logits, ref_state = reference.prefill(*reference.pad([ids]))
+    assert int(logits.argmax()) == int(ref_logits.argmax())
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-3, rtol=1e-3)
+    for l, (a, b) in enumerate(zip(engine.kept_positions(state), reference.kept_positions(ref_state))):
+        np.testing.assert_array_equal(a, b, err_msg=f"layer {l}")
+    logits, _ = engine.decode(state, logits.argmax(-1))  # one step past the full prompt
+    ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
+    assert int(logits.argmax()) == int(ref_logits.argmax())

@@ -39,7 +39,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-CONTENTS = {"prefill.onnx": b"p", "prefill.onnx.data": b"pd" * 8, "decode.onnx": b"d", "decode.onnx.data": b"dd" * 8,
+CONTENTS = {"decoder.onnx": b"p", "decoder.onnx.data": b"pd" * 8, "compact.onnx": b"d", "compact.onnx.data": b"dd" * 8,
             "profile.json": b"{}", "tokenizer.json": b"{}", "report/keep.png": b"png"}
 
 
@@ -48,7 +48,7 @@ def valid_manifest() -> dict:
     io = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
           "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 256]}], "opset": 18}
     return {
-        "schema": "prefixkv.engine", "schema_version": 1, "created": "2026-12-02T00:00:00Z",
+        "schema": "prefixkv.engine", "schema_version": 2, "created": "2026-12-02T00:00:00Z",
         "tool": {"name": "prefixkv", "version": "0.1.0"}, "libraries": {"torch": "2.13.0+cpu"},
         "model": {"source": "tiny", "folder": "/models/tiny",
                   "fingerprint": {"architecture": "LlamaForCausalLM", "layers": LAYERS, "heads": 4, "kv_heads": 2,
@@ -57,8 +57,8 @@ def valid_manifest() -> dict:
         "head_dim": 16, "vocab": 256, "dtype": "float32", "sink": 1, "protect_last": True,
         "scorer": {"name": "accumulated", "params": {}}, "evict_distance": 25, "opset": 18,
         "exporter": "0.1.0+abc", "max_context": 2048,
-        "graphs": {"prefill": {"file": "prefill.onnx", "data": "prefill.onnx.data", **io},
-                   "decode": {"file": "decode.onnx", "data": "decode.onnx.data", **io}},
+        "graphs": {"decoder": {"file": "decoder.onnx", "data": "decoder.onnx.data", **io},
+                   "compact": {"file": "compact.onnx", "data": "compact.onnx.data", **io}},
         "backend": "onnxruntime", "tensorrt": None,
         "validation": {"passed": True, "checks": {"graph": "pass", "quality": "reported"}, "report": "validation.json"},
         "files": {name: {"bytes": len(data), "sha256": digest(data)} for name, data in CONTENTS.items()},
@@ -93,7 +93,7 @@ RULES = {  # field path -> is the value allowed there (types exact: no bool for 
     ("sink",): int_in(0, 1_000_000),
     ("protect_last",): lambda v: type(v) is bool,
     ("dtype",): lambda v: v in ("float32", "float16", "bfloat16") and type(v) is str,
-    ("backend",): lambda v: v in ("onnxruntime", "tensorrt") and type(v) is str,
+    ("backend",): lambda v: v == "onnxruntime" and type(v) is str,  # "tensorrt" needs the plugin graphs, not these
     ("evict_distance",): int_in(1, 1_000_000),
     ("max_context",): int_in(1, 1 << 30),
     ("opset",): int_in(1, 1000),
@@ -105,18 +105,18 @@ RULES = {  # field path -> is the value allowed there (types exact: no bool for 
     ("layer_keep_fractions", 1): lambda v: is_number(v) and 0 <= v <= 1,
     ("files", "report/keep.png", "bytes"): lambda v: is_int(v) and 0 <= v <= 1 << 50,
     ("files", "report/keep.png", "sha256"): lambda v: type(v) is str and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
-    ("graphs", "prefill", "opset"): lambda v: v is None or (is_int(v) and 1 <= v <= 1000),
+    ("graphs", "decoder", "opset"): lambda v: v is None or (is_int(v) and 1 <= v <= 1000),
     ("validation", "passed"): lambda v: type(v) is bool,
     ("validation", "checks", "graph"): lambda v: v in ("pass", "FAIL", "reported") and type(v) is str,
     ("tensorrt",): lambda v: v is None or (type(v) is dict and all(type(k) is str for k in v) and json_plain(v)),
     ("layers",): lambda v: is_int(v) and v == LAYERS,  # must agree with the fractions and the fingerprint
-    ("graphs", "decode", "data"): lambda v: v is None or (type(v) is str and v in CONTENTS),  # a hashed file, or no data file
+    ("graphs", "compact", "data"): lambda v: v is None or (type(v) is str and v in CONTENTS),  # a hashed file, or no data file
 }
 REQUIRED = ["schema", "schema_version", "created", "tool", "model", "keep_fraction", "layer_keep_fractions", "layers",
             "heads", "kv_heads", "head_dim", "vocab", "dtype", "sink", "protect_last", "scorer", "evict_distance",
             "opset", "exporter", "max_context", "graphs", "backend", "files"]
 OPTIONAL = ["libraries", "tensorrt", "vision", "validation"]
-NEEDED_FILES = {"prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "profile.json", "tokenizer.json"}
+NEEDED_FILES = {"decoder.onnx", "decoder.onnx.data", "compact.onnx", "compact.onnx.data", "profile.json", "tokenizer.json"}
 
 
 def json_plain(v, depth=0) -> bool:
@@ -145,7 +145,7 @@ def put(doc, path, value):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8) | st.sampled_from(["float32", "tensorrt", "pass", "FAIL", "a" * 64, "0" * 64, "prefill.onnx"]),
+    | st.text(max_size=8) | st.sampled_from(["float32", "tensorrt", "pass", "FAIL", "a" * 64, "0" * 64, "decoder.onnx"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6)
 paths = st.one_of(st.text(max_size=12), st.sampled_from(

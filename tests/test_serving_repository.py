@@ -45,7 +45,7 @@ def engine(tmp_path) -> Path:
 
     folder = tmp_path / "engine"
     folder.mkdir()
-    for name in ("prefill.onnx", "decode.onnx"):
+    for name in ("decoder.onnx", "compact.onnx"):
         (folder / name).write_bytes(b"placeholder graph")
     (folder / "tokenizer.json").write_bytes((resolve("smollm2-135m") / "tokenizer.json").read_bytes())
     fingerprint = Fingerprint("LlamaForCausalLM", 5, 4, 2, 16, "0123456789abcdef")
@@ -123,7 +123,7 @@ def test_repository_refuses_a_tampered_or_missing_engine(engine, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="prefixkv build"):
         write_repository(tmp_path / "nowhere", tmp_path / "repo")
-    (engine / "decode.onnx").write_bytes(b"placeholder graph!")
+    (engine / "decoder.onnx").write_bytes(b"placeholder graph!")
     with pytest.raises(EngineError, match="modified after the build"):
         write_repository(engine, tmp_path / "repo")
     assert not (tmp_path / "repo" / MODEL_NAME).exists()

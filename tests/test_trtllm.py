@@ -49,7 +49,7 @@ def _engine(folder, fractions, sink, protect_last, context):
     from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
 
     folder.mkdir()
-    for name in ("prefill.onnx", "decode.onnx", "tokenizer.json"):
+    for name in ("decoder.onnx", "compact.onnx", "tokenizer.json"):
         (folder / name).write_bytes(b"placeholder")
     fingerprint = Fingerprint("LlamaForCausalLM", len(fractions), 4, 2, 16, "0123456789abcdef")
     RetentionProfile(fingerprint, sink=sink, calibrated={0.2: LayerKeep(fractions, [0.0] * len(fractions))},

@@ -28,7 +28,7 @@ def test_quantized_engine_is_recorded_and_validated_by_agreement(precision, bits
     manifest = read_manifest(result.path)
     assert manifest["weights"] == {"precision": precision, "bits": bits, "block_size": 32, "symmetric": True,
                                    "accuracy_level": 4, "tool": "onnxruntime MatMulNBitsQuantizer"}
-    for graph in ("prefill", "decode"):
+    for graph in ("decoder",):
         nodes = onnx.load(str(result.path / f"{graph}.onnx"), load_external_data=False).graph.node
         packed = [n for n in nodes if n.op_type == "MatMulNBits"]
         assert packed and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in packed)

@@ -242,6 +242,13 @@ def add_runtime(p) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--providers", help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
     add_threads(g)
+    add_prefill_chunk(g)
+
+
+def add_prefill_chunk(p) -> None:
+    p.add_argument("--prefill-chunk", type=positive_int, default=None,
+                   help=f"prompt tokens per decoder-graph run of an ONNX Runtime engine (default {defaults.PREFILL_CHUNK}); "
+                        "prefill memory grows with chunk x prompt length")
 
 
 def add_output(p, default: str | None, help: str, dest: str = "output") -> None:
@@ -324,6 +331,7 @@ def validation_config(args, samples=None):
                             max_ppl_increase=args.max_ppl_increase, min_rouge_l=args.min_rouge_l,
                             min_token_agreement=args.min_token_agreement,
                             chat=getattr(args, "chat", False), providers=args.providers, threads=args.threads,
+                            prefill_chunk=args.prefill_chunk,
                             json_path=args.json_out, **({"backend": args.backend} if hasattr(args, "engine") else {}))
 
 

@@ -63,6 +63,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--engines", help="comma-separated engine folders to use for their keep fractions (the others are built)")
     p.add_argument("--engines-dir", help="where built engines are cached (default: CACHE/bench-engines)")
+    p.add_argument("--prefill-contexts", type=a.lengths, default=(2048, 4096, 8192),
+                   help="prompt lengths of the prefill points, a fresh process each, PyTorch SDPA alongside "
+                        "(default 2048,4096,8192)")
+    p.add_argument("--prefill-scorers", type=a.names, default=("window", "accumulated"),
+                   help="scores of the prefill-point engines, at the smallest --keep (default window,accumulated)")
+    a.add_prefill_chunk(p)
     a.add_output(p, "results/bench_speed", "writes OUTPUT.json and OUTPUT.png")
     p.set_defaults(func=speed.run)
 

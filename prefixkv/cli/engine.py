@@ -117,7 +117,7 @@ def run_generate(args) -> int:
     if pictures and not is_vision_engine(args.engine):
         raise ImageError(f"{args.engine} is a text-only engine; it takes no image: drop --image, or build a vision "
                          "engine from a LLaVA model with `prefixkv build`")
-    runner = load_runner(args.engine, backend=args.backend, threads=args.threads,
+    runner = load_runner(args.engine, backend=args.backend, threads=args.threads, prefill_chunk=args.prefill_chunk,
                          allow_failed_validation=args.allow_failed_validation,
                          **({"providers": args.providers} if args.providers else {}))
     vision = getattr(runner, "vision", None)

@@ -41,7 +41,8 @@ def backend_name(backend: str) -> str:
 
 
 def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
-                providers=None, verify: bool = True, allow_failed_validation: bool = False, **kwargs) -> Runner:
+                providers=None, verify: bool = True, allow_failed_validation: bool = False,
+                prefill_chunk: int | None = None, **kwargs) -> Runner:
     """A runner for an engine folder.
 
     backend: "auto" (the backend the engine was built for), "onnxruntime" (the engine's
@@ -49,7 +50,8 @@ def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | No
     (the engine's model, profile and keep fraction through the PyTorch reference cache;
     needs torch and transformers, and the model the engine was built from; ``model=`` /
     ``processor=`` pass one already loaded).  An engine whose validation failed is refused
-    unless ``allow_failed_validation``.
+    unless ``allow_failed_validation``.  prefill_chunk: prompt tokens per decoder-graph run of an
+    ONNX Runtime engine (None: ``defaults.PREFILL_CHUNK``).
     """
     name = backend_name(backend)
     manifest = read_manifest(engine_dir, verify=False)
@@ -63,7 +65,7 @@ def load_runner(engine_dir: str | Path, backend: str = "auto", threads: int | No
         return TensorRTRunner(engine_dir, verify=verify)
     if name == "onnxruntime":
         cls = VisionOnnxRuntimeRunner if vision else OnnxRuntimeRunner
-        return cls(engine_dir, providers=providers, threads=threads, verify=verify, **kwargs)
+        return cls(engine_dir, providers=providers, threads=threads, verify=verify, prefill_chunk=prefill_chunk, **kwargs)
     try:
         torch_backend = importlib.import_module(".torch", __name__)
     except ImportError as err:

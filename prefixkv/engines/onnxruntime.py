@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import CACHE_SLACK
-from ..engine_folder import CACHE_LAYOUT_KEY, EngineError, read_manifest
+from ..defaults import CACHE_SLACK, PREFILL_CHUNK
+from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
 from ..vision.data import ImageError
 from ..vision.preprocess import ImageProcessor
@@ -40,6 +40,7 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
+GRAPHS = ("decoder", "compact")  # an ONNX Runtime engine's graphs (``prefixkv.exporter.onnx.ENGINE_GRAPHS``)
 # used without being asked for when present (TensorRT only on request: it needs its own libraries)
 DEFAULT_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -120,12 +121,13 @@ def session_options(ort, threads: int | None = None):
 
 class OnnxRuntimeRunner(Runner):
     """engine_dir: a folder written by ``prefixkv build``; providers: see ``resolve_providers``;
-    threads: intra-op threads (None: ONNX Runtime's default); verify: hash every file on load."""
+    threads: intra-op threads (None: ONNX Runtime's default); verify: hash every file on load;
+    prefill_chunk: prompt tokens per decoder run (None: ``defaults.PREFILL_CHUNK``)."""
 
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True,
-                 cache_slack: int = CACHE_SLACK):
+                 cache_slack: int = CACHE_SLACK, prefill_chunk: int | None = None):
         ort = _import_ort()
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir, verify=verify)
@@ -139,19 +141,27 @@ class OnnxRuntimeRunner(Runner):
             raise ValueError(f"threads must be at least 1, got {threads}")
         if int(cache_slack) < 1:
             raise ValueError(f"cache_slack must be at least 1 free slot, got {cache_slack}")
+        chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        self.prefill_chunk = int(chunk)
         self.cache_slack = int(cache_slack)
         options = session_options(ort, threads)
+        missing = [g for g in GRAPHS if g not in self.manifest["graphs"]]
+        if missing:
+            raise EngineError(f"{self.engine_dir}: the manifest lists no {' or '.join(missing)} graph (an engine from an "
+                              "older prefixkv); rebuild it with `prefixkv build --force`")
         self.sessions = {}
-        for graph in ("prefill", "decode"):
+        for graph in GRAPHS:
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]
             self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
             self._check_io(graph)
-        layout = self.sessions["decode"].get_modelmeta().custom_metadata_map.get(CACHE_LAYOUT_KEY, "compact")
-        if layout != "buffer":
-            raise EngineError(
-                f"{self.engine_dir}: its decode graph appends to compact caches (an engine from an older prefixkv); "
-                "rebuild it with `prefixkv build --force`"
-            )
+        meta = self.sessions["decoder"].get_modelmeta().custom_metadata_map
+        if meta.get(CACHE_LAYOUT_KEY) != "buffer":
+            raise EngineError(f"{self.engine_dir}: its decoder graph has no buffer cache layout; rebuild it with "
+                              "`prefixkv build --force`")
+        rows = meta.get(SCORE_ROWS_KEY, "all")
+        self.score_rows = None if rows == "all" else int(rows)  # trailing prompt rows whose attention mass counts
         # no TensorRT for this graph: it would build an engine for every new buffer shape
         self._compactor = ort.InferenceSession(
             serialized(self.manifest.get("dtype", "float32")), options,
@@ -162,9 +172,12 @@ class OnnxRuntimeRunner(Runner):
         self.keep_fraction = float(self.manifest["keep_fraction"])
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._ort = ort
+        self._dtype = np.dtype(self.manifest.get("dtype", "float32"))
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
-        self._past_names = [i.name for i in self.sessions["decode"].get_inputs()][3:]
-        # decode output -> the index in ``past`` of the buffer it is written into
+        inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
+        self._past_names = [n for n in inputs if n.startswith("past.")]
+        self._mass_layers = [int(n.split(".")[1]) for n in self._outputs["decoder"] if n.startswith("mass.")]
+        # decoder output -> the index in ``past`` of the buffer it is written into
         self._in_place = {f"present.{l}.{part}": 4 * l + i for l in range(self.layers) for i, part in enumerate(("key", "value"))}
 
     def _check_io(self, graph: str) -> None:
@@ -179,31 +192,107 @@ class OnnxRuntimeRunner(Runner):
             )
 
     # -- the two steps ------------------------------------------------------------------------
-    def _run(self, graph: str, cpu_inputs: dict, past=()) -> list:
+    def _run(self, graph: str, cpu_inputs: dict, past=(), ortvalues=None) -> list:
         session = self.sessions[graph]
         binding = session.io_binding()
         for name, array in cpu_inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in (ortvalues or {}).items():
+            binding.bind_ortvalue_input(name, value)
         for name, value in zip(self._past_names, past):
             binding.bind_ortvalue_input(name, value)
         for name in self._outputs[graph]:
-            if name in self._in_place and past:  # decode: present key/value are the past buffers, written in place
+            if name in self._in_place and past:  # decoder: present key/value are the past buffers, written in place
                 binding.bind_ortvalue_output(name, past[self._in_place[name]])
             else:
                 binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
+    def _step(self, past: list, inputs: dict):
+        """One decoder run: (logits OrtValue, the new past (the key/value buffers are the
+        given ones, written in place), the chunk's mass per scored layer)."""
+        outputs = self._run("decoder", inputs, past)
+        present = list(outputs[1 : 1 + 4 * self.layers])
+        for l in range(self.layers):  # keep the objects that own the buffers
+            present[4 * l : 4 * l + 2] = past[4 * l : 4 * l + 2]
+        return outputs[0], present, outputs[1 + 4 * self.layers :]
+
     def prefill(self, input_ids, attention_mask):
         """input_ids, attention_mask (B, S) int64, left padding -> (logits (B, V) float32, state)."""
+        return self._prefill(input_ids, attention_mask)
+
+    def _prefill(self, input_ids, attention_mask, image_rows=None):
+        """Each row alone (ONNX Runtime's fused attention takes a chunk of several tokens over a
+        cache one row at a time), its padding dropped; the rows' compacted caches are then
+        merged, right-aligned, into one batch.  image_rows: a vision engine's image embeddings
+        per (row, first token, stop token) of its real tokens."""
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.asarray(attention_mask, dtype=np.int64)
         if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[1] < 1:
             raise ValueError(f"input_ids and attention_mask must be (batch, S) arrays of one shape, got {ids.shape} and {mask.shape}")
-        outputs = self._run("prefill", {"input_ids": ids, "attention_mask": mask})
         lengths = mask.sum(-1).astype(np.int64)
-        state = OnnxRuntimeState(list(outputs[1:]), lengths.copy(), lengths)
-        return outputs[0].numpy(), state
+        if (lengths < 1).any():
+            raise ValueError("every row of attention_mask needs at least one token (1)")
+        logits, caches = [], []
+        for row in range(ids.shape[0]):
+            rows = None if image_rows is None else (lambda start, stop, row=row: image_rows(row, start, stop))
+            row_logits, cache = self._prefill_row(ids[row, mask[row].astype(bool)], rows)
+            logits.append(row_logits)
+            caches.append(cache)
+        past = caches[0] if len(caches) == 1 else self._merge_rows(caches)
+        return np.concatenate(logits), OnnxRuntimeState(past, lengths.copy(), lengths)
+
+    def _prefill_row(self, ids: np.ndarray, image_rows=None):
+        """One prompt (n,) in chunks of ``prefill_chunk`` tokens through the decoder graph (each
+        layer's buffers hold the whole prompt; the scored rows' attention mass is summed chunk
+        by chunk), then every layer compacted to its profile count by the compact graph.
+        Returns logits (1, V) and the flat per-layer compact caches (batch 1)."""
+        ort, n = self._ort, len(ids)
+        kv_heads, head_dim = int(self.manifest["kv_heads"]), int(self.manifest["head_dim"])
+        past = []
+        for _ in range(self.layers):  # slots [0, T) are written before they are read: no fill needed
+            past += [ort.OrtValue.ortvalue_from_shape_and_type((1, kv_heads, n, head_dim), self._dtype, self.device)
+                     for _ in range(2)]
+            past += [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 0), np.int64), self.device),
+                     ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 0), bool), self.device)]
+        first_scored = n - (n if self.score_rows is None else min(self.score_rows, n))
+        masses = [np.zeros((1, n), np.float32) for _ in self._mass_layers]
+        lengths = np.array([n], np.int64)
+        for start in range(0, n, self.prefill_chunk):
+            stop = min(start + self.prefill_chunk, n)
+            first = int(np.clip(first_scored - start, 0, stop - start))
+            inputs = {"input_ids": ids[None, start:stop], "position_ids": np.arange(start, stop, dtype=np.int64)[None],
+                      "prompt_lengths": lengths,
+                      "score_from": np.array(first, np.int64)}
+            if image_rows is not None:
+                inputs["image_embeds"] = image_rows(start, stop)
+            logits, past, chunk_masses = self._step(past, inputs)
+            if first < stop - start:
+                for total, mass in zip(masses, chunk_masses):
+                    total[:, :stop] += mass.numpy()
+        feeds = {"attention_mask": np.ones((1, n), np.int64)}
+        for i, l in enumerate(self._mass_layers):
+            feeds[f"mass.{l}"] = masses[i]
+        values = {f"{part}.{l}": past[4 * l + j] for l in range(self.layers) for j, part in enumerate(("key", "value"))}
+        return logits.numpy(), list(self._run("compact", feeds, ortvalues=values))
+
+    def _merge_rows(self, caches: list[list]) -> list:
+        """Rows' compact caches (batch 1 each) as one batch: per layer the widest row's width,
+        each row's entries right-aligned, empty slots (position -1, not valid) in front."""
+        ort, merged = self._ort, []
+        for l in range(self.layers):
+            parts = [[c.numpy() for c in cache[4 * l : 4 * l + 4]] for cache in caches]
+            width = max(p[2].shape[1] for p in parts)
+            b, (_, heads, _, dim) = len(parts), parts[0][0].shape
+            key, value = (np.zeros((b, heads, width, dim), self._dtype) for _ in range(2))
+            positions, valid = np.full((b, width), -1, np.int64), np.zeros((b, width), bool)
+            for row, (k, v, p, m) in enumerate(parts):
+                w = p.shape[1]
+                key[row, :, width - w :], value[row, :, width - w :] = k[0], v[0]
+                positions[row, width - w :], valid[row, width - w :] = p[0], m[0]
+            merged += [ort.OrtValue.ortvalue_from_numpy(a, self.device) for a in (key, value, positions, valid)]
+        return merged
 
     def decode(self, state: OnnxRuntimeState, token_ids):
         """token_ids (B,) int64 -> (logits (B, V) float32, new state).  The state given is
@@ -216,13 +305,16 @@ class OnnxRuntimeRunner(Runner):
         for l in range(self.layers):
             if past[4 * l].shape()[2] <= past[4 * l + 2].shape()[1]:  # no free slot: compact, add slack
                 past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
-        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
-        outputs = self._run("decode", inputs, past)
-        present = list(outputs[1:])
-        for l in range(self.layers):  # the buffers written in place: keep the objects that own them
-            present[4 * l : 4 * l + 2] = past[4 * l : 4 * l + 2]
+        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths,
+                  "score_from": np.array(1, np.int64)}  # no row scored: the graph skips the mass
+        inputs.update(self._decode_extras(len(tokens)))
+        logits, present, _ = self._step(past, inputs)
         state.past = None
-        return outputs[0].numpy(), OnnxRuntimeState(present, state.positions + 1, state.prompt_lengths)
+        return logits.numpy(), OnnxRuntimeState(present, state.positions + 1, state.prompt_lengths)
+
+    def _decode_extras(self, batch: int) -> dict:
+        """Inputs a subclass's decoder graph takes besides the text ones (a vision engine: no image rows)."""
+        return {}
 
     def _compact(self, key, value, positions, valid) -> list:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
@@ -285,7 +377,8 @@ class OnnxRuntimeRunner(Runner):
 
 # -- images ----------------------------------------------------------------------------------------
 class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
-    """A vision engine folder (``pipeline.build_engine`` of a LLaVA model): vision, prefill and decode graphs."""
+    """A vision engine folder (``pipeline.build_engine`` of a LLaVA model): the vision graph, and
+    a decoder graph that also takes image embeddings for the image tokens of each chunk."""
 
     name = "onnxruntime-vision"
 
@@ -301,7 +394,7 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
         if "vision" not in self.manifest["graphs"]:
             raise EngineError(f"{self.engine_dir}: the manifest lists no vision graph; rebuild it with `prefixkv build --force`")
         self.image_processor = ImageProcessor.from_dict(self.vision["processor"], f"{self.engine_dir}/manifest.json")
-        options = self.sessions["prefill"].get_session_options()
+        options = self.sessions["decoder"].get_session_options()
         path = self.engine_dir / self.manifest["graphs"]["vision"]["file"]
         self.sessions["vision"] = self._ort.InferenceSession(str(path), options, providers=self.providers)
         self._check_io("vision")
@@ -311,7 +404,7 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
         """(I, 3, H, W) float32 -> (I, N, hidden): the vision graph (no run for I = 0)."""
         pixels = np.asarray(pixel_values, dtype=np.float32)
         if pixels.shape[0] == 0:
-            return np.zeros((0, self.vision["tokens_per_image"], self.vision["hidden"]), np.dtype(self.manifest.get("dtype", "float32")))
+            return np.zeros((0, self.vision["tokens_per_image"], self.vision["hidden"]), self._dtype)
         return self.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(pixels)})[0]
 
     def prefill(self, input_ids, attention_mask, pixel_values=None):
@@ -320,14 +413,26 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
         return self.prefill_embeds(input_ids, attention_mask, self.image_embeddings(pixels))
 
     def prefill_embeds(self, input_ids, attention_mask, image_embeds):
-        """The prefill graph on given image embeddings (I, N, hidden) (graph-level validation)."""
+        """The prefill on given image embeddings (I, N, hidden), in row-major order of the
+        image tokens (graph-level validation feeds the reference's)."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        mask = np.asarray(attention_mask, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[1] < 1:
-            raise ValueError(f"input_ids and attention_mask must be (batch, S) arrays of one shape, got {ids.shape} and {mask.shape}")
-        outputs = self._run("prefill", {"input_ids": ids, "attention_mask": mask, "image_embeds": np.asarray(image_embeds)})
-        lengths = mask.sum(-1).astype(np.int64)
-        return outputs[0].numpy(), OnnxRuntimeState(list(outputs[1:]), lengths.copy(), lengths)
+        rows = np.asarray(image_embeds, dtype=self._dtype).reshape(-1, int(self.vision["hidden"]))
+        is_image = ids == int(self.vision["image_token_id"])
+        if int(is_image.sum()) != rows.shape[0]:
+            raise ValueError(f"the prompts hold {int(is_image.sum())} image tokens but {rows.shape[0]} image "
+                             "embedding rows were given")
+        order = (np.cumsum(is_image.reshape(-1)) - 1).reshape(ids.shape)  # each image token's row
+        real = np.asarray(attention_mask).astype(bool)
+
+        def chunk_rows(row: int, start: int, stop: int) -> np.ndarray:
+            """The image rows of tokens [start, stop) of the row's real tokens."""
+            tokens, images = order[row, real[row]][start:stop], is_image[row, real[row]][start:stop]
+            return rows[tokens[images]]
+
+        return self._prefill(ids, attention_mask, chunk_rows)
+
+    def _decode_extras(self, batch: int) -> dict:
+        return {"image_embeds": np.zeros((0, int(self.vision["hidden"])), self._dtype)}
 
 
 def compact_slots(positions: np.ndarray, valid: np.ndarray):

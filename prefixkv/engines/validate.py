@@ -8,9 +8,9 @@ The modality is chosen once, from the manifest: a vision engine's prompts carry 
 The report passes when every check does:
 
     vision      (vision engines) the vision graph vs the model's own ``get_image_features``
-    graph       Polygraphy's Comparator runs the prefill graph in ONNX Runtime and the
-                reference on the same feeds (a padded batch and a single prompt; vision
-                engines: both sides get the reference's image embeddings): logits and
+    graph       Polygraphy's Comparator runs the engine's prefill (ONNX Runtime: the decoder
+                graph chunk by chunk, then the compact graph) and the reference on the same
+                feeds (a padded batch and a single prompt; vision engines: both sides get the reference's image embeddings): logits and
                 compacted caches within atol/rtol, kept positions and validity identical
                 in every layer.
     generation  greedy decoding in lockstep on N prompts: at every step the engine's and the
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, CompareFunc
 from polygraphy.logger import G_LOGGER
@@ -47,7 +46,6 @@ from ..metrics import rouge_l
 from ..vision.data import default_samples
 from . import backend_name, load_runner
 from .base import GenerationConfig
-from .onnxruntime import resolve_providers, session_options
 from .torch import TorchRunner, TorchVisionRunner, reference_settings
 
 TEXT_CHECKS = ("graph", "generation", "quality")
@@ -92,6 +90,7 @@ class ValidationConfig:
     chat: bool = False
     providers: str | list | None = None
     threads: int | None = None
+    prefill_chunk: int | None = None  # ONNX Runtime engines: prompt tokens per decoder run (None: the default)
     backend: str = "auto"
     json_path: str | Path | None = None
 
@@ -117,6 +116,9 @@ class ValidationConfig:
             raise ValueError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.prefill_chunk is not None and (isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int)
+                                               or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk!r}")
         if backend_name(self.backend) == "torch":
             raise ValueError("validate checks an engine against the PyTorch reference; choose --backend auto, onnxruntime or tensorrt")
 
@@ -133,7 +135,8 @@ def prefill_runner_class():
     ``prefill_embeds``); outputs named like the prefill graph's.  Engines with static output
     shapes give a layer more slots than it keeps, empty at the front
     (``plugins.reference.width_bound``); columns empty in every row are dropped so the
-    outputs compare with the reference's."""
+    outputs compare with the reference's, and the keys and values of empty slots (whatever
+    a backend leaves there) are compared as zeros."""
 
     class PrefillRunner(BaseRunner):
         def __init__(self, runner, name=None):
@@ -156,6 +159,8 @@ def prefill_runner_class():
             for l, parts in enumerate(_layer_caches(state)):
                 parts = [_numpy(t) for t in parts]
                 first = trim_empty_front(parts[3])
+                held = parts[3].astype(bool)[:, None, :, None]  # an empty slot's key and value mean nothing: zeros
+                parts[:2] = [np.where(held, array, 0).astype(array.dtype) for array in parts[:2]]
                 for part, array in zip(CACHE_PARTS, parts):
                     kept = array[:, :, first:] if part in ("key", "value") else array[:, first:]
                     out[f"present.{l}.{part}"] = np.ascontiguousarray(kept)
@@ -194,23 +199,20 @@ def trim_empty_front(valid) -> int:
 def check_graph(engine_dir: Path, reference, feeds: list[dict], providers=None,
                 logits_atol: float = LOGITS_ATOL, cache_atol: float = CACHE_ATOL, rtol: float = RTOL,
                 engine=None, threads: int | None = None) -> dict:
-    """Prefill graph vs reference through Polygraphy's Comparator, on ``feeds``.
+    """The engine's prefill vs reference through Polygraphy's Comparator, on ``feeds``: for an
+    ONNX Runtime engine the prompt in decoder-graph chunks, then the compact graph.
 
-    engine: None for ONNX Runtime (Polygraphy's own ``OnnxrtRunner`` on the prefill graph),
-    else a prefixkv ``Runner`` of another backend (wrapped by ``prefill_runner_class``)."""
+    engine: a prefixkv ``Runner`` (wrapped by ``prefill_runner_class``); None: the folder's
+    ONNX Runtime runner."""
     manifest = read_manifest(engine_dir, verify=False)
-    names = [o["name"] for o in manifest["graphs"]["prefill"]["outputs"]]
+    names = ["logits", *(f"present.{l}.{part}" for l in range(int(manifest["layers"])) for part in CACHE_PARTS)]
     exact = [n for n in names if n.endswith((".positions", ".valid"))]
     atol = {"": cache_atol, "logits": logits_atol, **{n: 0.0 for n in exact}}
     rtols = {"": rtol, **{n: 0.0 for n in exact}}
-    if engine is None or engine.name.startswith("onnxruntime"):
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(engine_dir / manifest["graphs"]["prefill"]["file"]), session_options(ort, threads),
-                                       providers=resolve_providers(providers))
-        under_test = OnnxrtRunner(session, name="onnxruntime")
-    else:
-        under_test = prefill_runner_class()(engine)
+    if engine is None:
+        engine = load_runner(engine_dir, backend="onnxruntime", providers=providers, threads=threads, verify=False,
+                             allow_failed_validation=True)
+    under_test = prefill_runner_class()(engine)
     runners = [under_test, prefill_runner_class()(reference, name="pytorch-reference")]
     severity = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
@@ -471,7 +473,7 @@ def validate_engine(engine_dir: str | Path, config: ValidationConfig | None = No
         log(f"quality samples shortened to {fit} tokens to fit the engine's context of {context}")
         config = replace(config, quality_tokens=fit)
     engine = load_runner(engine_dir, backend=config.backend, providers=config.providers, threads=config.threads, verify=False,
-                         allow_failed_validation=True)  # validating it again is how a failed engine is looked into
+                         allow_failed_validation=True, prefill_chunk=config.prefill_chunk)  # validating it again is how a failed engine is looked into
     if model is None:
         log(f"loading the reference model {manifest['model']['source']}")
     model, loaded, settings = reference_settings(engine_dir, manifest, model, config.threads)
@@ -490,7 +492,7 @@ def validate_engine(engine_dir: str | Path, config: ValidationConfig | None = No
         log("validation: vision graph vs the model's get_image_features")
         report["checks"]["vision"] = check_vision(engine, reference, pixels, config.cache_atol, config.rtol)
     if "graph" in checks:
-        log("validation: graph level (Polygraphy, prefill graph vs PyTorch reference)")
+        log("validation: graph level (Polygraphy, the engine's prefill vs PyTorch reference)")
         report["checks"]["graph"] = check_graph(engine_dir, reference, _feeds(engine, reference, prompts, vision),
                                                 config.providers, config.logits_atol, config.cache_atol, config.rtol,
                                                 engine=engine, threads=config.threads)

@@ -1,34 +1,38 @@
-"""Export a Hugging Face decoder to two ONNX graphs with PrefixKV compaction inside.
+"""Export a Hugging Face decoder to ONNX graphs with PrefixKV compaction inside.
 
-    prefill(input_ids, attention_mask) -> logits, per layer l: key, value, positions, valid
-        input_ids, attention_mask: (B, S) int64, left padding
-        logits: (B, V) float32, last position only
-        key/value: (B, Hkv, K_l, D); positions: (B, K_l) int64 (-1: empty slot); valid: (B, K_l) bool
-        K_l = max over rows of round(fraction_l x prompt_len): scoring, TopK, index sort and
-        GatherElements run in the graph; the profile's fractions are graph constants.
+An ONNX Runtime engine holds one graph with the weights and one without:
 
-    decode(input_ids, position_ids, prompt_lengths, per layer past key/value/positions/valid)
-            -> logits, per layer present key/value/positions/valid
-        input_ids, position_ids: (B, 1) int64, position_ids the ORIGINAL position of the token
-        prompt_lengths: (B,) int64 real prompt lengths
-        past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers; past.{l}.positions/valid:
-        (B, P_l), the P_l <= C_l - 1 slots in use; every layer has its own dynamic C_l and P_l
-        The new token's K/V are written into slot P_l of the buffers (in place, by ONNX
-        Runtime's fused GroupQueryAttention when the runner binds present to past), attention
-        runs over the valid slots, then the decode-phase rule marks at most one entry per row
-        evicted: the entries returned are already within budget.
+    decoder(input_ids, position_ids, prompt_lengths, score_from,
+            per layer past key/value/positions/valid) -> logits, per layer present
+            key/value/positions/valid, per scored layer mass
+        A chunk of C >= 1 new tokens per row, for prefill chunks and decode steps alike
+        (``DecoderGraph``).  past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers;
+        past.{l}.positions/valid: (B, P_l), the slots in use; every layer has its own C_l and
+        P_l.  ONNX Runtime's fused GroupQueryAttention writes the chunk's K/V into slots
+        [P_l, P_l + C) in place and attends causally; rows [score_from, C) also give their
+        attention mass per slot (O(C x S) memory).  Past the prompt, the decode-phase rule
+        marks at most one entry per row evicted: the entries returned are within budget.
 
-Both graphs are thin wrappers (``PrefillGraph``, ``BufferDecodeGraph``) over the model's own
-modules (embeddings, norms, projections, rotary embedding, MLPs) and over
-``prefixkv.compaction``, so the semantics are those of ``PrefixKVCache`` by construction.
-``DecodeGraph`` is the same step over compact caches in plain ONNX ops (append by Concat,
-evict by shifting: two copies of every cache per step); the TensorRT plugin-mode graph
-builds on it.  Attention never repeats K/V for grouped-query attention: queries are
-reshaped to (B, Hkv, group, q, D) and broadcast against (B, Hkv, 1, W, D), or the fused op
-does the grouping.
+    compact(attention_mask, per layer [mass], key, value) -> per layer key/value/positions/valid
+        The end of the prompt (``CompactGraph``): each layer's score (from the summed mass, or
+        the keys), protection, TopK of round(fraction_l x prompt_len) entries, index sort and
+        GatherElements; the profile's fractions are graph constants.
+
+The runner (``prefixkv.engines.onnxruntime``) runs the prompt through the decoder in chunks,
+sums each scored layer's mass, calls compact, then decodes one token per step.
+
+The two-graph layout (``PrefillGraph``: the whole prompt with (heads x S x S) attention
+probabilities, then compaction; ``DecodeGraph``: one token over compact caches in plain
+ONNX ops, append by Concat and evict by shifting) remains for the TensorRT plugin-mode
+graphs, which build on it.  Every graph is a thin wrapper over the model's own modules
+(embeddings, norms, projections, rotary embedding, MLPs) and over ``prefixkv.compaction``,
+so the semantics are those of ``PrefixKVCache`` by construction.  Attention never repeats
+K/V for grouped-query attention: queries are reshaped to (B, Hkv, group, q, D) and
+broadcast against (B, Hkv, 1, W, D), or the fused op does the grouping.
 
 Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM, ...), i.e.
-``model.model.{embed_tokens, layers, norm, rotary_emb}`` with ``self_attn.{q,k,v,o}_proj``.
+``model.model.{embed_tokens, layers, norm, rotary_emb}`` with ``self_attn.{q,k,v,o}_proj``
+(``prefixkv.architectures`` lists the families and what it refuses).
 """
 from __future__ import annotations
 
@@ -42,10 +46,11 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import __version__, architectures, compaction
 from ..defaults import EVICT_DISTANCE, SINK
-from ..engine_folder import CACHE_LAYOUT_KEY
+from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY
 from ..scoring import causal_mask, make_scorer
 
 OPSET = 18
@@ -225,6 +230,20 @@ def decode_attention(query, key, value, valid, scaling: float):
     return torch.matmul(probs, value.unsqueeze(2)).reshape(b, h, q, -1).transpose(1, 2)
 
 
+def merge_image_embeds(embeds: torch.Tensor, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Token embeddings (B, S, hidden) with the image-token rows replaced, in row-major order.
+
+    image_embeds (I, N, hidden); I x N must equal the number of image tokens (the runners
+    check it).  Gather-based (no masked_scatter), so it exports to plain ONNX and takes I = 0.
+    """
+    b, s, h = embeds.shape
+    is_image = (input_ids == image_token_id).reshape(-1)
+    table = torch.cat([torch.zeros(1, h, dtype=embeds.dtype, device=embeds.device), image_embeds.reshape(-1, h).to(embeds.dtype)])
+    index = torch.cumsum(is_image.to(torch.int64), dim=0) * is_image.to(torch.int64)  # 0: not an image token
+    merged = torch.index_select(table, 0, index).reshape(b, s, h)
+    return torch.where(is_image.reshape(b, s, 1), merged, embeds)
+
+
 def _unbacked_width(counts: torch.Tensor, limit: int | torch.SymInt) -> int:
     """max(counts) as a Python int (an unbacked symbol under torch.export) in [0, limit]."""
     width = counts.max().item()
@@ -332,55 +351,153 @@ class DecodeGraph(nn.Module):
         return decode_attention(query, keys, values, valid, self.decoder.scaling)
 
 
-class BufferDecodeGraph(DecodeGraph):
-    """The ONNX Runtime decode graph: each layer's K/V live in a fixed-capacity buffer that a
-    step writes one entry into, in place.
+class DecoderGraph(DecodeGraph):
+    """The ONNX Runtime engine's one graph: prefill chunks and decode steps alike.
 
-    past.{l}.key/value (B, Hkv, C_l, D): the layer's buffers, C_l its capacity; the first P_l
-    slots are in use, P_l being the width of past.{l}.positions/valid (which mark the slots
-    holding entries, in original order; -1 / False for empty slots, anywhere).  Per layer one
-    ``com.microsoft::GroupQueryAttention`` node writes the new token's K/V into slot P_l and
-    attends over slots [0, P_l] with an additive bias masking the empty ones.  When the runner
-    binds present.{l}.key/value to the same OrtValues as the past (IOBinding), the node writes
-    into that buffer and copies nothing.  The decode-phase rule then marks the evicted entry's
-    slot empty (``compaction.evict_in_place``): the entries held are those of ``DecodeGraph``,
-    within budget.  present.{l}.positions/valid have P_l + 1 slots; the runner compacts a
-    buffer (drops its empty slots) when it is full.
+        inputs:  input_ids, position_ids (B, C) int64: C >= 1 new tokens per row, every one
+                 real (the runner prefills each prompt alone, unpadded; position_ids: original
+                 positions); prompt_lengths (B,) int64; score_from () int64: the first of the C
+                 rows whose attention mass counts (C: none, and the mass is not computed: an
+                 ``If``); [image_embeds (rows, hidden): vision engines];
+                 per layer past.{l}.key/value (B, Hkv, C_l, D), positions/valid (B, P_l)
+        outputs: logits (B, V) (the last new token's); per layer present.{l}.key/value
+                 (the buffers, written in place), positions/valid (B, P_l + C); per scored
+                 layer mass.{l} (B, P_l + C): the chunk's attention mass per slot
+
+    Per layer one ``com.microsoft::GroupQueryAttention`` node writes the C new entries into
+    slots [P_l, P_l + C) of the buffers (in place when the runner binds present to past) and
+    attends causally over the slots in use, an additive bias masking the empty ones.  Rows
+    [score_from, C) also get their probabilities in float32, one (B, H, R, P_l + C) block
+    that is reduced to the mass at once, so scoring memory is O(C x S) per layer; ONNX
+    Runtime's fused attention does not return its probabilities (its ``output_qk`` does not
+    hold them with a shared buffer and a bias, tried on 1.32), so they are computed again.  The
+    decode-phase rule (``compaction.decode_budget`` / ``evict_in_place``) applies to rows
+    whose new token is past the prompt: a prefill chunk evicts nothing.  The runner
+    accumulates the masses and compacts the prompt with ``CompactGraph``.
     """
 
     cache_layout = "buffer"
 
-    def __init__(self, model, spec: GraphSpec):
+    def __init__(self, model, spec: GraphSpec, image_token_id: int | None = None):
         if spec.dtype not in ("float32", "float16"):
-            raise ExportError(f"ONNX Runtime's fused decode attention runs float32 or float16 on CPU, the model is "
+            raise ExportError(f"ONNX Runtime's fused attention runs float32 or float16 on CPU, the model is "
                               f"{spec.dtype}; load the model in float32")
         super().__init__(model, spec)
+        self.scorer = make_scorer(spec.scorer, **spec.scorer_params)
+        self.scored = scored_layers(spec)
+        self.image_token_id = image_token_id
 
-    def step(self, layer: int, query, key, value, position_ids, past, cap, slot):
-        """``DecodeGraph.step`` on the buffers: the new entry goes into slot P_l, an evicted one
-        is only marked empty."""
-        keys, values, positions, valid = past
-        positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
-        valid = torch.cat([valid, torch.ones_like(position_ids, dtype=torch.bool)], dim=-1)
-        out, keys, values = self.attend_in_place(query, key, value, keys, values, valid)
-        return out, [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
+    def forward(self, *inputs: torch.Tensor):
+        fixed = 5 if self.image_token_id is not None else 4
+        input_ids, position_ids, prompt_lengths, score_from = inputs[:4]
+        past = inputs[fixed:]
+        spec, dec = self.spec, self.decoder
+        hidden = dec.embed_tokens(input_ids)
+        if self.image_token_id is not None:
+            hidden = merge_image_embeds(hidden, input_ids, inputs[4], self.image_token_id)
+        cos, sin = dec.rope(hidden, position_ids)
+        new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
+        scoring = score_from < input_ids.shape[1]  # False in a decode step: the mass is not computed
+        decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
+        seen = position_ids[:, -1] + 1
+        outputs, masses = [], []
+        for l, layer in enumerate(dec.layers):
+            keys, values, positions, valid = past[4 * l : 4 * l + 4]
+            positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
+            valid = torch.cat([valid, new], dim=-1)
+            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            out, keys, values = self.attend_in_place(query, key, value, keys, values, valid)
+            if l in self.scored:
+                masses.append(torch.cond(scoring, self._mass, self._no_mass, (query, keys, valid, score_from)))
+            hidden = dec.finish(layer, hidden, out)
+            cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
+                                                 spec.protect_last, spec.evict_distance)
+            cap = torch.where(decoding, cap, torch.full_like(cap, 1 << 62))
+            outputs += [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
+        return (dec.logits(hidden[:, -1]), *outputs, *masses)
 
     def attend_in_place(self, query, key, value, keys, values, valid):
-        """query (B, H, 1, D), new key/value (B, Hkv, 1, D), buffers (B, Hkv, C, D), valid (B, P + 1)
-        -> attention output (B, 1, H, D) and the buffers with the new entry in slot P."""
+        """query (B, H, C, D), new key/value (B, Hkv, C, D), buffers (B, Hkv, Cap, D), valid (B, T)
+        over the slots in use, the last C the new ones -> attention output (B, C, H, D) and the
+        buffers with the new entries in slots [T - C, T).  Causality comes from the op (query
+        i sits at slot T - C + i); an additive bias masks the empty slots."""
         dec = self.decoder
         b, h, q, d = query.shape
-        used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) P + 1, as a tensor
-        bias = torch.where(valid, torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype))
+        used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) T, as a tensor
+        zero, minus = torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype)
+        bias = torch.where(valid, zero, minus)[:, None, None, :].expand(b, 1, q, valid.shape[-1])  # (B, 1, C, T)
         out, keys, values = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [query.transpose(1, 2).reshape(b, q, h * d), key.transpose(1, 2).reshape(b, q, -1),
              value.transpose(1, 2).reshape(b, q, -1), keys, values, used - 1, used.max(),
-             None, None, None, bias[:, None, None, :]],
+             None, None, None, bias],
             {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)},
             dtypes=[query.dtype, keys.dtype, values.dtype], shapes=[(b, q, h * d), keys.shape, values.shape], version=1,
         )
         return out.reshape(b, q, h, d), keys, values
+
+    def _mass(self, query, keys, valid, score_from):
+        """The attention mass rows [score_from, C) of the chunk give each slot in use: query
+        (B, H, C, D), keys (B, Hkv, Cap, D) (the layer's buffer), valid (B, T) -> (B, T) float32,
+        summed over those rows, averaged over query heads: ``scoring.attention_with_scores``'s
+        quantity, in float32, one (B, H, R, T) block reduced at once (O(C x T) memory)."""
+        h, chunk, t = query.shape[1], query.shape[2], valid.shape[-1]
+        first = score_from.item()  # an unbacked int in [0, C)
+        torch._check(first >= 0)
+        torch._check(first < chunk)
+        rows = chunk - first
+        grouped = _grouped(query.narrow(2, first, rows), keys.shape[1]).float()
+        logits = torch.matmul(grouped, keys.narrow(2, 0, t).float().unsqueeze(2).transpose(-1, -2)) * self.decoder.scaling
+        slot = torch.arange(chunk, device=valid.device).narrow(0, first, rows) + (t - chunk)  # (R,) the rows' own slots
+        allowed = valid.unsqueeze(1) & (torch.arange(t, device=valid.device) <= slot.unsqueeze(1)).unsqueeze(0)  # (B, R, T)
+        bias = torch.where(allowed, torch.zeros(()), torch.full((), float("-inf")))
+        probs = torch.softmax(logits + bias[:, None, None], dim=-1)  # (B, Hkv, G, R, T)
+        return probs.sum(dim=(1, 2, 3)) / h
+
+    @staticmethod
+    def _no_mass(query, keys, valid, score_from):
+        return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+
+
+def scored_layers(spec: GraphSpec) -> list[int]:
+    """The layers whose importance comes from attention mass (the score needs it and the layer evicts)."""
+    if make_scorer(spec.scorer, **spec.scorer_params).query_rows(2) == 0:
+        return []
+    return [l for l, f in enumerate(spec.fractions) if f < 1.0]
+
+
+class CompactGraph(PrefillGraph):
+    """The end of a prompt: every layer compacted to its profile count, no weights.
+
+        inputs:  attention_mask (B, S) int64; per layer: mass.{l} (B, S) (scored layers: the
+                 accumulated mass), key.{l}, value.{l} (B, Hkv, S, D) (the prompt's buffers)
+        outputs: per layer present.{l}.key/value (B, Hkv, W_l, D), positions/valid (B, W_l)
+
+    ``PrefillGraph``'s scoring and compaction on the mass the decoder graph's chunks summed."""
+
+    def __init__(self, model, spec: GraphSpec):
+        super().__init__(model, spec)
+        self.scored = scored_layers(spec)
+        del self.decoder  # no weights: only the scorer and ``compaction``
+
+    def forward(self, attention_mask: torch.Tensor, *layers: torch.Tensor):
+        spec = self.spec
+        valid = attention_mask.to(torch.bool)
+        lengths = valid.sum(-1)
+        original = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
+        outputs, i = [], 0
+        for l in range(spec.layers):
+            mass = None
+            if l in self.scored:
+                mass, i = layers[i], i + 1
+            key, value = layers[i], layers[i + 1]
+            i += 2
+            if spec.fractions[l] >= 1.0:
+                outputs += self._keep_all(key, value, valid, lengths, original)
+                continue
+            scores = self.scorer.from_attention(mass, valid) if mass is not None else self.scorer.from_keys(key, valid)
+            outputs += self._compact(key, value, scores, valid, lengths, original, spec.fractions[l])
+        return tuple(outputs)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -461,56 +578,165 @@ def _name_dims(model_proto, graph: str, layers: int, layout: str = "compact") ->
 
 def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None,
                  wrapper: nn.Module | None = None, postprocess=None) -> Path:
-    """Export the ``graph`` ("prefill" or "decode") of ``model`` to ``path`` (weights in ``path``.data).
+    """The two-graph layout's ``graph`` ("prefill" or "decode") of ``model`` to ``path`` (weights in
+    ``path``.data): the TensorRT plugin-mode graphs build on it.
 
-    wrapper: the module to export (default ``PrefillGraph`` / ``BufferDecodeGraph``); postprocess:
+    wrapper: the module to export (default ``PrefillGraph`` / ``DecodeGraph``); postprocess:
     called with the ModelProto before it is saved."""
-    import onnx
-
     path = Path(path)
-    wrapper = (wrapper or (PrefillGraph if graph == "prefill" else BufferDecodeGraph)(model, spec)).eval()
+    wrapper = (wrapper or (PrefillGraph if graph == "prefill" else DecodeGraph)(model, spec)).eval()
     layout = getattr(wrapper, "cache_layout", "compact")
-    names = io_names(spec.layers)[graph]
     start = time.perf_counter()
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(axis name|LeafSpec).*")
-            program = torch.onnx.export(
-                wrapper,
-                sample_inputs(spec, graph, layout=layout),
-                dynamo=True,
-                input_names=names["inputs"],
-                output_names=names["outputs"],
-                dynamic_shapes=_dynamic_shapes(spec, graph, layout),
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
-    finally:
-        quiet.setLevel(level)
-    proto = program.model_proto
+    proto = _trace(wrapper, sample_inputs(spec, graph, layout=layout), io_names(spec.layers)[graph],
+                   _dynamic_shapes(spec, graph, layout), opset)
     _name_dims(proto, graph, spec.layers, layout)
     if graph == "decode":
         entry = proto.metadata_props.add()
         entry.key, entry.value = CACHE_LAYOUT_KEY, layout
     if postprocess is not None:
         postprocess(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.name + ".data"
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024)
-    if log:
-        log(f"exported {graph} graph in {time.perf_counter() - start:.0f} s -> {path}")
-    return path
+    return _save(proto, path, log, graph, start)
+
+# -- the ONNX Runtime engine's graphs: decoder (weights) and compact (none) ----------------------
+
+
+def engine_io(spec: GraphSpec, vision: bool = False) -> dict[str, dict[str, list[str]]]:
+    """Input and output names of the decoder and compact graphs."""
+    scored = scored_layers(spec)
+    masses = [f"mass.{l}" for l in scored]
+    layers = []
+    for l in range(spec.layers):
+        layers += ([f"mass.{l}"] if l in scored else []) + [f"key.{l}", f"value.{l}"]
+    fixed = ["input_ids", "position_ids", "prompt_lengths", "score_from"]
+    return {
+        "decoder": {"inputs": fixed + (["image_embeds"] if vision else []) + cache_names("past", spec.layers),
+                    "outputs": ["logits", *cache_names("present", spec.layers), *masses]},
+        "compact": {"inputs": ["attention_mask", *layers], "outputs": cache_names("present", spec.layers)},
+    }
+
+
+def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int = 4, past: int = 6, hidden: int = 0):
+    """Tracing inputs of the decoder or compact graph (no size 0 or 1 to specialise on);
+    ``hidden`` > 0: the decoder takes image embeddings of that width."""
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, spec.dtype)
+    if graph == "compact":
+        length = 12
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[0, :3] = 0
+        tensors, scored = [], scored_layers(spec)
+        for l in range(spec.layers):
+            if l in scored:
+                tensors.append(torch.rand(batch, length, generator=g))
+            tensors += [torch.randn(batch, spec.kv_heads, length, spec.head_dim, generator=g).to(dtype) for _ in range(2)]
+        return (mask, *tensors)
+    ids = torch.randint(0, spec.vocab, (batch, chunk), generator=g)
+    positions = torch.arange(past + 2, past + 2 + chunk).expand(batch, chunk).clone()
+    fixed = [ids, positions, torch.full((batch,), 40, dtype=torch.int64), torch.tensor(1, dtype=torch.int64)]
+    if hidden:
+        fixed.append(torch.randn(3, hidden, generator=g).to(dtype))
+    tensors = []
+    for l in range(spec.layers):
+        width = past + l % 3  # distinct lengths per layer
+        capacity = width + chunk + 3
+        valid = torch.ones(batch, width, dtype=torch.bool)
+        valid[1, 1] = False
+        tensors += [
+            torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype),
+            torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype),
+            torch.where(valid, torch.arange(width).expand(batch, width), -1),
+            valid,
+        ]
+    return (*fixed, *tensors)
+
+
+def _engine_dynamic_shapes(spec: GraphSpec, graph: str, vision: bool = False):
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=1024)
+    if graph == "compact":
+        seq = Dim("sequence", min=2, max=1 << 20)
+        shapes, scored = [{0: batch, 1: seq}], scored_layers(spec)
+        for l in range(spec.layers):
+            shapes += ([{0: batch, 1: seq}] if l in scored else []) + [{0: batch, 2: seq}, {0: batch, 2: seq}]
+        return {"attention_mask": shapes[0], "layers": tuple(shapes[1:])}
+    chunk = Dim("chunk", min=1, max=1 << 20)
+    shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}, {}]
+    if vision:
+        shapes.append({0: Dim("image_rows", min=1, max=1 << 24)})
+    for l in range(spec.layers):
+        length = Dim(f"past_length_{l}", min=1, max=1 << 20)
+        slots = Dim(f"cache_capacity_{l}", min=2, max=1 << 20)
+        shapes += [{0: batch, 2: slots}, {0: batch, 2: slots}, {0: batch, 1: length}, {0: batch, 1: length}]
+    return {"inputs": tuple(shapes)}
+
+
+def _engine_dims(proto, graph: str) -> None:
+    """Readable names for the output dims the exporter left as opaque symbols."""
+    for value in proto.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+        if value.name == "logits":
+            continue
+        l = int(value.name.split(".")[1])
+        axis = 2 if value.name.endswith((".key", ".value")) else 1
+        kv = axis == 2 and graph == "decoder"
+        dims[axis].dim_param = f"cache_capacity_{l}" if kv else f"present_length_{l}"
+
+
+def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None,
+                        image_token_id: int | None = None, hidden: int = 0) -> Path:
+    """The ONNX Runtime engine's ``graph`` ("decoder" or "compact") to ``path`` (weights in
+    ``path``.data); ``image_token_id``/``hidden``: a vision engine's decoder, taking image embeddings."""
+    vision = image_token_id is not None
+    if graph == "decoder":
+        wrapper = DecoderGraph(model, spec, image_token_id)
+        args = engine_sample_inputs(spec, graph, hidden=hidden if vision else 0)
+    else:
+        wrapper, args = CompactGraph(model, spec), engine_sample_inputs(spec, graph)
+    names = engine_io(spec, vision)[graph]
+    start = time.perf_counter()
+    proto = _trace(wrapper.eval(), args, names, _engine_dynamic_shapes(spec, graph, vision), opset)
+    _engine_dims(proto, graph)
+    if graph == "decoder":
+        rows = wrapper.scorer.query_rows(1 << 30)
+        for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows))):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+    return _save(proto, Path(path), log, graph, start)
 
 
 def export_engine_graphs(model, spec: GraphSpec, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
-    """Both graphs into ``folder``: prefill.onnx(+.data), decode.onnx(+.data)."""
+    """The ONNX Runtime engine's graphs into ``folder``: decoder.onnx(+.data), compact.onnx."""
     folder = Path(folder)
-    return {g: export_graph(model, spec, g, folder / f"{g}.onnx", opset, log) for g in ("prefill", "decode")}
+    return {g: export_engine_graph(model, spec, g, folder / f"{g}.onnx", opset, log) for g in ENGINE_GRAPHS}
+
+
+ENGINE_GRAPHS = ("decoder", "compact")
+
+
+def _trace(wrapper: nn.Module, args, names: dict, dynamic_shapes, opset: int):
+    """torch.onnx.export (dynamo) of ``wrapper`` on ``args`` -> the ModelProto."""
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(axis name|LeafSpec).*")
+            program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names["inputs"],
+                                        output_names=names["outputs"], dynamic_shapes=dynamic_shapes,
+                                        opset_version=opset, optimize=True, verbose=False)
+    finally:
+        quiet.setLevel(level)
+    return program.model_proto
+
+
+def _save(proto, path: Path, log, name: str, start: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data",
+                    size_threshold=1024)
+    if log:
+        log(f"exported {name} graph in {time.perf_counter() - start:.0f} s -> {path}")
+    return path
 
 
 def io_metadata(path: str | Path) -> dict:

@@ -1,24 +1,22 @@
-"""Export a LLaVA-style model to three ONNX graphs: the vision tower and the image-taking prefill.
+"""Export a LLaVA-style model: the vision tower, and the text engine's graphs taking image embeddings.
 
     vision(pixel_values) -> image_embeds
         pixel_values: (I, 3, H, W) float32, the processor's output for I images
         image_embeds: (I, N, hidden), N image tokens per image (the vision tower's selected
         layer, CLS dropped for the "default" strategy, through the projector)
 
-    prefill(input_ids, attention_mask, image_embeds) -> logits, per layer key, value, positions, valid
-        input_ids, attention_mask: (B, S) int64, left padding; each image appears as N
-        image-token ids (``<image>`` expanded by the processor); image_embeds (I, N, hidden)
-        for the images in row-major order of their tokens (I may be 0).  The image rows
-        replace the token embeddings at the image-token positions, then the language model
-        runs with the profile's per-layer keep fractions baked in, exactly as the text
-        prefill graph (``prefixkv.exporter.onnx.PrefillGraph``).
+    decoder: the text engine's decoder graph (``prefixkv.exporter.onnx.DecoderGraph``) with
+        one more input, image_embeds (rows, hidden): the image rows of the chunk's image
+        tokens in row-major order (0 rows in a decode step).  Each image appears as N
+        image-token ids (``<image>`` expanded by the processor); the rows replace those
+        tokens' embeddings (``merge_image_embeds``), then the language model runs as for text.
 
-    decode: the text engine's decode graph, unchanged.
+    compact: the text engine's compact graph, unchanged.
 
 ``prefixkv.pipeline.build_engine`` calls ``export_vision_engine_graphs`` for a vision model.
 The language model is reached through ``TextView`` (``model.model.language_model`` and
 ``model.lm_head`` under the names the text exporter expects), so the text exporter's
-``Decoder``, ``graph_spec``, compaction and decode export are reused as they are.
+``Decoder``, ``graph_spec`` and graphs are reused as they are.
 """
 from __future__ import annotations
 
@@ -31,15 +29,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..exporter.onnx import (
-    OPSET,
-    ExportError,
-    PrefillGraph,
-    _dynamic_shapes,
-    _name_dims,
-    export_graph,
-    io_names,
-)
+from ..exporter.onnx import OPSET, ExportError, export_engine_graph
 from .preprocess import ImageProcessor
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
@@ -83,33 +73,6 @@ class VisionGraph(nn.Module):
         layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
         chosen = [states[i][:, 1:] if self.strategy == "default" else states[i] for i in layers]
         return self.projector(torch.cat(chosen, dim=-1))
-
-
-def merge_image_embeds(embeds: torch.Tensor, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Token embeddings (B, S, hidden) with the image-token rows replaced, in row-major order.
-
-    image_embeds (I, N, hidden); I x N must equal the number of image tokens (the runners
-    check it).  Gather-based (no masked_scatter), so it exports to plain ONNX and takes I = 0.
-    """
-    b, s, h = embeds.shape
-    is_image = (input_ids == image_token_id).reshape(-1)
-    table = torch.cat([torch.zeros(1, h, dtype=embeds.dtype, device=embeds.device), image_embeds.reshape(-1, h).to(embeds.dtype)])
-    index = torch.cumsum(is_image.to(torch.int64), dim=0) * is_image.to(torch.int64)  # 0: not an image token
-    merged = torch.index_select(table, 0, index).reshape(b, s, h)
-    return torch.where(is_image.reshape(b, s, 1), merged, embeds)
-
-
-class ImagePrefillGraph(PrefillGraph):
-    """(input_ids, attention_mask, image_embeds) -> the text prefill graph's outputs."""
-
-    def __init__(self, model, spec, image_token_id: int):
-        super().__init__(TextView(model), spec)
-        self.image_token_id = int(image_token_id)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor):
-        dec = self.decoder
-        hidden = merge_image_embeds(dec.embed_tokens(input_ids), input_ids, image_embeds, self.image_token_id)
-        return self.from_embeddings(hidden, attention_mask)  # the text prefill graph from here on
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -158,45 +121,14 @@ def export_vision_graph(model, geometry: dict, path: str | Path, opset: int = OP
     return _save(program, Path(path), log, "vision", start)
 
 
-def prefill_sample_inputs(spec, geometry: dict, batch: int = 2, extra: int = 8):
-    """Tracing inputs: ``batch`` left-padded rows, one image each (no size is 0 or 1)."""
-    g = torch.Generator().manual_seed(0)
-    n, token = geometry["tokens_per_image"], geometry["image_token_id"]
-    length = n + extra
-    ids = torch.randint(0, spec.vocab, (batch, length), generator=g)
-    ids = torch.where(ids == token, (ids + 1) % spec.vocab, ids)
-    mask = torch.ones(batch, length, dtype=torch.int64)
-    mask[0, :3] = 0
-    for row in range(batch):
-        start = 4 if row == 0 else 2
-        ids[row, start : start + n] = token
-    embeds = torch.randn(batch, n, geometry["hidden"], generator=g).to(getattr(torch, spec.dtype))
-    return ids, mask, embeds
-
-
-def export_image_prefill_graph(model, spec, geometry: dict, path: str | Path, opset: int = OPSET, log=None) -> Path:
-    """prefill.onnx taking (input_ids, attention_mask, image_embeds); same outputs as the text graph."""
-    start = time.perf_counter()
-    wrapper = ImagePrefillGraph(model, spec, geometry["image_token_id"]).eval()
-    shapes = dict(_dynamic_shapes(spec, "prefill"))
-    shapes["image_embeds"] = {0: torch.export.Dim("images", min=1, max=1024)}
-    names = io_names(spec.layers)["prefill"]
-    with torch.no_grad():
-        program = torch.onnx.export(wrapper, prefill_sample_inputs(spec, geometry), dynamo=True,
-                                    input_names=[*names["inputs"], "image_embeds"], output_names=names["outputs"],
-                                    dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
-    _name_dims(program.model_proto, "prefill", spec.layers)
-    program.model_proto.graph.input[2].type.tensor_type.shape.dim[0].dim_param = "images"
-    return _save(program, Path(path), log, "prefill (image)", start)
-
-
 def export_vision_engine_graphs(model, spec, geometry: dict, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
-    """vision.onnx, prefill.onnx (with image_embeds) and the text decode.onnx into ``folder``."""
-    folder = Path(folder)
+    """vision.onnx, and the text engine's decoder.onnx (taking image embeddings) and compact.onnx, into ``folder``."""
+    folder, text = Path(folder), TextView(model)
     return {
         "vision": export_vision_graph(model, geometry, folder / "vision.onnx", opset, log),
-        "prefill": export_image_prefill_graph(model, spec, geometry, folder / "prefill.onnx", opset, log),
-        "decode": export_graph(TextView(model), spec, "decode", folder / "decode.onnx", opset, log),
+        "decoder": export_engine_graph(text, spec, "decoder", folder / "decoder.onnx", opset, log,
+                                       image_token_id=geometry["image_token_id"], hidden=geometry["hidden"]),
+        "compact": export_engine_graph(text, spec, "compact", folder / "compact.onnx", opset, log),
     }
 
 

@@ -1,0 +1,90 @@
+"""One prefill measurement in a fresh process, so that its peak RSS is its own.
+
+    python -m prefixkv.bench.point ENGINE_DIR CONTEXT [--chunk N] [--threads T] [--steps S]
+    python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
+
+Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, from
+``getrusage``), RSS after loading (before the prompt) and, for an engine, the median decode
+step after the prefill.  ``torch:MODEL`` is the plain PyTorch prefill ``model(ids)`` with
+SDPA attention (it holds every position's logits, as ``transformers`` computes them).
+The prompt is the first CONTEXT tokens of the built-in text.  ``speed.prefill_points`` runs
+this once per point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def rss_bytes() -> int:
+    """The resident set size now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def measure(target: str, context: int, chunk: int | None, threads: int, steps: int) -> dict:
+    from ..data import builtin_text
+
+    text = builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
+    if target.startswith("torch:"):
+        import torch
+
+        from ..models import load_model
+
+        torch.set_num_threads(threads)
+        model, tokenizer = load_model(target.split(":", 1)[1], attention="sdpa")
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:context]
+        loaded = rss_bytes()
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(torch.tensor([ids]))
+            prefill = time.perf_counter() - start
+        return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(), "tokens": len(ids)}
+    from ..engines.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk)
+    ids = runner.tokenizer.encode(text)[:context]
+    loaded = rss_bytes()
+    start = time.perf_counter()
+    logits, state = runner.prefill(*runner.pad([ids]))
+    prefill = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    times = []
+    for _ in range(steps):
+        token = logits.argmax(-1)
+        start = time.perf_counter()
+        logits, state = runner.decode(state, token)
+        times.append(time.perf_counter() - start)
+    return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak, "tokens": len(ids),
+            "chunk": runner.prefill_chunk, "decode_ms_per_token": statistics.median(times) * 1e3 if times else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prefixkv.bench.point", description=__doc__.splitlines()[0])
+    p.add_argument("target", help="an engine folder, or torch:MODEL")
+    p.add_argument("context", type=int)
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    args = p.parse_args(argv)
+    print(json.dumps(measure(args.target, args.context, args.chunk, args.threads, args.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""``bench speed``'s prefill points and targets: a fresh process per point, targets from hand-made numbers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from test_export import one_torch_thread, tiny  # noqa: F401  (fixtures)
+
+
+def test_a_point_runs_in_its_own_process_and_reports_memory(tiny):
+    engine_dir = tiny[0]
+    proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.point", str(engine_dir), "200", "--chunk", "64",
+                           "--threads", "1", "--steps", "3"], capture_output=True, text=True, check=True)
+    point = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert point["tokens"] <= 200 and point["chunk"] == 64
+    assert point["prefill_s"] > 0 and point["decode_ms_per_token"] > 0
+    assert 0 < point["rss_after_load"] <= point["peak_rss"]
+
+
+def test_targets_compare_with_the_measured_numbers():
+    from prefixkv.bench.speed import targets
+
+    gib = 2**30
+    results = {
+        "prefill": {
+            "window:keep 0.2": {"2048": {"prefill_s": 3.3, "peak_rss": 1 * gib, "rss_after_load": 600},
+                                "8192": {"prefill_s": 30.0, "peak_rss": 2.5 * gib, "rss_after_load": 700}},
+            "accumulated:keep 0.2": {"2048": {"prefill_s": 4.2, "peak_rss": gib, "rss_after_load": 600}},
+            "torch-sdpa": {"2048": {"prefill_s": 3.0}, "8192": {"prefill_s": 20.0}},
+        },
+        "sizes": {"safetensors": 1000, "engines": {"window:keep 0.2": {"folder": 1050, "weights": 500}}},
+        "onnxruntime": {"1": {"512": {"decode_ms_per_token": 30.0}}, "0.2": {"512": {"decode_ms_per_token": 20.0}}},
+        "genai": {"512": {"decode_ms_per_token": 33.0}},
+    }
+    got = {row["target"]: (row["value"], row["met"]) for row in targets(results)}
+    assert all(row["limit"] > 0 for row in targets(results))
+    assert got == {
+        "window:keep 0.2 prefill at 2048 <= 1.1x PyTorch SDPA": (1.1, True),  # 3.3 / 3.0
+        "window:keep 0.2 prefill at 8192 <= 1.1x PyTorch SDPA": (1.5, False),
+        "window:keep 0.2 peak RSS at 8192 <= 2.0 GiB": (2.5, False),
+        "window:keep 0.2 folder <= 1.1x safetensors": (1.05, True),
+        "window:keep 0.2 RSS after load <= 1.3x weights": (1.4, False),  # 700 / 500
+        "accumulated:keep 0.2 prefill at 2048 <= 1.4x PyTorch SDPA": (1.4, True),
+        "keep 1 decode at 512 <= onnxruntime-genai's": (0.909, True),
+    }
