@@ -28,8 +28,8 @@ from . import architectures, defaults, report
 from .calibration import Calibration, calibrate
 from .data import builtin_samples, load_jsonl
 from .engine_folder import (
-    ENGINE_GRAPHS,
     ENGINE_SUBDIR,
+    LANGUAGE_GRAPHS,
     VALIDATION,
     atomic_write_text,
     check_output,
@@ -329,9 +329,9 @@ def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
                 copy_processor(folder, tmp)
             else:
                 export_engine_graphs(model, spec, tmp, config.opset, log)
-            language = ENGINE_GRAPHS[config.backend]
+            language = tuple(g for g in LANGUAGE_GRAPHS if (tmp / f"{g}.onnx").is_file())  # those exported
             # the language model's weights (a vision engine's image encoder stays as exported)
-            weights = quantize_graphs(tmp, [g for g in language if g != "compact"], config.weights, log)
+            weights = quantize_graphs(tmp, [g for g in language if g not in ("score", "compact")], config.weights, log)
             copy_tokenizer(folder, tmp)
             profile.save(tmp / "profile.json")
             _plot_profile(profile, run, config.keep_fraction, tmp / REPORT)

@@ -58,7 +58,7 @@ def test_manifest_describes_the_engine(tiny):
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256(engine_dir / name)
     decoder = manifest["graphs"]["decoder"]
-    assert [i["name"] for i in decoder["inputs"][:4]] == ["input_ids", "position_ids", "prompt_lengths", "score_from"]
+    assert [i["name"] for i in decoder["inputs"][:3]] == ["input_ids", "position_ids", "prompt_lengths"]
     assert decoder["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 256]}
     assert {"name": "past.0.valid", "dtype": "bool", "shape": ["batch", "past_length_0"]} in decoder["inputs"]
     compact = manifest["graphs"]["compact"]

@@ -135,16 +135,15 @@ def test_layer_lengths_follow_the_profile_constants(runners):
 
 def test_one_decoder_graph_holds_the_weights_once(tiny):
     """decoder.onnx: chunks of C tokens over per-layer buffers, one fused attention per layer
-    writing into the present buffers, attention mass for the scored layers; compact.onnx:
-    the per-layer TopK compaction and no weights; one weights file in the folder."""
+    writing into the present buffers, the scored layers' queries out; score.onnx: their
+    attention mass; compact.onnx: the per-layer TopK compaction; one weights file in the folder."""
     import onnx
 
     engine_dir = tiny[0]
     graph = onnx.load(str(engine_dir / "decoder.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["input_ids"] == dims["position_ids"] == ["batch", "chunk"]
-    assert dims["score_from"] == []
-    assert sum(n.op_type == "If" for n in graph.node) == 2  # the mass of each scored layer, skipped in a decode step
+    assert "score_from" not in dims  # the decoder computes no importance: the score graph does, for prefill chunks
     # K/V are fixed-capacity buffers; positions/valid mark the slots in use, per layer
     assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"cache_capacity_{l}" for l in range(LAYERS)]
     assert [dims[f"past.{l}.valid"] for l in range(LAYERS)] == [["batch", f"past_length_{l}"] for l in range(LAYERS)]
@@ -152,7 +151,10 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert outputs["present.2.key"] == ["batch", 2, "cache_capacity_2", 16]
     assert outputs["present.2.positions"] == ["batch", "present_length_2"]
     # layer 1 keeps everything: no scores
-    assert [n for n in outputs if n.startswith("mass.")] == ["mass.0", "mass.2"]
+    assert [n for n in outputs if n.startswith("query.")] == ["query.0", "query.2"]
+    score = onnx.load(str(engine_dir / "score.onnx"), load_external_data=False).graph
+    assert [i.name for i in score.input] == ["score_from", "used", "query", "key"] and score.output[0].name == "mass"
+    assert sum(int(np.prod(t.dims)) for t in score.initializer) < 100  # shape constants, no weights
     fused = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     assert [list(n.output[1:]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
     assert [list(n.input[3:5]) for n in fused] == [[f"past.{l}.key", f"past.{l}.value"] for l in range(LAYERS)]
@@ -161,7 +163,7 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
     assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 2
+    assert set(manifest["graphs"]) == {"decoder", "score", "compact"} and manifest["schema_version"] == 2
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])

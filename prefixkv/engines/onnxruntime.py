@@ -40,7 +40,7 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
-GRAPHS = ("decoder", "compact")  # an ONNX Runtime engine's graphs (``prefixkv.exporter.onnx.ENGINE_GRAPHS``)
+GRAPHS = ("decoder", "compact")  # an ONNX Runtime engine's graphs; "score" too when a layer's score needs attention
 # used without being asked for when present (TensorRT only on request: it needs its own libraries)
 DEFAULT_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -152,7 +152,7 @@ class OnnxRuntimeRunner(Runner):
             raise EngineError(f"{self.engine_dir}: the manifest lists no {' or '.join(missing)} graph (an engine from an "
                               "older prefixkv); rebuild it with `prefixkv build --force`")
         self.sessions = {}
-        for graph in GRAPHS:
+        for graph in GRAPHS + (("score",) if "score" in self.manifest["graphs"] else ()):
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]
             self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
             self._check_io(graph)
@@ -176,7 +176,10 @@ class OnnxRuntimeRunner(Runner):
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
         self._past_names = [n for n in inputs if n.startswith("past.")]
-        self._mass_layers = [int(n.split(".")[1]) for n in self._outputs["decoder"] if n.startswith("mass.")]
+        self._mass_layers = [int(n.split(".")[1]) for n in self._outputs["decoder"] if n.startswith("query.")]
+        if self._mass_layers and "score" not in self.sessions:
+            raise EngineError(f"{self.engine_dir}: the manifest lists no score graph for the scored layers; rebuild it "
+                              "with `prefixkv build --force`")
         # decoder output -> the index in ``past`` of the buffer it is written into
         self._in_place = {f"present.{l}.{part}": 4 * l + i for l in range(self.layers) for i, part in enumerate(("key", "value"))}
 
@@ -211,7 +214,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _step(self, past: list, inputs: dict):
         """One decoder run: (logits OrtValue, the new past (the key/value buffers are the
-        given ones, written in place), the chunk's mass per scored layer)."""
+        given ones, written in place), the chunk's queries per scored layer)."""
         outputs = self._run("decoder", inputs, past)
         present = list(outputs[1 : 1 + 4 * self.layers])
         for l in range(self.layers):  # keep the objects that own the buffers
@@ -246,7 +249,8 @@ class OnnxRuntimeRunner(Runner):
     def _prefill_row(self, ids: np.ndarray, image_rows=None):
         """One prompt (n,) in chunks of ``prefill_chunk`` tokens through the decoder graph (each
         layer's buffers hold the whole prompt; the scored rows' attention mass is summed chunk
-        by chunk), then every layer compacted to its profile count by the compact graph.
+        by chunk by the score graph), then every layer compacted to its profile count by the
+        compact graph.
         Returns logits (1, V) and the flat per-layer compact caches (batch 1)."""
         ort, n = self._ort, len(ids)
         kv_heads, head_dim = int(self.manifest["kv_heads"]), int(self.manifest["head_dim"])
@@ -263,13 +267,14 @@ class OnnxRuntimeRunner(Runner):
             stop = min(start + self.prefill_chunk, n)
             first = int(np.clip(first_scored - start, 0, stop - start))
             inputs = {"input_ids": ids[None, start:stop], "position_ids": np.arange(start, stop, dtype=np.int64)[None],
-                      "prompt_lengths": lengths,
-                      "score_from": np.array(first, np.int64)}
+                      "prompt_lengths": lengths}
             if image_rows is not None:
                 inputs["image_embeds"] = image_rows(start, stop)
-            logits, past, chunk_masses = self._step(past, inputs)
-            if first < stop - start:
-                for total, mass in zip(masses, chunk_masses):
+            logits, past, queries = self._step(past, inputs)
+            if first < stop - start:  # the chunk holds scored rows: their mass, one layer per run
+                rows = {"score_from": np.array(first, np.int64), "used": np.array(stop, np.int64)}
+                for total, l, query in zip(masses, self._mass_layers, queries):
+                    (mass,) = self._run("score", rows, ortvalues={"query": query, "key": past[4 * l]})
                     total[:, :stop] += mass.numpy()
         feeds = {"attention_mask": np.ones((1, n), np.int64)}
         for i, l in enumerate(self._mass_layers):
@@ -305,8 +310,7 @@ class OnnxRuntimeRunner(Runner):
         for l in range(self.layers):
             if past[4 * l].shape()[2] <= past[4 * l + 2].shape()[1]:  # no free slot: compact, add slack
                 past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
-        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths,
-                  "score_from": np.array(1, np.int64)}  # no row scored: the graph skips the mass
+        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
         inputs.update(self._decode_extras(len(tokens)))
         logits, present, _ = self._step(past, inputs)
         state.past = None

@@ -11,7 +11,7 @@
         image-token ids (``<image>`` expanded by the processor); the rows replace those
         tokens' embeddings (``merge_image_embeds``), then the language model runs as for text.
 
-    compact: the text engine's compact graph, unchanged.
+    score, compact: the text engine's graphs, unchanged.
 
 ``prefixkv.pipeline.build_engine`` calls ``export_vision_engine_graphs`` for a vision model.
 The language model is reached through ``TextView`` (``model.model.language_model`` and
@@ -29,7 +29,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..exporter.onnx import OPSET, ExportError, export_engine_graph
+from ..exporter.onnx import OPSET, ExportError, engine_graphs, export_engine_graph
 from .preprocess import ImageProcessor
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
@@ -122,13 +122,13 @@ def export_vision_graph(model, geometry: dict, path: str | Path, opset: int = OP
 
 
 def export_vision_engine_graphs(model, spec, geometry: dict, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
-    """vision.onnx, and the text engine's decoder.onnx (taking image embeddings) and compact.onnx, into ``folder``."""
+    """vision.onnx, and the text engine's decoder.onnx (taking image embeddings), score.onnx and compact.onnx, into ``folder``."""
     folder, text = Path(folder), TextView(model)
     return {
         "vision": export_vision_graph(model, geometry, folder / "vision.onnx", opset, log),
         "decoder": export_engine_graph(text, spec, "decoder", folder / "decoder.onnx", opset, log,
                                        image_token_id=geometry["image_token_id"], hidden=geometry["hidden"]),
-        "compact": export_engine_graph(text, spec, "compact", folder / "compact.onnx", opset, log),
+        **{g: export_engine_graph(text, spec, g, folder / f"{g}.onnx", opset, log) for g in engine_graphs(spec)[1:]},
     }
 
 
