@@ -8,7 +8,7 @@ import sys
 from test_export import one_torch_thread, tiny  # noqa: F401  (fixtures)
 
 
-def test_a_point_runs_in_its_own_process_and_reports_memory(tiny):
+def test_a_point_runs_in_its_own_process_and_reports_memory(tiny):  # noqa: F811 (the fixture)
     engine_dir = tiny[0]
     proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.point", str(engine_dir), "200", "--chunk", "64",
                            "--threads", "1", "--steps", "3"], capture_output=True, text=True, check=True)
