@@ -104,9 +104,10 @@ def _batch(runner, lengths, seed=0):
     return runner.pad([list(rng.integers(3, 256, n)) for n in lengths])
 
 
-def test_prefill_matches_reference_with_left_padding(runners):
-    engine, reference = runners
-    ids, mask = _batch(engine, [70, 41, 9])
+def _prefill_matches(engine, reference, lengths):
+    """Prefill a padded batch of ``lengths`` on both: logits within 1e-4, every layer's kept
+    positions and validity identical, kept keys/values within 1e-5.  -> (ref_logits, state, ref_state)."""
+    ids, mask = _batch(engine, lengths)
     logits, state = engine.prefill(ids, mask)
     ref_logits, ref_state = reference.prefill(ids, mask)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
@@ -117,6 +118,11 @@ def test_prefill_matches_reference_with_left_padding(runners):
         held = layer.valid.numpy()[:, None, :, None]  # empty slots' contents mean nothing
         np.testing.assert_allclose(got["key"] * held, layer.keys.numpy() * held, atol=1e-5)
         np.testing.assert_allclose(got["value"] * held, layer.values.numpy() * held, atol=1e-5)
+    return ref_logits, state, ref_state
+
+
+def test_prefill_matches_reference_with_left_padding(runners):
+    _prefill_matches(*runners, [70, 41, 9])
 
 
 def test_layer_lengths_follow_the_profile_constants(runners):
@@ -174,15 +180,7 @@ def test_chunked_prefill_matches_the_reference(tiny, runners, chunk):
 
     engine = OnnxRuntimeRunner(tiny[0], threads=1, prefill_chunk=chunk)
     reference = runners[1]
-    ids, mask = _batch(engine, [150, 97])
-    logits, state = engine.prefill(ids, mask)
-    ref_logits, ref_state = reference.prefill(ids, mask)
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    for l, layer in enumerate(ref_state.cache.layers):
-        got = engine.cache(state, l)
-        np.testing.assert_array_equal(got["positions"], layer.positions.numpy())
-        held = layer.valid.numpy()[:, None, :, None]
-        np.testing.assert_allclose(got["key"] * held, layer.keys.numpy() * held, atol=1e-5)
+    ref_logits, state, ref_state = _prefill_matches(engine, reference, [150, 97])
     logits, state = engine.decode(state, ref_logits.argmax(-1))
     ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
