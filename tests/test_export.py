@@ -327,3 +327,29 @@ def test_a_state_built_from_numpy_keeps_its_buffers_alive(runners):
         ref_logits, ref_state = reference.decode(ref_state, tokens)
         gc.collect()
         np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lengths", [[60, 33], [60]])
+def test_arrays_read_from_a_state_outlive_it(runners, lengths):
+    """What ``numpy()`` gives for a state's cache stays valid after the state is dropped
+    (validation compares outputs after the run that made them).  A merged batch (rows of
+    different widths) and a decode-time compaction both build caches from numpy."""
+    import gc
+
+    engine, _ = runners
+    ids, mask = _batch(engine, lengths)
+
+    def read(state):
+        return [v.numpy() for v in state.past]
+
+    _, state = engine.prefill(ids, mask)
+    views, want = read(state), [np.array(v.numpy(), copy=True) for v in state.past]
+    for _ in range(3 * engine.cache_slack):  # past the free slots: decode compacts and rebuilds positions
+        _, state = engine.decode(state, np.full(len(lengths), 7, np.int64))
+    decoded, decoded_want = read(state), [np.array(v.numpy(), copy=True) for v in state.past]
+    del state
+    gc.collect()
+    junk = [np.full((len(lengths), 64), -7, np.int64) for _ in range(4000)]  # reuse what was freed
+    for got, expected in zip(views + decoded, want + decoded_want):
+        np.testing.assert_array_equal(got, expected)
+    del junk

@@ -258,8 +258,7 @@ class OnnxRuntimeRunner(Runner):
         for _ in range(self.layers):  # slots [0, T) are written before they are read: no fill needed
             past += [ort.OrtValue.ortvalue_from_shape_and_type((1, kv_heads, n, head_dim), self._dtype, self.device)
                      for _ in range(2)]
-            past += [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 0), np.int64), self.device),
-                     ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 0), bool), self.device)]
+            past += [self._owned(np.zeros((1, 0), np.int64)), self._owned(np.zeros((1, 0), bool))]
         first_scored = n - (n if self.score_rows is None else min(self.score_rows, n))
         masses = [np.zeros((1, n), np.float32) for _ in self._mass_layers]
         lengths = np.array([n], np.int64)
@@ -285,7 +284,7 @@ class OnnxRuntimeRunner(Runner):
     def _merge_rows(self, caches: list[list]) -> list:
         """Rows' compact caches (batch 1 each) as one batch: per layer the widest row's width,
         each row's entries right-aligned, empty slots (position -1, not valid) in front."""
-        ort, merged = self._ort, []
+        merged = []
         for l in range(self.layers):
             parts = [[c.numpy() for c in cache[4 * l : 4 * l + 4]] for cache in caches]
             width = max(p[2].shape[1] for p in parts)
@@ -296,7 +295,7 @@ class OnnxRuntimeRunner(Runner):
                 w = p.shape[1]
                 key[row, :, width - w :], value[row, :, width - w :] = k[0], v[0]
                 positions[row, width - w :], valid[row, width - w :] = p[0], m[0]
-            merged += [ort.OrtValue.ortvalue_from_numpy(a, self.device) for a in (key, value, positions, valid)]
+            merged += [self._owned(a) for a in (key, value, positions, valid)]
         return merged
 
     def decode(self, state: OnnxRuntimeState, token_ids):
@@ -341,9 +340,16 @@ class OnnxRuntimeRunner(Runner):
         binding.bind_output("key_out", self.device)
         binding.bind_output("value_out", self.device)
         self._compactor.run_with_iobinding(binding)
-        ort = self._ort
-        return [*binding.get_outputs(), ort.OrtValue.ortvalue_from_numpy(positions, self.device),
-                ort.OrtValue.ortvalue_from_numpy(valid, self.device)]
+        return [*binding.get_outputs(), self._owned(positions), self._owned(valid)]
+
+    def _owned(self, array: np.ndarray):
+        """``array`` copied into an OrtValue that owns its memory.  ``ortvalue_from_numpy``
+        borrows the array's buffer, and ``numpy()`` views of such a value dangle once the
+        Python wrapper is gone (ORT 1.32: the view's capsule holds the C++ value, not the
+        array), so a state's cache is never built that way."""
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, self.device)
+        value.update_inplace(np.ascontiguousarray(array))
+        return value
 
     # -- inspection ---------------------------------------------------------------------------
     def kept_positions(self, state: OnnxRuntimeState) -> list[np.ndarray]:
