@@ -5,6 +5,8 @@ same attention pass), the prefix search gives per-layer kept counts for every ke
 fraction, the optional floor and blend bound them, and counts / prompt length become
 that sample's per-layer keep fractions.  The profile holds their mean and spread, and
 the ``SearchSettings`` that made them (the paper's by default).
+
+The other allocation rule, ``sensitivity``, calibrates in ``prefixkv.sensitivity``.
 """
 from __future__ import annotations
 
@@ -144,3 +146,4 @@ def _resample_curves(importance: torch.Tensor, search: SearchSettings, points: i
     hi = (lo + 1).clamp(max=m)
     w = share - lo.double()
     return padded[:, lo] * (1 - w) + padded[:, hi] * w
+

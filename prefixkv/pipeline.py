@@ -41,6 +41,7 @@ from .engine_folder import (
     write_manifest,
 )
 from .engines.validate import ValidationConfig, validate_engine
+from .evaluation import pad_token_id
 from .exporter.onnx import (
     OPSET,
     export_engine_graphs,
@@ -55,6 +56,7 @@ from .models import load_model, model_folder
 from .profile import Fingerprint, RetentionProfile
 from .scoring import make_scorer
 from .search import PAPER, SearchSettings
+from .sensitivity import calibrate_sensitivity
 from .vision import is_vision_model
 from .vision.calibration import calibrate_vision
 from .vision.data import load_samples
@@ -146,8 +148,11 @@ class CalibrationConfig:
     window: int = defaults.WINDOW
     search: SearchSettings = PAPER
     data: DataConfig = field(default_factory=DataConfig)
+    rule: str = defaults.RULE  # prefix-search (the paper's) or sensitivity (prefixkv.sensitivity)
 
     def __post_init__(self):
+        if self.rule not in defaults.ALLOCATION_RULES:
+            raise ValueError(f"the allocation rule must be one of {', '.join(defaults.ALLOCATION_RULES)}, got {self.rule!r}")
         self.keep_fractions = tuple(check_keep_fraction(k, "keep fractions") for k in self.keep_fractions)
         if not self.keep_fractions:
             raise ValueError("give at least one keep fraction to calibrate")
@@ -159,9 +164,25 @@ class CalibrationConfig:
         _positive("the window", self.window)
         if not isinstance(self.search, SearchSettings):
             raise ValueError(f"search must be a SearchSettings, got {self.search!r}")
+        if self.rule == "sensitivity":
+            shaped = [f"--{name.replace('_', '-')}" for name in ("curve", "min_layer_keep", "blend")
+                      if getattr(self.search, name) != defaults.PAPER_SEARCH[name]]
+            if shaped:
+                raise ValueError(f"{shaped[0]} shapes the prefix search; the sensitivity rule does not use it (drop it, "
+                                 "or use --rule prefix-search)")
 
     def scorer(self, name: str):
         return make_scorer(name, window=self.window) if name == "window" else make_scorer(name)
+
+
+def describe_rule(config: CalibrationConfig) -> str:
+    """How ``config`` chooses the per-layer lengths, in words, for a log line."""
+    if config.rule == "sensitivity":
+        return (f"allocation rule sensitivity (beyond the paper: the measured harm of compressing each layer), "
+                f"sink {config.search.sink}")
+    departures = config.search.departures()
+    return "search settings: " + (f"the paper's except {', '.join(departures)}" if departures else
+                                  f"the paper's (curve {defaults.CURVE}, sink {defaults.SINK}, blend {defaults.BLEND:g}, no floor)")
 
 
 def calibrate_model(model, tokenizer, config: CalibrationConfig, progress: bool = True) -> Calibration:
@@ -171,12 +192,21 @@ def calibrate_model(model, tokenizer, config: CalibrationConfig, progress: bool 
     result is a ``VisionCalibration`` (the image share of the kept entries per layer, too)."""
     vision = is_vision_model(model)
     check_chat(config.data.chat, vision)
+    if vision and config.rule != defaults.RULE:
+        raise ValueError(f"the {config.rule} rule calibrates text models only for now; use the prefix search for a vision model")
     rows, name = config.data.load(tokenizer, "calibration", vision)
     scorers = [config.scorer(n) for n in config.scorers]
     if vision:
         return calibrate_vision(model, tokenizer, rows, config.keep_fractions, scorers, search=config.search,
                                 chat=config.data.chat, progress=progress, data_name=name)
     samples = [encode(tokenizer, r["prompt"]) for r in rows]
+    if config.rule == "sensitivity":
+        run = Calibration(profiles={})
+        for scorer in scorers:
+            run.profiles.update(calibrate_sensitivity(model, samples, config.keep_fractions, scorer, search=config.search,
+                                                      pad_id=pad_token_id(model, tokenizer), progress=progress,
+                                                      data_name=name).profiles)
+        return run
     return calibrate(model, samples, config.keep_fractions, scorers, search=config.search, progress=progress,
                      data_name=name)
 
@@ -191,9 +221,7 @@ def resolve_profile(profile, model, tokenizer, keep_fraction: float, calibration
     if profile is None:
         config = calibration or CalibrationConfig()
         config = replace(config, keep_fractions=(keep_fraction,), scorers=config.scorers[:1])
-        departures = config.search.departures()
-        log(f"calibrating a profile: {config.data.samples} samples, scorer {config.scorers[0]}, search settings: "
-            + (f"the paper's except {', '.join(departures)}" if departures else f"the paper's (curve {defaults.CURVE}, sink {defaults.SINK}, blend {defaults.BLEND:g}, no floor)"))
+        log(f"calibrating a profile: {config.data.samples} samples, scorer {config.scorers[0]}, " + describe_rule(config))
         run = calibrate_model(model, tokenizer, config, progress=False)
         profile = next(iter(run.profiles.values()))
     elif isinstance(profile, (str, Path)):

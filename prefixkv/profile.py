@@ -14,12 +14,14 @@ On disk (schema version 1)::
      "model": {"architecture": str, "layers": int, "heads": int, "kv_heads": int, "head_dim": int, "config_hash": str},
      "sink": int, "protect_last": bool,
      "scorer": {"name": str, "params": {...}},
-     "allocation": {"min_layer_keep": float, "blend": float, "curve": "all" | "unprotected"},
+     "allocation": {"min_layer_keep": float, "blend": float, "curve": "all" | "unprotected",
+                    "rule": "prefix-search" | "sensitivity"},
      "budgets": {"<keep fraction>": {"layer_keep_fractions": [float] * layers, "layer_keep_std": [float] * layers}},
      "calibration": {...}}
 
 ``allocation.curve`` is the search's curve (``prefixkv.search``); files written before it was
-recorded have none, and load with ``curve`` None ("not recorded").
+recorded have none, and load with ``curve`` None ("not recorded").  ``allocation.rule`` says
+how the lengths were chosen (``defaults.ALLOCATION_RULES``); absent means the prefix search.
 
 LayerKeep keys are written with ``repr(float)`` so they read back as the same float; keys
 written by older versions with 6 significant digits (``:g``) are still read.
@@ -147,6 +149,7 @@ class RetentionProfile:
     protect_last: bool = True
     calibration: dict = field(default_factory=dict)
     curve: str | None = None  # the search's curve; None: not recorded (older files)
+    rule: str = defaults.RULE  # how the lengths were chosen: the prefix search, or measured sensitivity
 
     def __post_init__(self):
         # a profile built in code is held to the file's rules; only an empty ``budgets`` is
@@ -201,8 +204,10 @@ class RetentionProfile:
 
     def departures(self) -> list[str]:
         """The search settings that differ from the paper's (``prefixkv.defaults``: curve all,
-        one sink, the last token, no floor, blend 1), as ``name=value``; empty: the paper's."""
-        return defaults.departures(self)
+        one sink, the last token, no floor, blend 1, the prefix search), as ``name=value``;
+        empty: the paper's."""
+        rule = [] if self.rule == defaults.RULE else [f"rule={self.rule!r}"]
+        return rule + defaults.departures(self)
 
     def check_scorer(self, scorer: str, params: dict | None = None, force: bool = False) -> None:
         """Refuse to apply the profile with another importance score unless forced."""
@@ -379,6 +384,7 @@ class _AllocationDoc(_Strict):
     min_layer_keep: Unit = 0.0
     blend: Unit = 1.0
     curve: Optional[Literal["all", "unprotected"]] = None
+    rule: Literal["prefix-search", "sensitivity"] = "prefix-search"
 
 
 class _BudgetDoc(_Strict):
@@ -515,6 +521,7 @@ def _parse(data, source: str) -> RetentionProfile:
             min_layer_keep=float(doc.allocation.min_layer_keep),
             blend=float(doc.allocation.blend),
             curve=doc.allocation.curve,
+            rule=doc.allocation.rule,
             protect_last=doc.protect_last,
             calibration=dict(doc.calibration),
         )
@@ -537,7 +544,8 @@ def _document(profile: RetentionProfile, calibrated: dict[float, LayerKeep]) -> 
         "protect_last": profile.protect_last,
         "scorer": {"name": profile.scorer, "params": profile.scorer_params},
         "allocation": {"min_layer_keep": profile.min_layer_keep, "blend": profile.blend,
-                       **({"curve": profile.curve} if profile.curve is not None else {})},
+                       **({"curve": profile.curve} if profile.curve is not None else {}),
+                       **({"rule": profile.rule} if profile.rule != defaults.RULE else {})},
         "budgets": {_key(kf): {"layer_keep_fractions": b.layer_keep_fractions, "layer_keep_std": b.layer_keep_std}
                     for kf, b in sorted(calibrated.items())},
         "calibration": profile.calibration,

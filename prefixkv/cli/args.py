@@ -187,6 +187,13 @@ def add_scoring(p) -> None:
                         f"(the released code's), unprotected = over the unprotected entries only (default {defaults.CURVE})")
 
 
+def add_rule(p) -> None:
+    p.add_argument("--rule", choices=defaults.ALLOCATION_RULES, default=defaults.RULE,
+                   help="how the per-layer lengths are chosen: prefix-search = the paper's search on attention mass; "
+                        "sensitivity = the measured harm of compressing each layer alone (KL from the full cache; "
+                        "beyond the paper, see README) (default %(default)s)")
+
+
 def add_method(p) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="prefixkv",
@@ -322,7 +329,7 @@ def search_settings(args) -> SearchSettings:
 
 def calibration_config(args, keep: tuple[float, ...]):
     return CalibrationConfig(keep_fractions=keep, scorers=scorer_names(args) or (defaults.SCORER,), window=args.window,
-                             search=search_settings(args), data=data_config(args))
+                             search=search_settings(args), data=data_config(args), rule=getattr(args, "rule", defaults.RULE))
 
 
 def validation_config(args, samples=None):

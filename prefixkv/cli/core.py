@@ -9,7 +9,7 @@ from .. import defaults
 from ..engine_folder import atomic_write_text
 from ..evaluation import EvalSettings, MethodConfig, evaluate
 from ..models import DEFAULT_MODEL, load_model
-from ..pipeline import calibrate_model, check_chat
+from ..pipeline import calibrate_model, check_chat, describe_rule
 from ..profile import Fingerprint, RetentionProfile
 from ..released import import_profiles, model_config
 from ..report import plot_calibration
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     a.add_keep(p, many=True)
     a.add_data(p, samples=defaults.CALIBRATION_SAMPLES, what="calibration prompts (default: the built-in calibration split)")
     a.add_scoring(p)
+    a.add_rule(p)
     a.add_output(p, "profile.json", "profile path (more scorers: NAME.SCORER.json)")
     p.add_argument("--plots", help="folder for the PNG plots (default: OUTPUT_report/)")
     a.add_force(p, "profile")
@@ -77,9 +78,7 @@ def run_calibrate(args) -> int:
     for path in outputs.values():
         a.check_writable(path, "the profile")
     model, tokenizer = load_model(args.model)
-    departures = config.search.departures()
-    a.stderr("search settings: " + (f"the paper's except {', '.join(departures)} (recorded in the profile)"
-                                    if departures else "the paper's (PrefixKV's released code)"))
+    a.stderr(describe_rule(config) + " (recorded in the profile)")
     run = calibrate_model(model, tokenizer, config)
     for key, path in outputs.items():
         a.stderr(f"profile ({key}): {run.profiles[key].save(path)}")

@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     a.add_data(p, samples=defaults.CALIBRATION_SAMPLES,
                what="calibration prompts with --calibrate (vision: also the validation prompts)")
     a.add_scoring(p)
+    a.add_rule(p)
     p.add_argument("--evict-distance", type=a.positive_int, default=defaults.EVICT_DISTANCE,
                    help="decode-phase eviction slot from the end of the compacted prompt (default %(default)s)")
     p.add_argument("--max-context", type=a.positive_int, help="context limit recorded in the engine (default: the model's)")
@@ -82,7 +83,8 @@ def run_build(args) -> int:
                  if value is not None]
         given += [flag for flag, value, default in (("--window", args.window, defaults.WINDOW),
                                                     ("--samples", args.samples, defaults.CALIBRATION_SAMPLES),
-                                                    ("--tokens", args.tokens, defaults.CALIBRATION_TOKENS)) if value != default]
+                                                    ("--tokens", args.tokens, defaults.CALIBRATION_TOKENS),
+                                                    ("--rule", args.rule, defaults.RULE)) if value != default]
         if given:
             raise a.UserError(f"{given[0]} shapes a new calibration (--calibrate); with --profile PATH the profile's own "
                               "settings are used (calibrate another with `prefixkv calibrate ...`)")
