@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import attention as _attention
 from .compaction import compact, decode_budget, evict
 from .defaults import EVICT_DISTANCE
-from .policies import Method, make_method
+from .policies import Method, Profiled, make_method
 from .scoring import attention_with_scores, decode_attention, make_scorer
 from .search import PAPER, SearchSettings
 
@@ -112,7 +112,7 @@ class PrefixKVCache(Cache):
         if isinstance(method, str):
             method = make_method(method, profile, scorer, scorer_params, allocation, evict_distance,
                                  search, force_scorer, sink)
-        if method.allocation.name == "profile":
+        if isinstance(method.allocation, Profiled):
             method.allocation.profile.layer_fractions(keep_fraction)  # fail now on an uncalibrated fraction
         self.method = method
         self.keep_fraction = float(keep_fraction)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
 from .defaults import EVAL_NEW_TOKENS, EVICT_DISTANCE
 from .metrics import perplexity, rouge_l
-from .policies import Method, make_method
+from .policies import Method, Profiled, make_method
 from .search import PAPER, SearchSettings
 from .vision import is_vision_model
 from .vision.calibration import model_inputs
@@ -346,7 +346,7 @@ def evaluate_many(
         csink = m.sink  # the config's, else the method's own, or its profile's
         for kf in kfs:
             runs.append({"config": c, "method": m, "keep": kf, "label": c.name(profile), "sink": csink,
-                         "profile": prof if m.allocation.name == "profile" else None,
+                         "profile": prof if isinstance(m.allocation, Profiled) else None,
                          "hidden": hidden_full and number == 0})
     runs.sort(key=lambda r: 0 if not r["method"].compresses else 1)  # full first: its text is the reference
     record = {}

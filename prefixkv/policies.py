@@ -7,7 +7,8 @@ decode-phase rule (except StreamingLLM, which evicts the oldest entry after the 
 Allocations turn a keep fraction into per-layer keep fractions:
     uniform   the same fraction in every layer
     pyramid   linearly decreasing with depth, 1.5x the mean at the bottom to 0.5x at the top
-    profile   a calibrated RetentionProfile (PrefixKV offline)
+    profile   a calibrated RetentionProfile (PrefixKV offline; named ``sensitivity`` when
+              the profile was made by that rule, ``prefixkv.sensitivity``)
     online    the prefix search run on each prompt's own scores (PrefixKV online)
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .compaction import OLDEST
-from .defaults import EVICT_DISTANCE, METHOD_SINKS, PROTECT_LAST, SINK
+from .defaults import EVICT_DISTANCE, METHOD_SINKS, PROTECT_LAST, RULE, SINK
 from .scoring import Scorer, make_scorer
 from .search import PAPER, SearchSettings
 
@@ -62,12 +63,15 @@ class Pyramid(Allocation):
 
 
 class Profiled(Allocation):
-    """PrefixKV offline: the calibrated per-layer fractions of a profile."""
+    """PrefixKV offline: the calibrated per-layer fractions of a profile.  Named after the
+    profile's rule: ``profile`` (the prefix search) or ``sensitivity``."""
 
     name = "profile"
 
     def __init__(self, profile):
         self.profile = profile
+        if getattr(profile, "rule", RULE) != RULE:
+            self.name = profile.rule
 
     def fractions(self, keep_fraction, layers, scores=None, valid=None, sink=SINK, protect_last=PROTECT_LAST):
         values = self.profile.layer_fractions(keep_fraction)

@@ -147,3 +147,16 @@ def test_cli_calibrates_by_sensitivity_and_eval_applies_it(capsys, tmp_path):
     result = tmp_path / "eval.json"
     assert main(["eval", "--model", str(folder), "--profile", str(out), "--keep", "0.2", "--samples", "1",
                  "--tokens", "48", "--json", str(result)]) == 0
+
+
+def test_the_quality_benchmark_takes_sensitivity_pairs():
+    from prefixkv.bench.quality import attach_profiles, configs_from
+
+    configs = configs_from("snapkv", "window+sensitivity,window+profile")
+    labels = [c.name() if c.method != "custom" else (c.label or f"{c.scorer}+{c.allocation}") for c in configs]
+    assert labels == ["snapkv", "window+sensitivity", "window+profile"]
+    sens = configs[1]
+    assert sens.allocation == "profile" and sens.extra["rule"] == "sensitivity"
+    attach_profiles(configs, {"window(pool=5,window=8)": "the prefix-search profile"})
+    assert sens.profile is None and configs[2].profile == "the prefix-search profile"
+    assert len(configs_from("", "all")) == 4 * 5

@@ -32,12 +32,13 @@ from ..calibration import average, calibrate, score_sample
 from ..data import builtin_samples
 from ..defaults import MEASURED_BLEND, MEASURED_SINK
 from ..engine_folder import atomic_write_text
-from ..evaluation import EvalSettings, MethodConfig, evaluate_many
+from ..evaluation import EvalSettings, MethodConfig, evaluate_many, pad_token_id
 from ..models import load_model
 from ..policies import METHODS
 from ..profile import Fingerprint, RetentionProfile
 from ..scoring import make_scorer
 from ..search import PAPER, SearchSettings
+from ..sensitivity import calibrate_sensitivity
 from . import stats
 from .tasks import retrieval_samples, score
 
@@ -53,7 +54,7 @@ NAMED = {  # method -> (scorer, allocation) it is made of
 DEFAULT_METHODS = "full,streaming,h2o,snapkv,tova,pyramidkv,prefixkv,prefixkv-online"
 DEFAULT_PAIRS = "window+profile,window+online,last-query+profile,last-query+online"
 PAIR_SCORERS = ("accumulated", "window", "last-query", "key-norm")
-PAIR_ALLOCATIONS = ("uniform", "pyramid", "online", "profile")
+PAIR_ALLOCATIONS = ("uniform", "pyramid", "online", "profile", "sensitivity")  # sensitivity: a profile by that rule
 PREFIXKV_ALLOCATIONS = ("profile", "online")
 # Search-setting variants beside the paper's: name -> (scorer, allocations, settings, the paper's
 # config of the same scorer and allocation, by label, compared with it pair by pair).
@@ -100,7 +101,11 @@ def configs_from(methods: str, pairs: str) -> list[MethodConfig]:
         if allocation not in PAIR_ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}; choose {', '.join(PAIR_ALLOCATIONS)}")
         if (scorer, allocation) not in seen:
-            out.append(MethodConfig(scorer=scorer, allocation=allocation))
+            if allocation == "sensitivity":  # a profile of that rule, calibrated by _run
+                out.append(MethodConfig(scorer=scorer, allocation="profile", label=f"{scorer}+sensitivity",
+                                        extra={"rule": "sensitivity"}))
+            else:
+                out.append(MethodConfig(scorer=scorer, allocation=allocation))
             seen.add((scorer, allocation))
     return out
 
@@ -111,10 +116,11 @@ def _scorer_key(config: MethodConfig, profiles: dict) -> str:
 
 
 def attach_profiles(configs: list[MethodConfig], profiles: dict) -> list[MethodConfig]:
-    """Give every profile-allocated config the profile of its own scorer."""
+    """Give every profile-allocated config the profile of its own scorer (sensitivity
+    pairs: calibrated by that rule in ``_run``)."""
     for c in configs:
         allocation = c.allocation or NAMED.get(c.method, ("", ""))[1]
-        if allocation == "profile" and c.profile is None:
+        if allocation == "profile" and c.profile is None and c.extra.get("rule") != "sensitivity":
             c.profile = profiles[_scorer_key(c, profiles)]
     return configs
 
@@ -423,7 +429,8 @@ def _run(args, argv: list[str]) -> int:
 
     # 1. calibration: every scorer a profile-allocated config (or the sweep) needs
     sweep_scorers = [s.strip() for s in args.sweep_scorers.split(",") if s.strip()] if args.sweep_floor_blend else []
-    profile_scorers = sorted({_scorer_key_name(c) for c in configs if _allocation(c) == "profile"} | set(sweep_scorers))
+    profile_scorers = sorted({_scorer_key_name(c) for c in configs if _allocation(c) == "profile"
+                              and c.extra.get("rule") != "sensitivity"} | set(sweep_scorers))
     calib_samples = builtin_samples(tokenizer, "calibration", n=args.calibration_samples, tokens=args.calibration_tokens,
                                     reference_tokens=0)
     calib_ids = [list(tokenizer.encode(s["prompt"], add_special_tokens=False)) for s in calib_samples]
@@ -437,6 +444,15 @@ def _run(args, argv: list[str]) -> int:
             prof.save(out / "profiles" / f"{report.slug(key)}.json")
         plots += report.plot_calibration(calibration, keeps, out / "calibration")
     attach_profiles(configs, profiles)
+    for c in configs:
+        if c.extra.get("rule") == "sensitivity":
+            _log(f"{c.label}: measuring each layer's harm on {len(calib_ids)} calibration prompts", started)
+            run = calibrate_sensitivity(model, calib_ids, keeps, c.scorer, pad_id=pad_token_id(model, tokenizer),
+                                        progress=not args.quiet, seed=args.seed,
+                                        data_name=f"builtin:calibration:{args.calibration_tokens}")
+            (c.profile,) = run.profiles.values()
+            c.profile.save(out / "profiles" / f"{report.slug(c.label)}.json")
+            plots += report.plot_calibration(run, keeps, out / "calibration" / report.slug(c.label))
     variants = variant_names(args.variants)
     paired = {}
     if variants:
