@@ -51,3 +51,46 @@ def test_weights_are_checked_up_front(tmp_path):
         BuildConfig("m", tmp_path / "e", weights="int3")
     with pytest.raises(ValueError, match="applies to the ONNX Runtime engine"):
         BuildConfig("m", tmp_path / "e", weights="int4", backend="tensorrt")
+
+
+def _tied_graph(folder, vocab=64, hidden=64, seed=0):
+    """An embedding Gather and a tied LM head (Gemm, transB over the same table), as torch exports them."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(seed).normal(size=(vocab, hidden)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"]),
+             helper.make_node("Reshape", ["h", "shape"], ["h2"]),
+             helper.make_node("Gemm", ["h2", "table"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, vocab])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1, hidden]), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(folder / "decoder.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="decoder.onnx.data", size_threshold=0)
+    return table
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_tied_lm_head_is_quantized_and_the_table_kept_once(precision, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from prefixkv.exporter.quantize import quantize_graphs
+
+    table = _tied_graph(tmp_path)
+    ids = np.array([3, 0, 63, 17, 3], np.int64)
+    want = table[ids] @ table.T
+    quantize_graphs(tmp_path, ["decoder"], precision, log=lambda m: None)
+    model = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Gemm" not in ops and "MatMulNBits" in ops
+    fp32_tables = [i.name for i in model.graph.initializer if list(i.dims) in ([64, 64],) and i.data_type == 1]
+    if precision == "int4":  # the embedding quantized too: no fp32 table left
+        assert "GatherBlockQuantized" in ops and fp32_tables == []
+    else:  # int8: the quantizer has no int8 Gather; the table stays fp32, once
+        assert ops[0] == "Gather" and fp32_tables == ["table"]
+    got = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() / scale < (0.02 if precision == "int8" else 0.2)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8

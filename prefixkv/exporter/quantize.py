@@ -7,6 +7,12 @@
     the attention math stay as exported.  ``accuracy_level`` 4 lets the CPU kernels compute
     in int8 (the fastest path), which the validation then measures.
 
+    A tied LM head is exported as a ``Gemm`` (transB) over the embedding table, which the
+    quantizer does not take; ``untie_lm_head`` makes it a MatMul over the transposed table
+    first.  With int4 the embedding ``Gather`` is quantized too (``GatherBlockQuantized``;
+    the quantizer has no int8 Gather), so no fp32 copy of the table is left; with int8 the
+    embedding table stays fp32 beside the int8 head.
+
 The graph is loaded, quantized and saved in place, its weights in its own external-data file.
 """
 from __future__ import annotations
@@ -30,6 +36,31 @@ def weights_record(precision: str) -> dict | None:
             "accuracy_level": WEIGHT_ACCURACY_LEVEL, "tool": "onnxruntime MatMulNBitsQuantizer"}
 
 
+def untie_lm_head(graph) -> int:
+    """Each ``Gemm`` over a constant weight (no bias, alpha = beta = 1) becomes a ``MatMul``
+    over that weight, transposed if ``transB``, as a new initializer; returns how many."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    done = 0
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+        name = f"{node.input[1]}.matmul"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+        done += 1
+    return done
+
+
 def quantize_graphs(folder: str | Path, graphs: list[str], precision: str, log=print) -> dict | None:
     """Quantize the weights of ``folder/<graph>.onnx`` for each graph; returns ``weights_record``."""
     import onnx
@@ -44,15 +75,21 @@ def quantize_graphs(folder: str | Path, graphs: list[str], precision: str, log=p
         start = time.perf_counter()
         path, data = folder / f"{graph}.onnx", folder / f"{graph}.onnx.data"
         model = onnx.load(str(path))
+        untie_lm_head(model.graph)
+        ops = ("MatMul", "Gather") if record["bits"] == 4 else ("MatMul",)
         quantizer = MatMulNBitsQuantizer(model, bits=record["bits"], block_size=WEIGHT_BLOCK, is_symmetric=True,
-                                         accuracy_level=WEIGHT_ACCURACY_LEVEL)
+                                         accuracy_level=WEIGHT_ACCURACY_LEVEL, op_types_to_quantize=ops)
         quantizer.process()
         quantized = quantizer.model.model
-        done = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+        done = sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in quantized.graph.node)
+        used = {name for n in quantized.graph.node for name in n.input}
+        unused = [i for i in quantized.graph.initializer if i.name not in used]
+        for init in unused:  # the fp32 tables the quantized nodes replaced
+            quantized.graph.initializer.remove(init)
         if done == 0:
             raise ValueError(f"{path.name}: no MatMul with a constant weight to quantize")
         data.unlink(missing_ok=True)
         onnx.save_model(quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
-        log(f"weights {precision}: {graph} graph, {done} MatMul weights quantized in {time.perf_counter() - start:.1f} s")
+        log(f"weights {precision}: {graph} graph, {done} weights quantized in {time.perf_counter() - start:.1f} s")
     return record
