@@ -28,12 +28,16 @@ def builtin_text(split: str) -> str:
 
 
 def builtin_samples(tokenizer, split: str = "calibration", n: int = 16, tokens: int = 512,
-                    reference_tokens: int = 64) -> list[dict]:
+                    reference_tokens: int = 64, phase: float = 0.0) -> list[dict]:
     """``n`` passages of ``tokens`` prompt tokens followed by ``reference_tokens`` of continuation.
 
     Windows are spread evenly over the split's text (overlapping only when the text is too
     short for ``n`` disjoint windows).  tokenizer: anything with ``encode``/``decode``.
+    phase: where in each stride the windows start (0 = its start, 0.5 = its middle: the
+    windows between those of phase 0, for a second set from the same split).
     """
+    if not 0 <= phase < 1:
+        raise ValueError(f"phase must be in [0, 1), got {phase}")
     if n < 1 or tokens < 2:
         raise ValueError(f"need n >= 1 samples of >= 2 tokens, got n={n}, tokens={tokens}")
     ids = _encode(tokenizer, builtin_text(split))
@@ -41,7 +45,8 @@ def builtin_samples(tokenizer, split: str = "calibration", n: int = 16, tokens: 
     if len(ids) < span:
         raise ValueError(f"the {split} split has {len(ids)} tokens, fewer than one sample of {span}")
     last_start = len(ids) - span
-    starts = [round(i * last_start / max(n - 1, 1)) for i in range(n)]
+    stride = last_start / max(n - 1, 1) if n > 1 else last_start
+    starts = [min(round((i + phase) * stride), last_start) for i in range(n)]
     samples = []
     for start in starts:
         prompt = tokenizer.decode(ids[start : start + tokens])

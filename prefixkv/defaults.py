@@ -24,9 +24,11 @@ METHOD_SINKS = {"full": 0, "streaming": 4, "h2o": 0, "snapkv": 0, "tova": 0, "py
 # -- calibration: the prefix search (defaults: the paper's, as its released code runs them) ----
 SCORER = "accumulated"   # the paper's importance: attention mass received, summed over query rows
 WINDOW = 8               # query rows of the `window` scorer
-# how a profile's per-layer lengths are chosen: the paper's prefix search on attention mass, or
-# ``sensitivity`` (beyond the paper): measured harm of compressing each layer (prefixkv.sensitivity)
-ALLOCATION_RULES = ("prefix-search", "sensitivity")
+# how a profile's per-layer lengths are chosen: the paper's prefix search on attention mass,
+# ``sensitivity`` (beyond the paper): measured harm of compressing each layer (prefixkv.sensitivity),
+# or written out by `prefixkv tune` when a uniform or pyramid configuration won
+ALLOCATION_RULES = ("prefix-search", "sensitivity", "uniform", "pyramid")
+CALIBRATED_RULES = ("prefix-search", "sensitivity")  # the ones `calibrate --rule` runs
 RULE = "prefix-search"
 CURVE = "all"            # the cumulative-priority curve spans every position, protected ones included
 MIN_LAYER_KEEP = 0.0     # per-layer floor, a fraction of the uniform share (the paper: none)

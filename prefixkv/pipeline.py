@@ -151,8 +151,8 @@ class CalibrationConfig:
     rule: str = defaults.RULE  # prefix-search (the paper's) or sensitivity (prefixkv.sensitivity)
 
     def __post_init__(self):
-        if self.rule not in defaults.ALLOCATION_RULES:
-            raise ValueError(f"the allocation rule must be one of {', '.join(defaults.ALLOCATION_RULES)}, got {self.rule!r}")
+        if self.rule not in defaults.CALIBRATED_RULES:
+            raise ValueError(f"the allocation rule must be one of {', '.join(defaults.CALIBRATED_RULES)}, got {self.rule!r}")
         self.keep_fractions = tuple(check_keep_fraction(k, "keep fractions") for k in self.keep_fractions)
         if not self.keep_fractions:
             raise ValueError("give at least one keep fraction to calibrate")

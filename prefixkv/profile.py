@@ -15,7 +15,7 @@ On disk (schema version 1)::
      "sink": int, "protect_last": bool,
      "scorer": {"name": str, "params": {...}},
      "allocation": {"min_layer_keep": float, "blend": float, "curve": "all" | "unprotected",
-                    "rule": "prefix-search" | "sensitivity"},
+                    "rule": "prefix-search" | "sensitivity" | "uniform" | "pyramid"},
      "budgets": {"<keep fraction>": {"layer_keep_fractions": [float] * layers, "layer_keep_std": [float] * layers}},
      "calibration": {...}}
 
@@ -384,7 +384,7 @@ class _AllocationDoc(_Strict):
     min_layer_keep: Unit = 0.0
     blend: Unit = 1.0
     curve: Optional[Literal["all", "unprotected"]] = None
-    rule: Literal["prefix-search", "sensitivity"] = "prefix-search"
+    rule: Literal["prefix-search", "sensitivity", "uniform", "pyramid"] = "prefix-search"
 
 
 class _BudgetDoc(_Strict):

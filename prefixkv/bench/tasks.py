@@ -59,6 +59,7 @@ def retrieval_samples(
     facts: int = 1,
     chat: bool = False,
     depth_range: tuple[float, float] = (0.05, 0.95),
+    text: str | None = None,
 ) -> list[dict]:
     """``n`` retrieval prompts of about ``length`` tokens.
 
@@ -69,6 +70,7 @@ def retrieval_samples(
     Each sample: ``prompt``, ``reference`` (" 4817"), ``answer`` ("4817"), ``subject``,
     ``depth`` (relative position of the target fact in the prose, 0 = start),
     ``prompt_tokens``, ``length`` (the requested one), ``facts`` (all planted facts), ``index``.
+    text: prose to plant the facts in instead of the built-in ``split`` (a user's own text).
     """
     if n < 1 or length < 64:
         raise ValueError(f"need n >= 1 prompts of >= 64 tokens, got n={n}, length={length}")
@@ -77,7 +79,9 @@ def retrieval_samples(
     lo, hi = depth_range
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"depth_range must be within [0, 1], got {depth_range}")
-    text_ids = _encode(tokenizer, builtin_text(split))
+    text_ids = _encode(tokenizer, builtin_text(split) if text is None else text)
+    if text is not None:
+        split = "custom"
     samples = []
     for index in range(n):
         rng = random.Random(f"prefixkv-retrieval:{seed}:{length}:{index}")
@@ -97,7 +101,8 @@ def retrieval_samples(
         if budget < 16:
             raise ValueError(f"length {length} is too short for {facts} facts and the question")
         if len(text_ids) < budget + 2:
-            raise ValueError(f"the {split} split has {len(text_ids)} tokens, fewer than {budget} of prose")
+            raise ValueError(f"the {split} text has {len(text_ids)} tokens, fewer than {budget} of prose for a "
+                             f"{length}-token retrieval prompt")
         start = rng.randrange(0, len(text_ids) - budget - 1)
         window = text_ids[start : start + budget + 96]
         pieces = [tokenizer.decode([t]) for t in window]

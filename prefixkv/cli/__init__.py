@@ -3,6 +3,7 @@
     prefixkv calibrate   calibrate a retention profile               (cli.core)
     prefixkv eval        PPL / ROUGE-L of a method on a data set     (cli.core)
     prefixkv profile     import the released PrefixKV profiles       (cli.core)
+    prefixkv tune        the best candidate for a model and its data, as a profile  (cli.tune)
     prefixkv bench       quality, speed and scoring benchmarks       (cli.bench)
     prefixkv build       calibrate or load a profile, export, build and validate an engine  (cli.engine)
     prefixkv generate    run an engine                               (cli.engine)
@@ -24,10 +25,10 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, core, engine, serving
+from . import bench, core, engine, serving, tune
 from .args import UserError
 
-COMMANDS = (core, engine, serving, bench)
+COMMANDS = (core, tune, engine, serving, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

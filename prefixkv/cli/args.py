@@ -188,7 +188,7 @@ def add_scoring(p) -> None:
 
 
 def add_rule(p) -> None:
-    p.add_argument("--rule", choices=defaults.ALLOCATION_RULES, default=defaults.RULE,
+    p.add_argument("--rule", choices=defaults.CALIBRATED_RULES, default=defaults.RULE,
                    help="how the per-layer lengths are chosen: prefix-search = the paper's search on attention mass; "
                         "sensitivity = the measured harm of compressing each layer alone (KL from the full cache; "
                         "beyond the paper, see README) (default %(default)s)")
@@ -208,9 +208,21 @@ def add_profile(p, calibrate: bool = False) -> None:
         p.add_argument("--profile", metavar="PATH", help="retention profile (from `prefixkv calibrate`)")
         return
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--profile", metavar="PATH", help="retention profile (from `prefixkv calibrate`)")
+    g.add_argument("--profile", metavar="PATH", help="retention profile (from `prefixkv calibrate` or `prefixkv tune`)")
     g.add_argument("--calibrate", action="store_true",
                    help="calibrate a profile for --keep first (on --data, or the built-in calibration split)")
+    g.add_argument("--tune", action="store_true",
+                   help="tune first: the best candidate for --keep on the calibration data (`prefixkv tune`), then build it")
+
+
+def add_tasks(p) -> None:
+    p.add_argument("--tasks", type=names, default=("continuation", "retrieval"), help="comma list: continuation, retrieval")
+
+
+def add_candidates(p) -> None:
+    p.add_argument("--candidates", metavar="PATTERNS",
+                   help="tune only the candidates whose label matches one of these comma-separated shell patterns, "
+                        "e.g. 'window+*,*+uniform*' (default: every candidate; the labels are listed in the result)")
 
 
 def add_force(p, what: str) -> None:

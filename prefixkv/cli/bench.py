@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
     p = kinds.add_parser("quality", help=quality.__doc__.splitlines()[0], description=quality.__doc__.splitlines()[0])
     a.add_model(p, default=DEFAULT_MODEL)
-    p.add_argument("--tasks", type=a.names, default=("continuation", "retrieval"), help="comma list: continuation, retrieval")
+    a.add_tasks(p)
     a.add_keep(p, many=True, default=(0.1, 0.2, 0.3, 0.5, 0.8))
     p.add_argument("--methods", default=quality.DEFAULT_METHODS, help=f"named methods (default {quality.DEFAULT_METHODS})")
     p.add_argument("--pairs", default=quality.DEFAULT_PAIRS,

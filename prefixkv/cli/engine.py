@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                what="calibration prompts with --calibrate (vision: also the validation prompts)")
     a.add_scoring(p)
     a.add_rule(p)
+    g = p.add_argument_group("with --tune")
+    a.add_tasks(g)
+    a.add_candidates(g)
     p.add_argument("--evict-distance", type=a.positive_int, default=defaults.EVICT_DISTANCE,
                    help="decode-phase eviction slot from the end of the compacted prompt (default %(default)s)")
     p.add_argument("--max-context", type=a.positive_int, help="context limit recorded in the engine (default: the model's)")
@@ -77,6 +80,14 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
+    if not args.tune:
+        given = [flag for flag, value, default in (("--candidates", args.candidates, None),
+                                                   ("--tasks", tuple(args.tasks), ("continuation", "retrieval")))
+                 if value != default]
+        if given:
+            raise a.UserError(f"{given[0]} narrows the tuning: it takes --tune")
+    if args.tune:
+        return _build_tuned(args)
     if args.profile:
         given = [flag for flag, value in (("--blend", args.blend), ("--min-layer-keep", args.min_layer_keep),
                                           ("--curve", args.curve), ("--scorer", args.scorer), ("--sink", args.sink))
@@ -98,6 +109,34 @@ def run_build(args) -> int:
         validation=a.validation_config(args), evict_distance=args.evict_distance, max_context=args.max_context,
         backend=args.backend, weights=args.weights, onnx_only=args.onnx_only, tensorrt=a.tensorrt_profile(args))
     return build_exit_code(build_engine(config))
+
+
+def _build_tuned(args) -> int:
+    """``build --tune``: ``prefixkv tune`` at --keep, its outputs next to the engine folder, then the build."""
+    from .tune import run_tuning, tune_config, write_outputs
+
+    given = [flag for flag, value in (("--scorer", args.scorer), ("--sink", args.sink), ("--blend", args.blend),
+                                      ("--min-layer-keep", args.min_layer_keep), ("--curve", args.curve))
+             if value is not None] + (["--rule"] if args.rule != defaults.RULE else [])
+    if given:
+        raise a.UserError(f"{given[0]} sets what --tune chooses; narrow the candidates with --candidates instead")
+    engine_dir = Path(args.engine_dir)
+    tuned = engine_dir.with_name(f"{engine_dir.name}_tune") / "profile.json"
+    a.check_writable(tuned, "the tuned profile")
+    a.check_writable(args.json_out, "the validation report")
+    config = tune_config(args, (args.keep,))
+    model, tokenizer = load_model(args.model)
+    result = run_tuning(model, tokenizer, config)
+    tuned.parent.mkdir(parents=True, exist_ok=True)
+    for path in write_outputs(result, tuned):
+        a.stderr(f"wrote {path}")
+    a.stderr(f"tuned: {result.winner.label}; building it")
+    build = BuildConfig(
+        model=args.model, engine_dir=args.engine_dir, keep_fraction=args.keep, profile=result.profile, force=args.force,
+        validate=not args.no_validate, validation=a.validation_config(args), evict_distance=args.evict_distance,
+        max_context=args.max_context, backend=args.backend, weights=args.weights, onnx_only=args.onnx_only,
+        tensorrt=a.tensorrt_profile(args))
+    return build_exit_code(build_engine(build, model=model, tokenizer=tokenizer))
 
 
 def build_exit_code(result: BuildResult) -> int:

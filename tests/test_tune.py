@@ -1,0 +1,164 @@
+"""``prefixkv tune``: the winner rule by hand, the candidates, and a tiny model end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from prefixkv.tune import (
+    Candidate,
+    TuneConfig,
+    _ranks,
+    choose,
+    default_candidates,
+    narrow,
+    tune,
+)
+
+
+def test_ranks_share_ties_and_put_nan_last():
+    assert _ranks([3.0, 1.0, 2.0], higher=False) == [3.0, 1.0, 2.0]
+    assert _ranks([3.0, 1.0, 2.0], higher=True) == [1.0, 3.0, 2.0]
+    assert _ranks([1.0, 1.0, 5.0], higher=False) == [1.5, 1.5, 3.0]
+    assert _ranks([math.nan, 2.0, 1.0], higher=True) == [3.0, 1.0, 2.0]
+
+
+def test_the_winner_has_the_lowest_mean_rank():
+    higher = {"ppl": False, "acc": True}
+    scores = {  # A: best PPL at both keeps, worst accuracy; B: second everywhere; C: best accuracy, worst PPL
+        "A": {(0.1, "ppl"): 10.0, (0.2, "ppl"): 8.0, (0.1, "acc"): 0.1, (0.2, "acc"): 0.2},
+        "B": {(0.1, "ppl"): 11.0, (0.2, "ppl"): 9.0, (0.1, "acc"): 0.5, (0.2, "acc"): 0.6},
+        "C": {(0.1, "ppl"): 20.0, (0.2, "ppl"): 15.0, (0.1, "acc"): 0.9, (0.2, "acc"): 0.9},
+    }
+    label, mean = choose(scores, higher, agreement={})
+    assert mean == {"A": 2.0, "B": 2.0, "C": 2.0} and label == "A"  # all tied: the first
+    label, _ = choose(scores, higher, agreement={"C": 0.7, "B": 0.6})
+    assert label == "C"  # tied ranks: the higher agreement with the full cache
+    scores["B"][(0.2, "acc")] = 0.95  # B now best accuracy at 0.2: rank sums A 1+1+3+3, B 2+2+2+1, C 3+3+1+2
+    label, mean = choose(scores, higher, agreement={"C": 1.0})
+    assert label == "B" and mean == {"A": 2.0, "B": 1.75, "C": 2.25}
+
+
+def test_the_winner_rule_refuses_uneven_scores():
+    with pytest.raises(ValueError, match="every candidate"):
+        choose({"A": {(0.1, "ppl"): 1.0}, "B": {}}, {"ppl": False}, {})
+    with pytest.raises(ValueError, match="no candidates"):
+        choose({}, {}, {})
+
+
+def test_the_default_candidates_hold_the_baselines_and_both_curves():
+    labels = [c.label for c in default_candidates()]
+    assert len(labels) == len(set(labels))
+    for baseline in ("accumulated+uniform sink=0", "window+uniform sink=0", "last-query+uniform sink=0",
+                     "window+pyramid sink=0", "accumulated+profile sink=1 curve=all",
+                     "accumulated+profile sink=4 curve=unprotected", "window+sensitivity sink=4"):
+        assert baseline in labels
+    assert [c.label for c in narrow(default_candidates(), "window+uniform*,*sensitivity*")] == [
+        "window+uniform sink=0", "window+sensitivity sink=4"]
+    with pytest.raises(ValueError, match="no candidate matches"):
+        narrow(default_candidates(), "vibes+*")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scorer": "vibes", "rule": "uniform"}, "unknown scorer"),
+    ({"scorer": "window", "rule": "magic"}, "unknown rule"),
+    ({"scorer": "window", "rule": "uniform", "blend": 0.5}, "shape the prefix search"),
+])
+def test_a_bad_candidate_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Candidate(**kwargs)
+
+
+def test_a_bad_config_is_refused():
+    with pytest.raises(ValueError, match="keep fractions"):
+        TuneConfig(keep_fractions=(1.0,))
+    with pytest.raises(ValueError, match="unknown task"):
+        TuneConfig(tasks=("vibes",))
+
+
+SMALL = dict(calibration_samples=2, sensitivity_samples=2, tune_samples=2, tokens=64, reference_tokens=8, new_tokens=8,
+             retrieval_samples=2, retrieval_length=320, progress=False)
+
+
+def test_tune_end_to_end_on_the_tiny_model(tmp_path):
+    from test_export import tiny_model_folder, write_tokenizer  # noqa: F401
+
+    from prefixkv.cache import PrefixKVCache, cache_argument
+    from prefixkv.models import load_model
+    from prefixkv.profile import RetentionProfile
+
+    _, folder = tiny_model_folder(tmp_path)
+    model, tokenizer = load_model(str(folder))
+    candidates = narrow(default_candidates(), "window+uniform*,accumulated+uniform*,window+pyramid*,"
+                                              "window+profile sink=1*,window+sensitivity*")
+    result = tune(model, tokenizer, TuneConfig(keep_fractions=(0.3, 0.5), candidates=tuple(candidates), **SMALL),
+                  log=lambda m: None)
+    record = result.profile.calibration["tune"]
+    assert record["winner"] == result.winner.label
+    assert [c["label"] for c in record["candidates"]] == [c.label for c in candidates]
+    assert min(result.mean_rank.values()) == result.mean_rank[result.winner.label]
+    assert all(len(c["scores"]) == 2 * 4 for c in record["candidates"])  # 2 keeps x (2 continuation + 2 retrieval)
+    assert record["data"]["tuning_prompts"] == 2 and record["data"]["retrieval_questions"] == 2
+    assert {r["label"] for r in result.results} == {"full"} | {c.label for c in candidates}
+    # the profile applies as recorded: its scorer, sink and lengths
+    path = result.profile.save(tmp_path / "tuned.json")
+    loaded = RetentionProfile.load(path)
+    assert loaded.scorer == result.winner.scorer and loaded.sink == result.winner.sink
+    rule = {"prefix-search": "prefix-search"}.get(result.winner.rule, result.winner.rule)
+    assert loaded.rule == rule
+    import torch
+
+    cache = PrefixKVCache(loaded, keep_fraction=0.3)
+    ids = torch.randint(3, 256, (1, 50), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, **cache_argument(model, cache), use_cache=True)
+    want = [max(round(f * 50), 0) for f in loaded.layer_fractions(0.3)]
+    got = cache.layer_lengths()[:, 0].tolist()
+    assert all(abs(g - w) <= max(loaded.sink, 1) + 1 for g, w in zip(got, want))
+
+
+def test_a_uniform_winner_is_written_out_as_its_lengths(tmp_path):
+    from test_export import tiny_model_folder
+
+    from prefixkv.models import load_model
+
+    _, folder = tiny_model_folder(tmp_path)
+    model, tokenizer = load_model(str(folder))
+    candidates = narrow(default_candidates(), "window+pyramid*")
+    result = tune(model, tokenizer, TuneConfig(keep_fractions=(0.2,), tasks=("continuation",),
+                                               candidates=tuple(candidates), **SMALL), log=lambda m: None)
+    profile = result.profile
+    assert profile.rule == "pyramid" and profile.scorer == "window" and profile.sink == 0
+    fractions = profile.layer_fractions(0.2)
+    assert fractions[0] > fractions[-1] and sum(fractions) / len(fractions) == pytest.approx(0.2)
+
+
+def test_cli_tune_writes_the_profile_plot_and_results_and_eval_applies_it(tmp_path, capsys):
+    from test_export import tiny_model_folder
+
+    from prefixkv.cli import main
+
+    _, folder = tiny_model_folder(tmp_path)
+    out = tmp_path / "tuned.json"
+    assert main(["tune", "--model", str(folder), "--keep", "0.3", "--samples", "2", "--tokens", "64",
+                 "--tasks", "continuation", "--candidates", "window+uniform*,window+profile sink=1*",
+                 "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "winner: " in err
+    doc = json.loads(out.read_text())
+    assert doc["calibration"]["tune"]["winner"] in ("window+uniform sink=0", "window+profile sink=1 curve=all")
+    assert (tmp_path / "tuned_tune_continuation.png").stat().st_size > 0
+    assert json.loads((tmp_path / "tuned_tune.json").read_text())["winner"] == doc["calibration"]["tune"]["winner"]
+    assert main(["tune", "--model", str(folder), "--output", str(out)]) == 2  # exists: refused before any work
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["eval", "--model", str(folder), "--profile", str(out), "--keep", "0.3", "--samples", "1",
+                 "--tokens", "48"]) == 0
+
+
+def test_build_refuses_tuning_flags_without_tune(tmp_path, capsys):
+    from prefixkv.cli import main
+
+    assert main(["build", "--calibrate", "--candidates", "window+*", "--output", str(tmp_path / "e")]) == 2
+    assert "--candidates narrows the tuning: it takes --tune" in capsys.readouterr().err
+    assert main(["build", "--tune", "--scorer", "window", "--output", str(tmp_path / "e")]) == 2
+    assert "--scorer sets what --tune chooses" in capsys.readouterr().err
