@@ -425,6 +425,14 @@ def _run(args, argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     configs = configs_from(args.methods, args.pairs)
+    if getattr(args, "tuned", None):
+        tuned = RetentionProfile.load(args.tuned, Fingerprint.of(model.config))
+        missing = [k for k in keeps if not any(math.isclose(k, t) for t in tuned.keep_fractions)]
+        if missing:
+            raise ValueError(f"{args.tuned} was tuned for keep {', '.join(f'{k:g}' for k in tuned.keep_fractions)}, not "
+                             f"{missing[0]:g}; pass --keep among those")
+        configs.append(MethodConfig(scorer=tuned.scorer, scorer_params=dict(tuned.scorer_params), allocation="profile",
+                                    profile=tuned, label="tuned", extra={"tuned": tuned.calibration.get("tune", {}).get("winner")}))
     _log(f"model {args.model}; {len(configs)} configs x keep {keeps}; tasks {tasks}", started)
 
     # 1. calibration: every scorer a profile-allocated config (or the sweep) needs

@@ -19,6 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default=quality.DEFAULT_METHODS, help=f"named methods (default {quality.DEFAULT_METHODS})")
     p.add_argument("--pairs", default=quality.DEFAULT_PAIRS,
                    help=f"extra scorer+allocation pairs, 'all' for every pair, 'none' for none (default {quality.DEFAULT_PAIRS})")
+    p.add_argument("--tuned", metavar="PROFILE", help="a profile from `prefixkv tune`: one more row, labelled tuned")
     p.add_argument("--variants", default=quality.DEFAULT_VARIANTS,
                    help="search-setting variants beside the paper's, compared with it pair by pair: "
                         f"{', '.join(quality.VARIANTS)}, or none (default {quality.DEFAULT_VARIANTS})")
