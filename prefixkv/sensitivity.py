@@ -6,7 +6,7 @@ mass.  This rule gives a layer the entries whose loss would hurt the output most
 1. ``measure_harm``: for each tuning prompt, one full-cache prefill records the scorer;
    then, for each layer ``l`` and each fraction ``f`` of ``GRID``, a fork of that prefill in
    which only layer ``l`` is compressed to ``f`` (every other layer keeps everything) is
-   teacher-forced over the prompt's continuation.  The harm is the KL divergence of the
+   teacher-forced over the prompt's continuation (its tokens in one forward).  The harm is the KL divergence of the
    fork's next-token distributions from the full cache's, averaged over the continuation
    tokens.  -> harm (samples, layers, grid), with harm 0 at fraction 1.
 2. ``allocate``: per layer, harm against fraction is made non-increasing and replaced by
@@ -29,9 +29,10 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__
+from .cache import cache_argument
 from .calibration import Calibration
 from .data import samples_hash
-from .evaluation import fork, prefill, teacher_forced_logits
+from .evaluation import fork, prefill
 from .policies import Allocation, Method
 from .profile import Fingerprint, LayerKeep, RetentionProfile
 from .scoring import Scorer, make_scorer
@@ -107,13 +108,28 @@ class _OneLayer(Allocation):
         return out
 
 
+def _continuation_logits(model, cache, mask, continuation: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, q - 1, vocab) float32 of the continuation's tokens 2..q, fed in one
+    forward after the prompt: causal among themselves, over the layer's kept entries."""
+    fed = continuation[:, :-1]
+    mask = torch.cat([mask, torch.ones_like(fed)], dim=-1)
+    positions = cache.seen.view(-1, 1) + torch.arange(fed.shape[1], device=fed.device)
+    out = model(input_ids=fed, attention_mask=mask, position_ids=positions, **cache_argument(model, cache), use_cache=True)
+    return out.logits.float()
+
+
 @torch.no_grad()
 def measure_harm(model, samples: Sequence[Sequence[int]], scorer: Scorer, sink: int, protect_last: bool,
                  grid: Sequence[float] = GRID, continuation: int = CONTINUATION, batch_size: int = 4,
                  pad_id: int = 0, progress: bool = True) -> torch.Tensor:
     """Harm (samples, layers, len(grid)): mean KL(full || only that layer compressed) of the
-    next-token distributions over each sample's last ``continuation`` tokens, fed one per
-    step after a prefill of the rest (the evaluation's teacher forcing)."""
+    next-token distributions of each sample's last ``continuation`` tokens after a prefill
+    of the rest.  The continuation is fed in one forward (teacher forcing), so a layer's
+    decode-phase evictions during those few tokens (a fraction of one entry per token) are
+    not applied; the first continuation token is predicted by the full prefill in every
+    fork and is left out."""
+    if continuation < 2:
+        raise ValueError(f"the continuation needs at least 2 tokens, got {continuation}")
     short = [i for i, s in enumerate(samples) if len(s) < continuation + 2]
     if short:
         raise ValueError(f"sample {short[0]} has {len(samples[short[0]])} tokens; sensitivity needs at least "
@@ -127,19 +143,21 @@ def measure_harm(model, samples: Sequence[Sequence[int]], scorer: Scorer, sink: 
 
         layers = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "num_hidden_layers", None)
         bar = tqdm(total=len(batches) * (layers or 1) * len(grid), desc="sensitivity", unit="fork")
+    device = next(model.parameters()).device
     for rows in batches:
-        prompts, references = [list(r[:-continuation]) for r in rows], [list(r[-continuation:]) for r in rows]
-        base, first, mask = prefill(model, prompts, [scorer], pad_id)
+        prompts = [list(r[:-continuation]) for r in rows]
+        ref = torch.tensor([list(r[-continuation:]) for r in rows], dtype=torch.long, device=device)
+        base, _, mask = prefill(model, prompts, [scorer], pad_id)
         full = fork(base, Method("full", scorer, _OneLayer(0, 1.0), compresses=False), 1.0)
-        want = torch.stack([torch.log_softmax(x, -1) for x in teacher_forced_logits(model, full, first, mask, references, pad_id)])
+        want = torch.log_softmax(_continuation_logits(model, full, mask, ref), -1)
         harm = torch.zeros(len(rows), len(base.layers), len(grid), dtype=torch.float64)
         for l in range(len(base.layers)):
             for j, f in enumerate(grid):
                 method = Method("sensitivity", scorer, _OneLayer(l, f), sink=sink)
                 cache = fork(base, method, f, sink=sink, protect_last=protect_last)
-                got = torch.stack([torch.log_softmax(x, -1) for x in teacher_forced_logits(model, cache, first, mask, references, pad_id)])
-                kl = (want.exp() * (want - got)).sum(-1)  # (steps, batch)
-                harm[:, l, j] = kl.double().mean(0).clamp_min(0)
+                got = torch.log_softmax(_continuation_logits(model, cache, mask, ref), -1)
+                kl = (want.exp() * (want - got)).sum(-1)  # (batch, q - 1)
+                harm[:, l, j] = kl.double().mean(-1).clamp_min(0)
                 if bar is not None:
                     bar.update(1)
         out.append(harm)
@@ -148,6 +166,7 @@ def measure_harm(model, samples: Sequence[Sequence[int]], scorer: Scorer, sink: 
     return torch.cat(out)
 
 
+# -- 1 + 2: a profile -----------------------------------------------------------------------------
 def calibrate_sensitivity(
     model,
     samples: Sequence[Sequence[int]],

@@ -162,3 +162,21 @@ def test_build_refuses_tuning_flags_without_tune(tmp_path, capsys):
     assert "--candidates narrows the tuning: it takes --tune" in capsys.readouterr().err
     assert main(["build", "--tune", "--scorer", "window", "--output", str(tmp_path / "e")]) == 2
     assert "--scorer sets what --tune chooses" in capsys.readouterr().err
+
+
+def test_the_tuning_windows_are_not_the_calibration_windows():
+    from prefixkv.data import builtin_samples
+
+    class Chars:  # a tokenizer of characters: windows are character spans
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    calib = builtin_samples(Chars(), "calibration", n=8, tokens=512, reference_tokens=0)
+    tune = builtin_samples(Chars(), "calibration", n=8, tokens=512, reference_tokens=32, phase=0.5)
+    assert not {s["prompt"] for s in calib} & {s["prompt"] for s in tune}
+    assert all(t["prompt"] not in c["prompt"] and c["prompt"] not in t["prompt"] for c in calib for t in tune)
+    with pytest.raises(ValueError, match="phase"):
+        builtin_samples(Chars(), "calibration", n=2, phase=1.0)
