@@ -180,3 +180,23 @@ def test_the_tuning_windows_are_not_the_calibration_windows():
     assert all(t["prompt"] not in c["prompt"] and c["prompt"] not in t["prompt"] for c in calib for t in tune)
     with pytest.raises(ValueError, match="phase"):
         builtin_samples(Chars(), "calibration", n=2, phase=1.0)
+
+
+def test_build_tune_tunes_then_builds_the_winner(tmp_path, capsys):
+    from test_export import tiny_model_folder
+
+    from prefixkv.cli import main
+    from prefixkv.engine_folder import read_manifest
+    from prefixkv.profile import RetentionProfile
+
+    _, folder = tiny_model_folder(tmp_path)
+    engine = tmp_path / "engine"
+    assert main(["build", "--model", str(folder), "--tune", "--keep", "0.3", "--samples", "2", "--tokens", "64",
+                 "--tasks", "continuation", "--candidates", "window+pyramid*", "--no-validate",
+                 "--output", str(engine)]) == 0
+    assert "tuned: window+pyramid sink=0" in capsys.readouterr().err
+    tuned = RetentionProfile.load(tmp_path / "engine_tune" / "profile.json")
+    manifest = read_manifest(engine)
+    assert manifest["layer_keep_fractions"] == pytest.approx(tuned.layer_fractions(0.3))
+    assert manifest["scorer"]["name"] == "window" and manifest["sink"] == 0
+    assert RetentionProfile.load(engine / "profile.json").rule == "pyramid"
