@@ -83,7 +83,7 @@ class Candidate:
 
 
 def default_candidates() -> list[Candidate]:
-    """The default search (about 20 candidates)."""
+    """The default search: 16 candidates (about 16 minutes for SmolLM2 at three keep fractions on 2 cores)."""
     out = [Candidate(s, "uniform") for s in SCORERS]            # H2O, SnapKV, TOVA, key-norm
     out += [Candidate(s, "pyramid") for s in ("window", "last-query")]  # PyramidKV, and TOVA's score
     for s in ("accumulated", "window", "last-query"):
