@@ -255,11 +255,12 @@ def test_cli_refuses_existing_output_with_one_line(tmp_path, capsys):
 
 
 def test_cli_build_asks_for_a_profile_or_calibrate(tmp_path, capsys):
-    """Calibration is its own explicit flag: `--profile PATH` or `--calibrate`, one of them."""
+    """Calibration is its own explicit flag: `--profile PATH`, `--calibrate` or `--tune`, one of them."""
     from prefixkv.cli import main
 
-    for extra, message in (([], "one of the arguments --profile --calibrate is required"),
-                           (["--profile", "p.json", "--calibrate"], "not allowed with argument")):
+    for extra, message in (([], "one of the arguments --profile --calibrate --tune is required"),
+                           (["--profile", "p.json", "--calibrate"], "not allowed with argument"),
+                           (["--tune", "--calibrate"], "not allowed with argument")):
         with pytest.raises(SystemExit) as exit_info:
             main(["build", "--output", str(tmp_path / "engine"), *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
