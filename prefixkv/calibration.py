@@ -79,7 +79,6 @@ def calibrate(
             per_sample[sc.key].append(search.fractions(imp, keep_fractions))
             curves[sc.key].append(_resample_curves(imp, search))
 
-    lengths = [len(ids) for ids in samples]
     result = Calibration(profiles={})
     for sc in scorers:
         calibrated = average(per_sample[sc.key], keep_fractions)
@@ -96,21 +95,26 @@ def calibrate(
             min_layer_keep=search.min_layer_keep,
             blend=search.blend,
             curve=search.curve,
-            calibration={
-                "samples": len(samples),
-                "tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
-                "data": data_name,
-                "data_hash": samples_hash(samples),
-                "seed": seed,
-                "tool": f"prefixkv {__version__}",
-                "torch": torch.__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": round(time.time() - started, 1),
-                "gini": result.gini[sc.key],
-            },
+            calibration={**calibration_record(samples, data_name, seed, started), "gini": result.gini[sc.key]},
         )
     return result
 
+
+
+def calibration_record(samples: Sequence[Sequence[int]], data_name: str, seed: int, started: float) -> dict:
+    """A profile's ``calibration`` entry: the data it came from, the tools, when and how long."""
+    lengths = [len(ids) for ids in samples]
+    return {
+        "samples": len(samples),
+        "tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+        "data": data_name,
+        "data_hash": samples_hash(samples),
+        "seed": seed,
+        "tool": f"prefixkv {__version__}",
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def average(per_sample: Sequence[torch.Tensor], keep_fractions: Sequence[float]) -> dict[float, LayerKeep]:

@@ -218,28 +218,6 @@ def _step(model, cache, tokens, mask):
     return out.logits[:, -1].float(), mask
 
 
-def _references(references: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """References right-padded to one width: (tokens, real) (batch, width)."""
-    width = max(len(r) for r in references)
-    ref = torch.full((len(references), width), pad_id, dtype=torch.long, device=device)
-    real = torch.zeros_like(ref, dtype=torch.bool)
-    for i, r in enumerate(references):
-        ref[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        real[i, : len(r)] = True
-    return ref, real
-
-
-def teacher_forced_logits(model, cache, first_logits, mask, references: list[list[int]], pad_id: int):
-    """The logits (batch, vocab) predicting each reference token in turn, the reference fed
-    ONE token per step (the cache keeps each layer's budget at every step); a generator."""
-    ref, _ = _references(references, pad_id, first_logits.device)
-    logits = first_logits
-    for t in range(ref.shape[1]):
-        yield logits
-        if t + 1 < ref.shape[1]:
-            logits, mask = _step(model, cache, ref[:, t], mask)
-
-
 @torch.no_grad()
 def teacher_force(model, cache, first_logits, mask, references: list[list[int]], pad_id: int) -> torch.Tensor:
     """Summed NLL (batch,) float64 of each row's reference, one token per step.
@@ -247,11 +225,19 @@ def teacher_force(model, cache, first_logits, mask, references: list[list[int]],
     ``first_logits`` predict the first reference token (from the prefill); rows with shorter
     references are padded and their extra positions ignored.
     """
-    ref, real = _references(references, pad_id, first_logits.device)
+    width = max(len(r) for r in references)
+    ref = torch.full((len(references), width), pad_id, dtype=torch.long, device=first_logits.device)
+    real = torch.zeros_like(ref, dtype=torch.bool)
+    for i, r in enumerate(references):
+        ref[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        real[i, : len(r)] = True
     nll = torch.zeros(len(references), dtype=torch.float64, device=first_logits.device)
-    for t, logits in enumerate(teacher_forced_logits(model, cache, first_logits, mask, references, pad_id)):
+    logits = first_logits
+    for t in range(width):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, ref[:, t : t + 1])[:, 0]
         nll -= torch.where(real[:, t], logp, torch.zeros_like(logp)).double()
+        if t + 1 < width:
+            logits, mask = _step(model, cache, ref[:, t], mask)
     return nll
 
 

@@ -28,10 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import __version__
 from .cache import cache_argument
-from .calibration import Calibration
-from .data import samples_hash
+from .calibration import Calibration, calibration_record
 from .evaluation import fork, prefill
 from .policies import Allocation, Method
 from .profile import Fingerprint, LayerKeep, RetentionProfile
@@ -202,20 +200,11 @@ def calibrate_sensitivity(
         per_sample = torch.stack([allocate(h, kf, grid) for h in harm])
         calibrated[kf] = LayerKeep([float(x) for x in allocate(mean, kf, grid)],
                                    [float(x) for x in per_sample.std(0, unbiased=False)])
-    lengths = [len(ids) for ids in samples]
     profile = RetentionProfile(
         fingerprint=Fingerprint.of(model.config), sink=search.sink, protect_last=search.protect_last,
         calibrated=calibrated, scorer=sc.name, scorer_params=dict(sc.params), rule="sensitivity",
         calibration={
-            "samples": len(samples),
-            "tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
-            "data": data_name,
-            "data_hash": samples_hash(samples),
-            "seed": seed,
-            "tool": f"prefixkv {__version__}",
-            "torch": torch.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(time.time() - started, 1),
+            **calibration_record(samples, data_name, seed, started),
             "sensitivity": {
                 "metric": "KL(full cache || only this layer compressed), next-token distributions, mean over the continuation",
                 "continuation_tokens": continuation,
