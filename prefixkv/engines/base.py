@@ -9,8 +9,10 @@ A backend implements two steps over a batch of left-padded rows:
         token_ids: (batch,) int64; the state knows each row's next original position
 
 and may expose ``kept_positions(state)`` (per layer, (batch, W) int64 original positions,
--1 for empty slots) for validation.  Everything else (sampling, stop strings, EOS,
-streaming, batching) lives here, once, for every backend.  Numpy only: this module is
+-1 for empty slots) for validation.  For in-flight batching (``engines.batching``) a backend
+may also offer ``begin_prefill`` (one prompt, chunk by chunk), ``merge`` (rows of states as
+one state: sequences join and leave a running batch) and ``cache_layout``.  Everything else
+(sampling, stop strings, EOS, streaming: ``TextStream``) lives here, once, for every backend.  Numpy only: this module is
 imported inside the Triton Python backend.
 """
 from __future__ import annotations
@@ -126,34 +128,69 @@ class Runner(ABC):
         rng = np.random.default_rng(config.seed)
         input_ids, mask = self.pad(token_lists)
         logits, state = self.prefill(input_ids, mask)
-        rows = len(token_lists)
-        out = [Generation("", [], "length", len(ids)) for ids in token_lists]
-        streamed = [""] * rows
-        done = np.zeros(rows, dtype=bool)
-        eos = self.tokenizer.eos_token_id
-        for step in range(config.max_new_tokens):
+        streams = [TextStream(self.tokenizer, config, len(ids), None if callback is None else
+                              (lambda piece, row=row: callback(row, piece))) for row, ids in enumerate(token_lists)]
+        done = np.zeros(len(streams), dtype=bool)
+        while True:
             tokens = sample(logits, config, rng)
             for row in np.flatnonzero(~done):
-                token = int(tokens[row])
-                if token == eos and not config.ignore_eos:
-                    out[row].finish_reason, done[row] = "eos", True
-                    continue
-                out[row].token_ids.append(token)
-                text = self.tokenizer.decode(out[row].token_ids)
-                cut = _first_stop(text, config.stop)
-                if cut is not None:
-                    text, out[row].finish_reason, done[row] = text[:cut], "stop", True
-                out[row].text = text
-                if callback is not None:
-                    stable = text if done[row] or not text.endswith("\ufffd") else streamed[row]
-                    if len(stable) > len(streamed[row]):
-                        callback(int(row), stable[len(streamed[row]) :])
-                        streamed[row] = stable
-            if done.all() or step == config.max_new_tokens - 1:
+                done[row] = streams[row].push(int(tokens[row]))
+            if done.all():
                 break
             tokens = np.where(done, self.tokenizer.pad_token_id, tokens).astype(np.int64)
             logits, state = self.decode(state, tokens)
-        return out
+        return [s.generation for s in streams]
+
+    # -- in-flight batching (``engines.batching``) -------------------------------------------
+    supports_batching = False  # True: ``merge`` joins and splits running batches
+
+    def begin_prefill(self, ids: Sequence[int], pixel_values=None):
+        """One prompt's prefill as a generator the scheduler advances: it yields after each
+        chunk and returns (logits (1, vocab), state).  Here: the whole prefill in one go."""
+        input_ids, mask = self.pad([list(ids)])
+        return self.prefill(input_ids, mask) if pixel_values is None else self.prefill(input_ids, mask, pixel_values)
+        yield  # noqa: B901  (a generator)
+
+    def merge(self, parts):
+        """parts: [(state, rows)] -> one state holding those rows, in that order (the states given are consumed)."""
+        raise NotImplementedError(f"{self.name} runs one sequence at a time (no batch merging)")
+
+    def cache_layout(self):
+        """The cache's shape rules for KV memory accounting (``batching.CacheLayout``), or None."""
+        return None
+
+
+class TextStream:
+    """One sequence's output: tokens in (``push``), the finish checks (EOS, stop strings,
+    max_new_tokens) and its text out, streamed as pieces that never end in half a character."""
+
+    def __init__(self, tokenizer: Tokenizer, config: GenerationConfig, prompt_tokens: int,
+                 callback: Callable[[str], None] | None = None):
+        self.tokenizer, self.config, self.callback = tokenizer, config, callback
+        self.generation = Generation("", [], "length", prompt_tokens)
+        self.streamed = ""
+        self.done = False
+
+    def push(self, token: int) -> bool:
+        """Add one sampled token; returns whether the sequence is finished."""
+        out, config = self.generation, self.config
+        if token == self.tokenizer.eos_token_id and not config.ignore_eos:
+            out.finish_reason, self.done = "eos", True
+            return True
+        out.token_ids.append(token)
+        text = self.tokenizer.decode(out.token_ids)
+        cut = _first_stop(text, config.stop)
+        if cut is not None:
+            text, out.finish_reason, self.done = text[:cut], "stop", True
+        out.text = text
+        if self.callback is not None:
+            stable = text if self.done or not text.endswith("\ufffd") else self.streamed
+            if len(stable) > len(self.streamed):
+                piece, self.streamed = stable[len(self.streamed) :], stable
+                self.callback(piece)
+        if len(out.token_ids) >= config.max_new_tokens:
+            self.done = True
+        return self.done
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

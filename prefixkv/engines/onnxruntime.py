@@ -247,7 +247,16 @@ class OnnxRuntimeRunner(Runner):
         return np.concatenate(logits), OnnxRuntimeState(past, lengths.copy(), lengths)
 
     def _prefill_row(self, ids: np.ndarray, image_rows=None):
-        """One prompt (n,) in chunks of ``prefill_chunk`` tokens through the decoder graph (each
+        """The whole of ``_prefill_chunks``: (logits (1, V), the flat per-layer compact caches)."""
+        chunks = self._prefill_chunks(ids, image_rows)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
+
+    def _prefill_chunks(self, ids: np.ndarray, image_rows=None):
+        """A generator, yielding after each chunk: one prompt (n,) in chunks of ``prefill_chunk`` tokens through the decoder graph (each
         layer's buffers hold the whole prompt; the scored rows' attention mass is summed chunk
         by chunk by the score graph), then every layer compacted to its profile count by the
         compact graph.
@@ -275,6 +284,8 @@ class OnnxRuntimeRunner(Runner):
                 for total, l, query in zip(masses, self._mass_layers, queries):
                     (mass,) = self._run("score", rows, ortvalues={"query": query, "key": past[4 * l]})
                     total[:, :stop] += mass.numpy()
+            if stop < n:
+                yield
         feeds = {"attention_mask": np.ones((1, n), np.int64)}
         for i, l in enumerate(self._mass_layers):
             feeds[f"mass.{l}"] = masses[i]
@@ -297,6 +308,66 @@ class OnnxRuntimeRunner(Runner):
                 positions[row, width - w :], valid[row, width - w :] = p[0], m[0]
             merged += [self._owned(a) for a in (key, value, positions, valid)]
         return merged
+
+    # -- in-flight batching -----------------------------------------------------------------
+    supports_batching = True
+
+    def begin_prefill(self, ids, pixel_values=None):
+        """One prompt's prefill, chunk by chunk: yields after each chunk but the last, returns
+        (logits (1, V), state of batch 1)."""
+        if pixel_values is not None:
+            raise ValueError(f"{self.engine_dir} is a text-only engine; it takes no image")
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if ids.ndim != 1 or len(ids) < 1:
+            raise ValueError("a prompt needs at least one token")
+        logits, past = yield from self._prefill_chunks(ids)
+        n = np.array([len(ids)], np.int64)
+        return logits, OnnxRuntimeState(past, n.copy(), n)
+
+    def merge(self, parts):
+        """parts: [(state, rows)] -> one state holding those rows in that order: each layer's
+        entries (empty slots dropped) right-aligned at the widest row's count, then free slots
+        as a compaction adds them.  Rows join and leave a running batch this way; it copies the
+        rows' caches once.  The states given are consumed."""
+        parts = [(state, np.asarray(rows, dtype=np.int64).reshape(-1)) for state, rows in parts]
+        for state, _ in parts:
+            if state.past is None:
+                raise ValueError("this state was consumed by an earlier step; merge the state that step returned")
+        parts = [(state, rows) for state, rows in parts if len(rows)]
+        if not parts:
+            raise ValueError("merge needs at least one row")
+        past = []
+        for l in range(self.layers):
+            pieces = []
+            for state, rows in parts:
+                key, value, positions, valid = state.past[4 * l : 4 * l + 4]
+                index, pos, val = compact_slots(positions.numpy()[rows], valid.numpy()[rows])
+                take = index[:, None, :, None]
+                pieces.append((np.take_along_axis(key.numpy()[rows], take, axis=2),
+                               np.take_along_axis(value.numpy()[rows], take, axis=2), pos, val))
+            width = max(p[2].shape[1] for p in pieces)
+            free = max(self.cache_slack, width // 8)
+            b = sum(p[2].shape[0] for p in pieces)
+            _, heads, _, dim = pieces[0][0].shape
+            key, value = (np.zeros((b, heads, width + free, dim), self._dtype) for _ in range(2))
+            positions, valid = np.full((b, width), -1, np.int64), np.zeros((b, width), bool)
+            row = 0
+            for k, v, p, m in pieces:
+                r, w = p.shape
+                key[row : row + r, :, width - w : width], value[row : row + r, :, width - w : width] = k, v
+                positions[row : row + r, width - w :], valid[row : row + r, width - w :] = p, m
+                row += r
+            past += [self._owned(a) for a in (key, value, positions, valid)]
+        merged = OnnxRuntimeState(past, np.concatenate([s.positions[r] for s, r in parts]),
+                                  np.concatenate([s.prompt_lengths[r] for s, r in parts]))
+        for state, _ in parts:
+            state.past = None
+        return merged
+
+    def cache_layout(self):
+        from .batching import CacheLayout
+
+        return CacheLayout.from_manifest(self.manifest, self.cache_slack)
 
     def decode(self, state: OnnxRuntimeState, token_ids):
         """token_ids (B,) int64 -> (logits (B, V) float32, new state).  The state given is
@@ -425,6 +496,20 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
     def prefill_embeds(self, input_ids, attention_mask, image_embeds):
         """The prefill on given image embeddings (I, N, hidden), in row-major order of the
         image tokens (graph-level validation feeds the reference's)."""
+        return self._prefill(input_ids, attention_mask, self._image_rows(input_ids, attention_mask, image_embeds))
+
+    def begin_prefill(self, ids, pixel_values=None):
+        """One prompt's prefill, chunk by chunk (see ``OnnxRuntimeRunner.begin_prefill``), its
+        images' embeddings computed first."""
+        input_ids = np.asarray(list(ids), dtype=np.int64)[None]
+        mask = np.ones_like(input_ids)
+        rows = self._image_rows(input_ids, mask, self.image_embeddings(self._pixels_for(input_ids, pixel_values)))
+        logits, past = yield from self._prefill_chunks(input_ids[0], lambda start, stop: rows(0, start, stop))
+        n = np.array([input_ids.shape[1]], np.int64)
+        return logits, OnnxRuntimeState(past, n.copy(), n)
+
+    def _image_rows(self, input_ids, attention_mask, image_embeds):
+        """-> rows(row, start, stop): the image embedding rows of that row's real tokens [start, stop)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         rows = np.asarray(image_embeds, dtype=self._dtype).reshape(-1, int(self.vision["hidden"]))
         is_image = ids == int(self.vision["image_token_id"])
@@ -439,7 +524,7 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
             tokens, images = order[row, real[row]][start:stop], is_image[row, real[row]][start:stop]
             return rows[tokens[images]]
 
-        return self._prefill(ids, attention_mask, chunk_rows)
+        return chunk_rows
 
     def _decode_extras(self, batch: int) -> dict:
         return {"image_embeds": np.zeros((0, int(self.vision["hidden"])), self._dtype)}
