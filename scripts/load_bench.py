@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
-"""Load benchmark of prefixkv engines served by Triton: requests/s, time to first token,
-inter-token latency, at several concurrencies.  A tritonclient-free driver over Triton's
-``generate_stream`` (SSE) endpoint: each client thread sends streaming requests back to back.
+"""Load benchmark of prefixkv engines served by Triton (in-flight batching): requests/s,
+output and decode tokens/s, TTFT, ITL, queue wait, sequences at once, server peak RSS.
 
     python scripts/load_bench.py --engine engines/smollm2-k100 --engine engines/smollm2-k20 \\
-        --prompt-tokens 2048 --max-tokens 32 --concurrency 1,4,8 --output results/load_bench.json
+        --prompt-tokens 2048 --max-tokens 128 --concurrency 1,4,8,16 --max-batch-size 16 \\
+        --kv-cache-memory-mib 440 --output results/load_bench.json [--route openai]
 
-For every engine: ``prefixkv deploy`` into a temporary repository, start tritonserver on
-free loopback ports, one warm-up request, then for each concurrency C: C clients x
-``--requests-per-client`` requests (default max(2, 8 // C) each), with prompts of
-``--prompt-tokens`` tokens cut from the built-in evaluation text (a different passage per
-request).  Or ``--url HOST:PORT`` to measure a server that is already running.
+For every engine: ``prefixkv deploy`` into a temporary repository (one instance), start
+tritonserver on free loopback ports (and with ``--route openai`` the OpenAI front end, driven
+by the official ``openai`` client), one warm-up request, then for each concurrency C: the
+same ``--requests`` prompts (``--prompt-tokens`` tokens each, cut from the built-in
+evaluation text, a different passage per request) sent by C clients that take the next
+prompt when their previous request is done.  Greedy; ``--ignore-eos`` is not available over
+the endpoint, so a request may stop early at EOS (generated token counts are reported).
 
-Per request: TTFT = first non-empty text piece - send; ITL = (last piece - first piece) /
-(generated tokens - 1); latency = final response - send.  Per concurrency: requests/s =
-requests / wall time, output tokens/s, and mean / p50 / p90 of each latency.  JSON on stdout
-(and in ``--output``).  ``--ignore-eos`` is not available over the endpoint, so an engine
-may stop early at EOS: generated token counts are reported.
+Per request (client side): TTFT = first text piece - send; ITL = (last piece - first piece) /
+(pieces - 1); latency.  Per level: requests/s and output tokens/s over the wall time; decode
+tokens/s = the model's decode-step tokens / decode-step seconds (its metrics
+``prefixkv_decode_tokens_total`` / ``prefixkv_decode_seconds_total``: prefill excluded);
+mean queue wait (``prefixkv_queue_wait_seconds``); the most sequences active at once (the
+``prefixkv_active_sequences`` gauge, polled every 0.1 s); the server's peak RSS (tritonserver
+and its Python stub, polled); failures; and whether every output equals the same prompt's
+output at concurrency 1 (run one at a time).  JSON on stdout (and in ``--output``), a table
+on stderr.
 """
 from __future__ import annotations
 
@@ -56,148 +62,259 @@ def prompts_for(engine: str, tokens: int, count: int) -> list[str]:
     return [s["prompt"] for s in builtin_samples(tokenizer, "evaluation", n=count, tokens=tokens, reference_tokens=0)]
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> dict:
-    from prefixkv.serving.client import generate_stream
-
+def one_request(target: dict, prompt: str, max_tokens: int) -> dict:
     sent = time.perf_counter()
-    first = last = None
-    ids = []
-    for event in generate_stream(url, prompt, max_tokens=max_tokens, timeout=600):
-        if event.get("text_output"):
-            first = first or event["_time"]
-            last = event["_time"]
-        if event.get("output_ids"):
-            ids = event["output_ids"]
-        done = event["_time"]
-    n = len(ids)
+    times, ids, text = [], None, []
+    if target["route"] == "openai":
+        import openai
+
+        client = openai.OpenAI(base_url=target["openai_url"], api_key="none", max_retries=0, timeout=1800)
+        stream = client.completions.create(model="prefixkv_llm", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True})
+        tokens = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.perf_counter())
+                text.append(chunk.choices[0].text)
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        output = "".join(text)
+    else:
+        from prefixkv.serving.client import grpc_generate
+
+        for event in grpc_generate(target["grpc_url"], prompt, max_tokens=max_tokens, stream=True, timeout=1800):
+            if event.get("text_output"):
+                times.append(event["_time"])
+                text.append(event["text_output"])
+            if event.get("final"):
+                ids = event.get("output_ids")
+        tokens, output = len(ids or []), "".join(text)
+    done = time.perf_counter()
     return {
-        "ttft_s": None if first is None else first - sent,
-        "itl_s": (last - first) / (n - 1) if first is not None and n > 1 else None,
+        "ttft_s": times[0] - sent if times else None,
+        "itl_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
         "latency_s": done - sent,
-        "output_tokens": n,
+        "output_tokens": tokens,
+        "output": output,
     }
 
 
-def run_level(url: str, prompts: list[str], concurrency: int, per_client: int, max_tokens: int) -> dict:
-    results, errors = [], []
-    lock = threading.Lock()
+def scrape(target: dict) -> dict[str, float]:
+    """The model's prefixkv_* metrics (labels dropped, except failure reasons)."""
+    import re
+    import urllib.request
 
-    def client(index: int):
-        for k in range(per_client):
-            prompt = prompts[(index * per_client + k) % len(prompts)]
+    with urllib.request.urlopen(target["metrics_url"], timeout=10) as reply:
+        text = reply.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("prefixkv_"):
+            name, value = line.rsplit(" ", 1)
+            reason = re.search(r'reason="(\w+)"', name)
+            key = name.split("{")[0] + (f"[{reason.group(1)}]" if reason else "")
+            if "_bucket" not in key:
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat[1]), []).append(int(entry.name))
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss[int(entry.name)] = int(line.split()[1]) * 1024
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def run_level(target: dict, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    results, errors = {}, []
+    lock = threading.Lock()
+    pending = list(range(len(prompts)))
+    peak = {"active": 0, "rss": 0}
+    stop = threading.Event()
+
+    def monitor():
+        while not stop.is_set():
             try:
-                r = one_request(url, prompt, max_tokens)
+                peak["active"] = max(peak["active"], int(scrape(target).get("prefixkv_active_sequences", 0)))
+                if target.get("pid"):
+                    peak["rss"] = max(peak["rss"], tree_rss(target["pid"]))
+            except OSError:
+                pass
+            stop.wait(0.1)
+
+    def client():
+        while True:
+            with lock:
+                if not pending:
+                    return
+                index = pending.pop(0)
+            try:
+                r = one_request(target, prompts[index], max_tokens)
             except Exception as err:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(repr(err))
                 continue
             with lock:
-                results.append(r)
+                results[index] = r
 
+    before = scrape(target)
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    tokens = sum(r["output_tokens"] for r in results)
+    stop.set()
+    watcher.join()
+    after = scrape(target)
+
+    def grew(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    done = list(results.values())
+    tokens = sum(r["output_tokens"] for r in done)
+    waits = grew("prefixkv_queue_wait_seconds_count")
     return {
         "concurrency": concurrency,
-        "requests": len(results),
+        "requests": len(done),
         "errors": errors,
+        "failed_requests": {k.split("[")[1][:-1]: grew(k) for k in after if k.startswith("prefixkv_request_failures_total[") and grew(k)},
         "wall_s": wall,
-        "requests_per_s": len(results) / wall,
+        "requests_per_s": len(done) / wall,
         "output_tokens_per_s": tokens / wall,
-        "mean_output_tokens": tokens / max(1, len(results)),
-        "ttft_s": summary([r["ttft_s"] for r in results]),
-        "itl_s": summary([r["itl_s"] for r in results]),
-        "latency_s": summary([r["latency_s"] for r in results]),
+        "decode_tokens_per_s": grew("prefixkv_decode_tokens_total") / max(grew("prefixkv_decode_seconds_total"), 1e-9),
+        "mean_output_tokens": tokens / max(1, len(done)),
+        "ttft_s": summary([r["ttft_s"] for r in done]),
+        "itl_s": summary([r["itl_s"] for r in done]),
+        "latency_s": summary([r["latency_s"] for r in done]),
+        "queue_wait_mean_s": grew("prefixkv_queue_wait_seconds_sum") / waits if waits else None,
+        "most_active_sequences": peak["active"],
+        "server_peak_rss_mib": peak["rss"] / 2**20 if peak["rss"] else None,
+        "outputs": [results[i]["output"] if i in results else None for i in range(len(prompts))],
     }
 
 
-def bench_engine(engine: str | None, url: str | None, args) -> dict:
-    from prefixkv.serving.client import generate
+def admitted(engine: str, prompt_tokens: int, max_tokens: int, budget_mib: float | None, rows: int) -> int:
+    """Sequences of that size the model admits at once under the budget (its own rule)."""
+    from prefixkv.defaults import CACHE_SLACK
+    from prefixkv.engine_folder import read_manifest
+    from prefixkv.engines.batching import MIB, CacheLayout
+
+    layout = CacheLayout.from_manifest(read_manifest(engine, verify=False), CACHE_SLACK)
+    need = layout.slots(prompt_tokens, max_tokens)
+    k = 0
+    while k < rows and (budget_mib is None or layout.batch_bytes([need] * (k + 1), prefill_tokens=prompt_tokens) <= budget_mib * MIB):
+        k += 1
+    return k
+
+
+def bench_engine(engine: str, args) -> dict:
+    from prefixkv.engine_folder import read_manifest
+    from prefixkv.serving.repository import ModelSettings, write_repository
+    from prefixkv.serving.server import TritonServer
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    total = max(c * (args.requests_per_client or max(2, 8 // c)) for c in levels)
-    prompts = prompts_for(engine or args.tokenizer, args.prompt_tokens, total)
-    server = None
-    info = {"engine": engine, "url": url}
-    if engine is not None:
-        from prefixkv.engine_folder import read_manifest
-        from prefixkv.serving.repository import write_repository
-        from prefixkv.serving.server import TritonServer
-
-        manifest = read_manifest(engine, verify=False)
-        info["keep_fraction"] = manifest["keep_fraction"]
-        info["model"] = manifest["model"]["source"]
-        workspace = tempfile.TemporaryDirectory(prefix="prefixkv-bench-")
-        repo = Path(workspace.name) / "repo"
-        write_repository(engine, repo, instances=args.instances, threads=args.threads, link=True)
-        server = TritonServer(repo).start()
-        info["instances"], info["threads_per_instance"] = args.instances, args.threads
+    prompts = prompts_for(engine, args.prompt_tokens, args.requests)
+    manifest = read_manifest(engine, verify=False)
+    info = {"engine": engine, "keep_fraction": manifest["keep_fraction"], "model": manifest["model"]["source"],
+            "route": args.route, "threads": args.threads, "max_batch_size": args.max_batch_size,
+            "kv_cache_memory_mib": args.kv_cache_memory_mib,
+            "admits_at_once": admitted(engine, args.prompt_tokens, args.max_tokens, args.kv_cache_memory_mib, args.max_batch_size)}
+    workspace = tempfile.TemporaryDirectory(prefix="prefixkv-bench-")
+    repo = Path(workspace.name) / "repo"
+    settings = ModelSettings(instances=1, threads=args.threads, max_batch_size=args.max_batch_size,
+                             kv_cache_memory_mib=args.kv_cache_memory_mib, max_queue=max(256, args.requests))
+    write_repository(engine, repo, settings, link=True)
+    server, front = TritonServer(repo).start(), None
     try:
-        if server is not None:
-            server.wait_ready(timeout=600)
-            url = server.http_url
-        generate(url, prompts[0], max_tokens=4, timeout=600)  # warm-up
+        server.wait_ready(timeout=600)
+        target = {"route": args.route, "grpc_url": server.grpc_url, "pid": server.process.pid,
+                  "metrics_url": f"http://{server.host}:{server.metrics_port}/metrics"}
+        if args.route == "openai":
+            from prefixkv.serving.openai import FrontEnd, OpenAIConfig
+            from prefixkv.serving.server import free_port
+
+            front = FrontEnd(OpenAIConfig(grpc_url=server.grpc_url, engine_dir=engine), port=free_port()).start()
+            target["openai_url"] = front.url
+        one_request(target, prompts[0], 4)  # warm-up
         info["levels"] = []
         for c in levels:
-            per_client = args.requests_per_client or max(2, 8 // c)
-            level = run_level(url, prompts, c, per_client, args.max_tokens)
-            print(f"[{Path(engine).name if engine else url}] concurrency {c}: {level['requests']} requests, "
-                  f"{level['requests_per_s']:.3f} req/s, TTFT p50 {level['ttft_s']['p50']:.3f} s, "
-                  f"ITL p50 {1000 * level['itl_s']['p50']:.1f} ms", file=sys.stderr, flush=True)
+            level = run_level(target, prompts, c, args.max_tokens)
+            print(f"[{Path(engine).name}] concurrency {c}: {level['requests']} requests, {level['requests_per_s']:.3f} req/s, "
+                  f"decode {level['decode_tokens_per_s']:.1f} tok/s, at once {level['most_active_sequences']}",
+                  file=sys.stderr, flush=True)
             info["levels"].append(level)
+        first = info["levels"][0]["outputs"] if levels[0] == 1 else None
+        for level in info["levels"]:
+            level["identical_to_concurrency_1"] = None if first is None else level["outputs"] == first
     finally:
-        if server is not None:
-            server.stop()
-            workspace.cleanup()
+        if front is not None:
+            front.stop()
+        server.stop()
+        workspace.cleanup()
     return info
 
 
 def markdown(report: dict) -> str:
-    """The results as a markdown table (for docs/serving.md)."""
-    rows = ["| engine | keep fraction | concurrency | requests | requests/s | output tokens/s | TTFT p50 (s) | TTFT p90 (s) | ITL p50 (ms) | ITL p90 (ms) | latency p50 (s) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The results as a markdown table (for the README)."""
+    rows = ["| keep | route | concurrency | requests | req/s | output tok/s | decode tok/s | TTFT p50 / p90 (s) "
+            "| ITL p50 / p90 (ms) | queue wait mean (s) | at once | server peak RSS (MiB) | failed | same as C=1 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    nan = float("nan")
     for result in report["results"]:
-        name = Path(result["engine"]).name if result.get("engine") else result.get("url")
         for level in result["levels"]:
-            ttft, itl, lat = level["ttft_s"] or {}, level["itl_s"] or {}, level["latency_s"] or {}
+            ttft, itl = level["ttft_s"] or {}, level["itl_s"] or {}
+            wait = level["queue_wait_mean_s"]
             rows.append(
-                f"| {name} | {result.get('keep_fraction', '?')} | {level['concurrency']} | {level['requests']} "
-                f"| {level['requests_per_s']:.3f} | {level['output_tokens_per_s']:.2f} "
-                f"| {ttft.get('p50', float('nan')):.2f} | {ttft.get('p90', float('nan')):.2f} "
-                f"| {1000 * itl.get('p50', float('nan')):.0f} | {1000 * itl.get('p90', float('nan')):.0f} "
-                f"| {lat.get('p50', float('nan')):.2f} |"
+                f"| {result['keep_fraction']} | {result['route']} | {level['concurrency']} | {level['requests']} "
+                f"| {level['requests_per_s']:.3f} | {level['output_tokens_per_s']:.1f} | {level['decode_tokens_per_s']:.1f} "
+                f"| {ttft.get('p50', nan):.1f} / {ttft.get('p90', nan):.1f} "
+                f"| {1000 * itl.get('p50', nan):.0f} / {1000 * itl.get('p90', nan):.0f} "
+                f"| {nan if wait is None else wait:.1f} | {level['most_active_sequences']} "
+                f"| {level['server_peak_rss_mib'] or nan:.0f} | {sum(level['failed_requests'].values()) + len(level['errors']):.0f} "
+                f"| {level['identical_to_concurrency_1']} |"
             )
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--engine", action="append", help="engine folder (repeatable): deploy and serve it")
-    target.add_argument("--url", help="HOST:PORT of a running Triton HTTP endpoint serving prefixkv_llm")
-    parser.add_argument("--tokenizer", help="with --url: a folder holding tokenizer.json (e.g. the engine)")
+    parser.add_argument("--engine", action="append", required=True, help="engine folder (repeatable): deploy and serve it")
     parser.add_argument("--prompt-tokens", type=int, default=2048)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--requests-per-client", type=int, default=None, help="default: max(2, 8 // concurrency)")
-    parser.add_argument("--instances", type=int, default=2, help="model instances of the deployed repository")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per instance")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,4,8,16", help="client counts; start with 1 (the outputs are compared with it)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per level (the same prompts at every level)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory-mib", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of the one instance")
+    parser.add_argument("--route", choices=("triton", "openai"), default="triton",
+                        help="triton: the model's streaming gRPC call; openai: the OpenAI front end, official client")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args(argv)
-    if args.url and not args.tokenizer:
-        parser.error("--url needs --tokenizer (a folder with tokenizer.json) to make the prompts")
-
     report = {
         "command": "python scripts/load_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_average_at_start": os.getloadavg()},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("engine", "url")},
-        "results": [bench_engine(e, None, args) for e in args.engine] if args.engine else [bench_engine(None, args.url, args)],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "settings": {k: v for k, v in vars(args).items() if k != "engine"},
+        "results": [bench_engine(e, args) for e in args.engine],
     }
     text = json.dumps(report, indent=2)
     print(text)

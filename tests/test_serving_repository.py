@@ -22,6 +22,7 @@ from prefixkv.serving.pbtxt import (
 from prefixkv.serving.repository import (
     MODEL_NAME,
     TEMPLATE,
+    ModelSettings,
     RepositoryExistsError,
     model_config_text,
     write_repository,
@@ -58,7 +59,8 @@ def engine(tmp_path) -> Path:
 def test_config_parses_with_tritons_model_config():
     from tritonclient.grpc import model_config_pb2
 
-    config = parse_model_config(model_config_text(instances=3, threads=2, default_max_tokens=16, chat=True))
+    settings = ModelSettings(instances=3, threads=2, default_max_tokens=16, chat=True, max_batch_size=4, kv_cache_memory_mib=96)
+    config = parse_model_config(model_config_text(settings))
     assert isinstance(config, model_config_pb2.ModelConfig)
     assert config.name == MODEL_NAME and config.backend == "python"
     assert config.model_transaction_policy.decoupled
@@ -74,7 +76,8 @@ def test_config_parses_with_tritons_model_config():
     assert {o.name for o in config.output} == {"text_output", "output_ids", "finish_reason"}
     assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 3)]
     params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params == {"engine_dir": "engine", "backend": "auto", "threads": "2", "default_max_tokens": "16", "chat": "true"}
+    assert params == {"engine_dir": "engine", "backend": "auto", "threads": "2", "default_max_tokens": "16", "chat": "true",
+                      "max_batch_size": "4", "kv_cache_memory_mib": "96", "max_queue": "256"}
     with_image = parse_model_config(model_config_text(image=True))  # vision engines: the optional image bytes
     image = {i.name: i for i in with_image.input}["image"]
     assert image.optional and image.data_type == types.TYPE_STRING and list(image.dims) == [-1]
@@ -92,11 +95,19 @@ def test_config_errors_are_reported_with_the_place():
 
 # -- the repository -------------------------------------------------------------------------
 def test_repository_layout(engine, tmp_path):
-    model_dir = write_repository(engine, tmp_path / "repo", instances=2, threads=1)
+    model_dir = write_repository(engine, tmp_path / "repo", ModelSettings(instances=2, threads=1))
     assert model_dir == tmp_path / "repo" / MODEL_NAME
     config = parse_model_config((model_dir / "config.pbtxt").read_text())
     check_model_config(config, "config.pbtxt", name=MODEL_NAME, backend="python", decoupled=True)
     assert config.instance_group[0].count == 2
+    # the engine's numbers, for reading: keep fraction, context, per-layer capacities at the whole context
+    manifest = json.loads((engine / "manifest.json").read_text())
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["keep_fraction"] == f"{manifest['keep_fraction']:g}"
+    assert params["max_context"] == str(manifest["max_context"])
+    context, sink = manifest["max_context"], manifest["sink"]
+    want = [max(min(int(f * context + 0.5), context), sink + 1) for f in manifest["layer_keep_fractions"]]
+    assert [int(c) for c in params["layer_capacities"].split(",")] == want
     version = model_dir / "1"
     assert (version / "model.py").read_text() == TEMPLATE.read_text()
     copied = version / "engine"
@@ -130,10 +141,10 @@ def test_repository_refuses_a_tampered_or_missing_engine(engine, tmp_path):
 
 
 def test_repository_rejects_bad_settings(engine, tmp_path):
-    with pytest.raises(ValueError, match="--instances"):
-        write_repository(engine, tmp_path / "repo", instances=0)
-    with pytest.raises(ValueError, match="--threads"):
-        write_repository(engine, tmp_path / "repo", threads=0)
+    for flag, bad in (("--instances", {"instances": 0}), ("--threads", {"threads": 0}),
+                      ("--max-batch-size", {"max_batch_size": 0}), ("--kv-cache-memory-mib", {"kv_cache_memory_mib": 0})):
+        with pytest.raises(ValueError, match=flag):
+            write_repository(engine, tmp_path / "repo", ModelSettings(**bad))
 
 
 def test_vendored_runtime_imports_without_torch_or_transformers(engine, tmp_path):

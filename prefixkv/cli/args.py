@@ -73,6 +73,14 @@ def non_negative(text: str) -> float:
     return _number(text, float, "expected a finite number >= 0", low=0.0)
 
 
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text, float, "expected a finite number > 0", low=0.0)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def lengths(text: str) -> tuple[int, ...]:
     """Comma-separated token counts, each >= 2."""
     what = "lengths are comma-separated integers >= 2"

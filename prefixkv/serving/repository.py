@@ -16,8 +16,10 @@ anything is written, and again when Triton loads the model.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..defaults import CACHE_SLACK
 from ..engine_folder import check_validated, read_manifest, verify_engine_folder
 from ..vision import is_vision_engine
 from ..vision.serving import IMAGE_INPUT_PBTXT
@@ -36,39 +38,85 @@ class RepositoryExistsError(FileExistsError):
     """The model folder exists already."""
 
 
+@dataclass
+class ModelSettings:
+    """What ``prefixkv deploy`` writes into the model's parameters (each a deploy flag).
+
+    max_batch_size: sequences decoded together (in-flight batching); kv_cache_memory_mib:
+    the KV memory budget sequences are admitted by (None: max_batch_size alone); max_queue:
+    requests that may wait for a row before new ones are refused."""
+
+    instances: int = 1
+    threads: int | None = None
+    default_max_tokens: int = 64
+    chat: bool = False
+    backend: str = "auto"
+    max_batch_size: int = 8
+    kv_cache_memory_mib: float | None = None
+    max_queue: int = 256
+    allow_failed_validation: bool = False
+
+    def __post_init__(self):
+        for flag, value, least in (("--instances", self.instances, 1), ("--threads", self.threads, 1),
+                                   ("--max-tokens", self.default_max_tokens, 1), ("--max-batch-size", self.max_batch_size, 1),
+                                   ("--max-queue", self.max_queue, 0)):
+            if value is not None and value < least:
+                raise RepositoryError(f"{flag} must be at least {least}, got {value}")
+        if self.kv_cache_memory_mib is not None and not self.kv_cache_memory_mib > 0:
+            raise RepositoryError(f"--kv-cache-memory-mib must be a positive number of MiB, got {self.kv_cache_memory_mib}")
+
+
+def engine_parameters(manifest: dict) -> dict[str, str]:
+    """What the model config tells about its engine: keep fraction, context, per-layer keep
+    fractions and the slots each layer holds for a sequence of the whole context."""
+    from ..engines.batching import CacheLayout
+
+    layout = CacheLayout.from_manifest(manifest, CACHE_SLACK)
+    context = int(manifest["max_context"])
+    return {
+        "keep_fraction": f"{float(manifest['keep_fraction']):g}",
+        "max_context": str(context),
+        "layer_keep_fractions": ",".join(f"{float(f):.6g}" for f in manifest["layer_keep_fractions"]),
+        "layer_capacities": ",".join(str(int(c)) for c in layout.kept(context)),
+        "kv_bytes_per_slot": str(layout.entry_bytes),
+    }
+
+
 def model_config_text(
+    settings: ModelSettings | None = None,
     name: str = MODEL_NAME,
-    instances: int = 1,
-    threads: int | None = None,
-    default_max_tokens: int = 64,
-    chat: bool = False,
-    backend: str = "auto",
     engine_dir: str = "engine",
     image: bool = False,
-    allow_failed_validation: bool = False,
+    manifest: dict | None = None,
 ) -> str:
     """The ``config.pbtxt`` of the prefixkv_llm model (text; checked by the caller).
 
-    image: add the optional ``image`` input (encoded bytes; vision engines).
-    allow_failed_validation: the model loads an engine whose validation failed."""
+    image: add the optional ``image`` input (encoded bytes; vision engines); manifest: the
+    engine's, whose keep fraction, context and per-layer capacities the config records."""
+    settings = settings or ModelSettings()
     params = {
         "engine_dir": engine_dir,
-        "backend": backend,
-        "threads": "" if threads is None else str(threads),
-        "default_max_tokens": str(default_max_tokens),
-        "chat": "true" if chat else "false",
+        "backend": settings.backend,
+        "threads": "" if settings.threads is None else str(settings.threads),
+        "default_max_tokens": str(settings.default_max_tokens),
+        "chat": "true" if settings.chat else "false",
+        "max_batch_size": str(settings.max_batch_size),
+        "kv_cache_memory_mib": "" if settings.kv_cache_memory_mib is None else f"{settings.kv_cache_memory_mib:g}",
+        "max_queue": str(settings.max_queue),
     }
-    if allow_failed_validation:
+    if settings.allow_failed_validation:
         params["allow_failed_validation"] = "true"
+    if manifest is not None:
+        params.update(engine_parameters(manifest))
     parameters = "\n".join(
         f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()
     )
     image_entry = f",\n  {IMAGE_INPUT_PBTXT}" if image else ""
     return f"""# Written by `prefixkv deploy`.  One prefixkv engine on Triton's Python backend:
-# model.py runs the whole prefill + decode loop with the PrefixKV-compressed cache.
+# model.py runs in-flight batching over the PrefixKV-compressed caches (prefill + decode).
 name: "{name}"
 backend: "python"
-max_batch_size: 0  # one prompt per request; concurrency comes from instances
+max_batch_size: 0  # one prompt per request; the model batches running sequences itself (parameter max_batch_size)
 
 # decoupled: `stream: true` requests get one response per new piece of text
 model_transaction_policy {{ decoupled: true }}
@@ -90,11 +138,14 @@ output [
   {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 
-# each instance is one process with its own engine session
-instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
+# each instance is one process with its own engine session and its own batch
+instance_group [ {{ kind: KIND_CPU count: {settings.instances} }} ]
 
 # engine_dir: relative to the version folder; threads: intra-op threads of the engine
-# (empty: the runtime's default); default_max_tokens / chat: when a request does not say
+# (empty: the runtime's default); default_max_tokens / chat: when a request does not say;
+# max_batch_size / kv_cache_memory_mib (empty: no budget) / max_queue: the scheduler's limits;
+# keep_fraction, max_context, layer_keep_fractions, layer_capacities (slots per layer for a
+# sequence of the whole context), kv_bytes_per_slot: the engine's, for reading only
 {parameters}
 """
 
@@ -109,15 +160,21 @@ def check_engine_folder(engine_dir: str | Path, allow_failed_validation: bool = 
     return engine_dir
 
 
-def check_repository(repository: str | Path) -> None:
+def check_repository(repository: str | Path, verify: bool = False) -> dict[str, Path]:
     """Before a server starts: every prefixkv model's engine in ``repository`` is one it will load
-    (manifest complete; validation not failed unless the model was deployed with ``ALLOW_FAILED``)."""
+    (manifest complete, with ``verify`` every file's hash too; validation not failed unless the
+    model was deployed with ``allow_failed_validation``).  Returns {model name: engine folder of
+    its newest version}."""
     repository = Path(repository)
     if not repository.is_dir():
         raise FileNotFoundError(f"no model repository at {repository}; write one with `prefixkv deploy ENGINE --repository {repository}`")
-    for engine_dir in sorted(repository.glob("*/[0-9]*/engine")):
+    engines = {}
+    for engine_dir in sorted(repository.glob("*/[0-9]*/engine"), key=lambda e: (e.parents[1].name, int(e.parent.name))):
         allowed = '"allow_failed_validation" value { string_value: "true" }' in (engine_dir.parents[1] / "config.pbtxt").read_text()
-        check_validated(engine_dir, read_manifest(engine_dir, verify=False), allowed)
+        manifest = verify_engine_folder(engine_dir) if verify else read_manifest(engine_dir, verify=False)
+        check_validated(engine_dir, manifest, allowed)
+        engines[engine_dir.parents[1].name] = engine_dir
+    return engines
 
 
 # What the Triton model imports: the runner interface and its ONNX Runtime backend, the
@@ -127,7 +184,7 @@ def check_repository(repository: str | Path) -> None:
 # exporter, the calibration, the benchmarks or the CLI.
 RUNTIME_MODULES = (
     "__init__.py", "defaults.py", "engine_folder.py", "profile.py", "tokenizer.py", "data.py", "optional.py",
-    "engines/__init__.py", "engines/base.py", "engines/images.py", "engines/onnxruntime.py",
+    "engines/__init__.py", "engines/base.py", "engines/batching.py", "engines/images.py", "engines/onnxruntime.py",
     "engines/compaction_graph.py", "engines/tensorrt.py",
     "vision/__init__.py", "vision/data.py", "vision/preprocess.py", "vision/serving.py",
     "plugins/__init__.py", "plugins/trt.py", "plugins/reference.py", "plugins/kernels.py",
@@ -150,28 +207,18 @@ def vendor_runtime(destination: Path) -> list[Path]:
 def write_repository(
     engine_dir: str | Path,
     repository: str | Path,
+    settings: ModelSettings | None = None,
     *,
     model_name: str = MODEL_NAME,
     version: int = 1,
-    instances: int = 1,
-    threads: int | None = None,
-    default_max_tokens: int = 64,
-    chat: bool = False,
-    backend: str = "auto",
     link: bool = False,
     force: bool = False,
-    allow_failed_validation: bool = False,
 ) -> Path:
     """Write (or with ``force`` replace) ``repository/model_name``; returns the model folder."""
-    if instances < 1:
-        raise RepositoryError(f"--instances must be at least 1, got {instances}")
-    if threads is not None and threads < 1:
-        raise RepositoryError(f"--threads must be at least 1, got {threads}")
-    if default_max_tokens < 1:
-        raise RepositoryError(f"--max-tokens must be at least 1, got {default_max_tokens}")
+    settings = settings or ModelSettings()
     if version < 1:
         raise RepositoryError(f"--version must be at least 1, got {version}")
-    engine_dir = check_engine_folder(engine_dir, allow_failed_validation).resolve()
+    engine_dir = check_engine_folder(engine_dir, settings.allow_failed_validation).resolve()
     model_dir = Path(repository) / model_name
     if model_dir.exists():
         if not force:
@@ -182,8 +229,8 @@ def write_repository(
         version_dir.mkdir(parents=True)
         write_model_config(
             model_dir / "config.pbtxt",
-            model_config_text(model_name, instances, threads, default_max_tokens, chat, backend,
-                              image=is_vision_engine(engine_dir), allow_failed_validation=allow_failed_validation),
+            model_config_text(settings, model_name, image=is_vision_engine(engine_dir),
+                              manifest=read_manifest(engine_dir, verify=False)),
             name=model_name, backend="python", decoupled=True, required_inputs=("text_input",), outputs=OUTPUTS,
         )
         shutil.copy2(TEMPLATE, version_dir / "model.py")

@@ -20,6 +20,7 @@ is why the served model imports nothing more; see ``prefixkv.serving.templates.m
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -256,28 +257,73 @@ class TritonServer:
         self.stop()
 
 
-def serve_forever(server: TritonServer, timeout: float = 300.0, out=sys.stderr) -> int:
-    """Start ``server``, wait for readiness, print the endpoints and block until Ctrl-C."""
-    server.start()
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Raise ServerError naming the first of ``ports`` ({what: port}) that cannot be bound on ``host``."""
+    for what, number in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+            try:
+                sock.bind((host, number))
+            except OSError as err:
+                flag = "--" + what.replace(" ", "-") + "-port"
+                raise ServerError(f"port {number} on {host} ({what}) is in use or cannot be bound ({err.strerror}); "
+                                  f"stop what holds it or choose another with {flag}") from None
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGHUP: stop like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Within the block SIGTERM and SIGHUP raise ``_Stop`` (SIGINT raises KeyboardInterrupt), so the
+    caller's cleanup runs; the previous handlers come back after."""
+    def stop(signum, frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: no handlers (tests calling from a thread)
+            pass
     try:
-        server.wait_ready(timeout)
-        print(
-            f"Triton is serving {server.repository}\n"
-            f"  HTTP    http://{server.http_url}  (generate: POST /v2/models/<model>/generate, generate_stream)\n"
-            f"  gRPC    {server.grpc_url}\n"
-            f"  metrics http://{server.host}:{server.metrics_port}/metrics\n"
-            f"  log     {server.log_path}\n"
-            "Press Ctrl-C to stop.",
-            file=out,
-            flush=True,
-        )
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        code = server.process.returncode if server.process is not None else 0
-        print(f"tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}", file=out)
-        return code or 1
-    except KeyboardInterrupt:
-        print("stopping Triton...", file=out, flush=True)
-        return 0
+        yield
     finally:
-        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_forever(server: TritonServer, timeout: float = 300.0, out=sys.stderr, front_end=None) -> int:
+    """Start ``server`` (and then ``front_end(server)``, a callable returning an object with
+    ``url`` and ``stop()``), wait for readiness, print the endpoints and block until Ctrl-C,
+    SIGTERM or SIGHUP; everything started is stopped and its temporary folders removed."""
+    started = None
+    with _stop_on_signals():
+        try:
+            server.start()
+            server.wait_ready(timeout)
+            started = front_end(server) if front_end is not None else None
+            print(
+                f"Triton is serving {server.repository}\n"
+                f"  HTTP    http://{server.http_url}  (generate: POST /v2/models/<model>/generate, generate_stream)\n"
+                f"  gRPC    {server.grpc_url}\n"
+                f"  metrics http://{server.host}:{server.metrics_port}/metrics\n"
+                + (f"  OpenAI  {started.url}  (/models, /completions, /chat/completions)\n" if started is not None else "")
+                + f"  log     {server.log_path}\n"
+                "Press Ctrl-C to stop.",
+                file=out,
+                flush=True,
+            )
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+            code = server.process.returncode if server.process is not None else 0
+            print(f"tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}", file=out)
+            return code or 1
+        except (KeyboardInterrupt, _Stop) as why:
+            print(f"stopping Triton ({why or 'SIGINT'})...", file=out, flush=True)
+            return 0
+        finally:
+            if started is not None:
+                started.stop()
+            server.stop()

@@ -5,9 +5,14 @@ Written by ``prefixkv deploy`` into ``<repository>/prefixkv_llm/<version>/model.
     engine/      the engine folder (copied or linked); its manifest is checked at load
     prefixkv/    the prefixkv runtime this repository was written with (vendored)
 
-It runs the whole prefill + decode loop with the PrefixKV-compressed cache, tokenisation
-and the chat template included.  Decoupled: a request with ``stream`` true gets one
-response per new piece of text and a final one; otherwise a single response.
+It runs in-flight batching over the PrefixKV-compressed caches, tokenisation and the chat
+template included: ``execute`` checks each request and queues it; one scheduler thread per
+instance (``prefixkv.engines.batching.Batcher``) admits queued requests by KV memory
+(parameters ``max_batch_size``, ``kv_cache_memory_mib``, ``max_queue``), prefills each in
+chunks between the running rows' decode steps, and sends the responses.  Decoupled: a
+request with ``stream`` true gets one response per new piece of text and a final one;
+otherwise a single response.  A cancelled request (the client went away) frees its row.
+The LLM metrics (``Metrics``) are Triton custom metrics on the server's metrics endpoint.
 
 Inputs (tensors, or the same names as request parameters, e.g. the ``parameters`` object
 of Triton's generate endpoint; a tensor wins over a parameter):
@@ -33,8 +38,8 @@ stub embeds its own libpython, under which transformers (through ``ssl``) or tor
 import.  The vendored ``prefixkv`` package holds the runtime modules only and imports
 neither (its ``__init__`` is lazy): see ``_import_runtime``.
 
-The three stages are kept apart (``Preprocessor``: request -> token ids; the engine's
-``generate_ids``: ids -> ids; ``Postprocessor``: ids -> outputs), so splitting this model
+The three stages are kept apart (``Preprocessor``: request -> token ids; the batcher:
+ids -> ids; ``Postprocessor``: ids -> outputs), so splitting this model
 into a TensorRT-LLM-style ensemble (preprocessing -> engine -> postprocessing) only moves
 these classes into their own models.
 """
@@ -43,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -229,8 +235,76 @@ class Postprocessor:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-class _Cancelled(Exception):
-    pass
+# -- metrics -------------------------------------------------------------------------------------
+SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+FAILURE_REASONS = ("invalid", "too_large", "queue_full", "cancelled", "internal")
+
+
+class Metrics:
+    """The model's LLM metrics, as Triton custom metrics (on the server's metrics endpoint).
+    An observer of the batcher (``prefixkv.engines.batching.Observer``'s methods)."""
+
+    def __init__(self, labels: dict):
+        M = pb_utils.MetricFamily
+        self._families = []  # a family must outlive its metrics
+
+        def metric(name, description, kind, **extra):
+            family = M(name=name, description=description, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=dict(labels, **extra.pop("more", {})), **extra)
+
+        self.prompt_tokens = metric("prefixkv_prompt_tokens_total", "Prompt tokens of requests admitted", M.COUNTER)
+        self.generated_tokens = metric("prefixkv_generated_tokens_total", "Tokens generated", M.COUNTER)
+        self.decode_tokens = metric("prefixkv_decode_tokens_total", "Tokens made by decode steps (prefill excluded)", M.COUNTER)
+        self.decode_seconds = metric("prefixkv_decode_seconds_total", "Seconds spent in decode steps", M.COUNTER)
+        family = M(name="prefixkv_request_failures_total", description="Failed requests, by reason", kind=M.COUNTER)
+        self._families.append(family)
+        self.failures = {r: family.Metric(labels=dict(labels, reason=r)) for r in FAILURE_REASONS}
+        self.ttft = metric("prefixkv_time_to_first_token_seconds", "Time from arrival to the first token", M.HISTOGRAM,
+                           buckets=SECONDS_BUCKETS)
+        self.itl = metric("prefixkv_inter_token_latency_seconds", "Time between a sequence's tokens", M.HISTOGRAM,
+                          buckets=SECONDS_BUCKETS)
+        self.queue_wait = metric("prefixkv_queue_wait_seconds", "Time from arrival to admission", M.HISTOGRAM,
+                                 buckets=SECONDS_BUCKETS)
+        self.gauges = {
+            "active": metric("prefixkv_active_sequences", "Sequences in the running batch", M.GAUGE),
+            "queued": metric("prefixkv_queued_requests", "Requests waiting for a row", M.GAUGE),
+            "kv_entries": metric("prefixkv_kv_cache_entries", "KV entries held, all layers and rows", M.GAUGE),
+            "kv_bytes": metric("prefixkv_kv_cache_bytes", "Bytes of KV buffers allocated", M.GAUGE),
+        }
+        self._last = {}
+
+    def fail(self, reason: str) -> None:
+        self.failures.get(reason, self.failures["internal"]).increment(1)
+
+    # the batcher's observer
+    def admitted(self, seq) -> None:
+        self.prompt_tokens.increment(len(seq.ids))
+        self.queue_wait.observe(max(seq.admitted - seq.arrived, 0.0))
+
+    def token(self, seq, first: bool, gap: float) -> None:
+        if first:
+            self.ttft.observe(max(seq.first_token - seq.arrived, 0.0))
+        else:
+            self.itl.observe(max(gap, 0.0))
+
+    def finished(self, seq, generation) -> None:
+        self.generated_tokens.increment(len(generation.token_ids))
+
+    def failed(self, seq, error) -> None:
+        self.fail(error.reason)
+
+    def stepped(self, batcher) -> None:
+        stats, done = batcher.stats, self._last.get("decode", (0, 0.0))
+        if (stats.decode_tokens, stats.decode_seconds) != done:
+            self.decode_tokens.increment(stats.decode_tokens - done[0])
+            self.decode_seconds.increment(stats.decode_seconds - done[1])
+            self._last["decode"] = (stats.decode_tokens, stats.decode_seconds)
+        for name, gauge in self.gauges.items():
+            value = getattr(batcher.stats, name)
+            if self._last.get(name) != value:
+                gauge.set(value)
+                self._last[name] = value
 
 
 class TritonPythonModel:
@@ -247,6 +321,7 @@ class TritonPythonModel:
 
         load_runner = _import_runtime(version_dir)
         from prefixkv.engines.base import GenerationConfig, PromptError
+        from prefixkv.engines.batching import BatchConfig, Batcher, BatchError, Request
         from prefixkv.vision import is_vision_engine
 
         # the loaders check the engine folder's manifest (files, hashes, format) and
@@ -268,43 +343,69 @@ class TritonPythonModel:
             image_request=image_request,
             image_error_cls=image_error,
         )
+        budget = params.get("kv_cache_memory_mib") or None
+        batch = BatchConfig(max_batch_size=int(params.get("max_batch_size") or 8),
+                            kv_cache_memory_mib=None if budget is None else float(budget),
+                            max_queue=int(params.get("max_queue") or 256))
+        self.metrics = Metrics({"model": args["model_name"], "version": str(args["model_version"])})
+        self.Request, self.BatchError = Request, BatchError
+        self.batcher = Batcher(self.runner, batch, observer=self.metrics)
+        self.stop = threading.Event()
+        self.loop = threading.Thread(target=self.batcher.run, args=(self.stop,), name="prefixkv-batcher", daemon=True)
+        self.loop.start()
         self.logger.log_info(
-            f"prefixkv_llm: {backend} engine {engine_dir.resolve()} loaded (context {self.runner.max_context}, threads {threads or 'default'})"
+            f"prefixkv_llm: {backend} engine {engine_dir.resolve()} loaded (context {self.runner.max_context}, "
+            f"threads {threads or 'default'}, up to {self.batcher.max_rows} sequences at once, KV budget "
+            f"{'none' if budget is None else budget + ' MiB'}, queue {batch.max_queue})"
         )
 
     def execute(self, requests):
+        """Each request is checked and queued; the batcher's thread sends its responses."""
         for request in requests:
-            self._handle(request)
+            self._submit(request)
         return None
 
-    def _handle(self, request):
+    def _submit(self, request):
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             ids, config, stream, pixels = self.preprocess(request)
-            streamed: list[str] = []
-
-            def on_text(row: int, piece: str) -> None:
-                if sender.is_cancelled():
-                    raise _Cancelled()
-                if stream:
-                    sender.send(Postprocessor.response(piece, ()))
-                    streamed.append(piece)
-
-            if pixels is None:
-                generation = self.runner.generate_ids([ids], config, on_text)[0]
-            else:
-                with self.runner.images(pixels):
-                    generation = self.runner.generate_ids([ids], config, on_text)[0]
-            rest = generation.text[len("".join(streamed)) :] if stream else generation.text
-            sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
-        except _Cancelled:
-            sender.send(flags=final)
         except RequestError as err:
+            self.metrics.fail("invalid")
             sender.send(pb_utils.InferenceResponse(error=_error(str(err))), flags=final)
+            return
         except Exception as err:  # never let one request take the instance down
+            self.metrics.fail("internal")
             self.logger.log_error(f"prefixkv_llm: request failed:\n{traceback.format_exc()}")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(err).__name__}: {err}")), flags=final)
+            return
+        streamed: list[str] = []
+
+        def on_text(piece: str) -> None:
+            if stream:
+                sender.send(Postprocessor.response(piece, ()))
+                streamed.append(piece)
+
+        def on_done(generation, error) -> None:
+            if error is None:
+                rest = generation.text[len("".join(streamed)) :] if stream else generation.text
+                sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
+            elif error.reason == "cancelled":
+                sender.send(flags=final)
+            else:
+                if error.reason == "internal":
+                    self.logger.log_error(f"prefixkv_llm: request failed: {error}")
+                sender.send(pb_utils.InferenceResponse(error=_error(str(error))), flags=final)
+
+        try:
+            self.batcher.submit(self.Request(ids, config, on_text=on_text, on_done=on_done,
+                                             cancelled=sender.is_cancelled, pixel_values=pixels))
+        except self.BatchError as err:
+            self.metrics.fail(err.reason)
+            sender.send(pb_utils.InferenceResponse(error=_error(str(err))), flags=final)
 
     def finalize(self):
+        self.stop.set()
+        self.batcher.wake()
+        self.loop.join(timeout=30)
         self.runner = None
