@@ -141,8 +141,9 @@ def plot_quality(results: Sequence[dict], out_path, metrics: Sequence[str] | Non
     labels = list(dict.fromkeys(r["label"] for r in results if not _is_full(r)))
     cmap = plt.cm.tab20 if len(labels) > 10 else plt.cm.tab10
     colors = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
-    fig, axes = plt.subplots(len(facets), len(metrics), figsize=(5.2 * len(metrics), 3.6 * len(facets) + 0.8),
-                             squeeze=False)
+    legend_rows = math.ceil((len(labels) + 1) / 5)  # the labels and the full cache, five per row
+    height = 3.6 * len(facets) + 0.6 + 0.22 * legend_rows
+    fig, axes = plt.subplots(len(facets), len(metrics), figsize=(5.2 * len(metrics), height), squeeze=False)
     for row, value in enumerate(facets):
         subset = [r for r in results if facet is None or r.get(facet) == value]
         for col, metric in enumerate(metrics):
@@ -168,10 +169,10 @@ def plot_quality(results: Sequence[dict], out_path, metrics: Sequence[str] | Non
                bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(unique) / 5), 1, 1))
+    fig.tight_layout(rect=(0, (0.25 + 0.22 * legend_rows) / height, 1, 1))  # room for the legend, in inches
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight")  # nothing cropped, however long the labels
     plt.close(fig)
     return out_path
 

@@ -160,3 +160,7 @@ def test_the_quality_benchmark_takes_sensitivity_pairs():
     attach_profiles(configs, {"window(pool=5,window=8)": "the prefix-search profile"})
     assert sens.profile is None and configs[2].profile == "the prefix-search profile"
     assert len(configs_from("", "all")) == 4 * 5
+    # a pair runs beside a named method of the same parts when its sink differs (SnapKV: 0, a pair: 1)
+    both = configs_from("snapkv,pyramidkv", "window+uniform,window+pyramid")
+    assert [(c.method, c.scorer, c.allocation) for c in both] == [
+        ("snapkv", None, None), ("pyramidkv", None, None), ("custom", "window", "uniform"), ("custom", "window", "pyramid")]

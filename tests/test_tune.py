@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from prefixkv.tune import (
@@ -200,3 +201,37 @@ def test_build_tune_tunes_then_builds_the_winner(tmp_path, capsys):
     assert manifest["layer_keep_fractions"] == pytest.approx(tuned.layer_fractions(0.3))
     assert manifest["scorer"]["name"] == "window" and manifest["sink"] == 0
     assert RetentionProfile.load(engine / "profile.json").rule == "pyramid"
+
+
+def test_the_benchmarks_issue_15_comparisons_on_hand_made_results():
+    """tune_targets: tuned vs every uniform row (a loss whose interval excludes 0 fails the
+    target), and S+sensitivity vs S+uniform (a sure win meets it)."""
+    from prefixkv.bench.quality import tune_targets
+
+    rng = np.random.default_rng(0)
+
+    def result(label, allocation, nll, rouge, scorer="window", sink=0):
+        rows = [{"nll_sum": float(n), "reference_tokens": 10, "rouge_l": float(r)} for n, r in zip(nll, rouge)]
+        return {"label": label, "keep_fraction": 0.2, "allocation": allocation, "per_sample": rows, "scorer": scorer,
+                "sink": sink}
+
+    base = rng.uniform(20, 30, size=40)
+    rouge = rng.uniform(0.3, 0.6, size=40)
+    tied = rng.normal(0, 0.01, size=40)
+    results = [
+        result("tova", "uniform", base, rouge, scorer="last-query"),
+        result("window+uniform", "uniform", base + 2.0, rouge - 0.1, sink=4),   # clearly worse than the others
+        result("snapkv", "uniform", base + 2.0, rouge - 0.1),
+        result("window+sensitivity", "sensitivity", base + 0.5, rouge - 0.02, sink=4),  # better than uniform lengths
+        result("tuned", "profile", base + tied, rouge + tied),           # no sure loss against anyone
+    ]
+    got = tune_targets({"continuation": results}, resamples=500, seed=0)
+    assert got["tuned"]["cells"] == 6 and got["tuned"]["significant_losses"] == 0 and got["tuned"]["met"] is True
+    # against the same scorer's uniform row with the nearest sink (window+uniform, 4 sinks; not SnapKV's 0)
+    assert {(r["b"], tuple(r["sinks"])) for r in got["sensitivity"]["rows"]} == {("window+uniform", (4, 4))}
+    assert got["sensitivity"]["significant_wins"] == [["window+sensitivity", "continuation"]]
+    assert got["sensitivity"]["met"] is True
+    worse = [result("tova", "uniform", base, rouge), result("tuned", "profile", base + 3.0, rouge - 0.2)]
+    lost = tune_targets({"continuation": worse}, resamples=500, seed=0)
+    assert lost["tuned"]["significant_losses"] == 2 and lost["tuned"]["met"] is False
+    assert lost["sensitivity"]["met"] is None  # nothing to compare

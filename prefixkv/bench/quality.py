@@ -30,7 +30,7 @@ import torch
 from .. import report
 from ..calibration import average, calibrate, score_sample
 from ..data import builtin_samples
-from ..defaults import MEASURED_BLEND, MEASURED_SINK
+from ..defaults import MEASURED_BLEND, MEASURED_SINK, METHOD_SINKS
 from ..engine_folder import atomic_write_text
 from ..evaluation import EvalSettings, MethodConfig, evaluate_many, pad_token_id
 from ..models import load_model
@@ -80,13 +80,15 @@ def _log(message: str, started: float) -> None:
 
 
 def configs_from(methods: str, pairs: str) -> list[MethodConfig]:
-    """Named methods, then pairs not already covered by a named method."""
+    """Named methods, then pairs not already covered by a named method with the same sink (a
+    pair keeps ``METHOD_SINKS['custom']``, 1: so ``window+uniform`` runs beside SnapKV's 0
+    sinks, and compares with ``window+sensitivity`` at equal sinks)."""
     out, seen = [], set()
     for name in [m.strip() for m in methods.split(",") if m.strip()]:
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         out.append(MethodConfig(name))
-        seen.add(NAMED.get(name, ("full", "full")))
+        seen.add((*NAMED.get(name, ("full", "full")), METHOD_SINKS.get(name, 0)))
     if pairs.strip() == "all":
         wanted = [(s, a) for s in PAIR_SCORERS for a in PAIR_ALLOCATIONS]
     elif pairs.strip() in ("", "none"):
@@ -100,13 +102,13 @@ def configs_from(methods: str, pairs: str) -> list[MethodConfig]:
     for scorer, allocation in wanted:
         if allocation not in PAIR_ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}; choose {', '.join(PAIR_ALLOCATIONS)}")
-        if (scorer, allocation) not in seen:
+        if (scorer, allocation, METHOD_SINKS["custom"]) not in seen:
             if allocation == "sensitivity":  # a profile of that rule, calibrated by _run
                 out.append(MethodConfig(scorer=scorer, allocation="profile", label=f"{scorer}+sensitivity",
                                         extra={"rule": "sensitivity"}))
             else:
                 out.append(MethodConfig(scorer=scorer, allocation=allocation))
-            seen.add((scorer, allocation))
+            seen.add((scorer, allocation, METHOD_SINKS["custom"]))
     return out
 
 
@@ -328,6 +330,48 @@ def targets(task_results: dict, resamples: int, seed: int, keeps=(0.1, 0.2)) -> 
     return out
 
 
+def tune_targets(task_results: dict, resamples: int, seed: int) -> dict:
+    """Issue 15, at every keep fraction measured: the ``tuned`` row against every uniform
+    method on every metric of each family (met: no loss whose interval excludes 0), and each
+    sensitivity-allocated row (``S+sensitivity``) against uniform lengths with the same
+    scorer: the uniform row of that scorer with the nearest sink (``window+uniform`` is run
+    as SnapKV, 0 sinks), the sinks recorded (met: a win whose interval excludes 0 on some
+    family, for some scorer)."""
+    tuned_rows, rule_rows = [], []
+    for task, results in task_results.items():
+        groups = _group(results)
+        keeps = sorted({k for (_, k) in groups})
+        first = {label: rs[0] for (label, _), rs in groups.items()}
+        uniform = sorted(label for label, r in first.items() if r.get("allocation") == "uniform")
+        sensitive = sorted(label for label, r in first.items() if r.get("allocation") == "sensitivity" and label != "tuned")
+        partner = {}
+        for label in sensitive:
+            same = [u for u in uniform if first[u].get("scorer") == first[label].get("scorer")]
+            if same:
+                partner[label] = min(same, key=lambda u: abs((first[u].get("sink") or 0) - (first[label].get("sink") or 0)))
+        for keep in keeps:
+            a = groups.get(("tuned", keep))
+            for other in uniform if a is not None else ():
+                b = groups.get((other, keep))
+                if b is not None:
+                    tuned_rows += [comparison_row(task, keep, "tuned", other, a, b, m, h, resamples, seed) for m, h in FAMILIES[task]]
+            for label, other in partner.items():
+                a, b = groups.get((label, keep)), groups.get((other, keep))
+                if a is not None and b is not None:
+                    for m, h in FAMILIES[task]:
+                        row = comparison_row(task, keep, label, other, a, b, m, h, resamples, seed)
+                        row["sinks"] = [first[label].get("sink"), first[other].get("sink")]
+                        rule_rows.append(row)
+    losses = [r for r in tuned_rows if r["sign"] < 0 and r["significant"]]
+    wins = sorted({(r["a"], r["task"]) for r in rule_rows if r["sign"] > 0 and r["significant"]})
+    return {
+        "tuned": {"rows": tuned_rows, "significant_losses": len(losses), "cells": len(tuned_rows),
+                  "met": (not losses) if tuned_rows else None},
+        "sensitivity": {"rows": rule_rows, "significant_wins": [list(w) for w in wins],
+                        "met": bool(wins) if rule_rows else None},
+    }
+
+
 # -- the run -------------------------------------------------------------------------------------------
 def _slim(results: list[dict]) -> list[dict]:
     """Results for the JSON file: without the generated token ids."""
@@ -516,6 +560,7 @@ def _run(args, argv: list[str]) -> int:
     # 4. comparisons, tables, plots
     _log("comparisons", started)
     checked = targets(task_results, args.resamples, args.seed, keeps=[k for k in (0.1, 0.2) if k in keeps])
+    checked["issue15"] = tune_targets(task_results, args.resamples, args.seed)
     rules = rule_comparisons(task_results, paired, args.resamples, args.seed)
     for task, results in task_results.items():
         facet = "length" if task == "retrieval" else None
@@ -643,6 +688,21 @@ def render_markdown(document: dict, task_results: dict, args) -> str:
                   f"At least as good everywhere: **{_yes(i7['at_least_as_good_everywhere'])}** "
                   f"({i7['worse_cells']} of {i7['cells']} metric cells worse); strictly better somewhere: "
                   f"**{_yes(i7['strictly_better_somewhere'])}**; target met: **{_yes(i7['met'])}**.", ""]
+    i15 = checked.get("issue15", {})
+    tuned, rule = i15.get("tuned", {}), i15.get("sensitivity", {})
+    if tuned.get("rows"):
+        lines += ["## Target (issue 15): the tuned row against every uniform method", "",
+                  "A = tuned, B = the uniform method; every keep fraction and metric; paired bootstrap over the same prompts.", "",
+                  report.comparison_table(tuned["rows"]), "",
+                  f"Losses whose interval excludes 0: **{tuned['significant_losses']}** of {tuned['cells']} cells; "
+                  f"target met: **{_yes(tuned['met'])}**.", ""]
+    if rule.get("rows"):
+        won = ", ".join(f"{a} on {t}" for a, t in rule["significant_wins"]) or "none"
+        sinks = sorted({(r["a"], r["b"], *r["sinks"]) for r in rule["rows"]})
+        lines += ["## Target (issue 15): the sensitivity rule against uniform lengths, same scorer", "",
+                  "Pairs (A, B, sinks of A and B): " + "; ".join(f"{a} vs {b} ({sa}, {sb})" for a, b, sa, sb in sinks) + ".", "",
+                  report.comparison_table(rule["rows"]), "",
+                  f"Wins whose interval excludes 0: {won}; target met: **{_yes(rule['met'])}**.", ""]
     return "\n".join(lines) + "\n"
 
 
