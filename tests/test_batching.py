@@ -3,6 +3,8 @@ sequence run alone, rows join and leave between steps, admission by KV memory, t
 cancellation."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from test_export import one_torch_thread, tiny_engine  # noqa: F401  (autouse)
@@ -64,7 +66,7 @@ def test_cache_layout_by_hand():
 
 
 def test_config_refuses_bad_values():
-    for bad in ({"max_batch_size": 0}, {"max_batch_size": True}, {"kv_cache_memory_mib": 0}, {"max_queue": -1}):
+    for bad in ({"max_batch_size": 0}, {"max_batch_size": True}, {"kv_cache_memory_mib": 0}, {"max_queue": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             BatchConfig(**bad)
 
@@ -137,7 +139,8 @@ def test_admission_by_kv_memory_and_the_queue(runner):
 def test_cancelled_rows_leave_and_free_their_slot(runner):
     log: list = []
     recs = [Recorder(log, i) for i in range(3)]
-    batcher = Batcher(runner, BatchConfig(max_batch_size=2))
+    ticks = itertools.count()  # a clock a second apart per reading: the queue is asked at every step
+    batcher = Batcher(runner, BatchConfig(max_batch_size=2), clock=lambda: float(next(ticks)))
     config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
     batch = prompts(3, seed=1)
     for rec, ids in zip(recs, batch):
@@ -176,3 +179,49 @@ def test_merge_keeps_each_rows_entries(runner):
         runner.merge([(states[0], [0])])
     (second,) = [runner.merge([(merged, [1])])]
     assert second.prompt_lengths.tolist() == [len(b_ids)]
+
+
+def test_closing_tells_every_request_and_refuses_new_ones(runner):
+    log: list = []
+    recs = [Recorder(log, i) for i in range(3)]
+    batcher = Batcher(runner, BatchConfig(max_batch_size=1))
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    for rec, ids in zip(recs, prompts(3, seed=2)):
+        batcher.submit(rec.request(ids, config))
+    while not batcher.rows:
+        batcher.step()
+    batcher.close()  # one running, two queued: each gets its final answer
+    assert [r.error.reason for r in recs] == ["shutdown"] * 3
+    with pytest.raises(BatchError, match="shutting down"):
+        batcher.submit(Request([5, 6], config))
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone(runner):
+    log: list = []
+    good, bad = Recorder(log, 0), Recorder(log, 1)
+    batcher = Batcher(runner, BatchConfig(max_batch_size=2))
+    batcher.submit(good.request([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True)))
+    batcher.submit(bad.request([8, 9], GenerationConfig(max_new_tokens=8, temperature=1e-320, seed=0, ignore_eos=True)))
+    batcher.drain()
+    assert bad.error is not None and bad.error.reason == "internal" and "internal error" in str(bad.error)
+    assert good.error is None and len(good.result.token_ids) == 8
+
+
+def test_streamed_pieces_never_hold_the_start_of_a_stop_string():
+    from prefixkv.engines.base import TextStream
+
+    class Letters:  # one character per token
+        eos_token_id = 0
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    pieces = []
+    stream = TextStream(Letters(), GenerationConfig(max_new_tokens=20, stop=["\nUser:"]), 3, pieces.append)
+    for ch in "Hi\nUs there\nUser: more":
+        if stream.push(ord(ch)):
+            break
+    assert stream.generation.text == "Hi\nUs there" and stream.generation.finish_reason == "stop"
+    assert "".join(pieces) == "Hi\nUs there"  # "\n" and "\nUs" waited until they could not begin "\nUser:"
+    first_newline = next(piece for piece in pieces if "\n" in piece)
+    assert first_newline == "\nUs "  # released together, once the space ruled the stop string out

@@ -215,6 +215,7 @@ def test_openai_completions_and_chat(openai_url, reference, engine):
 
     client = openai.OpenAI(base_url=openai_url, api_key="none")
     assert [m.id for m in client.models.list().data] == ["prefixkv_llm"]
+    assert client.models.retrieve("prefixkv_llm").id == "prefixkv_llm"
     prompt = PROMPTS[1]
     done = client.completions.create(model="prefixkv_llm", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
     assert done.choices[0].text == reference[prompt].text
@@ -247,6 +248,10 @@ def test_openai_errors(openai_url):
     client = openai.OpenAI(base_url=openai_url, api_key="none", max_retries=0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="Hi")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.completions.create(model="prefixkv_llm", prompt="Hi", seed=2**70)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="prefixkv_llm", prompt="Hi", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="n"):

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                    help="sequences each instance decodes together, joining and leaving between steps (default 8)")
     p.add_argument("--kv-cache-memory-mib", type=a.positive, default=None, metavar="MIB",
                    help="KV memory budget per instance: a request is admitted when its worst-case cache fits (default: no budget)")
-    p.add_argument("--max-queue", type=a.count, default=256,
+    p.add_argument("--max-queue", type=a.positive_int, default=256,
                    help="requests that may wait for a free row; more are refused with an error (default 256)")
     a.add_chat(p)
     p.add_argument("--link", action="store_true", help="symlink the engine folder instead of copying it")
@@ -104,10 +104,12 @@ def run_serve(args) -> int:
         args.repository, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         host=args.host, log_verbose=args.log_verbose, log_file=log_file,
     )
+    failed = False
     try:
         return serve_forever(server, timeout=args.timeout, front_end=front_end)
-    except ServerError as err:  # its message ends with the log's tail: the first line names the cause
-        raise a.UserError(f"{str(err).strip().splitlines()[0]}{'' if workspace else f' (log: {log_file})'}") from err
+    except (ServerError, RuntimeError, OSError) as err:  # a ServerError ends with the log's tail: its first line names the cause
+        failed = True
+        raise a.UserError(f"{str(err).strip().splitlines()[0]} (log: {log_file})") from err
     finally:
-        if workspace is not None:
+        if workspace is not None and not failed:  # a failed start keeps its log for reading
             shutil.rmtree(workspace, ignore_errors=True)

@@ -184,13 +184,22 @@ class TextStream:
             text, out.finish_reason, self.done = text[:cut], "stop", True
         out.text = text
         if self.callback is not None:
-            stable = text if self.done or not text.endswith("\ufffd") else self.streamed
-            if len(stable) > len(self.streamed):
+            stable = text
+            if not self.done:  # hold back half a character, and what may be the start of a stop string
+                stable = text[: len(text) - _stop_prefix(text, config.stop)]
+                stable = self.streamed if stable.endswith("\ufffd") else stable
+            if len(stable) > len(self.streamed) and stable.startswith(self.streamed):
                 piece, self.streamed = stable[len(self.streamed) :], stable
                 self.callback(piece)
         if len(out.token_ids) >= config.max_new_tokens:
             self.done = True
         return self.done
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that begins a stop string (0: none)."""
+    return max((k for s in stops if s for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -34,6 +34,7 @@ import numpy as np
 from .base import Generation, GenerationConfig, TextStream, sample
 
 MIB = 1 << 20
+QUEUE_POLL = 0.25  # seconds between asking waiting requests whether they were cancelled
 
 
 class BatchError(RuntimeError):
@@ -58,8 +59,8 @@ class BatchConfig:
             raise ValueError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         if self.kv_cache_memory_mib is not None and not (float(self.kv_cache_memory_mib) > 0):
             raise ValueError(f"kv_cache_memory_mib must be a positive number of MiB, got {self.kv_cache_memory_mib!r}")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, (int, np.integer)) or self.max_queue < 0:
-            raise ValueError(f"max_queue must be a non-negative integer, got {self.max_queue!r}")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, (int, np.integer)) or self.max_queue < 1:
+            raise ValueError(f"max_queue must be a positive integer (requests go through the queue), got {self.max_queue!r}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ class Batcher:
         self.joining: _Row | None = None
         self.state = None
         self.stats = BatchStats()
+        self.closed = False
         self._wake = threading.Condition()
+        self._polled = float("-inf")  # when the queue was last asked for cancellations
 
     # -- requests -----------------------------------------------------------------------------
     def need(self, seq: Request) -> np.ndarray | None:
@@ -194,6 +197,8 @@ class Batcher:
                     f"{seq.config.max_new_tokens} new), more than kv_cache_memory_mib={self.config.kv_cache_memory_mib:g}; "
                     "shorten the prompt, lower max_tokens or raise kv_cache_memory_mib", "too_large")
         with self._wake:
+            if self.closed:
+                raise BatchError("the server is shutting down; retry on another instance", "shutdown")
             if len(self.queue) >= self.config.max_queue:
                 raise BatchError(f"the queue is full ({self.config.max_queue} requests waiting); retry later", "queue_full")
             seq.arrived = self.clock()
@@ -206,7 +211,9 @@ class Batcher:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, stop: threading.Event, poll: float = 0.05) -> None:
-        """Step until ``stop`` is set, sleeping while there is nothing to do."""
+        """Step until ``stop`` is set, sleeping while there is nothing to do; then every
+        sequence still held or queued is told the server is shutting down (each request gets
+        its final response) and new ones are refused."""
         while not stop.is_set():
             with self._wake:
                 if self.idle:
@@ -215,7 +222,21 @@ class Batcher:
             try:
                 self.step()
             except Exception as err:  # noqa: BLE001  (a bug must not stop the server: fail what is held, go on)
-                self._reset(BatchError(f"{type(err).__name__}: {err}", "internal"))
+                try:
+                    self._reset(_internal(err))
+                except Exception:  # noqa: BLE001, S110  (the next turn starts afresh regardless)
+                    self.rows, self.joining, self.state = [], None, None
+        self.close()
+
+    def close(self) -> None:
+        """Refuse new sequences; fail every one held or waiting ("shutdown")."""
+        with self._wake:
+            self.closed = True
+            waiting, self.queue = list(self.queue), deque()
+        error = BatchError("the server is shutting down; retry on another instance", "shutdown")
+        self._reset(error)
+        for seq in waiting:
+            self._fail(_Row(seq, None, None, None), error)
 
     def _reset(self, error: BatchError) -> None:
         """Fail every sequence held (running or joining) and start afresh."""
@@ -260,16 +281,16 @@ class Batcher:
                 return
             seq = self.queue.popleft()
         seq.admitted = self.clock()
-        self.observer.admitted(seq)
         need = self.need(seq)
         row = _Row(seq, TextStream(self.runner.tokenizer, seq.config, len(seq.ids), seq.on_text),
                    np.random.default_rng(seq.config.seed), need if need is not None else np.zeros(0, np.int64))
         try:
             row.prefill = self.runner.begin_prefill(seq.ids, seq.pixel_values)
         except Exception as err:  # noqa: BLE001  (reported to the request, the loop goes on)
-            self._fail(row, BatchError(f"{type(err).__name__}: {err}", "internal"))
+            self._fail(row, _internal(err))
             return
         self.joining = row
+        _quietly(self.observer.admitted, seq)
 
     def _advance_prefill(self) -> None:
         row = self.joining
@@ -280,17 +301,31 @@ class Batcher:
             logits, state = done.value
         except Exception as err:  # noqa: BLE001
             self.joining = None
-            self._fail(row, BatchError(f"{type(err).__name__}: {err}", "internal"))
+            self._fail(row, _internal(err))
             return
         self.joining = None
         if self._emit(row, logits):
             return
-        self.state = state if self.state is None else self.runner.merge([(self.state, range(len(self.rows))), (state, [0])])
+        if self.state is None:
+            self.state = state
+        else:
+            try:
+                merged = self.runner.merge([(self.state, range(len(self.rows))), (state, [0])])
+            except Exception as err:  # noqa: BLE001  (the running rows' state is consumed too: all fail)
+                self._reset(_internal(err))
+                self._fail(row, _internal(err))
+                return
+            self.state = merged
         self.rows.append(row)
 
     def _emit(self, row: _Row, logits: np.ndarray) -> bool:
-        """Sample the row's next token and stream it; True (and the row reported) when it is finished."""
-        token = int(sample(logits, row.seq.config, row.rng)[0])
+        """Sample the row's next token and stream it; True (and the row reported) when it is
+        finished.  Any failure here fails this row only."""
+        try:
+            token = int(sample(logits, row.seq.config, row.rng)[0])
+        except Exception as err:  # noqa: BLE001  (e.g. logits that are not finite: no distribution to sample)
+            self._fail(row, _internal(err))
+            return True
         now = self.clock()
         first = row.seq.first_token is None
         gap = now - (row.seq.admitted if first else row.seq.last_token)
@@ -301,13 +336,13 @@ class Batcher:
         try:
             done = row.stream.push(token)
         except Exception as err:  # noqa: BLE001  (e.g. a client's stream that went away)
-            self._fail(row, BatchError(f"{type(err).__name__}: {err}", "internal"))
+            self._fail(row, _internal(err))
             return True
         if first or len(row.stream.generation.token_ids) > held:  # an EOS ends the row without a token
-            self.observer.token(row.seq, first, gap)
+            _quietly(self.observer.token, row.seq, first, gap)
         row.token = token
         if done:
-            self.observer.finished(row.seq, row.stream.generation)
+            _quietly(self.observer.finished, row.seq, row.stream.generation)
             _tell(row.seq, row.stream.generation, None)
         return done
 
@@ -317,9 +352,7 @@ class Batcher:
         try:
             logits, self.state = self.runner.decode(self.state, tokens)
         except Exception as err:  # noqa: BLE001  (every running row fails; the batch starts afresh)
-            rows, self.rows, self.state = self.rows, [], None
-            for row in rows:
-                self._fail(row, BatchError(f"{type(err).__name__}: {err}", "internal"))
+            self._reset(_internal(err))
             return
         self.stats.decode_seconds += self.clock() - start
         self.stats.decode_tokens += len(tokens)
@@ -335,10 +368,15 @@ class Batcher:
 
     def _drop_cancelled(self) -> None:
         error = BatchError("the request was cancelled", "cancelled")
-        with self._wake:
-            waiting = [s for s in self.queue if _cancelled(s)]
-            for seq in waiting:
-                self.queue.remove(seq)
+        waiting = []
+        if self.clock() - self._polled >= QUEUE_POLL:  # waiting requests are asked less often than running ones
+            self._polled = self.clock()
+            with self._wake:
+                snapshot = list(self.queue)
+            waiting = [s for s in snapshot if _cancelled(s)]
+            with self._wake:
+                for seq in waiting:
+                    self.queue.remove(seq)
         for seq in waiting:
             self._fail(_Row(seq, None, None, None), error)
         if self.joining is not None and _cancelled(self.joining.seq):
@@ -353,7 +391,7 @@ class Batcher:
                 self._fail(row, error)
 
     def _fail(self, row: _Row, error: BatchError) -> None:
-        self.observer.failed(row.seq, error)
+        _quietly(self.observer.failed, row.seq, error)
         _tell(row.seq, None, error)
 
     def _report(self) -> None:
@@ -365,7 +403,19 @@ class Batcher:
             stats.kv_bytes = int(self.runner.kv_bytes(self.state))
         else:
             stats.kv_entries = stats.kv_bytes = 0
-        self.observer.stepped(self)
+        _quietly(self.observer.stepped, self)
+
+
+def _internal(err: Exception) -> BatchError:
+    return BatchError(f"internal error: {type(err).__name__}: {err}", "internal")
+
+
+def _quietly(report, *args) -> None:
+    """An observer's call; its failure (a metric the server dropped) never fails a request."""
+    try:
+        report(*args)
+    except Exception:  # noqa: BLE001, S110
+        pass
 
 
 def _tell(seq: Request, generation, error) -> None:

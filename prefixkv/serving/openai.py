@@ -10,8 +10,9 @@ usage chunk when ``stream_options.include_usage``, then ``data: [DONE]``).  Chat
 are rendered with the engine's chat template here and sent as plain text, so a whole
 conversation (system, user and assistant turns) reaches the model.  ``usage`` counts the
 prompt with the engine's tokenizer (the model tokenizes the same text the same way) and the
-completion from the model's ``output_ids``.  A client that disconnects cancels its gRPC
-call, which frees its row in the model's batch.
+completion from the model's ``output_ids``.  A streaming client that disconnects cancels
+its gRPC call, which frees its row in the model's batch (a non-streaming request runs to
+its end).
 
 Errors are OpenAI-style objects (``{"error": {"message", "type", "param", "code"}}``):
 400 for bad requests (the model's own one-line messages included), 404 for an unknown model,
@@ -58,11 +59,11 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)  # not OpenAI's; sent as extra_body by its client
-    seed: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)  # not OpenAI's; sent as extra_body by its client
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -118,7 +119,7 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
     def fields(self) -> dict:
         values = super().fields()
@@ -145,6 +146,8 @@ def _triton_error(message: str) -> _Refused:
         text = text.removeprefix(prefix)
     if "queue is full" in text:
         return _Refused(text, status=429, kind="rate_limit_error", code="queue_full")
+    if "shutting down" in text:
+        return _Refused(text, status=503, kind="service_unavailable")
     if "internal error" in text:
         return _Refused(text, status=500, kind="server_error")
     return _Refused(text)
@@ -191,10 +194,18 @@ def create_app(config: OpenAIConfig):
         message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
         return JSONResponse(error_body(message, param=".".join(where) or None), status_code=400)
 
+    card = {"id": config.served_name, "object": "model", "created": 0, "owned_by": "prefixkv"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.served_name, "object": "model", "created": 0,
-                                            "owned_by": "prefixkv"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != config.served_name:
+            return refused(_Refused(f"the model {name!r} does not exist; this server serves {config.served_name!r}",
+                                    "model", 404, code="model_not_found"))
+        return card
 
     async def generate(prompt: str, fields: dict):
         """Async iterator of (text piece, final dict or None) from the model's gRPC stream."""

@@ -59,7 +59,7 @@ class ModelSettings:
     def __post_init__(self):
         for flag, value, least in (("--instances", self.instances, 1), ("--threads", self.threads, 1),
                                    ("--max-tokens", self.default_max_tokens, 1), ("--max-batch-size", self.max_batch_size, 1),
-                                   ("--max-queue", self.max_queue, 0)):
+                                   ("--max-queue", self.max_queue, 1)):
             if value is not None and value < least:
                 raise RepositoryError(f"{flag} must be at least {least}, got {value}")
         if self.kv_cache_memory_mib is not None and not self.kv_cache_memory_mib > 0:

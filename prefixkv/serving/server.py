@@ -281,7 +281,7 @@ def _stop_on_signals():
     def stop(signum, frame):
         raise _Stop(signal.Signals(signum).name)
 
-    previous = {}
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}  # restored after the cleanup ignored it
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             previous[sig] = signal.signal(sig, stop)
@@ -291,7 +291,8 @@ def _stop_on_signals():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler set outside Python
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def serve_forever(server: TritonServer, timeout: float = 300.0, out=sys.stderr, front_end=None) -> int:
@@ -324,6 +325,9 @@ def serve_forever(server: TritonServer, timeout: float = 300.0, out=sys.stderr, 
             print(f"stopping Triton ({why or 'SIGINT'})...", file=out, flush=True)
             return 0
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the cleanup short
+                with contextlib.suppress(ValueError):
+                    signal.signal(sig, signal.SIG_IGN)
             if started is not None:
                 started.stop()
             server.stop()

@@ -80,8 +80,8 @@ def _import_runtime(version_dir: Path):
     return load_runner
 
 
-def _error(message: str) -> pb_utils.TritonError:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+def _error(message: str, kind: str = "INVALID_ARG") -> pb_utils.TritonError:
+    code = getattr(pb_utils.TritonError, kind, None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
@@ -237,7 +237,7 @@ class Postprocessor:
 
 # -- metrics -------------------------------------------------------------------------------------
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
-FAILURE_REASONS = ("invalid", "too_large", "queue_full", "cancelled", "internal")
+FAILURE_REASONS = ("invalid", "too_large", "queue_full", "cancelled", "shutdown", "internal")
 
 
 class Metrics:
@@ -392,9 +392,12 @@ class TritonPythonModel:
                 sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
             elif error.reason == "cancelled":
                 sender.send(flags=final)
-            else:
+            elif error.reason in ("internal", "shutdown"):
                 if error.reason == "internal":
                     self.logger.log_error(f"prefixkv_llm: request failed: {error}")
+                kind = "INTERNAL" if error.reason == "internal" else "UNAVAILABLE"
+                sender.send(pb_utils.InferenceResponse(error=_error(str(error), kind)), flags=final)
+            else:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(error))), flags=final)
 
         try:
@@ -405,6 +408,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=_error(str(err))), flags=final)
 
     def finalize(self):
+        """The loop stops and answers every request it still holds or queues ("shutting down")."""
         self.stop.set()
         self.batcher.wake()
         self.loop.join(timeout=30)
