@@ -100,21 +100,9 @@ def one_request(target: dict, prompt: str, max_tokens: int) -> dict:
 
 
 def scrape(target: dict) -> dict[str, float]:
-    """The model's prefixkv_* metrics (labels dropped, except failure reasons)."""
-    import re
-    import urllib.request
+    from prefixkv.serving.client import scrape_metrics
 
-    with urllib.request.urlopen(target["metrics_url"], timeout=10) as reply:
-        text = reply.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("prefixkv_"):
-            name, value = line.rsplit(" ", 1)
-            reason = re.search(r'reason="(\w+)"', name)
-            key = name.split("{")[0] + (f"[{reason.group(1)}]" if reason else "")
-            if "_bucket" not in key:
-                out[key] = out.get(key, 0.0) + float(value)
-    return out
+    return scrape_metrics(target["metrics_url"])
 
 
 def tree_rss(pid: int) -> int:
@@ -197,7 +185,7 @@ def run_level(target: dict, prompts: list[str], concurrency: int, max_tokens: in
         "concurrency": concurrency,
         "requests": len(done),
         "errors": errors,
-        "failed_requests": {k.split("[")[1][:-1]: grew(k) for k in after if k.startswith("prefixkv_request_failures_total[") and grew(k)},
+        "failed_requests": {k.split('"')[1]: grew(k) for k in after if k.startswith("prefixkv_request_failures_total{") and grew(k)},
         "wall_s": wall,
         "requests_per_s": len(done) / wall,
         "output_tokens_per_s": tokens / wall,
@@ -248,7 +236,7 @@ def bench_engine(engine: str, args) -> dict:
     try:
         server.wait_ready(timeout=600)
         target = {"route": args.route, "grpc_url": server.grpc_url, "pid": server.process.pid,
-                  "metrics_url": f"http://{server.host}:{server.metrics_port}/metrics"}
+                  "metrics_url": f"{server.host}:{server.metrics_port}"}
         if args.route == "openai":
             from prefixkv.serving.openai import FrontEnd, OpenAIConfig
             from prefixkv.serving.server import free_port

@@ -5,7 +5,6 @@ of ``prefixkv serve`` (signals, busy ports, bad repositories)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -58,7 +57,7 @@ def server(repository):
         yield srv
     finally:
         code = srv.stop()
-        assert code == 0, srv.log_tail(60)
+        assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail(60)}"
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +74,9 @@ def openai_url(server, repository):
 
 
 def metrics(server) -> dict[str, float]:
-    """prefixkv_* samples of the metrics endpoint: {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("prefixkv_"):
-            name, value = line.rsplit(" ", 1)
-            out[re.sub(r',?version="1"|model="prefixkv_llm",?', "", name).replace("{}", "")] = float(value)
-    return out
+    from prefixkv.serving.client import scrape_metrics
+
+    return scrape_metrics(f"{server.host}:{server.metrics_port}")
 
 
 def run_all(fn, items) -> list:

@@ -107,7 +107,7 @@ def run_serve(args) -> int:
     failed = False
     try:
         return serve_forever(server, timeout=args.timeout, front_end=front_end)
-    except (ServerError, RuntimeError, OSError) as err:  # a ServerError ends with the log's tail: its first line names the cause
+    except (RuntimeError, OSError) as err:  # a ServerError (a RuntimeError) ends with the log's tail: its first line names the cause
         failed = True
         raise a.UserError(f"{str(err).strip().splitlines()[0]} (log: {log_file})") from err
     finally:

@@ -34,7 +34,7 @@ import numpy as np
 from .base import Generation, GenerationConfig, TextStream, sample
 
 MIB = 1 << 20
-QUEUE_POLL = 0.25  # seconds between asking waiting requests whether they were cancelled
+POLL = 0.25  # seconds between the slower checks: waiting requests' cancellation, the KV gauges (read off the cache)
 
 
 class BatchError(RuntimeError):
@@ -150,7 +150,6 @@ class BatchStats:
     kv_entries: int = 0
     kv_bytes: int = 0
     most_active: int = 0
-    steps: int = 0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
 
@@ -175,7 +174,7 @@ class Batcher:
         self.stats = BatchStats()
         self.closed = False
         self._wake = threading.Condition()
-        self._polled = float("-inf")  # when the queue was last asked for cancellations
+        self._polled = self._measured = float("-inf")  # when the queue was last asked, the cache last measured
 
     # -- requests -----------------------------------------------------------------------------
     def need(self, seq: Request) -> np.ndarray | None:
@@ -356,7 +355,6 @@ class Batcher:
             return
         self.stats.decode_seconds += self.clock() - start
         self.stats.decode_tokens += len(tokens)
-        self.stats.steps += 1
         keep = [i for i, row in enumerate(self.rows) if not self._emit(row, logits[i : i + 1])]
         self._keep(keep)
 
@@ -369,7 +367,7 @@ class Batcher:
     def _drop_cancelled(self) -> None:
         error = BatchError("the request was cancelled", "cancelled")
         waiting = []
-        if self.clock() - self._polled >= QUEUE_POLL:  # waiting requests are asked less often than running ones
+        if self.clock() - self._polled >= POLL:  # waiting requests are asked less often than running ones
             self._polled = self.clock()
             with self._wake:
                 snapshot = list(self.queue)
@@ -398,11 +396,12 @@ class Batcher:
         stats = self.stats
         stats.active, stats.queued = len(self.rows), len(self.queue)
         stats.most_active = max(stats.most_active, stats.active)
-        if self.state is not None and hasattr(self.runner, "layer_lengths"):
+        if self.state is None or not hasattr(self.runner, "layer_lengths"):
+            stats.kv_entries = stats.kv_bytes = 0
+        elif self.clock() - self._measured >= POLL:  # not every step: it reads every layer's slots
+            self._measured = self.clock()
             stats.kv_entries = int(self.runner.layer_lengths(self.state).sum())
             stats.kv_bytes = int(self.runner.kv_bytes(self.state))
-        else:
-            stats.kv_entries = stats.kv_bytes = 0
         _quietly(self.observer.stepped, self)
 
 

@@ -237,23 +237,14 @@ class OnnxRuntimeRunner(Runner):
         lengths = mask.sum(-1).astype(np.int64)
         if (lengths < 1).any():
             raise ValueError("every row of attention_mask needs at least one token (1)")
-        logits, caches = [], []
+        logits, states = [], []
         for row in range(ids.shape[0]):
             rows = None if image_rows is None else (lambda start, stop, row=row: image_rows(row, start, stop))
-            row_logits, cache = self._prefill_row(ids[row, mask[row].astype(bool)], rows)
+            row_logits, state = _drain(self._begin(ids[row, mask[row].astype(bool)], rows))
             logits.append(row_logits)
-            caches.append(cache)
-        past = caches[0] if len(caches) == 1 else self._merge_rows(caches)
-        return np.concatenate(logits), OnnxRuntimeState(past, lengths.copy(), lengths)
-
-    def _prefill_row(self, ids: np.ndarray, image_rows=None):
-        """The whole of ``_prefill_chunks``: (logits (1, V), the flat per-layer compact caches)."""
-        chunks = self._prefill_chunks(ids, image_rows)
-        while True:
-            try:
-                next(chunks)
-            except StopIteration as done:
-                return done.value
+            states.append(state)
+        state = states[0] if len(states) == 1 else self.merge([(s, [0]) for s in states], free_slots=False)
+        return np.concatenate(logits), state
 
     def _prefill_chunks(self, ids: np.ndarray, image_rows=None):
         """A generator, yielding after each chunk: one prompt (n,) in chunks of ``prefill_chunk`` tokens through the decoder graph (each
@@ -292,23 +283,6 @@ class OnnxRuntimeRunner(Runner):
         values = {f"{part}.{l}": past[4 * l + j] for l in range(self.layers) for j, part in enumerate(("key", "value"))}
         return logits.numpy(), list(self._run("compact", feeds, ortvalues=values))
 
-    def _merge_rows(self, caches: list[list]) -> list:
-        """Rows' compact caches (batch 1 each) as one batch: per layer the widest row's width,
-        each row's entries right-aligned, empty slots (position -1, not valid) in front."""
-        merged = []
-        for l in range(self.layers):
-            parts = [[c.numpy() for c in cache[4 * l : 4 * l + 4]] for cache in caches]
-            width = max(p[2].shape[1] for p in parts)
-            b, (_, heads, _, dim) = len(parts), parts[0][0].shape
-            key, value = (np.zeros((b, heads, width, dim), self._dtype) for _ in range(2))
-            positions, valid = np.full((b, width), -1, np.int64), np.zeros((b, width), bool)
-            for row, (k, v, p, m) in enumerate(parts):
-                w = p.shape[1]
-                key[row, :, width - w :], value[row, :, width - w :] = k[0], v[0]
-                positions[row, width - w :], valid[row, width - w :] = p[0], m[0]
-            merged += [self._owned(a) for a in (key, value, positions, valid)]
-        return merged
-
     # -- in-flight batching -----------------------------------------------------------------
     supports_batching = True
 
@@ -317,18 +291,23 @@ class OnnxRuntimeRunner(Runner):
         (logits (1, V), state of batch 1)."""
         if pixel_values is not None:
             raise ValueError(f"{self.engine_dir} is a text-only engine; it takes no image")
+        return (yield from self._begin(ids))
+
+    def _begin(self, ids, image_rows=None):
+        """The prefill generator of one prompt (n,): ``_prefill_chunks``, then its state (batch 1)."""
         ids = np.asarray(list(ids), dtype=np.int64)
         if ids.ndim != 1 or len(ids) < 1:
             raise ValueError("a prompt needs at least one token")
-        logits, past = yield from self._prefill_chunks(ids)
+        logits, past = yield from self._prefill_chunks(ids, image_rows)
         n = np.array([len(ids)], np.int64)
         return logits, OnnxRuntimeState(past, n.copy(), n)
 
-    def merge(self, parts):
+    def merge(self, parts, free_slots: bool = True):
         """parts: [(state, rows)] -> one state holding those rows in that order: each layer's
         entries (empty slots dropped) right-aligned at the widest row's count, then free slots
-        as a compaction adds them.  Rows join and leave a running batch this way; it copies the
-        rows' caches once.  The states given are consumed."""
+        as a compaction adds them (``free_slots`` False: none, as a prefill leaves its caches).
+        Rows join and leave a running batch this way, and a batch's prefilled rows become one
+        batch; it copies the rows' caches once.  The states given are consumed."""
         parts = [(state, np.asarray(rows, dtype=np.int64).reshape(-1)) for state, rows in parts]
         for state, _ in parts:
             if state.past is None:
@@ -346,7 +325,7 @@ class OnnxRuntimeRunner(Runner):
                 pieces.append((np.take_along_axis(key.numpy()[rows], take, axis=2),
                                np.take_along_axis(value.numpy()[rows], take, axis=2), pos, val))
             width = max(p[2].shape[1] for p in pieces)
-            free = max(self.cache_slack, width // 8)
+            free = max(self.cache_slack, width // 8) if free_slots else 0
             b = sum(p[2].shape[0] for p in pieces)
             _, heads, _, dim = pieces[0][0].shape
             key, value = (np.zeros((b, heads, width + free, dim), self._dtype) for _ in range(2))
@@ -504,9 +483,7 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
         input_ids = np.asarray(list(ids), dtype=np.int64)[None]
         mask = np.ones_like(input_ids)
         rows = self._image_rows(input_ids, mask, self.image_embeddings(self._pixels_for(input_ids, pixel_values)))
-        logits, past = yield from self._prefill_chunks(input_ids[0], lambda start, stop: rows(0, start, stop))
-        n = np.array([input_ids.shape[1]], np.int64)
-        return logits, OnnxRuntimeState(past, n.copy(), n)
+        return (yield from self._begin(input_ids[0], lambda start, stop: rows(0, start, stop)))
 
     def _image_rows(self, input_ids, attention_mask, image_embeds):
         """-> rows(row, start, stop): the image embedding rows of that row's real tokens [start, stop)."""
@@ -528,6 +505,15 @@ class VisionOnnxRuntimeRunner(ImageInputs, OnnxRuntimeRunner):
 
     def _decode_extras(self, batch: int) -> dict:
         return {"image_embeds": np.zeros((0, int(self.vision["hidden"])), self._dtype)}
+
+
+def _drain(generator):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as done:
+            return done.value
 
 
 def compact_slots(positions: np.ndarray, valid: np.ndarray):

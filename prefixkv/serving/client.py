@@ -4,8 +4,10 @@
     for event in generate_stream("127.0.0.1:8000", "Hello", max_tokens=32):
         print(event["text_output"], end="")
     pieces = grpc_generate("127.0.0.1:8001", "Hello", max_tokens=32, stream=True)
+    scrape_metrics("127.0.0.1:8002")                                      # {"prefixkv_active_sequences": 0.0, ...}
 
-HTTP uses the standard library only; gRPC needs ``tritonclient[grpc]``.  Errors from the
+HTTP uses the standard library only; gRPC needs ``tritonclient[grpc]``, the metrics
+``prometheus-client`` (its text-format parser).  Errors from the
 server raise :class:`TritonRequestError` with Triton's message and the HTTP status.
 """
 from __future__ import annotations
@@ -148,3 +150,21 @@ def grpc_generate(grpc_url: str, prompt: str | bytes, max_tokens: int | None = N
     finally:
         client.stop_stream(cancel_requests=False)
         client.close()
+
+
+def scrape_metrics(metrics_url: str, prefix: str = "prefixkv_", timeout: float = 10.0) -> dict[str, float]:
+    """The metrics endpoint's samples whose name starts with ``prefix``: {'name{label="v"}': value},
+    without the ``model`` / ``version`` labels (samples that differ only by them are summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith(prefix):
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k not in ("model", "version"))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            out[key] = out.get(key, 0.0) + sample.value
+    return out

@@ -161,7 +161,9 @@ def create_app(config: OpenAIConfig):
         from fastapi.responses import JSONResponse, StreamingResponse
     except ImportError as err:
         raise ImportError(f"the OpenAI front end needs FastAPI ({err}); pip install 'prefixkv[serve]'") from err
+    import grpc
     import numpy as np
+    from tritonclient.utils import InferenceServerException
 
     from ..tokenizer import Tokenizer
     from .client import grpc_inputs
@@ -209,14 +211,14 @@ def create_app(config: OpenAIConfig):
 
     async def generate(prompt: str, fields: dict):
         """Async iterator of (text piece, final dict or None) from the model's gRPC stream."""
-        grpc = await client()
+        triton = await client()
         request_id = uuid.uuid4().hex
 
         async def one():
             yield {"model_name": config.model, "inputs": grpc_inputs(prompt, stream=True, chat=False, **fields),
                    "request_id": request_id}
 
-        responses = grpc.stream_infer(one(), stream_timeout=config.timeout)
+        responses = triton.stream_infer(one(), stream_timeout=config.timeout)
         try:
             async for result, error in responses:
                 if error is not None:
@@ -231,9 +233,7 @@ def create_app(config: OpenAIConfig):
                 yield piece, {"finish_reason": reason.reshape(-1)[0].decode(),
                               "tokens": int(np.asarray(ids).size) if ids is not None else 0}
                 return
-        except Exception as err:
-            if isinstance(err, _Refused):
-                raise
+        except (grpc.RpcError, InferenceServerException, OSError) as err:  # the connection, not the request
             raise _Refused(f"the Triton model could not be reached at {config.grpc_url}: {err}", status=503,
                            kind="service_unavailable") from None
         finally:
