@@ -172,12 +172,15 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert set(manifest["graphs"]) == {"decoder", "score", "compact"} and manifest["schema_version"] == 2
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_prefill_matches_the_reference(tiny, runners, chunk):
+@pytest.mark.parametrize("chunk, score_block", [(1, 64), (7, 64), (64, 64), (64, 5), (7, 3)])
+def test_chunked_prefill_matches_the_reference(tiny, runners, chunk, score_block, monkeypatch):
     """A padded batch longer than several chunks: kept positions identical in every layer,
-    logits and kept keys/values within the tolerances, whatever the chunk size."""
+    logits and kept keys/values within the tolerances, whatever the chunk size and however
+    many query rows each score-graph run takes."""
+    from prefixkv.engines import onnxruntime
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
+    monkeypatch.setattr(onnxruntime, "SCORE_BLOCK", score_block)
     engine = OnnxRuntimeRunner(tiny[0], threads=1, prefill_chunk=chunk)
     reference = runners[1]
     ref_logits, state, ref_state = _prefill_matches(engine, reference, [150, 97])

@@ -476,9 +476,14 @@ class ScoreGraph(nn.Module):
         query = flat_query.narrow(1, first, rows).reshape(b, rows, self.heads, self.head_dim).transpose(1, 2)
         grouped = _grouped(query, self.kv_heads).float()  # (B, Hkv, G, R, D)
         logits = torch.matmul(grouped, keys.narrow(2, 0, t).float().unsqueeze(2).transpose(-1, -2)) * self.scaling
-        slot = torch.arange(chunk, device=keys.device).narrow(0, first, rows) + (t - chunk)  # (R,) the rows' own slots
-        future = torch.arange(t, device=keys.device).unsqueeze(0) > slot.unsqueeze(1)  # (R, T)
-        bias = torch.where(future, torch.full((), float("-inf")), torch.zeros(()))
+        # causality: a row sees every earlier chunk's slots and its own chunk's up to itself, so
+        # the bias is built over the chunk's C slots only and padded with zeros in front, not
+        # by an (R, T) comparison and Where (the graph alone, 64 rows over 8192 slots: 36.5
+        # against 43.3 ms, best of 5; no difference measured at 4096)
+        row = torch.arange(chunk, device=keys.device).narrow(0, first, rows)  # (R,) the rows' indices in the chunk
+        future = torch.arange(chunk, device=keys.device).unsqueeze(0) > row.unsqueeze(1)  # (R, C)
+        own = torch.where(future, torch.full((), float("-inf")), torch.zeros(()))
+        bias = torch.nn.functional.pad(own, (t - chunk, 0))  # (R, T)
         probs = torch.softmax(logits + bias, dim=-1)  # (B, Hkv, G, R, T)
         # the rows' sum as a product with ones: with ONNX Runtime's ReduceSum over the row axis
         # the accumulated engine's SmolLM2 prefill took 18.5 s at 4096 tokens, with this 11.3 s
