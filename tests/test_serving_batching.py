@@ -158,7 +158,9 @@ def test_a_cancelled_stream_frees_its_row(server):
     key = 'prefixkv_request_failures_total{reason="cancelled"}'
     for _ in range(100):
         after = metrics(server)
-        if after.get(key, 0) > before.get(key, 0) and after["prefixkv_active_sequences"] == 0:
+        # the gauges are set one after another, not at once: wait for all of them
+        if (after.get(key, 0) > before.get(key, 0) and after["prefixkv_active_sequences"] == 0
+                and after["prefixkv_kv_cache_bytes"] == 0):
             break
         time.sleep(0.1)
     assert after[key] == before.get(key, 0) + 1

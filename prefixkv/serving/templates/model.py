@@ -266,11 +266,11 @@ class Metrics:
                           buckets=SECONDS_BUCKETS)
         self.queue_wait = metric("prefixkv_queue_wait_seconds", "Time from arrival to admission", M.HISTOGRAM,
                                  buckets=SECONDS_BUCKETS)
-        self.gauges = {
-            "active": metric("prefixkv_active_sequences", "Sequences in the running batch", M.GAUGE),
-            "queued": metric("prefixkv_queued_requests", "Requests waiting for a row", M.GAUGE),
+        self.gauges = {  # set in this order: a scrape that reads no active sequence reads their KV freed
             "kv_entries": metric("prefixkv_kv_cache_entries", "KV entries held, all layers and rows", M.GAUGE),
             "kv_bytes": metric("prefixkv_kv_cache_bytes", "Bytes of KV buffers allocated", M.GAUGE),
+            "active": metric("prefixkv_active_sequences", "Sequences in the running batch", M.GAUGE),
+            "queued": metric("prefixkv_queued_requests", "Requests waiting for a row", M.GAUGE),
         }
         self._last = {}
 
@@ -305,6 +305,10 @@ class Metrics:
             if self._last.get(name) != value:
                 gauge.set(value)
                 self._last[name] = value
+
+
+# finalize waits this long for the batcher loop, well inside Triton's exit timeout (30 s by default)
+FINALIZE_JOIN = 10.0
 
 
 class TritonPythonModel:
@@ -411,5 +415,9 @@ class TritonPythonModel:
         """The loop stops and answers every request it still holds or queues ("shutting down")."""
         self.stop.set()
         self.batcher.wake()
-        self.loop.join(timeout=30)
+        self.loop.join(timeout=FINALIZE_JOIN)
+        if self.loop.is_alive():  # log where it is stuck; the thread is a daemon, so the stub still exits
+            frame = sys._current_frames().get(self.loop.ident)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+            self.logger.log_error(f"prefixkv_llm: the batcher loop did not stop in {FINALIZE_JOIN:g}s; it is at:\n{where}")
         self.runner = None
