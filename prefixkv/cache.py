@@ -22,7 +22,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention as _attention
 from .compaction import compact, decode_budget, evict
-from .defaults import EVICT_DISTANCE
 from .policies import Method, Profiled, make_method
 from .scoring import attention_with_scores, decode_attention, make_scorer
 from .search import PAPER, SearchSettings
@@ -85,7 +84,8 @@ class PrefixKVCache(Cache):
     sink: first tokens always kept (default: the method's own, a profile's for its allocation);
     protect_last: the last prompt token is always kept.
     search: the ``online`` allocation's curve, floor and blend (default: the paper's).
-    evict_distance: decode-phase eviction slot, counted back from the end of the compacted prompt.
+    evict_distance: decode-phase eviction slot, counted back from the end of the compacted prompt
+        (default: the method's own: the oldest entry for StreamingLLM, a profile's, else 25).
     """
 
     def __init__(
@@ -98,7 +98,7 @@ class PrefixKVCache(Cache):
         allocation: str | None = None,
         sink: int | None = None,
         protect_last: bool | None = None,
-        evict_distance: int = EVICT_DISTANCE,
+        evict_distance: int | None = None,
         search: SearchSettings = PAPER,
         force_scorer: bool = False,
         score_block: int = 256,

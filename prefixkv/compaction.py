@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 
-# Distance used by "evict the oldest entry after the sinks" (StreamingLLM's rule).
-OLDEST = 1 << 30
-
 
 def keep_counts(lengths: torch.Tensor, fraction: torch.Tensor | float, sink: int, protect_last: bool) -> torch.Tensor:
     """Entries a layer keeps for prompts of ``lengths`` tokens.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 SINK = 1
 PROTECT_LAST = True      # the last prompt token is always kept
 EVICT_DISTANCE = 25      # decode: the entry this many slots before the end of the compacted prompt is evicted
+OLDEST = 1 << 30         # the evict distance of "evict the oldest entry after the sinks" (StreamingLLM's rule)
 KEEP_FRACTION = 0.2      # the global keep fraction of `build`, `eval` and `generate` (0.2 keeps 20% of the entries)
 
 # Each method's sink, from its own paper or released code.  StreamingLLM keeps 4 initial tokens;

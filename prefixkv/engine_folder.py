@@ -33,6 +33,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from . import __version__
+from .defaults import OLDEST
 
 # the profile's schema vocabulary (pydantic, strict: exact types, finite floats, bounded sizes)
 from .profile import (
@@ -411,7 +412,7 @@ class _ManifestDoc(_Strict):
     sink: Annotated[int, _within(0, 1_000_000)]
     protect_last: bool
     scorer: _ScorerDoc
-    evict_distance: Annotated[int, _within(1, 1_000_000)]
+    evict_distance: Annotated[int, _within(1, OLDEST)]  # OLDEST: evict the oldest entry after the sinks
     opset: Annotated[int, _within(1, 1000)]
     exporter: Text
     max_context: Annotated[int, _within(1, 1 << 30)]

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
-from .defaults import EVAL_NEW_TOKENS, EVICT_DISTANCE
+from .defaults import EVAL_NEW_TOKENS
 from .metrics import perplexity, rouge_l
 from .policies import Method, Profiled, make_method
 from .search import PAPER, SearchSettings
@@ -52,7 +52,7 @@ class MethodConfig:
     profile: object | None = None
     label: str | None = None
     force_scorer: bool = False
-    evict_distance: int = EVICT_DISTANCE
+    evict_distance: int | None = None  # None: the method's own (StreamingLLM the oldest, a profile's, else 25)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,7 +60,8 @@ class MethodConfig:
             raise ValueError(f"search must be a SearchSettings, got {self.search!r}")
         if self.sink is not None and (isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0):
             raise ValueError(f"the sink must be a non-negative integer, got {self.sink!r}")
-        if isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int) or self.evict_distance < 1:
+        if self.evict_distance is not None and (isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int)
+                                                or self.evict_distance < 1):
             raise ValueError(f"the evict distance must be a positive integer, got {self.evict_distance!r}")
 
     def build(self, profile=None) -> Method:

@@ -253,7 +253,7 @@ class BuildConfig:
     force: bool = False
     validate: bool = True
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    evict_distance: int = defaults.EVICT_DISTANCE
+    evict_distance: int | None = None  # None: the profile's decode rule (25 unless it records another)
     max_context: int | None = None
     backend: str = "onnxruntime"
     weights: str = defaults.WEIGHTS
@@ -268,7 +268,8 @@ class BuildConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.onnx_only and self.backend != "tensorrt":
             raise ValueError("--onnx-only applies to --backend tensorrt (the ONNX Runtime engine is ONNX already)")
-        _positive("the evict distance", self.evict_distance)
+        if self.evict_distance is not None:
+            _positive("the evict distance", self.evict_distance)
         if self.weights not in defaults.WEIGHT_PRECISIONS:
             raise ValueError(f"weights must be one of {', '.join(defaults.WEIGHT_PRECISIONS)}, got {self.weights!r}")
         if self.weights != "fp32" and self.backend != "onnxruntime":

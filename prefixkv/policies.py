@@ -17,8 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .compaction import OLDEST
-from .defaults import EVICT_DISTANCE, METHOD_SINKS, PROTECT_LAST, RULE, SINK
+from .defaults import EVICT_DISTANCE, METHOD_SINKS, OLDEST, PROTECT_LAST, RULE, SINK
 from .scoring import Scorer, make_scorer
 from .search import PAPER, SearchSettings
 
@@ -127,7 +126,7 @@ def make_method(
     scorer: str | Scorer | None = None,
     scorer_params: dict | None = None,
     allocation: str | None = None,
-    evict_distance: int = EVICT_DISTANCE,
+    evict_distance: int | None = None,
     search: SearchSettings = PAPER,
     force_scorer: bool = False,
     sink: int | None = None,
@@ -137,7 +136,8 @@ def make_method(
     ``search`` is the ``online`` allocation's curve, floor and blend (the paper's by default).
     The sink: ``sink=``, else the profile's for a profile allocation, else the method's own
     (``defaults.METHOD_SINKS``: 4 for StreamingLLM, none for H2O, SnapKV, TOVA and PyramidKV,
-    1 for PrefixKV).
+    1 for PrefixKV).  The decode rule: ``evict_distance=``, else the method's own (the oldest
+    entry after the sinks for StreamingLLM, a profile's for a profile allocation, else 25).
 
     full             no compression
     streaming        recency score, uniform lengths, evict the oldest entry after the sinks
@@ -179,7 +179,8 @@ def make_method(
         alloc = ALLOCATIONS[alloc_name]()
     else:
         raise ValueError(f"unknown allocation {alloc_name!r}; choose uniform, pyramid, online or profile")
-    distance = OLDEST if name == "streaming" else evict_distance
+    if evict_distance is None:  # the method's own decode rule (a profile's for its allocation)
+        evict_distance = OLDEST if name == "streaming" else profile.evict_distance if alloc_name == "profile" else EVICT_DISTANCE
     if sink is None:
         sink = profile.sink if alloc_name == "profile" else METHOD_SINKS[name]
-    return Method(name, scorer_obj, alloc, distance, compresses=name != "full", sink=sink)
+    return Method(name, scorer_obj, alloc, evict_distance, compresses=name != "full", sink=sink)

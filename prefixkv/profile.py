@@ -12,7 +12,7 @@ On disk (schema version 1)::
 
     {"schema": "prefixkv.retention-profile", "schema_version": 1,
      "model": {"architecture": str, "layers": int, "heads": int, "kv_heads": int, "head_dim": int, "config_hash": str},
-     "sink": int, "protect_last": bool,
+     "sink": int, "protect_last": bool, "evict_distance": int,
      "scorer": {"name": str, "params": {...}},
      "allocation": {"min_layer_keep": float, "blend": float, "curve": "all" | "unprotected",
                     "rule": "prefix-search" | "sensitivity" | "uniform" | "pyramid"},
@@ -22,6 +22,9 @@ On disk (schema version 1)::
 ``allocation.curve`` is the search's curve (``prefixkv.search``); files written before it was
 recorded have none, and load with ``curve`` None ("not recorded").  ``allocation.rule`` says
 how the lengths were chosen (``defaults.ALLOCATION_RULES``); absent means the prefix search.
+``evict_distance`` is the decode-phase rule (the entry that many slots before the end of the
+compacted prompt is evicted; ``defaults.OLDEST``: the oldest after the sinks, StreamingLLM's);
+absent means ``defaults.EVICT_DISTANCE`` (25, the released code's).
 
 LayerKeep keys are written with ``repr(float)`` so they read back as the same float; keys
 written by older versions with 6 significant digits (``:g``) are still read.
@@ -150,6 +153,7 @@ class RetentionProfile:
     calibration: dict = field(default_factory=dict)
     curve: str | None = None  # the search's curve; None: not recorded (older files)
     rule: str = defaults.RULE  # how the lengths were chosen: the prefix search, or measured sensitivity
+    evict_distance: int = defaults.EVICT_DISTANCE  # the decode-phase rule (defaults.OLDEST: the oldest entry)
 
     def __post_init__(self):
         # a profile built in code is held to the file's rules; only an empty ``budgets`` is
@@ -204,10 +208,11 @@ class RetentionProfile:
 
     def departures(self) -> list[str]:
         """The search settings that differ from the paper's (``prefixkv.defaults``: curve all,
-        one sink, the last token, no floor, blend 1, the prefix search), as ``name=value``;
+        one sink, the last token, no floor, blend 1, the prefix search, evict distance 25), as ``name=value``;
         empty: the paper's."""
         rule = [] if self.rule == defaults.RULE else [f"rule={self.rule!r}"]
-        return rule + defaults.departures(self)
+        evict = [] if self.evict_distance == defaults.EVICT_DISTANCE else [f"evict_distance={self.evict_distance!r}"]
+        return rule + defaults.departures(self) + evict
 
     def check_scorer(self, scorer: str, params: dict | None = None, force: bool = False) -> None:
         """Refuse to apply the profile with another importance score unless forced."""
@@ -405,6 +410,7 @@ class _ProfileDoc(_Strict):
     model: _ModelDoc
     sink: Annotated[int, _within(0, MAX_SINK)]
     protect_last: bool = True
+    evict_distance: Annotated[int, _within(1, defaults.OLDEST)] = defaults.EVICT_DISTANCE
     scorer: _ScorerDoc = _ScorerDoc()
     allocation: _AllocationDoc = _AllocationDoc()
     budgets: Annotated[dict[BudgetKey, _BudgetDoc], Field(max_length=MAX_BUDGETS)]
@@ -523,6 +529,7 @@ def _parse(data, source: str) -> RetentionProfile:
             curve=doc.allocation.curve,
             rule=doc.allocation.rule,
             protect_last=doc.protect_last,
+            evict_distance=doc.evict_distance,
             calibration=dict(doc.calibration),
         )
     except ProfileError:
@@ -542,6 +549,7 @@ def _document(profile: RetentionProfile, calibrated: dict[float, LayerKeep]) -> 
         "model": asdict(profile.fingerprint),
         "sink": profile.sink,
         "protect_last": profile.protect_last,
+        **({"evict_distance": profile.evict_distance} if profile.evict_distance != defaults.EVICT_DISTANCE else {}),
         "scorer": {"name": profile.scorer, "params": profile.scorer_params},
         "allocation": {"min_layer_keep": profile.min_layer_keep, "blend": profile.blend,
                        **({"curve": profile.curve} if profile.curve is not None else {}),

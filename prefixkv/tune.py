@@ -1,7 +1,9 @@
 """``prefixkv tune``: the best compression for a model and its data, chosen by measurement.
 
 1. Candidates (``Candidate``): every scorer with uniform and pyramid lengths (the plain
-   baselines H2O, SnapKV, TOVA and PyramidKV among them), with PrefixKV profiles under the
+   baselines H2O, SnapKV, TOVA, PyramidKV and StreamingLLM among them: StreamingLLM is
+   ``recency+uniform`` with 4 sinks and its own decode rule, the oldest entry after the sinks
+   evicted), with PrefixKV profiles under the
    paper's curve (all positions, one sink) and the earlier one (unprotected, 4 sinks), with
    blend and floor settings, and with the ``sensitivity`` rule.
 2. The data: the calibration split (or the user's rows) in two disjoint parts, one that
@@ -15,11 +17,11 @@
    candidate in the list.
 4. The profile (``winner_profile``): the winner as a retention profile (its scorer, sink
    and per-layer lengths at each keep fraction; uniform and pyramid lengths are written
-   out), recording every candidate's scores and the data in ``calibration.tune``, so
-   ``eval --profile`` and ``build --profile`` apply it as recorded.
+   out; its decode rule as ``evict_distance``), recording every candidate's scores and the
+   data in ``calibration.tune``, so ``eval --profile`` and ``build --profile`` apply it as
+   recorded.
 
-StreamingLLM is not a candidate: its decode rule (evict the oldest entry) is not one a
-profile records.  No files here.
+No files here.
 """
 from __future__ import annotations
 
@@ -33,7 +35,13 @@ from . import __version__
 from .bench.tasks import retrieval_samples, score
 from .calibration import calibrate
 from .data import builtin_samples, builtin_text, samples_hash
-from .defaults import MEASURED_BLEND, MEASURED_SINK
+from .defaults import (
+    EVICT_DISTANCE,
+    MEASURED_BLEND,
+    MEASURED_SINK,
+    METHOD_SINKS,
+    OLDEST,
+)
 from .evaluation import EvalSettings, MethodConfig, evaluate_many, pad_token_id
 from .policies import ALLOCATIONS
 from .profile import Fingerprint, LayerKeep, RetentionProfile
@@ -58,9 +66,12 @@ class Candidate:
     curve: str = "all"            # prefix-search only
     blend: float = 1.0            # prefix-search only
     min_layer_keep: float = 0.0   # prefix-search only
+    evict_distance: int = EVICT_DISTANCE  # the decode rule (OLDEST: the oldest entry after the sinks)
 
     def __post_init__(self):
         make_scorer(self.scorer)  # ValueError naming the scorers
+        if isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int) or not 1 <= self.evict_distance <= OLDEST:
+            raise ValueError(f"the evict distance must be an integer in [1, {OLDEST}], got {self.evict_distance!r}")
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; choose {', '.join(RULES)}")
         if self.rule != "prefix-search" and (self.curve, self.blend, self.min_layer_keep) != ("all", 1.0, 0.0):
@@ -75,6 +86,8 @@ class Candidate:
             parts.append(f"curve={self.curve}")
             parts += [f"blend={self.blend:g}"] if self.blend != 1 else []
             parts += [f"floor={self.min_layer_keep:g}"] if self.min_layer_keep else []
+        if self.evict_distance != EVICT_DISTANCE:
+            parts.append("evict=oldest" if self.evict_distance == OLDEST else f"evict={self.evict_distance}")
         return " ".join(parts)
 
     @property
@@ -83,8 +96,9 @@ class Candidate:
 
 
 def default_candidates() -> list[Candidate]:
-    """The default search: 16 candidates (about 16 minutes for SmolLM2 at three keep fractions on 2 cores)."""
+    """The default search: 17 candidates (about 16 minutes for SmolLM2 at three keep fractions on 2 cores)."""
     out = [Candidate(s, "uniform") for s in SCORERS]            # H2O, SnapKV, TOVA, key-norm
+    out.append(Candidate("recency", "uniform", sink=METHOD_SINKS["streaming"], evict_distance=OLDEST))  # StreamingLLM
     out += [Candidate(s, "pyramid") for s in ("window", "last-query")]  # PyramidKV, and TOVA's score
     for s in ("accumulated", "window", "last-query"):
         out.append(Candidate(s, "prefix-search", sink=1))                        # the paper's
@@ -249,20 +263,22 @@ def _profiles(model, tokenizer, candidates, calib_ids, keeps, config: TuneConfig
 
 def _method(c: Candidate, profile) -> MethodConfig:
     if c.rule in ("uniform", "pyramid"):
-        return MethodConfig(scorer=c.scorer, allocation=c.rule, sink=c.sink, label=c.label)
-    return MethodConfig(scorer=c.scorer, allocation="profile", profile=profile, sink=c.sink, label=c.label)
+        return MethodConfig(scorer=c.scorer, allocation=c.rule, sink=c.sink, label=c.label, evict_distance=c.evict_distance)
+    return MethodConfig(scorer=c.scorer, allocation="profile", profile=profile, sink=c.sink, label=c.label,
+                        evict_distance=c.evict_distance)
 
 
 def winner_profile(model, c: Candidate, profile: RetentionProfile | None, keeps: Sequence[float]) -> RetentionProfile:
     """The winner as a profile: its own (a calibrated one), or its lengths written out."""
     if profile is not None:
-        return replace(profile, calibrated={k: profile.calibrated[k] for k in keeps}, calibration=dict(profile.calibration))
+        return replace(profile, calibrated={k: profile.calibrated[k] for k in keeps}, calibration=dict(profile.calibration),
+                       evict_distance=c.evict_distance)
     layers = model.config.get_text_config().num_hidden_layers if hasattr(model.config, "get_text_config") else model.config.num_hidden_layers
     allocation = ALLOCATIONS[c.rule]()
     calibrated = {k: LayerKeep([float(x) for x in allocation.fractions(k, layers)], [0.0] * layers) for k in keeps}
     sc = make_scorer(c.scorer)
     return RetentionProfile(fingerprint=Fingerprint.of(model.config), sink=c.sink, calibrated=calibrated, scorer=sc.name,
-                            scorer_params=dict(sc.params), rule=c.rule, calibration={})
+                            scorer_params=dict(sc.params), rule=c.rule, calibration={}, evict_distance=c.evict_distance)
 
 
 def tune(model, tokenizer, config: TuneConfig, log=print) -> TuneResult:
@@ -312,7 +328,8 @@ def tune(model, tokenizer, config: TuneConfig, log=print) -> TuneResult:
                  "retrieval_questions": config.retrieval_samples if "retrieval" in config.tasks else 0,
                  "retrieval_length": config.retrieval_length, "seed": config.seed},
         "candidates": [{"label": c.label, "scorer": c.scorer, "rule": c.rule, "sink": c.sink, "curve": c.curve,
-                        "blend": c.blend, "min_layer_keep": c.min_layer_keep, "mean_rank": round(mean_rank[c.label], 4),
+                        "blend": c.blend, "min_layer_keep": c.min_layer_keep, "evict_distance": c.evict_distance,
+                        "mean_rank": round(mean_rank[c.label], 4),
                         "agreement": round(agreement[c.label], 4),
                         "scores": {f"{k:g} {m}": (round(v, 6) if math.isfinite(v) else None)
                                    for (k, m), v in sorted(scores[c.label].items())}}

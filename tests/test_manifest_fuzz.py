@@ -94,7 +94,7 @@ RULES = {  # field path -> is the value allowed there (types exact: no bool for 
     ("protect_last",): lambda v: type(v) is bool,
     ("dtype",): lambda v: v in ("float32", "float16", "bfloat16") and type(v) is str,
     ("backend",): lambda v: v == "onnxruntime" and type(v) is str,  # "tensorrt" needs the plugin graphs, not these
-    ("evict_distance",): int_in(1, 1_000_000),
+    ("evict_distance",): int_in(1, 1 << 30),
     ("max_context",): int_in(1, 1 << 30),
     ("opset",): int_in(1, 1000),
     ("heads",): int_in(1, 1_000_000),

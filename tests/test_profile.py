@@ -31,6 +31,17 @@ def test_round_trip(tmp_path):
     assert not list(tmp_path.glob(".p.json.*"))  # no temporary file left
 
 
+def test_the_decode_rule_round_trips_and_defaults_to_25(tmp_path):
+    from dataclasses import replace
+
+    from prefixkv.defaults import EVICT_DISTANCE, OLDEST
+
+    assert "evict_distance" not in profile().to_dict() and profile().evict_distance == EVICT_DISTANCE
+    streaming = replace(profile(), evict_distance=OLDEST)
+    assert streaming.to_dict()["evict_distance"] == OLDEST
+    assert RetentionProfile.load(streaming.save(tmp_path / "s.json")).evict_distance == OLDEST
+
+
 def write(tmp_path, mutate):
     data = profile().to_dict()
     mutate(data)
@@ -121,6 +132,8 @@ def load_error(tmp_path, mutate) -> str:
     (lambda d: d.update(calibration={"n": float("nan")}), "calibration.n: must be a finite number"),
     (lambda d: d.update(scorer={"name": "window", "params": {"window": 10**30}}), "scorer.params.window: must be a 64-bit integer"),
     (lambda d: d.update(schema_version=True), "unknown schema version true"),
+    (lambda d: d.update(evict_distance=0), r"evict_distance: must be in \[1, 1073741824\], got 0"),
+    (lambda d: d.update(evict_distance=25.0), "evict_distance: must be an integer, got 25.0"),
 ])
 def test_strict_rejections(tmp_path, mutate, message):
     import re

@@ -58,7 +58,8 @@ class Pairs(list):
 MAX_LAYERS, MAX_DIM, MAX_SINK, MAX_BUDGETS = 10_000, 1_000_000, 1_000_000, 1_000
 MAX_NAME, MAX_KEY, MAX_TEXT = 256, 64, 10_000
 MAX_DEPTH, MAX_ITEMS, MAX_NODES = 16, 10_000, 100_000
-TOP = {"schema", "schema_version", "model", "sink", "protect_last", "scorer", "allocation", "budgets", "calibration"}
+TOP = {"schema", "schema_version", "model", "sink", "protect_last", "evict_distance", "scorer", "allocation", "budgets",
+       "calibration"}
 REQUIRED = {"schema", "schema_version", "model", "sink", "budgets"}
 MODEL = {"architecture", "layers", "heads", "kv_heads", "head_dim", "config_hash"}
 KEY = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
@@ -159,6 +160,8 @@ def reference_problem(doc, allow_empty: bool = False) -> str | None:
         return "sink"
     if "protect_last" in d and not isinstance(d["protect_last"], bool):
         return "protect_last"
+    if "evict_distance" in d and not (is_int(d["evict_distance"]) and 1 <= d["evict_distance"] <= 1 << 30):
+        return "evict_distance"
     if "scorer" in d:
         s = d["scorer"]
         if not isinstance(s, dict) or set(s) - {"name", "params"}:
@@ -234,6 +237,7 @@ def matches_doc(p: RetentionProfile, d: dict) -> None:
     """An accepted profile holds what the file said (defaults where it said nothing)."""
     assert p.fingerprint == Fingerprint(**d["model"])
     assert p.sink == d["sink"] and p.protect_last == d.get("protect_last", True)
+    assert p.evict_distance == d.get("evict_distance", 25)
     scorer, alloc = d.get("scorer", {}), d.get("allocation", {})
     assert (p.scorer, p.scorer_params) == (scorer.get("name", "accumulated"), scorer.get("params", {}))
     assert (p.min_layer_keep, p.blend) == (alloc.get("min_layer_keep", 0.0), alloc.get("blend", 1.0))
@@ -303,6 +307,8 @@ def valid_docs(draw):
     }
     if draw(st.booleans()):
         doc["protect_last"] = draw(st.booleans())
+    if draw(st.booleans()):
+        doc["evict_distance"] = draw(st.one_of(st.integers(1, 64), st.sampled_from([1, 25, 1 << 30])))
     if draw(st.booleans()):
         doc["scorer"] = draw(st.fixed_dictionaries({}, optional={"name": names, "params": json_objects}))
     if draw(st.booleans()):
@@ -530,7 +536,8 @@ def test_from_dict_any_python_value(doc, where, value, whole):
     check_invariants(loaded)
 
 
-FIELDS = ["fingerprint", "sink", "calibrated", "scorer", "scorer_params", "min_layer_keep", "blend", "protect_last", "calibration"]
+FIELDS = ["fingerprint", "sink", "calibrated", "scorer", "scorer_params", "min_layer_keep", "blend", "protect_last", "calibration",
+          "evict_distance"]
 
 
 @FUZZ
@@ -577,7 +584,7 @@ BASE = {
                 "0.5": {"layer_keep_fractions": [0.6, 0.5, 0.4], "layer_keep_std": [0.0, 0.0, 0.0]}},
     "calibration": {"samples": 16, "tokens": {"min": 1}},
 }
-SLOTS = [("schema",), ("schema_version",), ("sink",), ("protect_last",), ("model", "architecture"), ("model", "layers"),
+SLOTS = [("schema",), ("schema_version",), ("sink",), ("protect_last",), ("evict_distance",), ("model", "architecture"), ("model", "layers"),
          ("model", "heads"), ("model", "kv_heads"), ("model", "head_dim"), ("model", "config_hash"), ("scorer", "name"),
          ("scorer", "params", "window"), ("allocation", "min_layer_keep"), ("allocation", "blend"),
          ("budgets", "0.2", "layer_keep_fractions", 1), ("budgets", "0.2", "layer_keep_std", 1),

@@ -53,7 +53,8 @@ def test_the_default_candidates_hold_the_baselines_and_both_curves():
     assert len(labels) == len(set(labels))
     for baseline in ("accumulated+uniform sink=0", "window+uniform sink=0", "last-query+uniform sink=0",
                      "window+pyramid sink=0", "accumulated+profile sink=1 curve=all",
-                     "accumulated+profile sink=4 curve=unprotected", "window+sensitivity sink=4"):
+                     "accumulated+profile sink=4 curve=unprotected", "window+sensitivity sink=4",
+                     "recency+uniform sink=4 evict=oldest"):  # the last: StreamingLLM, its decode rule too
         assert baseline in labels
     assert [c.label for c in narrow(default_candidates(), "window+uniform*,*sensitivity*")] == [
         "window+uniform sink=0", "window+sensitivity sink=4"]
@@ -132,6 +133,53 @@ def test_a_uniform_winner_is_written_out_as_its_lengths(tmp_path):
     assert profile.rule == "pyramid" and profile.scorer == "window" and profile.sink == 0
     fractions = profile.layer_fractions(0.2)
     assert fractions[0] > fractions[-1] and sum(fractions) / len(fractions) == pytest.approx(0.2)
+
+
+def test_a_streamingllm_winner_keeps_its_decode_rule_in_the_engine(tmp_path):
+    """StreamingLLM as the tuned winner: the profile records the oldest-entry rule, the cache
+    it makes equals ``method="streaming"``, and the engine built from it keeps, at every decode
+    step, the 4 sinks and the most recent entries (by hand), as the PyTorch reference does."""
+    import torch
+    from test_export import SMALL_VALIDATION, tiny_model_folder
+
+    from prefixkv.cache import PrefixKVCache, cache_argument
+    from prefixkv.defaults import OLDEST
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.models import load_model
+    from prefixkv.pipeline import BuildConfig, build_engine
+    from prefixkv.profile import RetentionProfile
+
+    _, folder = tiny_model_folder(tmp_path)
+    model, tokenizer = load_model(str(folder))
+    keep = 0.3
+    result = tune(model, tokenizer, TuneConfig(keep_fractions=(keep,), tasks=("continuation",),
+                                               candidates=tuple(narrow(default_candidates(), "recency+*")), **SMALL),
+                  log=lambda m: None)
+    loaded = RetentionProfile.load(result.profile.save(tmp_path / "streaming.json"))
+    assert (loaded.scorer, loaded.rule, loaded.sink, loaded.evict_distance) == ("recency", "uniform", 4, OLDEST)
+    assert "evict_distance=1073741824" in loaded.departures()
+
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for cache in (PrefixKVCache(loaded, keep_fraction=keep), PrefixKVCache(method="streaming", keep_fraction=keep)):
+        assert cache.method.evict_distance == OLDEST and cache.sink == 4
+        outs.append(model.generate(ids, max_new_tokens=12, do_sample=False, **cache_argument(model, cache)))
+    assert torch.equal(outs[0], outs[1])
+
+    built = build_engine(BuildConfig(str(folder), tmp_path / "streaming-engine", keep, profile=loaded,
+                                     validation=ValidationConfig(**SMALL_VALIDATION)), model=model, log=lambda m: None)
+    assert built.passed, built.validation
+    assert json.loads((built.path / "manifest.json").read_text())["evict_distance"] == OLDEST
+    engine = OnnxRuntimeRunner(built.path, threads=1)
+    n = 40
+    logits, state = engine.prefill(*engine.pad([ids[0].tolist()]))
+    for step in range(20):
+        seen = n + step
+        for positions in engine.kept_positions(state):
+            held = positions[0][positions[0] >= 0].tolist()
+            assert held == [0, 1, 2, 3] + list(range(seen - (len(held) - 4), seen)), (step, held)
+        logits, state = engine.decode(state, logits.argmax(-1))
 
 
 def test_cli_tune_writes_the_profile_plot_and_results_and_eval_applies_it(tmp_path, capsys):

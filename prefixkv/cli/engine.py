@@ -39,8 +39,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("with --tune")
     a.add_tasks(g)
     a.add_candidates(g)
-    p.add_argument("--evict-distance", type=a.positive_int, default=defaults.EVICT_DISTANCE,
-                   help="decode-phase eviction slot from the end of the compacted prompt (default %(default)s)")
+    p.add_argument("--evict-distance", type=a.positive_int,
+                   help="decode-phase eviction slot from the end of the compacted prompt (default: the profile's, "
+                        f"{defaults.EVICT_DISTANCE} unless it records another)")
     p.add_argument("--max-context", type=a.positive_int, help="context limit recorded in the engine (default: the model's)")
     p.add_argument("--no-validate", action="store_true", help="skip validation against the PyTorch reference")
     a.add_backend(p, ("onnxruntime", "tensorrt"), "onnxruntime",

@@ -478,8 +478,8 @@ class ScoreGraph(nn.Module):
         logits = torch.matmul(grouped, keys.narrow(2, 0, t).float().unsqueeze(2).transpose(-1, -2)) * self.scaling
         # causality: a row sees every earlier chunk's slots and its own chunk's up to itself, so
         # the bias is built over the chunk's C slots only and padded with zeros in front, not
-        # by an (R, T) comparison and Where (the graph alone, 64 rows over 8192 slots: 36.5
-        # against 43.3 ms, best of 5; no difference measured at 4096)
+        # by an (R, T) comparison and Where (the graph alone, 256 rows in blocks of 64 over
+        # 8192 slots: 36.5 against 43.3 ms, best of 5; no difference measured at 4096)
         row = torch.arange(chunk, device=keys.device).narrow(0, first, rows)  # (R,) the rows' indices in the chunk
         future = torch.arange(chunk, device=keys.device).unsqueeze(0) > row.unsqueeze(1)  # (R, C)
         own = torch.where(future, torch.full((), float("-inf")), torch.zeros(()))
@@ -535,8 +535,9 @@ def exporter_version() -> str:
     return f"{__version__}+{digest}"
 
 
-def graph_spec(model, profile, keep_fraction: float, evict_distance: int = EVICT_DISTANCE) -> GraphSpec:
-    """The spec for ``model`` with the per-layer fractions of ``profile`` at ``keep_fraction``."""
+def graph_spec(model, profile, keep_fraction: float, evict_distance: int | None = None) -> GraphSpec:
+    """The spec for ``model`` with the per-layer fractions of ``profile`` at ``keep_fraction``
+    (and its decode rule unless ``evict_distance`` is given)."""
     dec = Decoder(model)
     fractions = profile.layer_fractions(keep_fraction)
     if len(fractions) != len(dec.layers):
@@ -545,7 +546,7 @@ def graph_spec(model, profile, keep_fraction: float, evict_distance: int = EVICT
         layers=len(dec.layers), heads=dec.heads, kv_heads=dec.kv_heads, head_dim=dec.head_dim,
         vocab=dec.lm_head.out_features, fractions=[float(f) for f in fractions], sink=profile.sink,
         protect_last=profile.protect_last, scorer=profile.scorer, scorer_params=dict(profile.scorer_params),
-        evict_distance=evict_distance, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        evict_distance=profile.evict_distance if evict_distance is None else evict_distance, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
     )
 
 
