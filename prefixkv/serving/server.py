@@ -230,13 +230,20 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready after {timeout:.0f}s; its log ends with:\n{self.log_tail()}")
 
     def stop(self) -> int | None:
-        """Stop the server (SIGINT, then SIGKILL after the exit timeout); returns its exit code."""
+        """Stop the server (SIGINT, then SIGKILL after the exit timeout); returns its exit code.
+        If Triton has not exited 5 s before its exit timeout, the Python backend stubs are sent
+        SIGUSR1: ``prefixkv_llm`` then writes every thread's stack to the log."""
         code = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGINT)
+                early = max(self.exit_timeout - 5, 1.0)
                 try:
-                    self.process.wait(timeout=self.exit_timeout + 5)
+                    self.process.wait(timeout=early)
+                except subprocess.TimeoutExpired:
+                    self._dump_stubs(early)
+                try:
+                    self.process.wait(timeout=self.exit_timeout + 5 - early)
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait(timeout=10)
@@ -249,6 +256,22 @@ class TritonServer:
             shutil.rmtree(self._workspace, ignore_errors=True)
         self._workspace = None
         return code
+
+    def _dump_stubs(self, waited: float) -> None:
+        """Ask each Python backend stub under this server for its threads' stacks (SIGUSR1)."""
+        stubs = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                name, rest = stat.read_text().rsplit(")", 1)
+                if rest.split()[1] == str(self.process.pid) and name.split("(", 1)[1].startswith("triton_python"):
+                    stubs.append(int(stat.parent.name))
+        if self._log_handle is not None:
+            self._log_handle.write(f"prefixkv: tritonserver has not exited {waited:.0f}s after SIGINT; "
+                                   f"the stacks of its Python stubs {stubs} follow\n".encode())
+            self._log_handle.flush()
+        for pid in stubs:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -45,8 +45,11 @@ these classes into their own models.
 """
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import math
+import signal
 import sys
 import threading
 import traceback
@@ -317,6 +320,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise RuntimeError("prefixkv_llm must be decoupled (model_transaction_policy { decoupled: true })")
+        # SIGUSR1 writes every thread's Python stack to the server's log (what `TritonServer.stop`
+        # asks for when Triton has not exited in time)
+        with contextlib.suppress(Exception):  # not every platform has SIGUSR1
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         engine_dir = version_dir / params.get("engine_dir", "engine")
@@ -366,7 +373,10 @@ class TritonPythonModel:
     def execute(self, requests):
         """Each request is checked and queued; the batcher's thread sends its responses."""
         for request in requests:
-            self._submit(request)
+            try:
+                self._submit(request)
+            except Exception as err:  # execute must not raise: the stub would close every sender of the batch
+                self.logger.log_error(f"prefixkv_llm: a request could not be answered: {type(err).__name__}: {err}")
         return None
 
     def _submit(self, request):
@@ -391,18 +401,22 @@ class TritonPythonModel:
                 streamed.append(piece)
 
         def on_done(generation, error) -> None:
-            if error is None:
-                rest = generation.text[len("".join(streamed)) :] if stream else generation.text
-                sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
-            elif error.reason == "cancelled":
-                sender.send(flags=final)
-            elif error.reason in ("internal", "shutdown"):
-                if error.reason == "internal":
-                    self.logger.log_error(f"prefixkv_llm: request failed: {error}")
-                kind = "INTERNAL" if error.reason == "internal" else "UNAVAILABLE"
-                sender.send(pb_utils.InferenceResponse(error=_error(str(error), kind)), flags=final)
-            else:
-                sender.send(pb_utils.InferenceResponse(error=_error(str(error))), flags=final)
+            try:
+                if error is None:
+                    rest = generation.text[len("".join(streamed)) :] if stream else generation.text
+                    sender.send(Postprocessor.response(rest, generation.token_ids, generation.finish_reason), flags=final)
+                elif error.reason == "cancelled":
+                    sender.send(flags=final)
+                elif error.reason in ("internal", "shutdown"):
+                    if error.reason == "internal":
+                        self.logger.log_error(f"prefixkv_llm: request failed: {error}")
+                    kind = "INTERNAL" if error.reason == "internal" else "UNAVAILABLE"
+                    sender.send(pb_utils.InferenceResponse(error=_error(str(error), kind)), flags=final)
+                else:
+                    sender.send(pb_utils.InferenceResponse(error=_error(str(error))), flags=final)
+            except Exception as err:  # the request's last response did not go out: say so in the log
+                self.logger.log_error(f"prefixkv_llm: the final response could not be sent "
+                                      f"({error.reason if error else 'finished'}): {type(err).__name__}: {err}")
 
         try:
             self.batcher.submit(self.Request(ids, config, on_text=on_text, on_done=on_done,
@@ -413,6 +427,7 @@ class TritonPythonModel:
 
     def finalize(self):
         """The loop stops and answers every request it still holds or queues ("shutting down")."""
+        self.logger.log_info("prefixkv_llm: finalize: stopping the batcher loop")
         self.stop.set()
         self.batcher.wake()
         self.loop.join(timeout=FINALIZE_JOIN)
@@ -421,3 +436,4 @@ class TritonPythonModel:
             where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
             self.logger.log_error(f"prefixkv_llm: the batcher loop did not stop in {FINALIZE_JOIN:g}s; it is at:\n{where}")
         self.runner = None
+        self.logger.log_info("prefixkv_llm: finalize: done")
