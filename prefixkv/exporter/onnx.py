@@ -546,7 +546,8 @@ def graph_spec(model, profile, keep_fraction: float, evict_distance: int | None 
         layers=len(dec.layers), heads=dec.heads, kv_heads=dec.kv_heads, head_dim=dec.head_dim,
         vocab=dec.lm_head.out_features, fractions=[float(f) for f in fractions], sink=profile.sink,
         protect_last=profile.protect_last, scorer=profile.scorer, scorer_params=dict(profile.scorer_params),
-        evict_distance=profile.evict_distance if evict_distance is None else evict_distance, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        evict_distance=profile.evict_distance if evict_distance is None else evict_distance,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
     )
 
 
