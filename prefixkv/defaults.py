@@ -14,6 +14,16 @@ SINK = 1
 PROTECT_LAST = True      # the last prompt token is always kept
 EVICT_DISTANCE = 25      # decode: the entry this many slots before the end of the compacted prompt is evicted
 OLDEST = 1 << 30         # the evict distance of "evict the oldest entry after the sinks" (StreamingLLM's rule)
+
+
+def check_evict_distance(value) -> int:
+    """``value`` if it is an evict distance (an integer in [1, OLDEST]), else a one-line ValueError;
+    the one check of the library's entry points (the file schemas declare the same bounds)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= OLDEST:
+        raise ValueError(f"the evict distance must be an integer in [1, {OLDEST}] ({OLDEST}: the oldest entry), got {value!r}")
+    return value
+
+
 KEEP_FRACTION = 0.2      # the global keep fraction of `build`, `eval` and `generate` (0.2 keeps 20% of the entries)
 
 # Each method's sink, from its own paper or released code.  StreamingLLM keeps 4 initial tokens;

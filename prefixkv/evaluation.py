@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import PrefixKVCache, PrefixKVLayer, cache_argument
-from .defaults import EVAL_NEW_TOKENS
+from .defaults import EVAL_NEW_TOKENS, check_evict_distance
 from .metrics import perplexity, rouge_l
 from .policies import Method, Profiled, make_method
 from .search import PAPER, SearchSettings
@@ -60,9 +60,8 @@ class MethodConfig:
             raise ValueError(f"search must be a SearchSettings, got {self.search!r}")
         if self.sink is not None and (isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0):
             raise ValueError(f"the sink must be a non-negative integer, got {self.sink!r}")
-        if self.evict_distance is not None and (isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int)
-                                                or self.evict_distance < 1):
-            raise ValueError(f"the evict distance must be a positive integer, got {self.evict_distance!r}")
+        if self.evict_distance is not None:
+            check_evict_distance(self.evict_distance)
 
     def build(self, profile=None) -> Method:
         return make_method(self.method, self.profile or profile, self.scorer, self.scorer_params, self.allocation,

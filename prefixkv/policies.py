@@ -17,7 +17,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .defaults import EVICT_DISTANCE, METHOD_SINKS, OLDEST, PROTECT_LAST, RULE, SINK
+from .defaults import (
+    EVICT_DISTANCE,
+    METHOD_SINKS,
+    OLDEST,
+    PROTECT_LAST,
+    RULE,
+    SINK,
+    check_evict_distance,
+)
 from .scoring import Scorer, make_scorer
 from .search import PAPER, SearchSettings
 
@@ -183,4 +191,4 @@ def make_method(
         evict_distance = OLDEST if name == "streaming" else profile.evict_distance if alloc_name == "profile" else EVICT_DISTANCE
     if sink is None:
         sink = profile.sink if alloc_name == "profile" else METHOD_SINKS[name]
-    return Method(name, scorer_obj, alloc, evict_distance, compresses=name != "full", sink=sink)
+    return Method(name, scorer_obj, alloc, check_evict_distance(evict_distance), compresses=name != "full", sink=sink)

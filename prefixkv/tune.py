@@ -41,6 +41,7 @@ from .defaults import (
     MEASURED_SINK,
     METHOD_SINKS,
     OLDEST,
+    check_evict_distance,
 )
 from .evaluation import EvalSettings, MethodConfig, evaluate_many, pad_token_id
 from .policies import ALLOCATIONS
@@ -70,8 +71,7 @@ class Candidate:
 
     def __post_init__(self):
         make_scorer(self.scorer)  # ValueError naming the scorers
-        if isinstance(self.evict_distance, bool) or not isinstance(self.evict_distance, int) or not 1 <= self.evict_distance <= OLDEST:
-            raise ValueError(f"the evict distance must be an integer in [1, {OLDEST}], got {self.evict_distance!r}")
+        check_evict_distance(self.evict_distance)
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; choose {', '.join(RULES)}")
         if self.rule != "prefix-search" and (self.curve, self.blend, self.min_layer_keep) != ("all", 1.0, 0.0):
