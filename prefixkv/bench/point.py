@@ -4,7 +4,8 @@
     python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
 
 Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, from
-``getrusage``), RSS after loading (before the prompt) and, for an engine, the median decode
+``getrusage``), RSS after loading (before the prompt; for an engine also its anonymous part,
+without the weights' file-backed pages) and, for an engine, the median decode
 step after the prefill.  ``torch:MODEL`` is the plain PyTorch prefill ``model(ids)`` with
 SDPA attention (it holds every position's logits, as ``transformers`` computes them).
 The prompt is the first CONTEXT tokens of the built-in text.  ``speed.prefill_points`` runs
@@ -20,12 +21,13 @@ import sys
 import time
 
 
-def rss_bytes() -> int:
-    """The resident set size now (Linux /proc; 0 elsewhere)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """The resident set size now (Linux /proc; 0 elsewhere).  ``field="RssAnon"``: its anonymous
+    part, without the file-backed pages (memory-mapped weights the kernel can drop and re-read)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -59,7 +61,7 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
 
     runner = OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk)
     ids = runner.tokenizer.encode(text)[:context]
-    loaded = rss_bytes()
+    loaded, anonymous = rss_bytes(), rss_bytes("RssAnon")
     start = time.perf_counter()
     logits, state = runner.prefill(*runner.pad([ids]))
     prefill = time.perf_counter() - start
@@ -70,8 +72,8 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
         start = time.perf_counter()
         logits, state = runner.decode(state, token)
         times.append(time.perf_counter() - start)
-    return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak, "tokens": len(ids),
-            "chunk": runner.prefill_chunk, "decode_ms_per_token": statistics.median(times) * 1e3 if times else None}
+    return {"prefill_s": prefill, "rss_after_load": loaded, "rss_anon_after_load": anonymous, "peak_rss": peak,
+            "tokens": len(ids), "chunk": runner.prefill_chunk, "decode_ms_per_token": statistics.median(times) * 1e3 if times else None}
 
 
 def main(argv=None) -> int:
