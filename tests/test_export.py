@@ -172,6 +172,24 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert set(manifest["graphs"]) == {"decoder", "score", "compact"} and manifest["schema_version"] == 2
 
 
+def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
+    """Each of the 2 x layers + 1 RMSNorms is one ONNX Runtime kernel (the residual add fused
+    where one precedes it), found by onnxscript's ORT rules and recorded in the graph's
+    metadata; the reference comparisons above run on this graph."""
+    import onnx
+
+    from prefixkv.engine_folder import FUSIONS_KEY
+
+    proto = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    plain, skip = ops.count("SimplifiedLayerNormalization"), ops.count("SkipSimplifiedLayerNormalization")
+    assert plain + skip == 2 * LAYERS + 1
+    assert skip == 2 * LAYERS - 1  # every norm but the first layer's input norm and the final norm
+    assert "ReduceMean" not in ops and "Reciprocal" not in ops  # no unfused norm left
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta[FUSIONS_KEY] == f"rms_normalization={2 * LAYERS + 1},skip_rms_normalization={2 * LAYERS - 1}"
+
+
 @pytest.mark.parametrize("chunk, score_block", [(1, 64), (7, 64), (64, 64), (64, 5), (7, 3)])
 def test_chunked_prefill_matches_the_reference(tiny, runners, chunk, score_block, monkeypatch):
     """A padded batch longer than several chunks: kept positions identical in every layer,

@@ -53,7 +53,7 @@ from torch import nn
 
 from .. import __version__, architectures, compaction
 from ..defaults import EVICT_DISTANCE, SINK
-from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY
+from ..engine_folder import CACHE_LAYOUT_KEY, FUSIONS_KEY, SCORE_ROWS_KEY
 from ..scoring import causal_mask, make_scorer
 
 OPSET = 18
@@ -741,11 +741,15 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
     args = engine_sample_inputs(spec, graph, hidden=hidden if vision and graph == "decoder" else 0)
     names = engine_io(spec, vision)[graph]
     start = time.perf_counter()
-    proto = _trace(wrapper.eval(), args, names, _engine_dynamic_shapes(spec, graph, vision and graph == "decoder"), opset)
+    fused = {}
+    proto = _trace(wrapper.eval(), args, names, _engine_dynamic_shapes(spec, graph, vision and graph == "decoder"), opset,
+                   fused if graph == "decoder" else None)
     _engine_dims(proto, graph)
     if graph == "decoder":
         rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
-        for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows))):
+        fusions = ",".join(f"{name}={n}" for name, n in fused.items())
+        for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
+                           (FUSIONS_KEY, fusions)):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
     return _save(proto, Path(path), log, graph, start)
@@ -757,8 +761,24 @@ def export_engine_graphs(model, spec: GraphSpec, folder: str | Path, opset: int 
     return {g: export_engine_graph(model, spec, g, folder / f"{g}.onnx", opset, log) for g in engine_graphs(spec)}
 
 
-def _trace(wrapper: nn.Module, args, names: dict, dynamic_shapes, opset: int):
-    """torch.onnx.export (dynamo) of ``wrapper`` on ``args`` -> the ModelProto."""
+def fuse_for_onnxruntime(model) -> dict[str, int]:
+    """Rewrite ``model`` (an ``onnx_ir`` model, in place) to ONNX Runtime's fused RMSNorm and
+    residual-add + RMSNorm kernels with onnxscript's own ORT fusion rules; returns how many of
+    each it found.  ONNX Runtime's session optimizer does not match the exported norm
+    (``Reciprocal(Sqrt)``, not ``Div``), so every decode step ran 6 small ops per norm: 366 of
+    SmolLM2's 3102 exported nodes.  Only these two rules run: ``optimize_for_ort`` also re-runs
+    the constant folder (40 s on SmolLM2, for nothing new), and its rotary fusion matched
+    here only as an intermediate function that it inlines again.  A norm that does not match
+    (Gemma's ``1 + weight``, say) is left as exported."""
+    from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
+
+    return {"rms_normalization": rms_normalization.fuse_rms_normalization(model),
+            "skip_rms_normalization": skip_normalization.fuse_skip_rms_normalization(model)}
+
+
+def _trace(wrapper: nn.Module, args, names: dict, dynamic_shapes, opset: int, fused: dict | None = None):
+    """torch.onnx.export (dynamo) of ``wrapper`` on ``args`` -> the ModelProto; ``fused``: a dict
+    to fill with ``fuse_for_onnxruntime``'s counts (None: no fusion)."""
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
@@ -770,6 +790,8 @@ def _trace(wrapper: nn.Module, args, names: dict, dynamic_shapes, opset: int):
                                         opset_version=opset, optimize=True, verbose=False)
     finally:
         quiet.setLevel(level)
+    if fused is not None:
+        fused.update(fuse_for_onnxruntime(program.model))
     return program.model_proto
 
 
