@@ -228,15 +228,16 @@ def test_eight_clients_five_requests_each(server, reference):
 
 
 # -- the serve command ----------------------------------------------------------------------------
-def test_serve_command_starts_and_stops_on_ctrl_c(repository, reference):
+def test_serve_command_starts_and_stops_on_ctrl_c(repository, reference, tmp_path):
     from prefixkv.serving.client import generate
     from prefixkv.serving.server import free_port
 
     http, grpc, metrics = free_port(), free_port(), free_port()
+    log = tmp_path / "tritonserver.log"  # kept: a stop that overruns says why
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefixkv.cli", "serve", str(repository), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         banner = ""
@@ -248,7 +249,17 @@ def test_serve_command_starts_and_stops_on_ctrl_c(repository, reference):
         assert f"http://127.0.0.1:{http}" in banner, banner
         assert generate(f"127.0.0.1:{http}", PROMPTS[0], max_tokens=MAX_TOKENS)["text_output"] == reference[PROMPTS[0]].text
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            # the serve command gives Triton its 30 s exit timeout, then kills it (the known
+            # shutdown hang, README), so 60 s is a bound with room, not an expected time
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest = proc.communicate(timeout=10)[1]
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else "(no log)"
+            pytest.fail(f"serve did not exit 60 s after SIGINT; its stderr after the banner:\n{rest}\n"
+                        f"the tritonserver log ends with:\n{tail}")
+        assert code == 0, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
