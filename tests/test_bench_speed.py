@@ -56,3 +56,15 @@ def test_the_anonymous_rss_is_reported_beside_the_rss_target():
     got = {row["target"]: (row["value"], row["met"]) for row in targets(results)}
     assert got["window:keep 0.2 RSS after load <= 1.3x weights"] == (1.4, False)
     assert got["window:keep 0.2 anonymous RSS after load <= 1.3x weights (file-backed pages aside)"] == (1.2, True)
+
+
+def test_the_peak_rss_is_the_processs_own_not_its_parents():
+    """A point started by a large process (``bench speed`` holds the model) reports its own peak:
+    ``getrusage``'s high-water mark survives exec, ``VmHWM`` does not."""
+    import numpy as np
+
+    parent = np.ones(640 << 20, dtype=np.uint8)  # 640 MiB, resident
+    code = "from prefixkv.bench.point import peak_rss_bytes; print(peak_rss_bytes())"
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert parent.sum() == 640 << 20
+    assert 0 < peak < 320 << 20  # a Python importing the module: well under the parent's 640 MiB

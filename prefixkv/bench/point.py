@@ -3,8 +3,8 @@
     python -m prefixkv.bench.point ENGINE_DIR CONTEXT [--chunk N] [--threads T] [--steps S]
     python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
 
-Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, from
-``getrusage``), RSS after loading (before the prompt; for an engine also its anonymous part,
+Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, ``VmHWM``
+on Linux), RSS after loading (before the prompt; for an engine also its anonymous part,
 without the weights' file-backed pages) and, for an engine, the median decode
 step after the prefill.  ``torch:MODEL`` is the plain PyTorch prefill ``model(ids)`` with
 SDPA attention (it holds every position's logits, as ``transformers`` computes them).
@@ -35,6 +35,12 @@ def rss_bytes(field: str = "VmRSS") -> int:
 
 
 def peak_rss_bytes() -> int:
+    """The process's resident high-water mark.  Linux: ``VmHWM``, which starts afresh at exec;
+    ``getrusage``'s ``ru_maxrss`` does not, so a point started by a large parent (``bench
+    speed``, holding the model and its engines) read the parent's RSS at the fork."""
+    hwm = rss_bytes("VmHWM")
+    if hwm:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
