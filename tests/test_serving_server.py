@@ -238,6 +238,9 @@ def test_serve_command_starts_and_stops_on_ctrl_c(repository, reference, tmp_pat
         [sys.executable, "-m", "prefixkv.cli", "serve", str(repository), "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(log)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C's default action even where the suite runs with SIGINT ignored (a background
+        # `make test`): Python keeps an inherited SIG_IGN, and the command would never see it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         banner = ""
