@@ -35,7 +35,7 @@ demo: venv
 	@echo "--- prefixkv generate $(ENGINE) --chat --prompt-file $(DEMO_PROMPT) (keep fraction $(KEEP), scorer $(SCORER) $(SEARCH)):"
 	$(VENV)/bin/prefixkv generate $(ENGINE) --chat --max-new-tokens 48 --prompt-file $(DEMO_PROMPT)
 	@echo
-	@echo "engine:     $(ENGINE)/ (manifest.json, decoder.onnx + .data, score.onnx, compact.onnx, profile.json, tokenizer)"
+	@echo "engine:     $(ENGINE)/ (manifest.json, decoder.onnx + .data, compact.onnx, profile.json, tokenizer)"
 	@echo "validation: $(ENGINE)/validation.json (graph + greedy lockstep vs the PyTorch reference, PPL / ROUGE-L vs full cache)"
 	@echo "plots:      $(ENGINE)/report/ (per-layer keep fractions, Lorenz curves with Gini)"
 

@@ -122,6 +122,7 @@ class PrefixKVCache(Cache):
         self.record = [make_scorer(r) for r in record]  # extra scorers recorded at prefill (calibration)
         self.recorded: dict[str, list[torch.Tensor]] = {}  # scorer key -> per layer (batch, S)
         self.prompt_valid: torch.Tensor | None = None  # (batch, S) validity of the prefill columns
+        self.prompt_scores: list[torch.Tensor] | None = None  # per layer (batch, S): the scores compaction chose by
         self.columns = 0  # padded prompt length + tokens decoded: what get_seq_length reports
         self.prompt_lengths: torch.Tensor | None = None  # (batch,) real prompt lengths
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen
@@ -177,7 +178,7 @@ class PrefixKVCache(Cache):
     def reset(self):
         super().reset()
         self.columns, self._prefilled, self._pending = 0, False, False
-        self.prompt_lengths = self.seen = self.layer_fractions = self.prompt_valid = None
+        self.prompt_lengths = self.seen = self.layer_fractions = self.prompt_valid = self.prompt_scores = None
         self.recorded = {}
 
     def reorder_cache(self, beam_idx):
@@ -238,6 +239,7 @@ class PrefixKVCache(Cache):
                 self.compact_layer(layer, fractions[i])
         else:
             fractions = torch.ones(n_layers, dtype=torch.float64)
+        self.prompt_scores = [layer.scores for layer in self.layers] if self.method.compresses else None
         for layer in self.layers:
             layer.scores = None
         self.layer_fractions = fractions

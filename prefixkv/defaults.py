@@ -98,7 +98,6 @@ MIN_TOKEN_AGREEMENT = {"int8": 0.9, "int4": 0.75}
 # -- the ONNX Runtime runner -------------------------------------------------------------------
 PREFILL_CHUNK = 256      # prompt tokens per decoder-graph run (ONNX Runtime engines)
 CACHE_SLACK = 64         # free slots a layer's buffer gets when it is (re)allocated
-SCORE_BLOCK = 64         # query rows per score-graph run: the (heads x rows x prompt) block stays in cache
 
 
 @dataclass(frozen=True)

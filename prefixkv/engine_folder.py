@@ -3,7 +3,6 @@
     ENGINE/
       decoder.onnx, decoder.onnx.data     the model, once: a chunk of C >= 1 tokens per row over the
                                           layers' cache buffers (prefill chunks and decode steps alike)
-      score.onnx                          no weights: a prefill chunk's attention mass (attention scores only)
       compact.onnx                        no weights: the prompt's caches compacted to the profile's
                                           per-layer counts (the lengths baked in)
       (tensorrt backend: prefill.onnx and decode.onnx plugin-mode graphs, tensorrt/ engines)
@@ -53,10 +52,10 @@ from .profile import (
 )
 
 SCHEMA = "prefixkv.engine"
-SCHEMA_VERSION = 2  # 2: ONNX Runtime engines hold one decoder graph (and weightless score and compact graphs)
-# the graphs every engine folder of a backend has (an ONNX Runtime engine also has "score" when a layer's score needs attention)
+SCHEMA_VERSION = 3  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass
+# the graphs every engine folder of a backend has
 ENGINE_GRAPHS = {"onnxruntime": ("decoder", "compact"), "tensorrt": ("prefill", "decode")}
-LANGUAGE_GRAPHS = ("decoder", "score", "compact", "prefill", "decode")  # every graph but the vision tower's, in order
+LANGUAGE_GRAPHS = ("decoder", "compact", "prefill", "decode")  # every graph but the vision tower's, in order
 MANIFEST = "manifest.json"
 VALIDATION = "validation.json"
 ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
@@ -417,7 +416,7 @@ class _ManifestDoc(_Strict):
     opset: Annotated[int, _within(1, 1000)]
     exporter: Text
     max_context: Annotated[int, _within(1, 1 << 30)]
-    graphs: dict[Literal["decoder", "score", "compact", "prefill", "decode", "vision"], _GraphDoc]
+    graphs: dict[Literal["decoder", "compact", "prefill", "decode", "vision"], _GraphDoc]
     backend: Literal[BACKENDS]
     tensorrt: JsonObject | None = None
     vision: JsonObject | None = None

@@ -360,7 +360,7 @@ def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
                 export_engine_graphs(model, spec, tmp, config.opset, log)
             language = tuple(g for g in LANGUAGE_GRAPHS if (tmp / f"{g}.onnx").is_file())  # those exported
             # the language model's weights (a vision engine's image encoder stays as exported)
-            weights = quantize_graphs(tmp, [g for g in language if g not in ("score", "compact")], config.weights, log)
+            weights = quantize_graphs(tmp, [g for g in language if g != "compact"], config.weights, log)
             copy_tokenizer(folder, tmp)
             profile.save(tmp / "profile.json")
             _plot_profile(profile, run, config.keep_fraction, tmp / REPORT)

@@ -104,21 +104,34 @@ def _batch(runner, lengths, seed=0):
     return runner.pad([list(rng.integers(3, 256, n)) for n in lengths])
 
 
-def _prefill_matches(engine, reference, lengths):
+def _prefill_matches(engine, reference, lengths, ties: bool = False):
     """Prefill a padded batch of ``lengths`` on both: logits within 1e-4, every layer's kept
-    positions and validity identical, kept keys/values within 1e-5.  -> (ref_logits, state, ref_state)."""
+    positions and validity identical, kept keys/values within 1e-5.  ties: a row may keep
+    other positions when the reference scores them the same (``validate.tied_rows``: equal
+    sorted scores within 1e-5); its keys/values are then not compared.
+    -> (ref_logits, state, ref_state, tied (layer, row) pairs)."""
+    from prefixkv.engines.validate import prompt_scores, tied_rows
+
     ids, mask = _batch(engine, lengths)
     logits, state = engine.prefill(ids, mask)
     ref_logits, ref_state = reference.prefill(ids, mask)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    tied = []
     for l, layer in enumerate(ref_state.cache.layers):
         got = engine.cache(state, l)
-        np.testing.assert_array_equal(got["positions"], layer.positions.numpy())
+        rows = list(range(len(lengths)))
+        if ties:
+            scores = prompt_scores(ref_state, mask)
+            rows_tied, other = tied_rows(got["positions"], layer.positions.numpy(), scores[l])
+            assert not other, (l, other)
+            tied += [(l, row) for row in rows_tied]
+            rows = [row for row in rows if row not in rows_tied]
+        np.testing.assert_array_equal(got["positions"][rows], layer.positions.numpy()[rows])
         np.testing.assert_array_equal(got["valid"], layer.valid.numpy())
-        held = layer.valid.numpy()[:, None, :, None]  # empty slots' contents mean nothing
-        np.testing.assert_allclose(got["key"] * held, layer.keys.numpy() * held, atol=1e-5)
-        np.testing.assert_allclose(got["value"] * held, layer.values.numpy() * held, atol=1e-5)
-    return ref_logits, state, ref_state
+        held = layer.valid.numpy()[rows][:, None, :, None]  # empty slots' contents mean nothing
+        np.testing.assert_allclose(got["key"][rows] * held, layer.keys.numpy()[rows] * held, atol=1e-5)
+        np.testing.assert_allclose(got["value"][rows] * held, layer.values.numpy()[rows] * held, atol=1e-5)
+    return ref_logits, state, ref_state, tied
 
 
 def test_prefill_matches_reference_with_left_padding(runners):
@@ -141,35 +154,36 @@ def test_layer_lengths_follow_the_profile_constants(runners):
 
 def test_one_decoder_graph_holds_the_weights_once(tiny):
     """decoder.onnx: chunks of C tokens over per-layer buffers, one fused attention per layer
-    writing into the present buffers, the scored layers' queries out; score.onnx: their
-    attention mass; compact.onnx: the per-layer TopK compaction; one weights file in the folder."""
+    writing into the present buffers and returning its probabilities in the scored layers,
+    their summed attention mass out; compact.onnx: the per-layer TopK compaction; one weights
+    file in the folder."""
     import onnx
 
     engine_dir = tiny[0]
     graph = onnx.load(str(engine_dir / "decoder.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["input_ids"] == dims["position_ids"] == ["batch", "chunk"]
-    assert "score_from" not in dims  # the decoder computes no importance: the score graph does, for prefill chunks
+    assert dims["score_from"] == []  # a scalar: the chunk's first scored row
     # K/V are fixed-capacity buffers; positions/valid mark the slots in use, per layer
     assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"cache_capacity_{l}" for l in range(LAYERS)]
     assert [dims[f"past.{l}.valid"] for l in range(LAYERS)] == [["batch", f"past_length_{l}"] for l in range(LAYERS)]
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
     assert outputs["present.2.key"] == ["batch", 2, "cache_capacity_2", 16]
     assert outputs["present.2.positions"] == ["batch", "present_length_2"]
-    # layer 1 keeps everything: no scores
-    assert [n for n in outputs if n.startswith("query.")] == ["query.0", "query.2"]
-    score = onnx.load(str(engine_dir / "score.onnx"), load_external_data=False).graph
-    assert [i.name for i in score.input] == ["score_from", "used", "query", "key"] and score.output[0].name == "mass"
-    assert sum(int(np.prod(t.dims)) for t in score.initializer) < 100  # shape constants, no weights
+    # layer 1 keeps everything: no scores, and its attention returns no probabilities
+    assert [n for n in outputs if n.startswith("mass.")] == ["mass.0", "mass.2"]
+    assert outputs["mass.2"] == ["batch", "present_length_2"]
     fused = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
-    assert [list(n.output[1:]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
+    qk = [{a.name: a.i for a in n.attribute}.get("qk_output", 0) for n in fused]
+    assert qk == [2, 0, 2] and [len(n.output) for n in fused] == [4, 3, 4]
+    assert [list(n.output[1:3]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
     assert [list(n.input[3:5]) for n in fused] == [[f"past.{l}.key", f"past.{l}.value"] for l in range(LAYERS)]
     compact = onnx.load(str(engine_dir / "compact.onnx"), load_external_data=False).graph
     assert {"TopK", "GatherElements"} <= {n.op_type for n in compact.node}
     assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
     assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"decoder", "score", "compact"} and manifest["schema_version"] == 2
+    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 3
 
 
 def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
@@ -190,21 +204,50 @@ def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
     assert meta[FUSIONS_KEY] == f"rms_normalization={2 * LAYERS + 1},skip_rms_normalization={2 * LAYERS - 1}"
 
 
-@pytest.mark.parametrize("chunk, score_block", [(1, 64), (7, 64), (64, 64), (64, 5), (7, 3)])
-def test_chunked_prefill_matches_the_reference(tiny, runners, chunk, score_block, monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 7, 64, 150])
+def test_chunked_prefill_matches_the_reference(tiny, runners, chunk):
     """A padded batch longer than several chunks: kept positions identical in every layer,
-    logits and kept keys/values within the tolerances, whatever the chunk size and however
-    many query rows each score-graph run takes."""
-    from prefixkv.engines import onnxruntime
+    logits and kept keys/values within the tolerances, whatever the chunk size."""
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
-    monkeypatch.setattr(onnxruntime, "SCORE_BLOCK", score_block)
     engine = OnnxRuntimeRunner(tiny[0], threads=1, prefill_chunk=chunk)
     reference = runners[1]
-    ref_logits, state, ref_state = _prefill_matches(engine, reference, [150, 97])
+    ref_logits, state, ref_state, _ = _prefill_matches(engine, reference, [150, 97])
     logits, state = engine.decode(state, ref_logits.argmax(-1))
     ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scorer, params", [("window", {"window": 20, "pool": 3}), ("last-query", {}), ("key-norm", {})])
+def test_other_scorers_chunked_match_the_reference(tmp_path, scorer, params):
+    """Engines whose score needs some rows (window, last-query) or none (key-norm): chunks of
+    7 tokens, so the window's rows start inside a chunk; kept positions identical to the
+    reference in every layer, the decoder's inputs say which.  key-norm: the same token's
+    layer-0 keys differ only by rotation, so their norms tie up to rounding, and a tied
+    choice is excused (and must occur in this batch of random bytes, or the test checks
+    nothing of it)."""
+    import onnx
+
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+    from prefixkv.engines.torch import TorchRunner
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.pipeline import BuildConfig, build_engine
+
+    model, folder = tiny_model_folder(tmp_path)
+    profile = tiny_profile(model)
+    profile.scorer, profile.scorer_params = scorer, params
+    config = BuildConfig(str(folder), tmp_path / "engine", KEEP, profile=profile, validation=ValidationConfig(**SMALL_VALIDATION))
+    result = build_engine(config, model=model, log=lambda m: None)
+    assert result.passed, result.validation
+    inputs = [i.name for i in onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph.input]
+    assert ("score_from" in inputs) == (scorer != "key-norm")
+    engine = OnnxRuntimeRunner(result.path, threads=1, prefill_chunk=7)
+    reference = TorchRunner(model, result.path, profile=profile, keep_fraction=KEEP, method="prefixkv")
+    ref_logits, state, ref_state, tied = _prefill_matches(engine, reference, [75, 38], ties=scorer == "key-norm")
+    assert bool(tied) == (scorer == "key-norm") and all(l == 0 for l, _ in tied)
+    if not tied:
+        logits, _ = engine.decode(state, ref_logits.argmax(-1))
+        np.testing.assert_allclose(logits, reference.decode(ref_state, ref_logits.argmax(-1))[0], atol=1e-4, rtol=1e-4)
 
 
 def test_prefill_chunk_is_checked(tiny):

@@ -95,12 +95,16 @@ def test_cli_generate_with_chat(smol_engine, capsys):
 
 def test_the_whole_context_runs_and_keeps_what_the_reference_keeps(smol_engine):
     """A prompt of the model's full context (8192 tokens for SmolLM2, 32 decoder chunks):
-    every layer keeps the reference's positions and the next token is the reference's."""
+    every layer keeps the reference's positions and the next token is the reference's.  A
+    layer may instead swap entries whose reference scores tie within ``TIE_RTOL`` (the fused
+    attention's probabilities, summed over 8192 rows, differ from the reference's by
+    rounding: one swap in one layer at 1e-6 when this was written), at most 3 layers."""
     import numpy as np
 
     from prefixkv.data import builtin_text
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
     from prefixkv.engines.torch import TorchRunner
+    from prefixkv.engines.validate import prompt_scores, tied_rows
 
     engine_dir, model, profile = smol_engine
     engine = OnnxRuntimeRunner(engine_dir, verify=False)
@@ -108,12 +112,18 @@ def test_the_whole_context_runs_and_keeps_what_the_reference_keeps(smol_engine):
     context = engine.max_context
     assert context == 8192
     ids = engine.tokenizer.encode(builtin_text("evaluation") + "\n\n" + builtin_text("calibration"))[: context - 1]
-    logits, state = engine.prefill(*engine.pad([ids]))
-    ref_logits, ref_state = reference.prefill(*reference.pad([ids]))
+    ids, mask = engine.pad([ids])
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
     assert int(logits.argmax()) == int(ref_logits.argmax())
     np.testing.assert_allclose(logits, ref_logits, atol=2e-3, rtol=1e-3)
+    scores, tied = prompt_scores(ref_state, mask), []
     for l, (a, b) in enumerate(zip(engine.kept_positions(state), reference.kept_positions(ref_state))):
-        np.testing.assert_array_equal(a, b, err_msg=f"layer {l}")
+        assert a.shape == b.shape, l
+        rows, other = tied_rows(a, b, scores[l])
+        assert not other, f"layer {l} keeps other positions than the reference, not among tied scores"
+        tied += [l] if rows else []
+    assert len(tied) <= 3, tied
     logits, _ = engine.decode(state, logits.argmax(-1))  # one step past the full prompt
     ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
     assert int(logits.argmax()) == int(ref_logits.argmax())

@@ -113,3 +113,21 @@ def test_graph_check_of_another_backend_trims_static_width_slots(tiny):
     ids, mask = engine.inner.pad([list(range(3, 40)), list(range(5, 25))])
     result = check_graph(engine_dir, reference, [{"input_ids": ids, "attention_mask": mask}], engine=engine)
     assert result["passed"] and result["kept_positions_identical"]
+
+
+def test_tied_rows_excuse_only_an_equally_scored_choice():
+    """Row 0 keeps 3 instead of 1, both scored 0.5 (up to rounding): a tie.  Row 1 keeps 4
+    (0.1) instead of 2 (0.9): a worse choice, not excused.  Row 2 agrees.  Without scores
+    no difference can be told a tie."""
+    import numpy as np
+
+    from prefixkv.engines.validate import tied_rows
+
+    scores = [np.array([2.0, 0.5, 0.3, 0.5 * (1 + 1e-7), 0.1]), np.array([2.0, 0.5, 0.9, 0.3, 0.1]),
+              np.array([2.0, 0.5, 0.9, 0.3, 0.1])]
+    engine = np.array([[0, 3], [0, 4], [0, 2]])
+    reference = np.array([[0, 1], [0, 2], [0, 2]])
+    assert tied_rows(engine, reference, scores) == ([0], [1])
+    assert tied_rows(engine, reference, None) == ([], [0, 1])
+    # -1 marks an empty slot: the same kept set in another layout is no difference
+    assert tied_rows(np.array([[-1, 0, 2]]), np.array([[0, -1, 2]]), None) == ([], [])

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs an engine folder's prefill and decode graphs.
+"""ONNX Runtime backend: runs an engine folder's decoder and compact graphs.
 
     runner = OnnxRuntimeRunner("engines/smollm2-k20")            # CPU
     runner = OnnxRuntimeRunner(engine, providers=["cuda"])       # onnxruntime-gpu
@@ -9,7 +9,7 @@ outputs as its inputs through IOBinding, so caches never round-trip through nump
 leave the GPU).  Only the logits are copied out.
 
 Each layer's keys and values live in a buffer with free slots (see
-``prefixkv.exporter.onnx.BufferDecodeGraph``): a decode step binds the buffer as both its
+``prefixkv.exporter.onnx.DecoderGraph``): a decode step binds the buffer as both its
 past and its present, and the fused attention writes the new entry into it in place, while
 the decode-phase rule marks evicted slots empty.  When a layer's buffer is full the runner
 compacts it: drops the empty slots and adds max(``cache_slack``, entries / 8) free ones,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import CACHE_SLACK, PREFILL_CHUNK, SCORE_BLOCK
+from ..defaults import CACHE_SLACK, PREFILL_CHUNK
 from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
 from ..vision.data import ImageError
@@ -40,7 +40,7 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
-GRAPHS = ("decoder", "compact")  # an ONNX Runtime engine's graphs; "score" too when a layer's score needs attention
+GRAPHS = ("decoder", "compact")  # an ONNX Runtime engine's graphs
 # used without being asked for when present (TensorRT only on request: it needs its own libraries)
 DEFAULT_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -152,7 +152,7 @@ class OnnxRuntimeRunner(Runner):
             raise EngineError(f"{self.engine_dir}: the manifest lists no {' or '.join(missing)} graph (an engine from an "
                               "older prefixkv); rebuild it with `prefixkv build --force`")
         self.sessions = {}
-        for graph in GRAPHS + (("score",) if "score" in self.manifest["graphs"] else ()):
+        for graph in GRAPHS:
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]
             self.sessions[graph] = ort.InferenceSession(str(path), options, providers=self.providers)
             self._check_io(graph)
@@ -176,10 +176,8 @@ class OnnxRuntimeRunner(Runner):
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
         self._past_names = [n for n in inputs if n.startswith("past.")]
-        self._mass_layers = [int(n.split(".")[1]) for n in self._outputs["decoder"] if n.startswith("query.")]
-        if self._mass_layers and "score" not in self.sessions:
-            raise EngineError(f"{self.engine_dir}: the manifest lists no score graph for the scored layers; rebuild it "
-                              "with `prefixkv build --force`")
+        self._mass_layers = [int(n.split(".")[1]) for n in self._outputs["decoder"] if n.startswith("mass.")]
+        self._scored = "score_from" in inputs  # the decoder sums a chunk's attention mass from row score_from on
         # decoder output -> the index in ``past`` of the buffer it is written into
         self._in_place = {f"present.{l}.{part}": 4 * l + i for l in range(self.layers) for i, part in enumerate(("key", "value"))}
 
@@ -214,7 +212,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _step(self, past: list, inputs: dict):
         """One decoder run: (logits OrtValue, the new past (the key/value buffers are the
-        given ones, written in place), the chunk's queries per scored layer)."""
+        given ones, written in place), the chunk's attention mass per scored layer)."""
         outputs = self._run("decoder", inputs, past)
         present = list(outputs[1 : 1 + 4 * self.layers])
         for l in range(self.layers):  # keep the objects that own the buffers
@@ -248,9 +246,9 @@ class OnnxRuntimeRunner(Runner):
 
     def _prefill_chunks(self, ids: np.ndarray, image_rows=None):
         """A generator, yielding after each chunk: one prompt (n,) in chunks of ``prefill_chunk`` tokens through the decoder graph (each
-        layer's buffers hold the whole prompt; the scored rows' attention mass is summed chunk
-        by chunk by the score graph), then every layer compacted to its profile count by the
-        compact graph.
+        layer's buffers hold the whole prompt; the decoder returns the attention mass of each
+        chunk's scored rows, summed here), then every layer compacted to its profile count by
+        the compact graph.
         Returns logits (1, V) and the flat per-layer compact caches (batch 1)."""
         ort, n = self._ort, len(ids)
         kv_heads, head_dim = int(self.manifest["kv_heads"]), int(self.manifest["head_dim"])
@@ -267,12 +265,14 @@ class OnnxRuntimeRunner(Runner):
             first = int(np.clip(first_scored - start, 0, stop - start))
             inputs = {"input_ids": ids[None, start:stop], "position_ids": np.arange(start, stop, dtype=np.int64)[None],
                       "prompt_lengths": lengths}
+            if self._scored:
+                inputs["score_from"] = np.array(first, np.int64)
             if image_rows is not None:
                 inputs["image_embeds"] = image_rows(start, stop)
-            logits, past, queries = self._step(past, inputs)
-            if first < stop - start:  # the chunk holds scored rows: their mass, one layer per run
-                for total, l, query in zip(masses, self._mass_layers, queries):
-                    self._score(total, query.numpy(), past[4 * l], start + first, stop)
+            logits, past, chunk_masses = self._step(past, inputs)
+            if first < stop - start:  # the chunk holds scored rows
+                for total, mass in zip(masses, chunk_masses):
+                    total[:, :stop] += mass.numpy()
             if stop < n:
                 yield
         feeds = {"attention_mask": np.ones((1, n), np.int64)}
@@ -280,22 +280,6 @@ class OnnxRuntimeRunner(Runner):
             feeds[f"mass.{l}"] = masses[i]
         values = {f"{part}.{l}": past[4 * l + j] for l in range(self.layers) for j, part in enumerate(("key", "value"))}
         return logits.numpy(), list(self._run("compact", feeds, ortvalues=values))
-
-    def _score(self, total: np.ndarray, query: np.ndarray, key, first: int, stop: int) -> None:
-        """Add to ``total`` (1, n) the attention mass that prompt rows [first, stop) give each
-        slot of one layer; query: the chunk's (1, C, H x D) queries, the chunk ending at row
-        ``stop``.  The rows go through the score graph ``SCORE_BLOCK`` at a time, each block
-        passed as a chunk of its own that ends at its last row: the same sums, in blocks
-        small enough that the (heads x rows x slots) probabilities stay in cache (SmolLM2's
-        shapes, 256 rows over 4096 or 8192 slots: the graph alone 20-35% faster in blocks of
-        64 than in one run, best of 5)."""
-        chunk = query.shape[1]
-        for a in range(first, stop, SCORE_BLOCK):
-            b = min(a + SCORE_BLOCK, stop)
-            rows = query[:, a - (stop - chunk) : b - (stop - chunk)]
-            (mass,) = self._run("score", {"score_from": np.array(0, np.int64), "used": np.array(b, np.int64), "query": rows},
-                                ortvalues={"key": key})
-            total[:, :b] += mass.numpy()
 
     # -- in-flight batching -----------------------------------------------------------------
     supports_batching = True
@@ -374,6 +358,8 @@ class OnnxRuntimeRunner(Runner):
             if past[4 * l].shape()[2] <= past[4 * l + 2].shape()[1]:  # no free slot: compact, add slack
                 past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
         inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
+        if self._scored:
+            inputs["score_from"] = np.array(1, np.int64)  # no scored row: a decode step's mass is not used
         inputs.update(self._decode_extras(len(tokens)))
         logits, present, _ = self._step(past, inputs)
         state.past = None

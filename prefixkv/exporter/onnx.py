@@ -1,20 +1,18 @@
 """Export a Hugging Face decoder to ONNX graphs with PrefixKV compaction inside.
 
-An ONNX Runtime engine holds one graph with the weights and two without:
+An ONNX Runtime engine holds one graph with the weights and one without:
 
-    decoder(input_ids, position_ids, prompt_lengths, per layer past key/value/positions/valid)
-            -> logits, per layer present key/value/positions/valid, per scored layer query
+    decoder(input_ids, position_ids, prompt_lengths, [score_from], per layer past
+            key/value/positions/valid)
+            -> logits, per layer present key/value/positions/valid, per scored layer mass
         A chunk of C >= 1 new tokens per row, for prefill chunks and decode steps alike
         (``DecoderGraph``).  past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers;
         past.{l}.positions/valid: (B, P_l), the slots in use; every layer has its own C_l and
         P_l.  ONNX Runtime's fused GroupQueryAttention writes the chunk's K/V into slots
-        [P_l, P_l + C) in place and attends causally.  Past the prompt, the decode-phase rule
-        marks at most one entry per row evicted: the entries returned are within budget.
-
-    score(score_from, used, query, key) -> mass
-        The attention mass a prefill chunk's scored rows give each slot of one layer
-        (``ScoreGraph``, no weights; O(C x S) memory), run per scored layer, only for chunks
-        that hold scored rows.
+        [P_l, P_l + C) in place and attends causally.  In a scored layer the same op also
+        returns its attention probabilities, and the graph sums rows [score_from, C) of them
+        into the slots' mass (O(C x S) memory).  Past the prompt, the decode-phase rule marks
+        at most one entry per row evicted: the entries returned are within budget.
 
     compact(attention_mask, per layer [mass], key, value) -> per layer key/value/positions/valid
         The end of the prompt (``CompactGraph``): each layer's score (from the summed mass, or
@@ -22,8 +20,8 @@ An ONNX Runtime engine holds one graph with the weights and two without:
         GatherElements; the profile's fractions are graph constants.
 
 The runner (``prefixkv.engines.onnxruntime``) runs the prompt through the decoder in chunks,
-sums each scored layer's mass from the score graph, calls compact, then decodes one token
-per step through the decoder alone.
+sums each scored layer's mass over the chunks, calls compact, then decodes one token per
+step through the decoder alone.
 
 The two-graph layout (``PrefillGraph``: the whole prompt with (heads x S x S) attention
 probabilities, then compaction; ``DecodeGraph``: one token over compact caches in plain
@@ -318,7 +316,7 @@ class PrefillGraph(nn.Module):
 class DecodeGraph(nn.Module):
     """(input_ids, position_ids, prompt_lengths, *past) -> (logits, *present) over compact caches:
     each step appends by Concat and the eviction shifts entries (two copies of every layer's
-    cache).  The TensorRT plugin-mode graph builds on it; ONNX Runtime engines use ``BufferDecodeGraph``."""
+    cache).  The TensorRT plugin-mode graph builds on it; ONNX Runtime engines use ``DecoderGraph``."""
 
     cache_layout = "compact"
 
@@ -359,20 +357,28 @@ class DecoderGraph(DecodeGraph):
 
         inputs:  input_ids, position_ids (B, C) int64: C >= 1 new tokens per row, every one
                  real (the runner prefills each prompt alone, unpadded; position_ids: original
-                 positions); prompt_lengths (B,) int64; [image_embeds (rows, hidden): vision
-                 engines]; per layer past.{l}.key/value (B, Hkv, C_l, D), positions/valid (B, P_l)
+                 positions); prompt_lengths (B,) int64; [score_from () int64: the chunk's
+                 first scored row (C: none), engines with scored layers]; [image_embeds
+                 (rows, hidden): vision engines]; per layer past.{l}.key/value (B, Hkv, C_l, D), positions/valid (B, P_l)
         outputs: logits (B, V) (the last new token's); per layer present.{l}.key/value
                  (the buffers, written in place), positions/valid (B, P_l + C); per scored
-                 layer query.{l} (B, C, H x D): the rotated queries, for ``ScoreGraph``
+                 layer mass.{l} (B, P_l + C) float32: the attention mass rows [score_from, C)
+                 of the chunk give each slot, averaged over query heads
 
     Per layer one ``com.microsoft::GroupQueryAttention`` node writes the C new entries into
     slots [P_l, P_l + C) of the buffers (in place when the runner binds present to past) and
     attends causally over the slots in use, an additive bias masking the empty ones.  The
     decode-phase rule (``compaction.decode_budget`` / ``evict_in_place``) applies to rows
-    whose new token is past the prompt: a prefill chunk evicts nothing.  No importance is
-    computed here (a decode step needs none, and ONNX Runtime runs every node of a graph):
-    the runner passes a chunk's queries and the buffers to ``ScoreGraph``, sums the masses,
-    and compacts the prompt with ``CompactGraph``.
+    whose new token is past the prompt: a prefill chunk evicts nothing.
+
+    In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
+    softmax: (B, H, C, T), the bias and causality applied, in the engine's dtype) and one
+    MatMul with the (H x C) row weights (1 / H for a scored row, 0 else) sums the scored rows
+    and averages the heads: ``scoring.attention_with_scores``'s quantity without computing
+    the probabilities twice.  The (H, C, T) block is transient:
+    the op's CPU kernel holds it anyway.  A decode step passes score_from = C and its masses
+    are ignored (a small MatMul per scored layer).  The runner sums the chunks' masses and
+    compacts the prompt with ``CompactGraph``.
     """
 
     cache_layout = "buffer"
@@ -386,53 +392,68 @@ class DecoderGraph(DecodeGraph):
         self.image_token_id = image_token_id
 
     def forward(self, *inputs: torch.Tensor):
-        fixed = 4 if self.image_token_id is not None else 3
         input_ids, position_ids, prompt_lengths = inputs[:3]
-        past = inputs[fixed:]
+        rest = list(inputs[3:])
+        score_from = rest.pop(0) if self.scored else None
+        image_embeds = rest.pop(0) if self.image_token_id is not None else None
+        past = rest
         spec, dec = self.spec, self.decoder
         hidden = dec.embed_tokens(input_ids)
-        if self.image_token_id is not None:
-            hidden = merge_image_embeds(hidden, input_ids, inputs[3], self.image_token_id)
+        if image_embeds is not None:
+            hidden = merge_image_embeds(hidden, input_ids, image_embeds, self.image_token_id)
         cos, sin = dec.rope(hidden, position_ids)
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
         decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
         seen = position_ids[:, -1] + 1
-        outputs, queries = [], []
+        weights = None
+        if score_from is not None:  # (1, 1, H x C): 1 / H for the chunk's scored rows [score_from, C), built once
+            chunk = input_ids.shape[1]
+            rows = (torch.arange(chunk) >= score_from).to(torch.float32) / dec.heads
+            weights = rows.repeat(dec.heads).view(1, 1, dec.heads * chunk)
+        outputs, masses = [], []
         for l, layer in enumerate(dec.layers):
             keys, values, positions, valid = past[4 * l : 4 * l + 4]
             positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
             valid = torch.cat([valid, new], dim=-1)
             query, key, value = dec.qkv(layer, hidden, cos, sin)
-            out, keys, values, flat_query = self.attend_in_place(query, key, value, keys, values, valid)
-            if l in self.scored:
-                queries.append(flat_query)  # for ``ScoreGraph``: the decoder computes no mass itself
+            scored = l in self.scored
+            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored)
+            if scored:  # the scored rows' probabilities summed, averaged over query heads, in one MatMul: (B, T)
+                b, t = probs.shape[0], probs.shape[-1]
+                masses.append(torch.matmul(weights, probs.float().reshape(b, dec.heads * chunk, t)).reshape(b, t))
             hidden = dec.finish(layer, hidden, out)
             cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
                                                  spec.protect_last, spec.evict_distance)
             cap = torch.where(decoding, cap, torch.full_like(cap, 1 << 62))
             outputs += [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
-        return (dec.logits(hidden[:, -1]), *outputs, *queries)
+        return (dec.logits(hidden[:, -1]), *outputs, *masses)
 
-    def attend_in_place(self, query, key, value, keys, values, valid):
+    def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False):
         """query (B, H, C, D), new key/value (B, Hkv, C, D), buffers (B, Hkv, Cap, D), valid (B, T)
-        over the slots in use, the last C the new ones -> attention output (B, C, H, D) and the
-        buffers with the new entries in slots [T - C, T), and the query as the op takes it
-        (B, C, H x D).  Causality comes from the op (query i sits at slot T - C + i); an
-        additive bias masks the empty slots."""
+        over the slots in use, the last C the new ones -> attention output (B, C, H, D), the
+        buffers with the new entries in slots [T - C, T), and (``probabilities``) the attention
+        probabilities (B, H, C, T) the op computed, else None.  Causality comes from the op
+        (query i sits at slot T - C + i); an additive bias masks the empty slots."""
         dec = self.decoder
         b, h, q, d = query.shape
         used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) T, as a tensor
         zero, minus = torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype)
-        bias = torch.where(valid, zero, minus)[:, None, None, :].expand(b, 1, q, valid.shape[-1])  # (B, 1, C, T)
+        t = valid.shape[-1]
+        bias = torch.where(valid, zero, minus)[:, None, None, :].expand(b, 1, q, t)  # (B, 1, C, T)
         flat = query.transpose(1, 2).reshape(b, q, h * d)
-        out, keys, values = torch.onnx.ops.symbolic_multi_out(
+        attrs = {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)}
+        dtypes, shapes = [query.dtype, keys.dtype, values.dtype], [(b, q, h * d), keys.shape, values.shape]
+        if probabilities:  # output_qk after the softmax: the exact probabilities (checked on ONNX Runtime 1.32)
+            attrs["qk_output"] = 2
+            dtypes.append(query.dtype)
+            shapes.append((b, h, q, t))
+        outs = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [flat, key.transpose(1, 2).reshape(b, q, -1), value.transpose(1, 2).reshape(b, q, -1), keys, values,
              used - 1, used.max(), None, None, None, bias],
-            {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)},
-            dtypes=[query.dtype, keys.dtype, values.dtype], shapes=[(b, q, h * d), keys.shape, values.shape], version=1,
+            attrs, dtypes=dtypes, shapes=shapes, version=1,
         )
-        return out.reshape(b, q, h, d), keys, values, flat
+        return outs[0].reshape(b, q, h, d), outs[1], outs[2], (outs[3] if probabilities else None)
 
 
 def scored_layers(spec: GraphSpec) -> list[int]:
@@ -440,55 +461,6 @@ def scored_layers(spec: GraphSpec) -> list[int]:
     if make_scorer(spec.scorer, **spec.scorer_params).query_rows(2) == 0:
         return []
     return [l for l, f in enumerate(spec.fractions) if f < 1.0]
-
-
-class ScoreGraph(nn.Module):
-    """The attention mass of a prefill chunk's scored rows in one layer, no weights (every
-    layer has the same heads and scaling: one graph, run once per scored layer).
-
-        inputs:  score_from () int64: the chunk's first scored row; used () int64: the slots
-                 in use, T (the chunk's included); query (B, C, H x D) (the decoder graph's
-                 query.{l}), key (B, Hkv, Cap, D) (the layer's buffer)
-        outputs: mass (B, T) float32: rows [score_from, C) summed, averaged over query heads
-
-    ``scoring.attention_with_scores``'s quantity: softmax(q k^T x scaling) over the slots each
-    row sees (slot j <= T - C + r; a prefill chunk has no empty slot), in float32, one
-    (B, H, R, T) block reduced at once, so memory is O(C x T).  The runner calls it only for
-    chunks with scored rows, so a decode step never pays for it; one layer per run keeps
-    the work depth-first (one graph over all layers ran their independent branches
-    breadth-first: 1.5x slower on SmolLM2).  ONNX Runtime's
-    fused attention does not return its probabilities here (its ``output_qk`` did not hold
-    them with a shared buffer and a bias, tried on 1.32), so they are computed again."""
-
-    def __init__(self, model, spec: GraphSpec):
-        super().__init__()
-        dec = Decoder(model)
-        self.heads, self.kv_heads, self.head_dim, self.scaling = dec.heads, dec.kv_heads, dec.head_dim, dec.scaling
-
-    def forward(self, score_from: torch.Tensor, used: torch.Tensor, flat_query: torch.Tensor, keys: torch.Tensor):
-        b, chunk = flat_query.shape[:2]
-        first, t = score_from.item(), used.item()  # unbacked ints: 0 <= first < C <= T <= Cap
-        torch._check(first >= 0)
-        torch._check(first < chunk)
-        torch._check(t >= chunk)
-        torch._check(t <= keys.shape[2])
-        rows = chunk - first
-        query = flat_query.narrow(1, first, rows).reshape(b, rows, self.heads, self.head_dim).transpose(1, 2)
-        grouped = _grouped(query, self.kv_heads).float()  # (B, Hkv, G, R, D)
-        logits = torch.matmul(grouped, keys.narrow(2, 0, t).float().unsqueeze(2).transpose(-1, -2)) * self.scaling
-        # causality: a row sees every earlier chunk's slots and its own chunk's up to itself, so
-        # the bias is built over the chunk's C slots only and padded with zeros in front, not
-        # by an (R, T) comparison and Where (the graph alone, 256 rows in blocks of 64 over
-        # 8192 slots: 36.5 against 43.3 ms, best of 5; no difference measured at 4096)
-        row = torch.arange(chunk, device=keys.device).narrow(0, first, rows)  # (R,) the rows' indices in the chunk
-        future = torch.arange(chunk, device=keys.device).unsqueeze(0) > row.unsqueeze(1)  # (R, C)
-        own = torch.where(future, torch.full((), float("-inf")), torch.zeros(()))
-        bias = torch.nn.functional.pad(own, (t - chunk, 0))  # (R, T)
-        probs = torch.softmax(logits + bias, dim=-1)  # (B, Hkv, G, R, T)
-        # the rows' sum as a product with ones: with ONNX Runtime's ReduceSum over the row axis
-        # the accumulated engine's SmolLM2 prefill took 18.5 s at 4096 tokens, with this 11.3 s
-        ones = torch.ones(1, 1, 1, 1, rows, dtype=probs.dtype, device=probs.device)
-        return torch.matmul(ones, probs).sum(dim=(1, 2, 3)) / self.heads
 
 
 class CompactGraph(PrefillGraph):
@@ -628,27 +600,26 @@ def export_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: in
 
 
 def engine_graphs(spec: GraphSpec) -> tuple[str, ...]:
-    """The ONNX Runtime engine's graphs: decoder, score (when a layer's score needs attention), compact."""
-    return ("decoder", "score", "compact") if scored_layers(spec) else ("decoder", "compact")
+    """The ONNX Runtime engine's graphs: decoder and compact."""
+    return ("decoder", "compact")
 
 
 def engine_io(spec: GraphSpec, vision: bool = False) -> dict[str, dict[str, list[str]]]:
-    """Input and output names of the decoder, score and compact graphs."""
+    """Input and output names of the decoder and compact graphs."""
     scored = scored_layers(spec)
     layers = []
     for l in range(spec.layers):
         layers += ([f"mass.{l}"] if l in scored else []) + [f"key.{l}", f"value.{l}"]
-    fixed = ["input_ids", "position_ids", "prompt_lengths"]
+    fixed = ["input_ids", "position_ids", "prompt_lengths"] + (["score_from"] if scored else [])
     return {
         "decoder": {"inputs": fixed + (["image_embeds"] if vision else []) + cache_names("past", spec.layers),
-                    "outputs": ["logits", *cache_names("present", spec.layers), *(f"query.{l}" for l in scored)]},
-        "score": {"inputs": ["score_from", "used", "query", "key"], "outputs": ["mass"]},
+                    "outputs": ["logits", *cache_names("present", spec.layers), *(f"mass.{l}" for l in scored)]},
         "compact": {"inputs": ["attention_mask", *layers], "outputs": cache_names("present", spec.layers)},
     }
 
 
 def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int = 4, past: int = 6, hidden: int = 0):
-    """Tracing inputs of the decoder, score or compact graph (no size 0 or 1 to specialise on);
+    """Tracing inputs of the decoder or compact graph (no size 0 or 1 to specialise on);
     ``hidden`` > 0: the decoder takes image embeddings of that width."""
     g = torch.Generator().manual_seed(0)
     dtype = getattr(torch, spec.dtype)
@@ -663,14 +634,11 @@ def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int
                 tensors.append(torch.rand(batch, length, generator=g))
             tensors += [torch.randn(batch, spec.kv_heads, length, spec.head_dim, generator=g).to(dtype) for _ in range(2)]
         return (mask, *tensors)
-    if graph == "score":
-        used = past + chunk
-        return (torch.tensor(1, dtype=torch.int64), torch.tensor(used, dtype=torch.int64),
-                torch.randn(batch, chunk, spec.heads * spec.head_dim, generator=g).to(dtype),
-                torch.randn(batch, spec.kv_heads, used + 3, spec.head_dim, generator=g).to(dtype))
     ids = torch.randint(0, spec.vocab, (batch, chunk), generator=g)
     positions = torch.arange(past + 2, past + 2 + chunk).expand(batch, chunk).clone()
     fixed = [ids, positions, torch.full((batch,), 40, dtype=torch.int64)]
+    if scored:
+        fixed.append(torch.tensor(1, dtype=torch.int64))  # score_from
     if hidden:
         fixed.append(torch.randn(3, hidden, generator=g).to(dtype))
     tensors = []
@@ -699,10 +667,7 @@ def _engine_dynamic_shapes(spec: GraphSpec, graph: str, vision: bool = False):
             shapes += ([{0: batch, 1: seq}] if l in scored else []) + [{0: batch, 2: seq}, {0: batch, 2: seq}]
         return {"attention_mask": shapes[0], "layers": tuple(shapes[1:])}
     chunk = Dim("chunk", min=1, max=1 << 20)
-    if graph == "score":
-        return {"score_from": {}, "used": {}, "flat_query": {0: batch, 1: chunk},
-                "keys": {0: batch, 2: Dim("cache_capacity", min=2, max=1 << 20)}}
-    shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}]
+    shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}] + ([{}] if scored else [])
     if vision:
         shapes.append({0: Dim("image_rows", min=1, max=1 << 24)})
     for l in range(spec.layers):
@@ -717,13 +682,11 @@ def _engine_dims(proto, graph: str) -> None:
     for value in proto.graph.output:
         dims = value.type.tensor_type.shape.dim
         dims[0].dim_param = "batch"
-        if value.name == "mass":
-            dims[-1].dim_param = "used"
-        if value.name in ("logits", "mass"):
+        if value.name == "logits":
             continue
         l = int(value.name.split(".")[1])
-        if value.name.startswith("query."):
-            dims[1].dim_param = "chunk"
+        if value.name.startswith("mass."):
+            dims[1].dim_param = f"present_length_{l}"
             continue
         axis = 2 if value.name.endswith((".key", ".value")) else 1
         kv = axis == 2 and graph == "decoder"
@@ -732,12 +695,13 @@ def _engine_dims(proto, graph: str) -> None:
 
 def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, opset: int = OPSET, log=None,
                         image_token_id: int | None = None, hidden: int = 0) -> Path:
-    """The ONNX Runtime engine's ``graph`` ("decoder", "score" or "compact") to ``path`` (the
+    """The ONNX Runtime engine's ``graph`` ("decoder" or "compact") to ``path`` (the
     decoder's weights in ``path``.data); ``image_token_id``/``hidden``: a vision engine's
     decoder, taking image embeddings."""
     vision = image_token_id is not None
-    wrapper = {"decoder": lambda: DecoderGraph(model, spec, image_token_id), "score": lambda: ScoreGraph(model, spec),
-               "compact": lambda: CompactGraph(model, spec)}[graph]()
+    if graph not in engine_graphs(spec):
+        raise ExportError(f"an ONNX Runtime engine has no {graph!r} graph; it has {', '.join(engine_graphs(spec))}")
+    wrapper = DecoderGraph(model, spec, image_token_id) if graph == "decoder" else CompactGraph(model, spec)
     args = engine_sample_inputs(spec, graph, hidden=hidden if vision and graph == "decoder" else 0)
     names = engine_io(spec, vision)[graph]
     start = time.perf_counter()
@@ -756,7 +720,7 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
 
 
 def export_engine_graphs(model, spec: GraphSpec, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
-    """The ONNX Runtime engine's graphs into ``folder``: decoder.onnx(+.data), score.onnx, compact.onnx."""
+    """The ONNX Runtime engine's graphs into ``folder``: decoder.onnx(+.data) and compact.onnx."""
     folder = Path(folder)
     return {g: export_engine_graph(model, spec, g, folder / f"{g}.onnx", opset, log) for g in engine_graphs(spec)}
 

@@ -11,7 +11,7 @@
         image-token ids (``<image>`` expanded by the processor); the rows replace those
         tokens' embeddings (``merge_image_embeds``), then the language model runs as for text.
 
-    score, compact: the text engine's graphs, unchanged.
+    compact: the text engine's graph, unchanged.
 
 ``prefixkv.pipeline.build_engine`` calls ``export_vision_engine_graphs`` for a vision model.
 The language model is reached through ``TextView`` (``model.model.language_model`` and
@@ -122,7 +122,7 @@ def export_vision_graph(model, geometry: dict, path: str | Path, opset: int = OP
 
 
 def export_vision_engine_graphs(model, spec, geometry: dict, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:
-    """vision.onnx, and the text engine's decoder.onnx (taking image embeddings), score.onnx and compact.onnx, into ``folder``."""
+    """vision.onnx, and the text engine's decoder.onnx (taking image embeddings) and compact.onnx, into ``folder``."""
     folder, text = Path(folder), TextView(model)
     return {
         "vision": export_vision_graph(model, geometry, folder / "vision.onnx", opset, log),
