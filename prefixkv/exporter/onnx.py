@@ -685,9 +685,6 @@ def _engine_dims(proto, graph: str) -> None:
         if value.name == "logits":
             continue
         l = int(value.name.split(".")[1])
-        if value.name.startswith("mass."):
-            dims[1].dim_param = f"present_length_{l}"
-            continue
         axis = 2 if value.name.endswith((".key", ".value")) else 1
         kv = axis == 2 and graph == "decoder"
         dims[axis].dim_param = f"cache_capacity_{l}" if kv else f"present_length_{l}"
