@@ -201,7 +201,44 @@ def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
     assert skip == 2 * LAYERS - 1  # every norm but the first layer's input norm and the final norm
     assert "ReduceMean" not in ops and "Reciprocal" not in ops  # no unfused norm left
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta[FUSIONS_KEY] == f"rms_normalization={2 * LAYERS + 1},skip_rms_normalization={2 * LAYERS - 1}"
+    assert meta[FUSIONS_KEY] == (f"rms_normalization={2 * LAYERS + 1},skip_rms_normalization={2 * LAYERS - 1},"
+                                 f"rotary_in_attention={LAYERS}")
+
+
+def test_the_fused_attention_rotates_the_query_and_keys(tiny):
+    """Llama's half-split rotation is the one GroupQueryAttention implements: every layer's op
+    rotates (``do_rotary``, its cos/sin tables and rows given), and no rotation op is left in
+    the graph (``rotate_half``'s Neg).  The chunked and lockstep tests check the result."""
+    import onnx
+
+    proto = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False)
+    attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == LAYERS
+    for node in attention:
+        assert {a.name: a.i for a in node.attribute}.get("do_rotary") == 1
+        assert all(node.input[i] for i in (7, 8, 9))  # cos_cache, sin_cache, position_ids
+    assert "Neg" not in [n.op_type for n in proto.graph.node]
+
+
+def test_the_rotation_check_refuses_a_variant():
+    """``half_rotation`` compares the model's own rotation with the op's at a few positions: an
+    interleaved variant (pairs of neighbours rotated) keeps the graph's own rotation ops."""
+    from conftest import tiny_llama
+
+    from prefixkv.exporter.onnx import Decoder
+
+    decoder = Decoder(tiny_llama())
+    assert decoder.half_rotation()
+
+    def interleaved(q, k, cos, sin):
+        def rotate(x):
+            pairs = x.reshape(*x.shape[:-1], -1, 2)
+            return torch.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + rotate(q) * s, k * c + rotate(k) * s
+
+    decoder._rope = interleaved
+    assert not decoder.half_rotation()
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 150])
@@ -241,6 +278,9 @@ def test_other_scorers_chunked_match_the_reference(tmp_path, scorer, params):
     assert result.passed, result.validation
     inputs = [i.name for i in onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph.input]
     assert ("score_from" in inputs) == (scorer != "key-norm")
+    meta = {p.key: p.value for p in onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).metadata_props}
+    # key-norm reads the rotated keys: the graph's own rotation, rounding as the reference's does
+    assert ("rotary_in_attention=0" in meta["prefixkv.fusions"]) == (scorer == "key-norm")
     engine = OnnxRuntimeRunner(result.path, threads=1, prefill_chunk=7)
     reference = TorchRunner(model, result.path, profile=profile, keep_fraction=KEEP, method="prefixkv")
     ref_logits, state, ref_state, tied = _prefill_matches(engine, reference, [75, 38], ties=scorer == "key-norm")

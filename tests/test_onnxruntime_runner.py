@@ -178,3 +178,54 @@ def test_a_consumed_state_is_refused(engine):
     with pytest.raises(ValueError, match="consumed"):
         engine.decode(state, token)
     engine.decode(newer, logits.argmax(-1))
+
+
+def _tied_graph(folder, tied: bool = True):
+    """logits = table[ids] @ table.T, the table in external data (one initializer for both
+    nodes when ``tied``, two copies otherwise)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    inits = [numpy_helper.from_array(table, "table")]
+    if not tied:
+        inits.append(numpy_helper.from_array(table.copy(), "head"))
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["hidden"]),
+             helper.make_node("Gemm", ["hidden", "table" if tied else "head"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = folder / "decoder.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="decoder.onnx.data", size_threshold=0)
+    return path, table
+
+
+def test_a_tied_table_reaches_the_gemm_through_a_second_initializer_over_the_same_bytes(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from prefixkv.engines.onnxruntime import session_options, untie_packed_tables
+
+    path, table = _tied_graph(tmp_path)
+    data = (tmp_path / "decoder.onnx.data").read_bytes()
+    serialized = untie_packed_tables(path)
+    model = onnx.ModelProto.FromString(serialized)
+    gather, gemm = model.graph.node
+    assert gather.input[0] == "table" and gemm.input[1] == "table.packed"
+    inits = {i.name: i for i in model.graph.initializer}
+    assert {e.key: e.value for e in inits["table.packed"].external_data} == {e.key: e.value for e in inits["table"].external_data}
+    assert list(inits["table.packed"].dims) == [32, 8]
+    assert (tmp_path / "decoder.onnx.data").read_bytes() == data  # the file is untouched
+    options = session_options(ort, 1)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    ids = np.array([3, 0, 31, 3])
+    got = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, table[ids] @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_without_a_tied_table_loads_from_its_path(tmp_path):
+    from prefixkv.engines.onnxruntime import untie_packed_tables
+
+    path, _ = _tied_graph(tmp_path, tied=False)
+    assert untie_packed_tables(path) is None

@@ -4,7 +4,7 @@
     python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
 
 Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, ``VmHWM``
-on Linux), RSS after loading (before the prompt; for an engine also its anonymous part,
+on Linux), RSS after loading (before the text is read; for an engine also its anonymous part,
 without the weights' file-backed pages) and, for an engine, the median decode
 step after the prefill.  ``torch:MODEL`` is the plain PyTorch prefill ``model(ids)`` with
 SDPA attention (it holds every position's logits, as ``transformers`` computes them).
@@ -45,10 +45,14 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def measure(target: str, context: int, chunk: int | None, threads: int, steps: int) -> dict:
+def prompt_text() -> str:
+    """The text the prompts are cut from (read after the RSS after loading: it is not the model's)."""
     from ..data import builtin_text
 
-    text = builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
+    return builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
+
+
+def measure(target: str, context: int, chunk: int | None, threads: int, steps: int) -> dict:
     if target.startswith("torch:"):
         import torch
 
@@ -56,8 +60,8 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
 
         torch.set_num_threads(threads)
         model, tokenizer = load_model(target.split(":", 1)[1], attention="sdpa")
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:context]
         loaded = rss_bytes()
+        ids = list(tokenizer(prompt_text(), add_special_tokens=False)["input_ids"])[:context]
         with torch.no_grad():
             start = time.perf_counter()
             model(torch.tensor([ids]))
@@ -66,8 +70,8 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
     from ..engines.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk)
-    ids = runner.tokenizer.encode(text)[:context]
     loaded, anonymous = rss_bytes(), rss_bytes("RssAnon")
+    ids = runner.tokenizer.encode(prompt_text())[:context]
     start = time.perf_counter()
     logits, state = runner.prefill(*runner.pad([ids]))
     prefill = time.perf_counter() - start

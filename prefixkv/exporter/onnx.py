@@ -146,6 +146,13 @@ class Decoder(nn.Module):
 
     def qkv(self, layer, hidden, cos, sin):
         """hidden (B, q, hidden) -> query (B, H, q, D), key/value (B, Hkv, q, D), rotated."""
+        query, key, value = self.projections(layer, hidden)
+        query, key = self._rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        return query, key, value.transpose(1, 2)
+
+    def projections(self, layer, hidden):
+        """hidden (B, q, hidden) -> query (B, q, H, D), key/value (B, q, Hkv, D): projected
+        (and q/k-normed), not rotated."""
         attn, found = layer.self_attn, self.structure
         x = hidden if found.norms == "post" else layer.input_layernorm(hidden)
         b, q = x.shape[:2]
@@ -158,11 +165,33 @@ class Decoder(nn.Module):
             query, key = attn.q_norm(query), attn.k_norm(key)
         query = query.view(b, q, -1, self.head_dim)
         key = key.view(b, q, -1, self.head_dim)
-        value = value.view(b, q, -1, self.head_dim).transpose(1, 2)
+        value = value.view(b, q, -1, self.head_dim)
         if found.qk_norm == "head":  # Qwen3
             query, key = attn.q_norm(query), attn.k_norm(key)
-        query, key = self._rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         return query, key, value
+
+    def half_rotation(self) -> bool:
+        """Whether the model's rotary embedding is the half-split rotation over the whole head
+        (x cos + rotate_half(x) sin, cos and sin repeating over the two halves), which ONNX
+        Runtime's fused attention can apply itself.  Checked on the model's own functions at
+        a few positions, so a variant (partial or interleaved rotation) keeps its own ops."""
+        g = torch.Generator().manual_seed(0)
+        d = self.head_dim
+        positions = torch.tensor([[0, 1, 7, 100]])
+        x = torch.randn(1, 4, d, generator=g)
+        cos, sin = self.rope(x, positions)
+        if cos.shape[-1] != d or d % 2 or not torch.equal(cos[..., : d // 2], cos[..., d // 2 :]):
+            return False
+        query = torch.randn(1, self.heads, 4, d, generator=g)
+        key = torch.randn(1, self.kv_heads, 4, d, generator=g)
+        got_q, got_k = self._rope(query, key, cos, sin)
+        c, s = cos[:, None, :, : d // 2], sin[:, None, :, : d // 2]
+
+        def rotate(x):
+            a, b = x[..., : d // 2], x[..., d // 2 :]
+            return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+        return bool(torch.allclose(got_q, rotate(query), atol=1e-5) and torch.allclose(got_k, rotate(key), atol=1e-5))
 
     def finish(self, layer, hidden, attn_out):
         """attn_out (B, q, H, D) -> the layer's output hidden states (B, q, hidden)."""
@@ -390,6 +419,12 @@ class DecoderGraph(DecodeGraph):
         super().__init__(model, spec)
         self.scored = scored_layers(spec)
         self.image_token_id = image_token_id
+        # The fused attention rotates the query and keys itself when the model's rotation is the
+        # one it implements; its keys then round differently from PyTorch's.  A key-norm score
+        # reads the rotated keys, and the same token's keys in layer 0 tie up to that rounding,
+        # so its engines keep the graph's own rotation to break those ties as the reference does.
+        keyed = make_scorer(spec.scorer, **spec.scorer_params).query_rows(2) == 0 and any(f < 1.0 for f in spec.fractions)
+        self.fused_rotary = not keyed and self.decoder.half_rotation()
 
     def forward(self, *inputs: torch.Tensor):
         input_ids, position_ids, prompt_lengths = inputs[:3]
@@ -402,6 +437,7 @@ class DecoderGraph(DecodeGraph):
         if image_embeds is not None:
             hidden = merge_image_embeds(hidden, input_ids, image_embeds, self.image_token_id)
         cos, sin = dec.rope(hidden, position_ids)
+        rotary = self.rotary_tables(cos, sin, past) if self.fused_rotary else None
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
         decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
         seen = position_ids[:, -1] + 1
@@ -415,9 +451,12 @@ class DecoderGraph(DecodeGraph):
             keys, values, positions, valid = past[4 * l : 4 * l + 4]
             positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
             valid = torch.cat([valid, new], dim=-1)
-            query, key, value = dec.qkv(layer, hidden, cos, sin)
+            if rotary is None:
+                query, key, value = (t.transpose(1, 2) for t in dec.qkv(layer, hidden, cos, sin))
+            else:  # not rotated: the fused attention rotates the query and the new keys
+                query, key, value = dec.projections(layer, hidden)
             scored = l in self.scored
-            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored)
+            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored, rotary)
             if scored:  # the scored rows' probabilities summed, averaged over query heads, in one MatMul: (B, T)
                 b, t = probs.shape[0], probs.shape[-1]
                 masses.append(torch.matmul(weights, probs.float().reshape(b, dec.heads * chunk, t)).reshape(b, t))
@@ -428,20 +467,38 @@ class DecoderGraph(DecodeGraph):
             outputs += [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
         return (dec.logits(hidden[:, -1]), *outputs, *masses)
 
-    def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False):
-        """query (B, H, C, D), new key/value (B, Hkv, C, D), buffers (B, Hkv, Cap, D), valid (B, T)
+    def rotary_tables(self, cos, sin, past):
+        """The chunk's cos/sin (B, C, D) -> the fused attention's rotary inputs: cos and sin
+        tables (R, D / 2) and the row of each token (B, C) int64, token i of row b in table row
+        b x C + i.  The op requires R to be at least the slots it attends over; zero rows pad
+        the table to B x C plus the widest layer's slots in use (a shape, no data)."""
+        b, c, d = cos.shape
+        widths = [past[4 * l + 2].shape[-1] for l in range(len(self.decoder.layers))]
+        widest = widths[0]
+        for width in widths[1:]:
+            widest = torch.sym_max(widest, width)
+        zeros = torch.zeros(widest + c, d // 2, dtype=cos.dtype)
+        tables = [torch.cat([t[..., : d // 2].reshape(b * c, d // 2), zeros]) for t in (cos, sin)]
+        rows = torch.arange(b * c, dtype=torch.int64).view(b, c)
+        return tables[0], tables[1], rows
+
+    def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False, rotary=None):
+        """query (B, C, H, D), new key/value (B, C, Hkv, D), buffers (B, Hkv, Cap, D), valid (B, T)
         over the slots in use, the last C the new ones -> attention output (B, C, H, D), the
         buffers with the new entries in slots [T - C, T), and (``probabilities``) the attention
         probabilities (B, H, C, T) the op computed, else None.  Causality comes from the op
-        (query i sits at slot T - C + i); an additive bias masks the empty slots."""
+        (query i sits at slot T - C + i); an additive bias masks the empty slots.  ``rotary``:
+        ``rotary_tables``' output, the query and key not yet rotated (the op rotates them and
+        writes the rotated keys), else None (both rotated already)."""
         dec = self.decoder
-        b, h, q, d = query.shape
+        b, q, h, d = query.shape
         used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) T, as a tensor
         zero, minus = torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype)
         t = valid.shape[-1]
         bias = torch.where(valid, zero, minus)[:, None, None, :].expand(b, 1, q, t)  # (B, 1, C, T)
-        flat = query.transpose(1, 2).reshape(b, q, h * d)
         attrs = {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)}
+        if rotary is not None:
+            attrs["do_rotary"] = 1
         dtypes, shapes = [query.dtype, keys.dtype, values.dtype], [(b, q, h * d), keys.shape, values.shape]
         if probabilities:  # output_qk after the softmax: the exact probabilities (checked on ONNX Runtime 1.32)
             attrs["qk_output"] = 2
@@ -449,8 +506,8 @@ class DecoderGraph(DecodeGraph):
             shapes.append((b, h, q, t))
         outs = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [flat, key.transpose(1, 2).reshape(b, q, -1), value.transpose(1, 2).reshape(b, q, -1), keys, values,
-             used - 1, used.max(), None, None, None, bias],
+            [query.reshape(b, q, h * d), key.reshape(b, q, -1), value.reshape(b, q, -1), keys, values,
+             used - 1, used.max(), *(rotary or (None, None, None)), bias],
             attrs, dtypes=dtypes, shapes=shapes, version=1,
         )
         return outs[0].reshape(b, q, h, d), outs[1], outs[2], (outs[3] if probabilities else None)
@@ -707,6 +764,8 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
                    fused if graph == "decoder" else None)
     _engine_dims(proto, graph)
     if graph == "decoder":
+        fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
+                                           for a in n.attribute) for n in proto.graph.node)
         rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
         fusions = ",".join(f"{name}={n}" for name, n in fused.items())
         for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
