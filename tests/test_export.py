@@ -208,7 +208,8 @@ def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
 def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     """Llama's half-split rotation is the one GroupQueryAttention implements: every layer's op
     rotates (``do_rotary``, its cos/sin tables and rows given), and no rotation op is left in
-    the graph (``rotate_half``'s Neg).  The chunked and lockstep tests check the result."""
+    the graph (``rotate_half``'s Neg).  q, k and v come from one projection, and gate and up
+    from another.  The chunked and lockstep tests check the result."""
     import onnx
 
     proto = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False)
@@ -217,6 +218,10 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     for node in attention:
         assert {a.name: a.i for a in node.attribute}.get("do_rotary") == 1
         assert all(node.input[i] for i in (7, 8, 9))  # cos_cache, sin_cache, position_ids
+        assert not node.input[1] and not node.input[2]  # [q | k | v] packed into the query input
+    # per layer: [q | k | v], o, [gate | up], down, and the mass MatMul of a scored layer; + the head
+    matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(matmuls) <= 5 * LAYERS + 1
     assert "Neg" not in [n.op_type for n in proto.graph.node]
 
 

@@ -150,11 +150,15 @@ class Decoder(nn.Module):
         query, key = self._rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         return query, key, value.transpose(1, 2)
 
+    def attention_input(self, layer, hidden):
+        """The input of the layer's q/k/v projections (normed, in a pre-norm layer)."""
+        return hidden if self.structure.norms == "post" else layer.input_layernorm(hidden)
+
     def projections(self, layer, hidden):
         """hidden (B, q, hidden) -> query (B, q, H, D), key/value (B, q, Hkv, D): projected
         (and q/k-normed), not rotated."""
         attn, found = layer.self_attn, self.structure
-        x = hidden if found.norms == "post" else layer.input_layernorm(hidden)
+        x = self.attention_input(layer, hidden)
         b, q = x.shape[:2]
         if found.fused_qkv:  # Phi-3: [q | k | v] from one projection
             q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -193,16 +197,18 @@ class Decoder(nn.Module):
 
         return bool(torch.allclose(got_q, rotate(query), atol=1e-5) and torch.allclose(got_k, rotate(key), atol=1e-5))
 
-    def finish(self, layer, hidden, attn_out):
-        """attn_out (B, q, H, D) -> the layer's output hidden states (B, q, hidden)."""
+    def finish(self, layer, hidden, attn_out, mlp=None):
+        """attn_out (B, q, H, D) -> the layer's output hidden states (B, q, hidden); ``mlp``:
+        a module computing the layer's MLP (default: the layer's own)."""
         b, q = attn_out.shape[:2]
         found, m = self.structure, self.structure.residual_multiplier
+        mlp = mlp or layer.mlp
         out = layer.self_attn.o_proj(attn_out.reshape(b, q, -1))
         if found.norms == "post":  # OLMo2
             hidden = hidden + layer.post_attention_layernorm(out)
-            return hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
+            return hidden + layer.post_feedforward_layernorm(mlp(hidden))
         hidden = hidden + (out * m if m != 1.0 else out)
-        mlp = layer.mlp(layer.post_attention_layernorm(hidden))
+        mlp = mlp(layer.post_attention_layernorm(hidden))
         return hidden + (mlp * m if m != 1.0 else mlp)
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
@@ -211,6 +217,45 @@ class Decoder(nn.Module):
         if self.structure.logits_scaling != 1.0:  # Granite
             logits = logits / self.structure.logits_scaling
         return logits.float()
+
+
+def concat_linear(linears) -> nn.Linear:
+    """One Linear whose output is the given Linears' outputs side by side (their weights
+    stacked; a missing bias is zeros)."""
+    weights = [l.weight for l in linears]
+    out = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=any(l.bias is not None for l in linears),
+                    dtype=weights[0].dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat(weights))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([l.bias if l.bias is not None else torch.zeros(l.weight.shape[0], dtype=l.weight.dtype)
+                                      for l in linears]))
+    return out.eval()
+
+
+class PackedMLP(nn.Module):
+    """down(act(gate(x)) x up(x)) with gate and up as one projection: one MatMul fewer."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_up, self.down, self.act = concat_linear([mlp.gate_proj, mlp.up_proj]), mlp.down_proj, mlp.act_fn
+        self.width = mlp.gate_proj.weight.shape[0]
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split([self.width, self.width], dim=-1)
+        return self.down(self.act(gate) * up)
+
+    @classmethod
+    def of(cls, mlp, hidden: int):
+        """The packed form of ``mlp``, or None when it is not that MLP (checked against its own
+        forward on random inputs)."""
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return None
+        packed = cls(mlp)
+        x = torch.randn(2, 3, hidden, generator=torch.Generator().manual_seed(0)).to(mlp.gate_proj.weight.dtype)
+        with torch.no_grad():
+            same = torch.allclose(packed(x), mlp(x), rtol=1e-4, atol=1e-5)
+        return packed if same else None
 
 
 def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -425,6 +470,19 @@ class DecoderGraph(DecodeGraph):
         # so its engines keep the graph's own rotation to break those ties as the reference does.
         keyed = make_scorer(spec.scorer, **spec.scorer_params).query_rows(2) == 0 and any(f < 1.0 for f in spec.fractions)
         self.fused_rotary = not keyed and self.decoder.half_rotation()
+        # With the rotation in the op, q, k and v can come packed from one projection, which
+        # the op takes as its query input; the same for the MLP's gate and up (ONNX Runtime
+        # GenAI's layout): two MatMuls fewer per layer.  Not with q/k norms, which apply to
+        # q and k apart.
+        dec = self.decoder
+        self.packed_qkv = self.packed_mlp = None
+        if self.fused_rotary and dec.structure.qk_norm == "none":
+            self.packed_qkv = nn.ModuleList(
+                layer.self_attn.qkv_proj if dec.structure.fused_qkv else
+                concat_linear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                for layer in dec.layers)
+            mlps = [PackedMLP.of(layer.mlp, dec.layers[0].self_attn.o_proj.weight.shape[0]) for layer in dec.layers]
+            self.packed_mlp = nn.ModuleList(mlps) if all(m is not None for m in mlps) else None
 
     def forward(self, *inputs: torch.Tensor):
         input_ids, position_ids, prompt_lengths = inputs[:3]
@@ -451,16 +509,21 @@ class DecoderGraph(DecodeGraph):
             keys, values, positions, valid = past[4 * l : 4 * l + 4]
             positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
             valid = torch.cat([valid, new], dim=-1)
-            if rotary is None:
-                query, key, value = (t.transpose(1, 2) for t in dec.qkv(layer, hidden, cos, sin))
-            else:  # not rotated: the fused attention rotates the query and the new keys
-                query, key, value = dec.projections(layer, hidden)
+            b, c = input_ids.shape
+            if self.packed_qkv is not None:  # (B, C, (H + 2 Hkv) D), rotated by the op
+                query, key, value = self.packed_qkv[l](dec.attention_input(layer, hidden)), None, None
+            else:
+                if rotary is None:
+                    query, key, value = (t.transpose(1, 2) for t in dec.qkv(layer, hidden, cos, sin))
+                else:  # not rotated: the fused attention rotates the query and the new keys
+                    query, key, value = dec.projections(layer, hidden)
+                query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
             scored = l in self.scored
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored, rotary)
             if scored:  # the scored rows' probabilities summed, averaged over query heads, in one MatMul: (B, T)
                 b, t = probs.shape[0], probs.shape[-1]
                 masses.append(torch.matmul(weights, probs.float().reshape(b, dec.heads * chunk, t)).reshape(b, t))
-            hidden = dec.finish(layer, hidden, out)
+            hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
             cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
                                                  spec.protect_last, spec.evict_distance)
             cap = torch.where(decoding, cap, torch.full_like(cap, 1 << 62))
@@ -483,15 +546,17 @@ class DecoderGraph(DecodeGraph):
         return tables[0], tables[1], rows
 
     def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False, rotary=None):
-        """query (B, C, H, D), new key/value (B, C, Hkv, D), buffers (B, Hkv, Cap, D), valid (B, T)
-        over the slots in use, the last C the new ones -> attention output (B, C, H, D), the
-        buffers with the new entries in slots [T - C, T), and (``probabilities``) the attention
+        """query (B, C, H x D), new key/value (B, C, Hkv x D) (or both None: query is
+        [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), valid (B, T) over the
+        slots in use, the last C the new ones -> attention output (B, C, H, D), the buffers
+        with the new entries in slots [T - C, T), and (``probabilities``) the attention
         probabilities (B, H, C, T) the op computed, else None.  Causality comes from the op
         (query i sits at slot T - C + i); an additive bias masks the empty slots.  ``rotary``:
         ``rotary_tables``' output, the query and key not yet rotated (the op rotates them and
         writes the rotated keys), else None (both rotated already)."""
         dec = self.decoder
-        b, q, h, d = query.shape
+        b, q = query.shape[:2]
+        h, d = dec.heads, dec.head_dim
         used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) T, as a tensor
         zero, minus = torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype)
         t = valid.shape[-1]
@@ -506,8 +571,7 @@ class DecoderGraph(DecodeGraph):
             shapes.append((b, h, q, t))
         outs = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [query.reshape(b, q, h * d), key.reshape(b, q, -1), value.reshape(b, q, -1), keys, values,
-             used - 1, used.max(), *(rotary or (None, None, None)), bias],
+            [query, key, value, keys, values, used - 1, used.max(), *(rotary or (None, None, None)), bias],
             attrs, dtypes=dtypes, shapes=shapes, version=1,
         )
         return outs[0].reshape(b, q, h, d), outs[1], outs[2], (outs[3] if probabilities else None)
