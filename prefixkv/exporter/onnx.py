@@ -445,6 +445,12 @@ class DecoderGraph(DecodeGraph):
     decode-phase rule (``compaction.decode_budget`` / ``evict_in_place``) applies to rows
     whose new token is past the prompt: a prefill chunk evicts nothing.
 
+    Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
+    not for key-norm engines, see ``__init__``), the op also rotates the query and the new keys
+    (``do_rotary``, tables from ``rotary_tables``), and q/k/v come packed from one projection
+    and the MLP's gate/up from another (``concat_linear``, ``PackedMLP``): SmolLM2's decoder
+    goes from 2836 to 2096 nodes.
+
     In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
     softmax: (B, H, C, T), the bias and causality applied, in the engine's dtype) and one
     MatMul with the (H x C) row weights (1 / H for a scored row, 0 else) sums the scored rows
