@@ -38,6 +38,7 @@ Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM, ...), i.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -246,13 +247,14 @@ class PackedMLP(nn.Module):
         return self.down(self.act(gate) * up)
 
     @classmethod
-    def of(cls, mlp, hidden: int):
+    def of(cls, mlp):
         """The packed form of ``mlp``, or None when it is not that MLP (checked against its own
         forward on random inputs)."""
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
         packed = cls(mlp)
-        x = torch.randn(2, 3, hidden, generator=torch.Generator().manual_seed(0)).to(mlp.gate_proj.weight.dtype)
+        weight = mlp.gate_proj.weight
+        x = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         with torch.no_grad():
             same = torch.allclose(packed(x), mlp(x), rtol=1e-4, atol=1e-5)
         return packed if same else None
@@ -474,7 +476,7 @@ class DecoderGraph(DecodeGraph):
         # one it implements; its keys then round differently from PyTorch's.  A key-norm score
         # reads the rotated keys, and the same token's keys in layer 0 tie up to that rounding,
         # so its engines keep the graph's own rotation to break those ties as the reference does.
-        keyed = make_scorer(spec.scorer, **spec.scorer_params).query_rows(2) == 0 and any(f < 1.0 for f in spec.fractions)
+        keyed = not self.scored and any(f < 1.0 for f in spec.fractions)  # layers evict, on key scores
         self.fused_rotary = not keyed and self.decoder.half_rotation()
         # With the rotation in the op, q, k and v can come packed from one projection, which
         # the op takes as its query input; the same for the MLP's gate and up (ONNX Runtime
@@ -487,7 +489,7 @@ class DecoderGraph(DecodeGraph):
                 layer.self_attn.qkv_proj if dec.structure.fused_qkv else
                 concat_linear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                 for layer in dec.layers)
-            mlps = [PackedMLP.of(layer.mlp, dec.layers[0].self_attn.o_proj.weight.shape[0]) for layer in dec.layers]
+            mlps = [PackedMLP.of(layer.mlp) for layer in dec.layers]
             self.packed_mlp = nn.ModuleList(mlps) if all(m is not None for m in mlps) else None
 
     def forward(self, *inputs: torch.Tensor):
@@ -511,11 +513,11 @@ class DecoderGraph(DecodeGraph):
             rows = (torch.arange(chunk) >= score_from).to(torch.float32) / dec.heads
             weights = rows.repeat(dec.heads).view(1, 1, dec.heads * chunk)
         outputs, masses = [], []
+        b, c = input_ids.shape
         for l, layer in enumerate(dec.layers):
             keys, values, positions, valid = past[4 * l : 4 * l + 4]
             positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
             valid = torch.cat([valid, new], dim=-1)
-            b, c = input_ids.shape
             if self.packed_qkv is not None:  # (B, C, (H + 2 Hkv) D), rotated by the op
                 query, key, value = self.packed_qkv[l](dec.attention_input(layer, hidden)), None, None
             else:
@@ -527,8 +529,8 @@ class DecoderGraph(DecodeGraph):
             scored = l in self.scored
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored, rotary)
             if scored:  # the scored rows' probabilities summed, averaged over query heads, in one MatMul: (B, T)
-                b, t = probs.shape[0], probs.shape[-1]
-                masses.append(torch.matmul(weights, probs.float().reshape(b, dec.heads * chunk, t)).reshape(b, t))
+                t = probs.shape[-1]
+                masses.append(torch.matmul(weights, probs.float().reshape(b, dec.heads * c, t)).reshape(b, t))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
             cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
                                                  spec.protect_last, spec.evict_distance)
@@ -542,10 +544,7 @@ class DecoderGraph(DecodeGraph):
         b x C + i.  The op requires R to be at least the slots it attends over; zero rows pad
         the table to B x C plus the widest layer's slots in use (a shape, no data)."""
         b, c, d = cos.shape
-        widths = [past[4 * l + 2].shape[-1] for l in range(len(self.decoder.layers))]
-        widest = widths[0]
-        for width in widths[1:]:
-            widest = torch.sym_max(widest, width)
+        widest = functools.reduce(torch.sym_max, [past[4 * l + 2].shape[-1] for l in range(len(self.decoder.layers))])
         zeros = torch.zeros(widest + c, d // 2, dtype=cos.dtype)
         tables = [torch.cat([t[..., : d // 2].reshape(b * c, d // 2), zeros]) for t in (cos, sin)]
         rows = torch.arange(b * c, dtype=torch.int64).view(b, c)
