@@ -122,8 +122,12 @@ NEEDED_FILES = {"decoder.onnx", "decoder.onnx.data", "compact.onnx", "compact.on
 def json_plain(v, depth=0) -> bool:
     if depth > 16:
         return False
-    if v is None or type(v) in (bool, int, str):
-        return type(v) is not str or not re.search(r"[\ud800-\udfff]", v)
+    if v is None or type(v) is bool:
+        return True
+    if type(v) is int:  # the format's free-form objects hold 64-bit integers
+        return -(2 ** 63) <= v < 2 ** 63
+    if type(v) is str:
+        return not re.search(r"[\ud800-\udfff]", v)
     if type(v) is float:
         return math.isfinite(v)
     if type(v) is list:
