@@ -21,7 +21,8 @@ def keep_counts(lengths: torch.Tensor, fraction: torch.Tensor | float, sink: int
     """Entries a layer keeps for prompts of ``lengths`` tokens.
 
     lengths: (batch,) int64 real (unpadded) prompt lengths.
-    fraction: scalar keep fraction of this layer (a graph constant when exported).
+    fraction: scalar keep fraction of this layer (a graph constant when exported), or
+    (layers,) fractions with lengths (batch, 1) for (batch, layers) counts.
     Returns (batch,) int64: floor(fraction x length + 0.5) in float32, clamped to
     [protected entries, length].
     """
@@ -116,6 +117,8 @@ def decode_budget(
     the new one included.  Returns (cap, slot): the layer may hold ``cap`` entries, and
     when over it evicts the valid entry of rank ``slot`` (0-based, in original order):
     ``distance`` entries before the end of the compacted prompt, never a sink.
+    Every layer at once: prompt_lengths and seen (batch, 1), fraction (layers,) ->
+    cap and slot (batch, layers), the same numbers.
     """
     prompt_kept = keep_counts(prompt_lengths, fraction, sink, protect_last)
     cap = torch.maximum(prompt_kept, keep_counts(seen, fraction, sink, protect_last))
@@ -183,13 +186,19 @@ def evict_in_place(positions: torch.Tensor, valid: torch.Tensor, cap: torch.Tens
     """``evict`` for a cache whose slots never move: the evicted entry's slot is marked empty
     (position -1, not valid) instead of shifting the entries before it.
 
-    positions/valid (batch, W) in original order with empty slots anywhere; cap, slot (batch,).
+    positions/valid (batch, W) in original order with empty slots anywhere; cap, slot (batch,)
+    or (batch, 1).
     Keeps the same entries as ``evict``; the K/V tensors are not touched (the decode graph's
     fixed-capacity buffers), so a step costs no copy of the cache.
     """
-    over, hit = _evicted(valid, cap, slot)
-    valid = valid & ~(hit & over.unsqueeze(-1))
-    return torch.where(valid, positions, torch.full_like(positions, -1)), valid
+    # the rank to evict in rows over their cap, -1 (no valid entry's rank) in the others: the
+    # same entries as ``_evicted``'s, in fewer ops (each one a kernel launch per layer per step)
+    if cap.dim() == 1:
+        cap, slot = cap[:, None], slot[:, None]
+    target = torch.where(valid.sum(-1, keepdim=True) > cap, slot, -1)  # (batch, 1)
+    rank = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
+    valid = valid & (rank != target)
+    return torch.where(valid, positions, -1), valid
 
 
 def append_and_evict(keys, values, positions, valid, new_keys, new_values, new_positions, cap, slot):

@@ -59,6 +59,24 @@ def test_decode_rule_step_by_step():
     assert pos[15:] == list(range(103, 110))
 
 
+def test_decode_budget_for_every_layer_at_once_is_each_layers_own():
+    """(batch, 1) lengths and (layers,) fractions give each layer's numbers in one call (the
+    engine graph computes them so); hand-computed for one row, per-layer calls for the rest."""
+    fractions = [0.2, 0.5, 0.05, 1.0]
+    prompt, seen = torch.tensor([100, 7, 300]), torch.tensor([103, 30, 301])
+    cap, slot = C.decode_budget(prompt[:, None], seen[:, None], torch.tensor(fractions), 2, True, 5)
+    assert cap.shape == slot.shape == (3, 4)
+    # row 0: prompt keeps 20 / 50 / 5 / 100, seen 103 keeps 21 / 52 / 5 / 103; slot 15 / 45 / 2 (a sink floor) / 95
+    assert cap[0].tolist() == [21, 52, 5, 103] and slot[0].tolist() == [15, 45, 2, 95]
+    for l, f in enumerate(fractions):
+        one_cap, one_slot = C.decode_budget(prompt, seen, f, 2, True, 5)
+        assert cap[:, l].tolist() == one_cap.tolist() and slot[:, l].tolist() == one_slot.tolist()
+    # evict_in_place takes a layer's column as it is, (batch, 1)
+    positions = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    pos, _ = C.evict_in_place(positions, positions >= 0, torch.tensor([[3], [4]]), torch.tensor([[1], [1]]))
+    assert pos.tolist() == [[0, -1, 2, 3], [10, 11, 12, 13]]
+
+
 def test_evict_in_a_batch_leaves_empty_slot_only_in_the_evicting_row():
     keys = torch.arange(8.0).view(2, 1, 4, 1)
     positions = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])

@@ -199,12 +199,12 @@ class Decoder(nn.Module):
         return bool(torch.allclose(got_q, rotate(query), atol=1e-5) and torch.allclose(got_k, rotate(key), atol=1e-5))
 
     def finish(self, layer, hidden, attn_out, mlp=None):
-        """attn_out (B, q, H, D) -> the layer's output hidden states (B, q, hidden); ``mlp``:
-        a module computing the layer's MLP (default: the layer's own)."""
+        """attn_out (B, q, H, D) or (B, q, H x D) -> the layer's output hidden states (B, q,
+        hidden); ``mlp``: a module computing the layer's MLP (default: the layer's own)."""
         b, q = attn_out.shape[:2]
         found, m = self.structure, self.structure.residual_multiplier
         mlp = mlp or layer.mlp
-        out = layer.self_attn.o_proj(attn_out.reshape(b, q, -1))
+        out = layer.self_attn.o_proj(attn_out if attn_out.dim() == 3 else attn_out.reshape(b, q, -1))
         if found.norms == "post":  # OLMo2
             hidden = hidden + layer.post_attention_layernorm(out)
             return hidden + layer.post_feedforward_layernorm(mlp(hidden))
@@ -445,21 +445,25 @@ class DecoderGraph(DecodeGraph):
     slots [P_l, P_l + C) of the buffers (in place when the runner binds present to past) and
     attends causally over the slots in use, an additive bias masking the empty ones.  The
     decode-phase rule (``compaction.decode_budget`` / ``evict_in_place``) applies to rows
-    whose new token is past the prompt: a prefill chunk evicts nothing.
+    whose new token is past the prompt: a prefill chunk evicts nothing.  Its caps and slots
+    are computed for all layers at once, (B, L), and the bias's shape comes by broadcasting:
+    a decode step runs every small op once per layer, and at batch 1 their launches are a
+    large part of a step besides the weights.
 
     Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
     not for key-norm engines, see ``__init__``), the op also rotates the query and the new keys
     (``do_rotary``, tables from ``rotary_tables``), and q/k/v come packed from one projection
     and the MLP's gate/up from another (``concat_linear``, ``PackedMLP``): SmolLM2's decoder
-    goes from 2836 to 2096 nodes.
+    goes from 2836 to 2096 nodes, and to 1094 with the decode rule computed once for all
+    layers.
 
     In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
     softmax: (B, H, C, T), the bias and causality applied, in the engine's dtype) and one
-    MatMul with the (H x C) row weights (1 / H for a scored row, 0 else) sums the scored rows
-    and averages the heads: ``scoring.attention_with_scores``'s quantity without computing
-    the probabilities twice.  The (H, C, T) block is transient:
+    MatMul with the (1 x C) row weights (1 / H for a scored row, 0 else) sums each head's
+    scored rows, and a ReduceSum over the heads averages them: ``scoring.attention_with_scores``'s
+    quantity without computing the probabilities twice.  The (H, C, T) block is transient:
     the op's CPU kernel holds it anyway.  A decode step passes score_from = C and its masses
-    are ignored (a small MatMul per scored layer).  The runner sums the chunks' masses and
+    are ignored (two small ops per scored layer).  The runner sums the chunks' masses and
     compacts the prompt with ``CompactGraph``.
     """
 
@@ -508,12 +512,19 @@ class DecoderGraph(DecodeGraph):
         decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
         seen = position_ids[:, -1] + 1
         weights = None
-        if score_from is not None:  # (1, 1, H x C): 1 / H for the chunk's scored rows [score_from, C), built once
+        if score_from is not None:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
             chunk = input_ids.shape[1]
-            rows = (torch.arange(chunk) >= score_from).to(torch.float32) / dec.heads
-            weights = rows.repeat(dec.heads).view(1, 1, dec.heads * chunk)
+            weights = ((torch.arange(chunk) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, chunk)
+        # the decode-phase rule's numbers for every layer at once, (B, L): one set of ops per
+        # step, not one per layer; a prefill chunk's rows evict nothing
+        caps, slots = compaction.decode_budget(prompt_lengths[:, None], seen[:, None],
+                                               torch.tensor(spec.fractions, dtype=torch.float32), spec.sink,
+                                               spec.protect_last, spec.evict_distance)
+        caps = torch.where(decoding[:, None], caps, 1 << 62)
+        caps, slots = caps.split(1, dim=1), slots.split(1, dim=1)  # per layer (B, 1)
         outputs, masses = [], []
         b, c = input_ids.shape
+        unmasked = torch.zeros(1, 1, c, 1, dtype=getattr(torch, spec.dtype))  # the bias's open entries, (C, 1), built once
         for l, layer in enumerate(dec.layers):
             keys, values, positions, valid = past[4 * l : 4 * l + 4]
             positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
@@ -527,15 +538,11 @@ class DecoderGraph(DecodeGraph):
                     query, key, value = dec.projections(layer, hidden)
                 query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
             scored = l in self.scored
-            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored, rotary)
-            if scored:  # the scored rows' probabilities summed, averaged over query heads, in one MatMul: (B, T)
-                t = probs.shape[-1]
-                masses.append(torch.matmul(weights, probs.float().reshape(b, dec.heads * c, t)).reshape(b, t))
+            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored, rotary, unmasked)
+            if scored:  # the scored rows' probabilities summed per head by one MatMul, averaged over heads: (B, T)
+                masses.append(torch.matmul(weights, probs.float()).sum((1, 2)))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
-            cap, slot = compaction.decode_budget(prompt_lengths, seen, spec.fractions[l], spec.sink,
-                                                 spec.protect_last, spec.evict_distance)
-            cap = torch.where(decoding, cap, torch.full_like(cap, 1 << 62))
-            outputs += [keys, values, *compaction.evict_in_place(positions, valid, cap, slot)]
+            outputs += [keys, values, *compaction.evict_in_place(positions, valid, caps[l], slots[l])]
         return (dec.logits(hidden[:, -1]), *outputs, *masses)
 
     def rotary_tables(self, cos, sin, past):
@@ -550,22 +557,25 @@ class DecoderGraph(DecodeGraph):
         rows = torch.arange(b * c, dtype=torch.int64).view(b, c)
         return tables[0], tables[1], rows
 
-    def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False, rotary=None):
+    def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False, rotary=None,
+                        unmasked=None):
         """query (B, C, H x D), new key/value (B, C, Hkv x D) (or both None: query is
         [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), valid (B, T) over the
-        slots in use, the last C the new ones -> attention output (B, C, H, D), the buffers
+        slots in use, the last C the new ones -> attention output (B, C, H x D), the buffers
         with the new entries in slots [T - C, T), and (``probabilities``) the attention
         probabilities (B, H, C, T) the op computed, else None.  Causality comes from the op
         (query i sits at slot T - C + i); an additive bias masks the empty slots.  ``rotary``:
         ``rotary_tables``' output, the query and key not yet rotated (the op rotates them and
-        writes the rotated keys), else None (both rotated already)."""
+        writes the rotated keys), else None (both rotated already).  ``unmasked``: zeros
+        (1, 1, C, 1) in the query's dtype, built once per graph (else here)."""
         dec = self.decoder
         b, q = query.shape[:2]
         h, d = dec.heads, dec.head_dim
-        used = torch.ones_like(valid, dtype=torch.int32).sum(-1, dtype=torch.int32)  # (B,) T, as a tensor
-        zero, minus = torch.zeros((), dtype=query.dtype), torch.full((), float("-inf"), dtype=query.dtype)
+        total = torch.full((), valid.shape[-1], dtype=torch.int32)  # T, the slots in use, from the shape
+        if unmasked is None:
+            unmasked = torch.zeros(1, 1, q, 1, dtype=query.dtype)
         t = valid.shape[-1]
-        bias = torch.where(valid, zero, minus)[:, None, None, :].expand(b, 1, q, t)  # (B, 1, C, T)
+        bias = torch.where(valid[:, None, None, :], unmasked, float("-inf"))  # (B, 1, C, T): 0 or -inf
         attrs = {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)}
         if rotary is not None:
             attrs["do_rotary"] = 1
@@ -576,10 +586,10 @@ class DecoderGraph(DecodeGraph):
             shapes.append((b, h, q, t))
         outs = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [query, key, value, keys, values, used - 1, used.max(), *(rotary or (None, None, None)), bias],
+            [query, key, value, keys, values, (total - 1).expand(b), total, *(rotary or (None, None, None)), bias],
             attrs, dtypes=dtypes, shapes=shapes, version=1,
         )
-        return outs[0].reshape(b, q, h, d), outs[1], outs[2], (outs[3] if probabilities else None)
+        return outs[0], outs[1], outs[2], (outs[3] if probabilities else None)
 
 
 def scored_layers(spec: GraphSpec) -> list[int]:
