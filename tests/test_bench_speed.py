@@ -15,6 +15,7 @@ def test_a_point_runs_in_its_own_process_and_reports_memory(tiny):  # noqa: F811
     point = json.loads(proc.stdout.strip().splitlines()[-1])
     assert point["tokens"] <= 200 and point["chunk"] == 64
     assert point["prefill_s"] > 0 and point["decode_ms_per_token"] > 0
+    assert 0 < point["decode_run_ms_per_token"] <= point["decode_ms_per_token"]  # the run is part of the step
     assert 0 < point["rss_after_load"] <= point["peak_rss"]
     assert 0 < point["rss_anon_after_load"] <= point["rss_after_load"]  # Linux: /proc/self/status
 
