@@ -201,10 +201,9 @@ class Decoder(nn.Module):
     def finish(self, layer, hidden, attn_out, mlp=None):
         """attn_out (B, q, H, D) or (B, q, H x D) -> the layer's output hidden states (B, q,
         hidden); ``mlp``: a module computing the layer's MLP (default: the layer's own)."""
-        b, q = attn_out.shape[:2]
         found, m = self.structure, self.structure.residual_multiplier
         mlp = mlp or layer.mlp
-        out = layer.self_attn.o_proj(attn_out if attn_out.dim() == 3 else attn_out.reshape(b, q, -1))
+        out = layer.self_attn.o_proj(attn_out.flatten(2))  # a (B, q, H x D) input as it is: no reshape
         if found.norms == "post":  # OLMo2
             hidden = hidden + layer.post_attention_layernorm(out)
             return hidden + layer.post_feedforward_layernorm(mlp(hidden))
@@ -538,7 +537,7 @@ class DecoderGraph(DecodeGraph):
                     query, key, value = dec.projections(layer, hidden)
                 query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
             scored = l in self.scored
-            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, scored, rotary, unmasked)
+            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, unmasked, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul, averaged over heads: (B, T)
                 masses.append(torch.matmul(weights, probs.float()).sum((1, 2)))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
@@ -557,24 +556,21 @@ class DecoderGraph(DecodeGraph):
         rows = torch.arange(b * c, dtype=torch.int64).view(b, c)
         return tables[0], tables[1], rows
 
-    def attend_in_place(self, query, key, value, keys, values, valid, probabilities: bool = False, rotary=None,
-                        unmasked=None):
+    def attend_in_place(self, query, key, value, keys, values, valid, unmasked, probabilities: bool = False, rotary=None):
         """query (B, C, H x D), new key/value (B, C, Hkv x D) (or both None: query is
         [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), valid (B, T) over the
-        slots in use, the last C the new ones -> attention output (B, C, H x D), the buffers
+        slots in use, the last C the new ones, ``unmasked`` zeros (1, 1, C, 1) in the query's
+        dtype (built once per graph) -> attention output (B, C, H x D), the buffers
         with the new entries in slots [T - C, T), and (``probabilities``) the attention
         probabilities (B, H, C, T) the op computed, else None.  Causality comes from the op
         (query i sits at slot T - C + i); an additive bias masks the empty slots.  ``rotary``:
         ``rotary_tables``' output, the query and key not yet rotated (the op rotates them and
-        writes the rotated keys), else None (both rotated already).  ``unmasked``: zeros
-        (1, 1, C, 1) in the query's dtype, built once per graph (else here)."""
+        writes the rotated keys), else None (both rotated already)."""
         dec = self.decoder
         b, q = query.shape[:2]
         h, d = dec.heads, dec.head_dim
-        total = torch.full((), valid.shape[-1], dtype=torch.int32)  # T, the slots in use, from the shape
-        if unmasked is None:
-            unmasked = torch.zeros(1, 1, q, 1, dtype=query.dtype)
         t = valid.shape[-1]
+        total = torch.full((), t, dtype=torch.int32)  # T, the slots in use, from the shape
         bias = torch.where(valid[:, None, None, :], unmasked, float("-inf"))  # (B, 1, C, T): 0 or -inf
         attrs = {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)}
         if rotary is not None:
