@@ -201,6 +201,39 @@ def evict_in_place(positions: torch.Tensor, valid: torch.Tensor, cap: torch.Tens
     return torch.where(valid, positions, -1), valid
 
 
+def segments(widths: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """widths (L,) int64, each >= 1, summing to N; columns: any (N,) tensor -> (N,) int64: the
+    segment each column of L side-by-side segments belongs to (0 for the first ``widths[0]``
+    columns, ...).  The zeros come from ``columns`` by an elementwise op, not from a size:
+    an exported graph would compute N from every layer's shape."""
+    starts = torch.cumsum(widths, 0)[:-1]  # where segments 1 .. L-1 begin
+    marks = (columns.to(torch.int64) * 0).index_add(0, starts, torch.ones_like(starts))
+    return torch.cumsum(marks, 0)
+
+
+def evict_in_place_layers(positions: torch.Tensor, valid: torch.Tensor, widths: torch.Tensor, cap: torch.Tensor,
+                          slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``evict_in_place`` for every layer at once, their slots side by side.
+
+    positions/valid (batch, N): layer l's slots are columns [sum(widths[:l]), sum(widths[:l + 1]));
+    widths (L,) int64, each >= 1, summing to N; cap, slot (batch, L).  Returns positions and
+    valid (batch, N), each layer's part what ``evict_in_place`` returns for it.  One set of
+    ops for all layers (a decode step's graph would otherwise run them once per layer): a
+    running count over all the slots, less the entries of the layers before, is each entry's
+    rank in its own layer.
+    """
+    b = valid.shape[0]
+    held = torch.cumsum(valid.to(torch.int64), dim=-1)  # entries up to and including each slot
+    ends = (torch.cumsum(widths, 0) - 1).unsqueeze(0).expand(b, -1)  # (batch, L): each layer's last column
+    through = torch.gather(held, -1, ends)  # entries up to each layer's end
+    before = torch.cat([torch.zeros_like(through[:, :1]), through[:, :-1]], dim=-1)  # in the layers before
+    # the running rank to evict in layers over their cap, -1 (no entry's rank) in the others
+    target = torch.where(through - before > cap, before + slot, -1)
+    per_slot = torch.gather(target, -1, segments(widths, valid[0]).unsqueeze(0).expand(b, -1))
+    valid = valid & (held - 1 != per_slot)
+    return torch.where(valid, positions, -1), valid
+
+
 def append_and_evict(keys, values, positions, valid, new_keys, new_values, new_positions, cap, slot):
     """One decode step of one layer: append one token per row (new_* with q == 1), then ``evict``.
 

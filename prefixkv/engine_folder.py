@@ -52,7 +52,8 @@ from .profile import (
 )
 
 SCHEMA = "prefixkv.engine"
-SCHEMA_VERSION = 3  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass
+SCHEMA_VERSION = 4  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
+# 4: the decoder takes each layer's past length (past_lengths) and applies the decode rule to all layers at once
 # the graphs every engine folder of a backend has
 ENGINE_GRAPHS = {"onnxruntime": ("decoder", "compact"), "tensorrt": ("prefill", "decode")}
 LANGUAGE_GRAPHS = ("decoder", "compact", "prefill", "decode")  # every graph but the vision tower's, in order

@@ -117,3 +117,33 @@ def test_evict_in_place_keeps_what_evict_keeps_over_many_steps():
         fixed = C.evict_in_place(*appended, cap, slot)
         for row in range(2):
             assert moved[2][row][moved[3][row]].tolist() == fixed[0][row][fixed[1][row]].tolist(), (step, row)
+
+
+def test_every_layer_at_once_evicts_what_each_layer_evicts_alone():
+    """``evict_in_place_layers`` over layers laid side by side equals ``evict_in_place`` per
+    layer: hand-computed for two layers, then random layers with empty slots, several rows,
+    some over their caps, over many steps."""
+    # layer 0 [0, 1, 2] over its cap 2: rank 1 goes; layer 1 [5, 6] within its cap 2
+    positions = torch.tensor([[0, 1, 2, 5, 6]])
+    pos, val = C.evict_in_place_layers(positions, positions >= 0, torch.tensor([3, 2]),
+                                       torch.tensor([[2, 2]]), torch.tensor([[1, 0]]))
+    assert pos.tolist() == [[0, -1, 2, 5, 6]] and val.tolist() == [[True, False, True, True, True]]
+    assert C.segments(torch.tensor([3, 1, 2]), torch.ones(6)).tolist() == [0, 0, 0, 1, 2, 2]
+    g = torch.Generator().manual_seed(1)
+    widths = [5, 1, 9, 3]
+    layers = []
+    for w in widths:
+        valid = torch.rand(3, w, generator=g) > 0.3
+        layers.append((torch.where(valid, torch.arange(w).expand(3, w), -1), valid))
+    evicted = 0
+    for step in range(10):
+        cap = torch.randint(0, 8, (3, len(widths)), generator=g)
+        slot = torch.randint(0, 4, (3, len(widths)), generator=g)
+        alone = [C.evict_in_place(p, v, cap[:, l], slot[:, l]) for l, (p, v) in enumerate(layers)]
+        pos, val = C.evict_in_place_layers(torch.cat([p for p, _ in layers], -1), torch.cat([v for _, v in layers], -1),
+                                           torch.tensor(widths), cap, slot)
+        assert torch.equal(pos, torch.cat([p for p, _ in alone], -1)), step
+        assert torch.equal(val, torch.cat([v for _, v in alone], -1)), step
+        evicted += sum(int(v0.sum() - v.sum()) for (_, v), (_, v0) in zip(alone, layers))
+        layers = alone
+    assert evicted > 5  # the caps did bite

@@ -183,7 +183,7 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
     assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 3
+    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 4
 
 
 def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
@@ -223,6 +223,27 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert len(matmuls) <= 5 * LAYERS + 1
     assert "Neg" not in [n.op_type for n in proto.graph.node]
+
+
+def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
+    """Every layer's positions and valid are read once, by the Concat that lays the layers
+    side by side, and the graph splits the evicted result back per layer: the decode rule
+    and the bias run one set of ops per step, not one per layer.  The sizes come from the
+    past_lengths input (L,), so no Shape op reads a past tensor."""
+    import onnx
+
+    graph = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False).graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    for l in range(LAYERS):
+        assert readers[f"past.{l}.positions"] == ["Concat"] and readers[f"past.{l}.valid"] == ["Concat"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["past_lengths"] == [LAYERS]
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert all(producers[f"present.{l}.{part}"] == "Split" for l in range(LAYERS) for part in ("positions", "valid"))
+    assert [n.op_type for n in graph.node].count("CumSum") <= 3  # the rule's ranks, the segments, the widths
 
 
 def test_the_rotation_check_refuses_a_variant():

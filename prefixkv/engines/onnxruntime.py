@@ -336,7 +336,7 @@ class OnnxRuntimeRunner(Runner):
             stop = min(start + self.prefill_chunk, n)
             first = int(np.clip(first_scored - start, 0, stop - start))
             inputs = {"input_ids": ids[None, start:stop], "position_ids": np.arange(start, stop, dtype=np.int64)[None],
-                      "prompt_lengths": lengths}
+                      "prompt_lengths": lengths, "past_lengths": np.full(self.layers, start, np.int64)}
             if self._scored:
                 inputs["score_from"] = np.array(first, np.int64)
             if image_rows is not None:
@@ -426,10 +426,14 @@ class OnnxRuntimeRunner(Runner):
                              "buffers); continue from the state that step returned")
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         past = list(state.past)
+        widths = np.empty(self.layers, np.int64)  # each layer's slots in use
         for l in range(self.layers):
-            if past[4 * l].shape()[2] <= past[4 * l + 2].shape()[1]:  # no free slot: compact, add slack
+            widths[l] = past[4 * l + 2].shape()[1]
+            if past[4 * l].shape()[2] <= widths[l]:  # no free slot: compact, add slack
                 past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
-        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths}
+                widths[l] = past[4 * l + 2].shape()[1]
+        inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths,
+                  "past_lengths": widths}
         if self._scored:
             inputs["score_from"] = np.array(1, np.int64)  # no scored row: a decode step's mass is not used
         inputs.update(self._decode_extras(len(tokens)))

@@ -2,13 +2,14 @@
 
 An ONNX Runtime engine holds one graph with the weights and one without:
 
-    decoder(input_ids, position_ids, prompt_lengths, [score_from], per layer past
+    decoder(input_ids, position_ids, prompt_lengths, past_lengths, [score_from], per layer past
             key/value/positions/valid)
             -> logits, per layer present key/value/positions/valid, per scored layer mass
         A chunk of C >= 1 new tokens per row, for prefill chunks and decode steps alike
         (``DecoderGraph``).  past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers;
         past.{l}.positions/valid: (B, P_l), the slots in use; every layer has its own C_l and
-        P_l.  ONNX Runtime's fused GroupQueryAttention writes the chunk's K/V into slots
+        P_l, and past_lengths (L,) lists the P_l.  ONNX Runtime's fused GroupQueryAttention
+        writes the chunk's K/V into slots
         [P_l, P_l + C) in place and attends causally.  In a scored layer the same op also
         returns its attention probabilities, and the graph sums rows [score_from, C) of them
         into the slots' mass (O(C x S) memory).  Past the prompt, the decode-phase rule marks
@@ -38,7 +39,6 @@ Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM, ...), i.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -435,7 +435,8 @@ class DecoderGraph(DecodeGraph):
 
         inputs:  input_ids, position_ids (B, C) int64: C >= 1 new tokens per row, every one
                  real (the runner prefills each prompt alone, unpadded; position_ids: original
-                 positions); prompt_lengths (B,) int64; [score_from () int64: the chunk's
+                 positions); prompt_lengths (B,) int64; past_lengths (L,) int64: each
+                 layer's P_l, the width of its past positions; [score_from () int64: the chunk's
                  first scored row (C: none), engines with scored layers]; [image_embeds
                  (rows, hidden): vision engines]; per layer past.{l}.key/value (B, Hkv, C_l, D), positions/valid (B, P_l)
         outputs: logits (B, V) (the last new token's); per layer present.{l}.key/value
@@ -446,18 +447,19 @@ class DecoderGraph(DecodeGraph):
     Per layer one ``com.microsoft::GroupQueryAttention`` node writes the C new entries into
     slots [P_l, P_l + C) of the buffers (in place when the runner binds present to past) and
     attends causally over the slots in use, an additive bias masking the empty ones.  The
-    decode-phase rule (``compaction.decode_budget`` / ``evict_in_place``) applies to rows
-    whose new token is past the prompt: a prefill chunk evicts nothing.  Its caps and slots
-    are computed for all layers at once, (B, L), and the bias's shape comes by broadcasting:
-    a decode step runs every small op once per layer, and at batch 1 their launches are a
-    large part of a step besides the weights.
+    decode-phase rule (``compaction.decode_budget`` / ``evict_in_place_layers``) applies to
+    rows whose new token is past the prompt: a prefill chunk evicts nothing.  The slot
+    bookkeeping runs once for all layers, not once per layer: the layers' positions and
+    valid are laid side by side, (B, sum of T_l), the bias and the eviction computed on
+    that, and one ``Split`` per result (sizes from past_lengths) gives each layer its own.
+    At batch 1 a decode step's small ops are a large part of its time besides the weights.
 
     Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
     not for key-norm engines, see ``__init__``), the op also rotates the query and the new keys
     (``do_rotary``, tables from ``rotary_tables``), and q/k/v come packed from one projection
     and the MLP's gate/up from another (``concat_linear``, ``PackedMLP``): SmolLM2's decoder
-    goes from 2836 to 2096 nodes, and to 1094 with the decode rule computed once for all
-    layers.
+    goes from 2836 to 2096 nodes, to 1094 with the decode rule's numbers computed once for
+    all layers, and to 601 with all the slot bookkeeping done once.
 
     In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
     softmax: (B, H, C, T), the bias and causality applied, in the engine's dtype) and one
@@ -499,38 +501,47 @@ class DecoderGraph(DecodeGraph):
             self.packed_mlp = nn.ModuleList(mlps) if all(m is not None for m in mlps) else None
 
     def forward(self, *inputs: torch.Tensor):
-        input_ids, position_ids, prompt_lengths = inputs[:3]
-        rest = list(inputs[3:])
+        input_ids, position_ids, prompt_lengths, past_lengths = inputs[:4]
+        rest = list(inputs[4:])
         score_from = rest.pop(0) if self.scored else None
         image_embeds = rest.pop(0) if self.image_token_id is not None else None
         past = rest
         spec, dec = self.spec, self.decoder
+        layers = len(dec.layers)
         hidden = dec.embed_tokens(input_ids)
         if image_embeds is not None:
             hidden = merge_image_embeds(hidden, input_ids, image_embeds, self.image_token_id)
         cos, sin = dec.rope(hidden, position_ids)
-        rotary = self.rotary_tables(cos, sin, past) if self.fused_rotary else None
+        rotary = self.rotary_tables(cos, sin, past_lengths) if self.fused_rotary else None
+        b, c = input_ids.shape
+        dtype = getattr(torch, spec.dtype)
+        # Every layer's slot bookkeeping at once, the layers side by side: (B, N), N = the sum
+        # of the layers' slots in use with this chunk (past_lengths + C); split per layer at
+        # the end.  A decode step runs each of these ops once, not once per layer.
+        widths = past_lengths + c  # (L,) each layer's slots in use with the chunk
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
+        positions = torch.cat([t for l in range(layers) for t in (past[4 * l + 2], position_ids.to(past[4 * l + 2].dtype))], -1)
+        valid = torch.cat([t for l in range(layers) for t in (past[4 * l + 3], new)], -1)
+        slots = [past[4 * l + 2].shape[-1] + c for l in range(layers)]  # the same widths as shapes (traced, not computed)
+        # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
+        open_ = torch.where(valid, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
+        biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in slots])
+        unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)
+        totals = widths.to(torch.int32)  # the fused attention's total_sequence_length per layer
+        seqlens = (totals - 1).unsqueeze(1).expand(-1, b)  # its seqlens_k per layer, (L, B)
+        # the decode-phase rule's numbers for every layer at once, (B, L); a prefill chunk's rows evict nothing
         decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
         seen = position_ids[:, -1] + 1
+        caps, rule_slots = compaction.decode_budget(prompt_lengths[:, None], seen[:, None],
+                                                    torch.tensor(spec.fractions, dtype=torch.float32), spec.sink,
+                                                    spec.protect_last, spec.evict_distance)
+        caps = torch.where(decoding[:, None], caps, 1 << 62)
         weights = None
         if score_from is not None:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
-            chunk = input_ids.shape[1]
-            weights = ((torch.arange(chunk) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, chunk)
-        # the decode-phase rule's numbers for every layer at once, (B, L): one set of ops per
-        # step, not one per layer; a prefill chunk's rows evict nothing
-        caps, slots = compaction.decode_budget(prompt_lengths[:, None], seen[:, None],
-                                               torch.tensor(spec.fractions, dtype=torch.float32), spec.sink,
-                                               spec.protect_last, spec.evict_distance)
-        caps = torch.where(decoding[:, None], caps, 1 << 62)
-        caps, slots = caps.split(1, dim=1), slots.split(1, dim=1)  # per layer (B, 1)
-        outputs, masses = [], []
-        b, c = input_ids.shape
-        unmasked = torch.zeros(1, 1, c, 1, dtype=getattr(torch, spec.dtype))  # the bias's open entries, (C, 1), built once
+            weights = ((torch.arange(c) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, c)
+        buffers, masses = [], []
         for l, layer in enumerate(dec.layers):
-            keys, values, positions, valid = past[4 * l : 4 * l + 4]
-            positions = torch.cat([positions, position_ids.to(positions.dtype)], dim=-1)
-            valid = torch.cat([valid, new], dim=-1)
+            keys, values = past[4 * l : 4 * l + 2]
             if self.packed_qkv is not None:  # (B, C, (H + 2 Hkv) D), rotated by the op
                 query, key, value = self.packed_qkv[l](dec.attention_input(layer, hidden)), None, None
             else:
@@ -540,41 +551,47 @@ class DecoderGraph(DecodeGraph):
                     query, key, value = dec.projections(layer, hidden)
                 query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
             scored = l in self.scored
-            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, valid, unmasked, scored, rotary)
+            lengths = (seqlens[l], totals[l], slots[l])
+            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths,
+                                                            biases[l] + unmasked, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul, averaged over heads: (B, T)
                 masses.append(torch.matmul(weights, probs.float()).sum((1, 2)))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
-            outputs += [keys, values, *compaction.evict_in_place(positions, valid, caps[l], slots[l])]
+            buffers.append((keys, values))
+        positions, valid = compaction.evict_in_place_layers(positions, valid, widths, caps, rule_slots)
+        positions = split_columns(positions, widths, [(b, t) for t in slots])
+        valid = split_columns(valid, widths, [(b, t) for t in slots])
+        outputs = [t for l in range(layers) for t in (*buffers[l], positions[l], valid[l])]
         return (dec.logits(hidden[:, -1]), *outputs, *masses)
 
-    def rotary_tables(self, cos, sin, past):
+    def rotary_tables(self, cos, sin, past_lengths):
         """The chunk's cos/sin (B, C, D) -> the fused attention's rotary inputs: cos and sin
         tables (R, D / 2) and the row of each token (B, C) int64, token i of row b in table row
         b x C + i.  The op requires R to be at least the slots it attends over; zero rows pad
-        the table to B x C plus the widest layer's slots in use (a shape, no data)."""
+        the table to B x C plus the widest layer's slots in use (from ``past_lengths``)."""
         b, c, d = cos.shape
-        widest = functools.reduce(torch.sym_max, [past[4 * l + 2].shape[-1] for l in range(len(self.decoder.layers))])
+        widest = past_lengths.max().item()
+        torch._check(widest >= 0)
         zeros = torch.zeros(widest + c, d // 2, dtype=cos.dtype)
         tables = [torch.cat([t[..., : d // 2].reshape(b * c, d // 2), zeros]) for t in (cos, sin)]
         rows = torch.arange(b * c, dtype=torch.int64).view(b, c)
         return tables[0], tables[1], rows
 
-    def attend_in_place(self, query, key, value, keys, values, valid, unmasked, probabilities: bool = False, rotary=None):
+    def attend_in_place(self, query, key, value, keys, values, lengths, bias, probabilities: bool = False, rotary=None):
         """query (B, C, H x D), new key/value (B, C, Hkv x D) (or both None: query is
-        [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), valid (B, T) over the
-        slots in use, the last C the new ones, ``unmasked`` zeros (1, 1, C, 1) in the query's
-        dtype (built once per graph) -> attention output (B, C, H x D), the buffers
-        with the new entries in slots [T - C, T), and (``probabilities``) the attention
-        probabilities (B, H, C, T) the op computed, else None.  Causality comes from the op
-        (query i sits at slot T - C + i); an additive bias masks the empty slots.  ``rotary``:
+        [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), ``lengths``: the
+        layer's slots in use with the chunk, T, as the op's seqlens_k (B,) int32 (T - 1),
+        its total_sequence_length () int32 (T) and the traced size (for the shapes), ``bias``
+        (B, 1, C, T) in the query's dtype: 0 for the slots in use, -inf for the empty ones ->
+        attention output (B, C, H x D), the buffers with the new entries in slots [T - C, T),
+        and (``probabilities``) the attention probabilities (B, H, C, T) the op computed, else
+        None.  Causality comes from the op (query i sits at slot T - C + i).  ``rotary``:
         ``rotary_tables``' output, the query and key not yet rotated (the op rotates them and
         writes the rotated keys), else None (both rotated already)."""
         dec = self.decoder
         b, q = query.shape[:2]
         h, d = dec.heads, dec.head_dim
-        t = valid.shape[-1]
-        total = torch.full((), t, dtype=torch.int32)  # T, the slots in use, from the shape
-        bias = torch.where(valid[:, None, None, :], unmasked, float("-inf"))  # (B, 1, C, T): 0 or -inf
+        seqlens, total, t = lengths
         attrs = {"num_heads": h, "kv_num_heads": dec.kv_heads, "scale": float(dec.scaling)}
         if rotary is not None:
             attrs["do_rotary"] = 1
@@ -585,10 +602,18 @@ class DecoderGraph(DecodeGraph):
             shapes.append((b, h, q, t))
         outs = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [query, key, value, keys, values, (total - 1).expand(b), total, *(rotary or (None, None, None)), bias],
+            [query, key, value, keys, values, seqlens, total, *(rotary or (None, None, None)), bias],
             attrs, dtypes=dtypes, shapes=shapes, version=1,
         )
         return outs[0], outs[1], outs[2], (outs[3] if probabilities else None)
+
+
+def split_columns(tensor: torch.Tensor, widths: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """``tensor`` (..., N) split along its last axis into pieces ``widths`` (L,) int64 wide, as
+    one ONNX ``Split`` whose sizes are that tensor's values; ``shapes``: the pieces' shapes
+    for the tracer (the same widths, as sizes)."""
+    return list(torch.onnx.ops.symbolic_multi_out("::Split", [tensor, widths], {"axis": -1}, dtypes=[tensor.dtype] * len(shapes),
+                                                  shapes=shapes, version=OPSET))
 
 
 def scored_layers(spec: GraphSpec) -> list[int]:
@@ -745,7 +770,7 @@ def engine_io(spec: GraphSpec, vision: bool = False) -> dict[str, dict[str, list
     layers = []
     for l in range(spec.layers):
         layers += ([f"mass.{l}"] if l in scored else []) + [f"key.{l}", f"value.{l}"]
-    fixed = ["input_ids", "position_ids", "prompt_lengths"] + (["score_from"] if scored else [])
+    fixed = ["input_ids", "position_ids", "prompt_lengths", "past_lengths"] + (["score_from"] if scored else [])
     return {
         "decoder": {"inputs": fixed + (["image_embeds"] if vision else []) + cache_names("past", spec.layers),
                     "outputs": ["logits", *cache_names("present", spec.layers), *(f"mass.{l}" for l in scored)]},
@@ -771,14 +796,14 @@ def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int
         return (mask, *tensors)
     ids = torch.randint(0, spec.vocab, (batch, chunk), generator=g)
     positions = torch.arange(past + 2, past + 2 + chunk).expand(batch, chunk).clone()
-    fixed = [ids, positions, torch.full((batch,), 40, dtype=torch.int64)]
+    widths = [past + l % 3 for l in range(spec.layers)]  # distinct lengths per layer
+    fixed = [ids, positions, torch.full((batch,), 40, dtype=torch.int64), torch.tensor(widths, dtype=torch.int64)]
     if scored:
         fixed.append(torch.tensor(1, dtype=torch.int64))  # score_from
     if hidden:
         fixed.append(torch.randn(3, hidden, generator=g).to(dtype))
     tensors = []
-    for l in range(spec.layers):
-        width = past + l % 3  # distinct lengths per layer
+    for width in widths:
         capacity = width + chunk + 3
         valid = torch.ones(batch, width, dtype=torch.bool)
         valid[1, 1] = False
@@ -802,7 +827,7 @@ def _engine_dynamic_shapes(spec: GraphSpec, graph: str, vision: bool = False):
             shapes += ([{0: batch, 1: seq}] if l in scored else []) + [{0: batch, 2: seq}, {0: batch, 2: seq}]
         return {"attention_mask": shapes[0], "layers": tuple(shapes[1:])}
     chunk = Dim("chunk", min=1, max=1 << 20)
-    shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}] + ([{}] if scored else [])
+    shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}, {}] + ([{}] if scored else [])
     if vision:
         shapes.append({0: Dim("image_rows", min=1, max=1 << 24)})
     for l in range(spec.layers):
