@@ -69,3 +69,28 @@ def test_the_peak_rss_is_the_processs_own_not_its_parents():
     peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert parent.sum() == 640 << 20
     assert 0 < peak < 320 << 20  # a Python importing the module: well under the parent's 640 MiB
+
+
+def test_weight_points_compare_each_round_with_its_own_fp32_step():
+    """Each round runs every precision in turn; a round's ratio is against that round's fp32
+    step, and the figure is the median of the rounds' ratios (hand-computed), not a ratio of
+    medians: a slow round slows both of its points."""
+    from prefixkv.bench.speed import targets, weight_points
+
+    timings = iter([30.0, 12.0, 20.0, 9.0, 25.0, 9.0])  # (fp32, int4) per round: 0.4, 0.45, 0.36
+    calls = []
+
+    def measure(path, context, threads, steps=None):
+        calls.append((path, context, threads, steps))
+        return {"decode_ms_per_token": next(timings)}
+
+    got = weight_points({"fp32": "A", "int4": "B"}, 1024, 3, 64, 2, lambda m: None, measure=measure)
+    assert calls == [("A", 1024, 2, 64), ("B", 1024, 2, 64)] * 3
+    assert [round(r["int4"]["vs_fp32"], 3) for r in got["rounds"]] == [0.4, 0.45, 0.36]
+    assert got["median_vs_fp32"] == {"int4": 0.4}
+    rows = {row["target"]: (row["value"], row["met"]) for row in targets({"weights": got})}
+    assert rows == {"int4 decode at 1024 <= 0.4x fp32 (median of 3 rounds)": (0.4, True)}
+    # a failed point is reported, not divided by
+    failed = weight_points({"fp32": "A", "int4": "B"}, 1024, 1, 64, 2, lambda m: None,
+                           measure=lambda p, c, t, steps=None: {"error": "boom"} if p == "B" else {"decode_ms_per_token": 1.0})
+    assert failed["rounds"][0]["int4"] == {"error": "boom"} and "median_vs_fp32" not in failed

@@ -9,7 +9,10 @@ the KV bytes held per layer and in total after the prefill.  Then, at ``--prefil
 each ``--prefill-scorers`` engine at the smallest keep fraction and PyTorch's plain SDPA
 prefill (``model(ids)``) in a fresh process per point (``prefixkv.bench.point``): prefill
 seconds, peak RSS, RSS after loading; the engine folders' sizes against the model's
-safetensors; and each target of the engine with its measured value (``targets``).  The same decode through the
+safetensors; the decode step of that keep's ``window`` engine with fp32 and with int4
+weights at ``--weight-context`` tokens, the two in turn for ``--weight-rounds`` rounds, a fresh
+process each (``weight_points``); and each target of the engine with its measured value
+(``targets``).  The same decode through the
 PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
 model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
 
@@ -69,16 +72,17 @@ def family_profile(model, tokenizer, keeps, profile_path, folder: Path, log):
     return profile
 
 
-def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, log) -> dict[float, Path]:
-    """keep fraction -> engine folder, built (export only) when not cached."""
+def engine_family(model, tokenizer, source: str, keeps, profile, folder: Path, log, weights: str = "fp32") -> dict[float, Path]:
+    """keep fraction -> engine folder (``weights``: its weight precision), built (export only)
+    when not cached."""
     engines = {}
     for keep in keeps:
         fractions = json.dumps([keep, profile.layer_fractions(keep), profile.sink, profile.scorer, profile.protect_last])
         key = hashlib.sha256(f"{profile.fingerprint}|{fractions}|{exporter_version()}".encode()).hexdigest()[:12]
-        path = folder / f"{Path(source).name}-k{round(keep * 100)}-{key}"
+        path = folder / f"{Path(source).name}-k{round(keep * 100)}-{key}{'' if weights == 'fp32' else '-' + weights}"
         if not is_engine(path):
-            log(f"building the keep {keep:g} engine (export only) -> {path}")
-            build_engine(BuildConfig(source, path, keep, profile=profile, force=True, validate=False),
+            log(f"building the keep {keep:g} engine (export only, {weights} weights) -> {path}")
+            build_engine(BuildConfig(source, path, keep, profile=profile, force=True, validate=False, weights=weights),
                          model=model, tokenizer=tokenizer, log=log)
         engines[keep] = path
     return engines
@@ -200,25 +204,58 @@ def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
 
 
 # -- prefill in a fresh process per point, sizes, targets ----------------------------------------
-def prefill_points(targets: dict[str, str], contexts, chunk: int | None, threads: int, log) -> dict:
-    """label -> context -> ``prefixkv.bench.point``'s measurement (its own process: its peak RSS
-    is the point's), or {"error": ...}."""
+def point(target, context: int, threads: int, chunk: int | None = None, steps: int | None = None) -> dict:
+    """``prefixkv.bench.point``'s measurement of ``target`` (an engine folder or torch:MODEL) in
+    a fresh process (its peak RSS is the point's, and no other engine's threads or caches
+    share it), or {"error": its last line}."""
     import subprocess
 
+    command = [sys.executable, "-m", "prefixkv.bench.point", str(target), str(context), "--threads", str(threads)]
+    command += ["--chunk", str(chunk)] if chunk else []
+    command += ["--steps", str(steps)] if steps is not None else []
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1][:300] if lines else f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prefill_points(targets: dict[str, str], contexts, chunk: int | None, threads: int, log) -> dict:
+    """label -> context -> ``point``'s measurement, or {"error": ...}."""
     out = {}
     for label, target in targets.items():
         for context in contexts:
-            command = [sys.executable, "-m", "prefixkv.bench.point", str(target), str(context), "--threads", str(threads)]
-            command += ["--chunk", str(chunk)] if chunk else []
-            proc = subprocess.run(command, capture_output=True, text=True)
-            if proc.returncode:
-                lines = (proc.stderr or proc.stdout).strip().splitlines()
-                point = {"error": lines[-1][:300] if lines else f"exit status {proc.returncode}"}
-                log(f"prefill {label} at {context}: {point['error']}")
+            measured = point(target, context, threads, chunk)
+            if "error" in measured:
+                log(f"prefill {label} at {context}: {measured['error']}")
             else:
-                point = json.loads(proc.stdout.strip().splitlines()[-1])
-                log(f"prefill {label} at {context}: {point['prefill_s']:.2f} s, peak RSS {point['peak_rss'] / 2**30:.2f} GiB")
-            out.setdefault(label, {})[str(context)] = point
+                log(f"prefill {label} at {context}: {measured['prefill_s']:.2f} s, peak RSS {measured['peak_rss'] / 2**30:.2f} GiB")
+            out.setdefault(label, {})[str(context)] = measured
+    return out
+
+
+def weight_points(engines: dict[str, Path], context: int, rounds: int, steps: int, threads: int, log,
+                  measure=point) -> dict:
+    """The decode step of each weight precision's engine (``engines``: precision -> folder,
+    "fp32" among them) at ``context`` tokens: ``rounds`` rounds, each running every engine in
+    turn in a fresh process (``measure``, ``point`` by default), so that a slow spell of the
+    machine falls on all of them.  Each round's step against its fp32 step is one ratio; the
+    median of a precision's ratios is its figure (single steps here vary by 10 to 20% from run
+    to run, the ratio within a round much less)."""
+    out = {"context": context, "steps": steps, "rounds": []}
+    for r in range(rounds):
+        row = {name: measure(path, context, threads, steps=steps) for name, path in engines.items()}
+        base = row["fp32"].get("decode_ms_per_token")
+        for name, measured in row.items():
+            if base and measured.get("decode_ms_per_token"):
+                measured["vs_fp32"] = measured["decode_ms_per_token"] / base
+        log(f"weights round {r + 1}: " + ", ".join(f"{name} {m['decode_ms_per_token']:.2f} ms/token" if "decode_ms_per_token" in m
+                                                   else f"{name} {m.get('error')}" for name, m in row.items()))
+        out["rounds"].append(row)
+    for name in engines:
+        ratios = [row[name]["vs_fp32"] for row in out["rounds"] if "vs_fp32" in row[name]]
+        if ratios and name != "fp32":
+            out.setdefault("median_vs_fp32", {})[name] = statistics.median(ratios)
     return out
 
 
@@ -239,6 +276,7 @@ def sizes(engines: dict[str, Path], model) -> dict:
 # the issue's targets: (what, limit)
 PREFILL_VS_SDPA = {"accumulated": 1.4}  # every other score: 1.1
 TARGETS = {"peak_rss_gib_at_8192": 2.0, "folder_vs_safetensors": 1.1, "rss_after_load_vs_weights": 1.3}
+TARGETS_VS_FP32 = {"int4": 0.4}  # a weight precision's decode step against the fp32 engine's, batch 1
 
 
 def targets(results: dict) -> list[dict]:
@@ -276,6 +314,11 @@ def targets(results: dict) -> list[dict]:
             if anonymous:  # beside the target, not instead of it: the file-backed pages are the mapped weights
                 rows.append(row(f"{label} anonymous RSS after load <= {limit}x weights (file-backed pages aside)",
                                 max(anonymous) / engine["weights"], limit))
+    weights = results.get("weights") or {}
+    for name, ratio in (weights.get("median_vs_fp32") or {}).items():
+        if name in TARGETS_VS_FP32:
+            rows.append(row(f"{name} decode at {weights['context']} <= {TARGETS_VS_FP32[name]}x fp32 (median of "
+                            f"{len(weights['rounds'])} rounds)", ratio, TARGETS_VS_FP32[name]))
     genai = results.get("genai") or {}
     for keep, points in results.get("onnxruntime", {}).items():
         if float(keep) < 1:
@@ -288,8 +331,10 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
-def prefill_engines(model, tokenizer, source: str, keep: float, scorers, folder: Path, log) -> dict[str, Path]:
-    """"SCORER:keep K" -> an engine of that score at ``keep`` (its own calibrated profile), built when not cached."""
+def prefill_engines(model, tokenizer, source: str, keep: float, scorers, folder: Path, log,
+                    weights: str = "fp32") -> dict[str, Path]:
+    """"SCORER:keep K" -> an engine of that score at ``keep`` (its own calibrated profile;
+    ``weights``: its weight precision), built when not cached."""
     out = {}
     for scorer in scorers:
         fingerprint = Fingerprint.of(model.config)
@@ -302,7 +347,7 @@ def prefill_engines(model, tokenizer, source: str, keep: float, scorers, folder:
             samples = [list(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
             profile = calibrate_profile(model, samples, [keep], scorer=scorer, progress=False)
             profile.save(cached)
-        out[f"{scorer}:keep {keep:g}"] = engine_family(model, tokenizer, source, [keep], profile, folder, log)[keep]
+        out[f"{scorer}:keep {keep:g}"] = engine_family(model, tokenizer, source, [keep], profile, folder, log, weights)[keep]
     return out
 
 
@@ -320,7 +365,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     limit = int(getattr(text, "max_position_embeddings", 2048))
-    too_long = [c for c in args.contexts if c + args.warmup + args.steps > limit]
+    too_long = [c for c in (*args.contexts, *([args.weight_context] if args.weight_rounds else []))
+                if c + args.warmup + args.steps > limit]
     if too_long:
         raise ValueError(f"contexts {too_long} plus {args.warmup + args.steps} decode steps exceed the model's context of {limit}")
     folder = Path(args.engines_dir) if args.engines_dir else cache_dir() / "bench-engines"
@@ -344,9 +390,9 @@ def run(args) -> int:
             TorchRunner(model, engines[keep], profile=profile, keep_fraction=keep, method="prefixkv"))
         for context in args.contexts:
             ids = prompt_tokens(tokenizer, context)
-            point = time_runner(runner, ids, args.steps, args.warmup, args.batch)
-            results["onnxruntime"].setdefault(f"{keep:g}", {})[str(context)] = point
-            line = f"keep {keep:g} context {context}: onnxruntime prefill {point['prefill_ms']:.0f} ms, decode {point['decode_ms_per_token']:.2f} ms/token, KV {point['kv_bytes'] / 2**20:.1f} MiB"
+            timed = time_runner(runner, ids, args.steps, args.warmup, args.batch)
+            results["onnxruntime"].setdefault(f"{keep:g}", {})[str(context)] = timed
+            line = f"keep {keep:g} context {context}: onnxruntime prefill {timed['prefill_ms']:.0f} ms, decode {timed['decode_ms_per_token']:.2f} ms/token, KV {timed['kv_bytes'] / 2**20:.1f} MiB"
             if reference is not None:
                 with torch.no_grad():
                     ref = time_runner(reference, ids, args.steps, args.warmup)
@@ -362,6 +408,12 @@ def run(args) -> int:
         results["prefill_chunk"] = args.prefill_chunk or PREFILL_CHUNK
         results["prefill"] = prefill_points(targets_, args.prefill_contexts, args.prefill_chunk, args.threads or 2, log)
         results["sizes"] = sizes(prefill, model)
+    if args.weight_rounds and min(keeps) < 1:
+        smallest = min(keeps)
+        engines_ = {w: prefill_engines(model, tokenizer, args.model, smallest, ["window"], folder, log, w)[f"window:keep {smallest:g}"]
+                    for w in ("fp32", "int4")}
+        results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps, args.threads or 2, log)
+    if args.prefill_contexts or results.get("weights"):
         results["targets"] = targets(results)
         for row in results["targets"]:
             log(f"target {row['target']}: {row['value']} ({'met' if row['met'] else 'NOT met'})")

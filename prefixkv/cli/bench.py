@@ -70,6 +70,11 @@ def register(subparsers) -> None:
     p.add_argument("--prefill-scorers", type=a.names, default=("window", "accumulated"),
                    help="scores of the prefill-point engines, at the smallest --keep (default window,accumulated)")
     a.add_prefill_chunk(p)
+    p.add_argument("--weight-rounds", type=a.count, default=6,
+                   help="rounds of the weight-precision decode points: the smallest --keep's window engine with fp32 "
+                        "and int4 weights, in turn, a fresh process each (0: none; default 6)")
+    p.add_argument("--weight-context", type=a.positive_int, default=1024,
+                   help="prompt tokens of the weight-precision decode points (default 1024)")
     a.add_output(p, "results/bench_speed", "writes OUTPUT.json and OUTPUT.png")
     p.set_defaults(func=speed.run)
 
