@@ -207,7 +207,7 @@ def segments(widths: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     columns, ...).  The zeros come from ``columns`` by an elementwise op, not from a size:
     an exported graph would compute N from every layer's shape."""
     starts = torch.cumsum(widths, 0)[:-1]  # where segments 1 .. L-1 begin
-    marks = (columns.to(torch.int64) * 0).index_add(0, starts, torch.ones_like(starts))
+    marks = (columns.to(torch.int64) * 0).scatter_add(0, starts, torch.ones_like(starts))
     return torch.cumsum(marks, 0)
 
 
