@@ -9,11 +9,12 @@ An ONNX Runtime engine holds one graph with the weights and one without:
         (``DecoderGraph``).  past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers;
         past.{l}.positions/valid: (B, P_l), the slots in use; every layer has its own C_l and
         P_l, and past_lengths (L,) lists the P_l.  ONNX Runtime's fused GroupQueryAttention
-        writes the chunk's K/V into slots
-        [P_l, P_l + C) in place and attends causally.  In a scored layer the same op also
-        returns its attention probabilities, and the graph sums rows [score_from, C) of them
-        into the slots' mass (O(C x S) memory).  Past the prompt, the decode-phase rule marks
-        at most one entry per row evicted: the entries returned are within budget.
+        writes the chunk's K/V into slots [P_l, P_l + C) in place and attends causally; the
+        slot bookkeeping (bias, decode rule) runs once over all layers side by side.  In a
+        scored layer the same op also returns its attention probabilities, and the graph
+        sums rows [score_from, C) of them into the slots' mass (O(C x S) memory).  Past the
+        prompt, the decode-phase rule marks at most one entry per row evicted: the entries
+        returned are within budget.
 
     compact(attention_mask, per layer [mass], key, value) -> per layer key/value/positions/valid
         The end of the prompt (``CompactGraph``): each layer's score (from the summed mass, or
@@ -522,17 +523,17 @@ class DecoderGraph(DecodeGraph):
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
         positions = torch.cat([t for l in range(layers) for t in (past[4 * l + 2], position_ids.to(past[4 * l + 2].dtype))], -1)
         valid = torch.cat([t for l in range(layers) for t in (past[4 * l + 3], new)], -1)
-        slots = [past[4 * l + 2].shape[-1] + c for l in range(layers)]  # the same widths as shapes (traced, not computed)
+        sizes = [past[4 * l + 2].shape[-1] + c for l in range(layers)]  # the same widths as sizes (traced, not computed)
         # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
         open_ = torch.where(valid, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
-        biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in slots])
+        biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])
         unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)
         totals = widths.to(torch.int32)  # the fused attention's total_sequence_length per layer
         seqlens = (totals - 1).unsqueeze(1).expand(-1, b)  # its seqlens_k per layer, (L, B)
         # the decode-phase rule's numbers for every layer at once, (B, L); a prefill chunk's rows evict nothing
         decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
         seen = position_ids[:, -1] + 1
-        caps, rule_slots = compaction.decode_budget(prompt_lengths[:, None], seen[:, None],
+        caps, evict_ranks = compaction.decode_budget(prompt_lengths[:, None], seen[:, None],
                                                     torch.tensor(spec.fractions, dtype=torch.float32), spec.sink,
                                                     spec.protect_last, spec.evict_distance)
         caps = torch.where(decoding[:, None], caps, 1 << 62)
@@ -551,16 +552,16 @@ class DecoderGraph(DecodeGraph):
                     query, key, value = dec.projections(layer, hidden)
                 query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
             scored = l in self.scored
-            lengths = (seqlens[l], totals[l], slots[l])
+            lengths = (seqlens[l], totals[l], sizes[l])
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths,
                                                             biases[l] + unmasked, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul, averaged over heads: (B, T)
                 masses.append(torch.matmul(weights, probs.float()).sum((1, 2)))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
             buffers.append((keys, values))
-        positions, valid = compaction.evict_in_place_layers(positions, valid, widths, caps, rule_slots)
-        positions = split_columns(positions, widths, [(b, t) for t in slots])
-        valid = split_columns(valid, widths, [(b, t) for t in slots])
+        positions, valid = compaction.evict_in_place_layers(positions, valid, widths, caps, evict_ranks)
+        positions = split_columns(positions, widths, [(b, t) for t in sizes])
+        valid = split_columns(valid, widths, [(b, t) for t in sizes])
         outputs = [t for l in range(layers) for t in (*buffers[l], positions[l], valid[l])]
         return (dec.logits(hidden[:, -1]), *outputs, *masses)
 
