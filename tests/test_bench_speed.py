@@ -87,10 +87,11 @@ def test_weight_points_compare_each_round_with_its_own_fp32_step():
     got = weight_points({"fp32": "A", "int4": "B"}, 1024, 3, 64, 2, lambda m: None, measure=measure)
     assert calls == [("A", 1024, 2, 64), ("B", 1024, 2, 64)] * 3
     assert [round(r["int4"]["vs_fp32"], 3) for r in got["rounds"]] == [0.4, 0.45, 0.36]
-    assert got["median_vs_fp32"] == {"int4": 0.4}
+    assert got["median_vs_fp32"] == {"int4": 0.4} and got["ratio_rounds"] == {"int4": 3}
     rows = {row["target"]: (row["value"], row["met"]) for row in targets({"weights": got})}
     assert rows == {"int4 decode at 1024 <= 0.4x fp32 (median of 3 rounds)": (0.4, True)}
     # a failed point is reported, not divided by
     failed = weight_points({"fp32": "A", "int4": "B"}, 1024, 1, 64, 2, lambda m: None,
                            measure=lambda p, c, t, steps=None: {"error": "boom"} if p == "B" else {"decode_ms_per_token": 1.0})
     assert failed["rounds"][0]["int4"] == {"error": "boom"} and "median_vs_fp32" not in failed
+    assert targets({"weights": failed}) == []

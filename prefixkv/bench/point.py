@@ -1,4 +1,4 @@
-"""One prefill measurement in a fresh process, so that its peak RSS is its own.
+"""One measurement in a fresh process: its peak RSS is its own, and no other engine shares its time.
 
     python -m prefixkv.bench.point ENGINE_DIR CONTEXT [--chunk N] [--threads T] [--steps S]
     python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
@@ -11,8 +11,8 @@ is the runner's Python, binding four inputs and outputs per layer each step, and
 occasional buffer compaction).  ``torch:MODEL`` is
 the plain PyTorch prefill ``model(ids)`` with SDPA attention (it holds every position's
 logits, as ``transformers`` computes them).
-The prompt is the first CONTEXT tokens of the built-in text.  ``speed.prefill_points`` runs
-this once per point.
+The prompt is the first CONTEXT tokens of the built-in text.  ``speed.point`` runs this for
+``bench speed``'s prefill points and its weight-precision decode points.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ prefill (``model(ids)``) in a fresh process per point (``prefixkv.bench.point``)
 seconds, peak RSS, RSS after loading; the engine folders' sizes against the model's
 safetensors; the decode step of that keep's ``window`` engine with fp32 and with int4
 weights at ``--weight-context`` tokens, the two in turn for ``--weight-rounds`` rounds, a fresh
-process each (``weight_points``); and each target of the engine with its measured value
+process each (``weight_points``; not when every keep is 1); and each target of the engine with its measured value
 (``targets``).  The same decode through the
 PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
 model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
@@ -240,8 +240,8 @@ def weight_points(engines: dict[str, Path], context: int, rounds: int, steps: in
     "fp32" among them) at ``context`` tokens: ``rounds`` rounds, each running every engine in
     turn in a fresh process (``measure``, ``point`` by default), so that a slow spell of the
     machine falls on all of them.  Each round's step against its fp32 step is one ratio; the
-    median of a precision's ratios is its figure (single steps here vary by 10 to 20% from run
-    to run, the ratio within a round much less)."""
+    median of a precision's ratios is its figure, and ``ratio_rounds`` says how many rounds
+    gave one (a failed point gives none)."""
     out = {"context": context, "steps": steps, "rounds": []}
     for r in range(rounds):
         row = {name: measure(path, context, threads, steps=steps) for name, path in engines.items()}
@@ -256,6 +256,7 @@ def weight_points(engines: dict[str, Path], context: int, rounds: int, steps: in
         ratios = [row[name]["vs_fp32"] for row in out["rounds"] if "vs_fp32" in row[name]]
         if ratios and name != "fp32":
             out.setdefault("median_vs_fp32", {})[name] = statistics.median(ratios)
+            out.setdefault("ratio_rounds", {})[name] = len(ratios)
     return out
 
 
@@ -318,7 +319,7 @@ def targets(results: dict) -> list[dict]:
     for name, ratio in (weights.get("median_vs_fp32") or {}).items():
         if name in TARGETS_VS_FP32:
             rows.append(row(f"{name} decode at {weights['context']} <= {TARGETS_VS_FP32[name]}x fp32 (median of "
-                            f"{len(weights['rounds'])} rounds)", ratio, TARGETS_VS_FP32[name]))
+                            f"{weights['ratio_rounds'][name]} rounds)", ratio, TARGETS_VS_FP32[name]))
     genai = results.get("genai") or {}
     for keep, points in results.get("onnxruntime", {}).items():
         if float(keep) < 1:
@@ -365,7 +366,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     limit = int(getattr(text, "max_position_embeddings", 2048))
-    too_long = [c for c in (*args.contexts, *([args.weight_context] if args.weight_rounds else []))
+    weighed = args.weight_rounds and min(args.keep) < 1  # the weight-precision points run (at the smallest keep < 1)
+    too_long = [c for c in (*args.contexts, *([args.weight_context] if weighed else []))
                 if c + args.warmup + args.steps > limit]
     if too_long:
         raise ValueError(f"contexts {too_long} plus {args.warmup + args.steps} decode steps exceed the model's context of {limit}")
@@ -408,11 +410,16 @@ def run(args) -> int:
         results["prefill_chunk"] = args.prefill_chunk or PREFILL_CHUNK
         results["prefill"] = prefill_points(targets_, args.prefill_contexts, args.prefill_chunk, args.threads or 2, log)
         results["sizes"] = sizes(prefill, model)
-    if args.weight_rounds and min(keeps) < 1:
+    if weighed:
         smallest = min(keeps)
-        engines_ = {w: prefill_engines(model, tokenizer, args.model, smallest, ["window"], folder, log, w)[f"window:keep {smallest:g}"]
-                    for w in ("fp32", "int4")}
-        results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps, args.threads or 2, log)
+        try:
+            engines_ = {w: prefill_engines(model, tokenizer, args.model, smallest, ["window"], folder, log, w)[f"window:keep {smallest:g}"]
+                        for w in ("fp32", "int4")}
+            results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps,
+                                               args.threads or 2, log)
+        except Exception as err:  # a failed build: the measurements above are still written
+            results["weights"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            log(f"weight-precision points: {results['weights']['error']}")
     if args.prefill_contexts or results.get("weights"):
         results["targets"] = targets(results)
         for row in results["targets"]:

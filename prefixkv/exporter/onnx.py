@@ -437,7 +437,8 @@ class DecoderGraph(DecodeGraph):
         inputs:  input_ids, position_ids (B, C) int64: C >= 1 new tokens per row, every one
                  real (the runner prefills each prompt alone, unpadded; position_ids: original
                  positions); prompt_lengths (B,) int64; past_lengths (L,) int64: each
-                 layer's P_l, the width of its past positions; [score_from () int64: the chunk's
+                 layer's P_l, the width of its past positions (the graph takes it as given:
+                 the runner reads it from the shapes it binds); [score_from () int64: the chunk's
                  first scored row (C: none), engines with scored layers]; [image_embeds
                  (rows, hidden): vision engines]; per layer past.{l}.key/value (B, Hkv, C_l, D), positions/valid (B, P_l)
         outputs: logits (B, V) (the last new token's); per layer present.{l}.key/value
