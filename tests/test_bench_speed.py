@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from test_export import one_torch_thread, tiny  # noqa: F401  (fixtures)
 
 
@@ -87,7 +89,7 @@ def test_weight_points_compare_each_round_with_its_own_fp32_step():
     got = weight_points({"fp32": "A", "int4": "B"}, 1024, 3, 64, 2, lambda m: None, measure=measure)
     assert calls == [("A", 1024, 2, 64), ("B", 1024, 2, 64)] * 3
     assert [round(r["int4"]["vs_fp32"], 3) for r in got["rounds"]] == [0.4, 0.45, 0.36]
-    assert got["median_vs_fp32"] == {"int4": 0.4} and got["ratio_rounds"] == {"int4": 3}
+    assert got["median_vs_fp32"] == {"int4": 0.4} and got["vs_fp32_rounds"] == {"int4": 3}
     rows = {row["target"]: (row["value"], row["met"]) for row in targets({"weights": got})}
     assert rows == {"int4 decode at 1024 <= 0.4x fp32 (median of 3 rounds)": (0.4, True)}
     # a failed point is reported, not divided by
@@ -95,3 +97,24 @@ def test_weight_points_compare_each_round_with_its_own_fp32_step():
                            measure=lambda p, c, t, steps=None: {"error": "boom"} if p == "B" else {"decode_ms_per_token": 1.0})
     assert failed["rounds"][0]["int4"] == {"error": "boom"} and "median_vs_fp32" not in failed
     assert targets({"weights": failed}) == []
+
+
+def test_weight_points_put_onnxruntime_genai_beside_in_the_same_rounds():
+    """onnxruntime-genai's fp32 and int4 run in the same rounds: its own int4 against its own
+    fp32, and this engine's steps against its steps at the same precision (hand-computed)."""
+    from prefixkv.bench.speed import targets, weight_points
+
+    timings = {"fp32": [20.0, 24.0], "int4": [9.0, 12.0], "genai fp32": [30.0, 36.0], "genai int4": [12.0, 15.0]}
+    calls = {name: iter(values) for name, values in timings.items()}
+    names = {f"T:{name}": name for name in timings}
+
+    def measure(target, context, threads, steps=None):
+        return {"decode_ms_per_token": next(calls[names[target]])}
+
+    got = weight_points({name: f"T:{name}" for name in timings}, 1024, 2, 64, 2, lambda m: None, measure=measure)
+    assert got["median_vs_fp32"] == pytest.approx({"int4": 0.475, "genai int4": 0.40833333})  # (0.45, 0.5), (0.4, 0.41667)
+    assert got["median_vs_genai"] == pytest.approx({"fp32": 0.66666667, "int4": 0.775})  # (0.66667, 0.66667), (0.75, 0.8)
+    rows = {row["target"]: (row["value"], row["met"]) for row in targets({"weights": got})}
+    assert rows == {"int4 decode at 1024 <= 0.4x fp32 (median of 2 rounds)": (0.475, False),
+                    "fp32 decode at 1024 <= onnxruntime-genai's fp32 (median of 2 rounds)": (0.667, True),
+                    "int4 decode at 1024 <= onnxruntime-genai's int4 (median of 2 rounds)": (0.775, True)}

@@ -2,6 +2,7 @@
 
     python -m prefixkv.bench.point ENGINE_DIR CONTEXT [--chunk N] [--threads T] [--steps S]
     python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
+    python -m prefixkv.bench.point genai:FOLDER CONTEXT [--threads T] [--steps S]
 
 Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, ``VmHWM``
 on Linux), RSS after loading (before the text is read; for an engine also its anonymous part,
@@ -10,7 +11,8 @@ step after the prefill, and the median of ONNX Runtime's own decoder run within 
 is the runner's Python, binding four inputs and outputs per layer each step, and a layer's
 occasional buffer compaction).  ``torch:MODEL`` is
 the plain PyTorch prefill ``model(ids)`` with SDPA attention (it holds every position's
-logits, as ``transformers`` computes them).
+logits, as ``transformers`` computes them); ``genai:FOLDER`` an onnxruntime-genai model's
+prefill and decode steps (its own full cache).
 The prompt is the first CONTEXT tokens of the built-in text.  ``speed.point`` runs this for
 ``bench speed``'s prefill points and its weight-precision decode points.
 """
@@ -56,6 +58,8 @@ def prompt_text() -> str:
 
 
 def measure(target: str, context: int, chunk: int | None, threads: int, steps: int) -> dict:
+    if target.startswith("genai:"):
+        return measure_genai(target.split(":", 1)[1], context, threads, steps)
     if target.startswith("torch:"):
         import torch
 
@@ -91,9 +95,46 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
             "decode_run_ms_per_token": statistics.median(runs) * 1e3 if runs else None}
 
 
+def load_genai(folder, threads: int | None):
+    """(the onnxruntime_genai module, its model of ``folder``) on ``threads`` intra-op threads.
+    Without a thread count onnxruntime-genai 0.18 ran one thread here (35 ms per step where
+    2 threads took 22), so a comparison with an engine must give both the same count."""
+    from ..optional import optional_import
+
+    og = optional_import("onnxruntime_genai", "pip install onnxruntime-genai")
+    config = og.Config(str(folder))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                             "inter_op_num_threads": 1}}}}))
+    return og, og.Model(config)
+
+
+def measure_genai(folder: str, context: int, threads: int, steps: int) -> dict:
+    """An onnxruntime-genai model folder (its model builder's output): the prefill and the median
+    decode step of greedy generation, on ``threads`` intra-op threads (CPU)."""
+    from ..tokenizer import Tokenizer
+
+    og, model = load_genai(folder, threads)
+    loaded = rss_bytes()
+    ids = Tokenizer(folder).encode(prompt_text())[:context]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens([ids])
+    prefill = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        generator.generate_next_token()
+        times.append(time.perf_counter() - start)
+    return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(), "tokens": len(ids),
+            "decode_ms_per_token": statistics.median(times) * 1e3 if times else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m prefixkv.bench.point", description=__doc__.splitlines()[0])
-    p.add_argument("target", help="an engine folder, or torch:MODEL")
+    p.add_argument("target", help="an engine folder, torch:MODEL or genai:FOLDER (an onnxruntime-genai model)")
     p.add_argument("context", type=int)
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)

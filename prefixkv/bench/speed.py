@@ -35,7 +35,7 @@ from onnxruntime import OrtValue
 
 from ..calibration import calibrate_profile
 from ..data import builtin_samples, builtin_text
-from ..defaults import PREFILL_CHUNK, SINK
+from ..defaults import PREFILL_CHUNK, SINK, WEIGHT_ACCURACY_LEVEL, WEIGHT_BLOCK
 from ..engine_folder import atomic_write_text, is_engine, read_manifest
 from ..engines.onnxruntime import OnnxRuntimeRunner, OnnxRuntimeState
 from ..engines.torch import TorchRunner
@@ -44,6 +44,7 @@ from ..models import cache_dir, load_model, model_folder
 from ..optional import optional_import
 from ..pipeline import BuildConfig, build_engine
 from ..profile import Fingerprint, LayerKeep, RetentionProfile
+from .point import load_genai
 
 
 # -- the engine family ----------------------------------------------------------------------------
@@ -155,18 +156,29 @@ def _prod(shape) -> int:
     return out
 
 
-def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], steps: int, warmup: int, log) -> dict:
-    """onnxruntime-genai's model builder (fp32, CPU) full-cache model: decode ms/token."""
-    og = optional_import("onnxruntime_genai", "pip install onnxruntime-genai")
-
-    out = folder / f"genai-{model_folder.name}"
+def genai_model(model_folder: Path, folder: Path, precision: str, log) -> Path:
+    """onnxruntime-genai's model builder's CPU model of ``model_folder`` (full cache) with
+    ``precision`` "fp32" or "int4" weights, built when not cached; int4 with this project's
+    weight settings (``defaults.WEIGHT_BLOCK``, ``WEIGHT_ACCURACY_LEVEL``), so the two int4
+    stacks run the same kernels on the same blocks."""
+    optional_import("onnxruntime_genai", "pip install onnxruntime-genai")
+    out = folder / f"genai-{model_folder.name}{'' if precision == 'fp32' else '-' + precision}"
     if not (out / "genai_config.json").is_file():
         import subprocess
 
-        log(f"building the onnxruntime-genai full-cache model -> {out}")
+        log(f"building the onnxruntime-genai full-cache model ({precision}) -> {out}")
+        extra = ([] if precision == "fp32" else
+                 ["--extra_options", f"accuracy_level={WEIGHT_ACCURACY_LEVEL}", f"block_size={WEIGHT_BLOCK}"])
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_folder), "-o", str(out),
-                        "-p", "fp32", "-e", "cpu"], check=True)
-    model = og.Model(str(out))
+                        "-p", precision, "-e", "cpu", *extra], check=True)
+    return out
+
+
+def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], steps: int, warmup: int, log,
+                     threads: int | None = None) -> dict:
+    """onnxruntime-genai's model builder (fp32, CPU) full-cache model on ``threads`` intra-op
+    threads (the engines' count): decode ms/token."""
+    og, model = load_genai(genai_model(model_folder, folder, "fp32", log), threads)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + warmup + steps + 1, do_sample=False)
     generator = og.Generator(model, params)
@@ -195,7 +207,8 @@ def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
     """onnxruntime-genai's full-cache decode at every context, or why it was not measured."""
 
     try:
-        return {str(c): genai_full_cache(model_folder(model), folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log)
+        return {str(c): genai_full_cache(model_folder(model), folder, prompt_tokens(tokenizer, c), args.steps, args.warmup, log,
+                                         args.threads or torch.get_num_threads())
                 for c in args.contexts}
     except ImportError:
         return {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
@@ -234,29 +247,40 @@ def prefill_points(targets: dict[str, str], contexts, chunk: int | None, threads
     return out
 
 
-def weight_points(engines: dict[str, Path], context: int, rounds: int, steps: int, threads: int, log,
+def weight_points(engines: dict[str, Path | str], context: int, rounds: int, steps: int, threads: int, log,
                   measure=point) -> dict:
-    """The decode step of each weight precision's engine (``engines``: precision -> folder,
-    "fp32" among them) at ``context`` tokens: ``rounds`` rounds, each running every engine in
-    turn in a fresh process (``measure``, ``point`` by default), so that a slow spell of the
-    machine falls on all of them.  Each round's step against its fp32 step is one ratio; the
-    median of a precision's ratios is its figure, and ``ratio_rounds`` says how many rounds
+    """The decode step of each weight precision's engine at ``context`` tokens.
+
+    ``engines``: name -> target, names "PRECISION" for this project's engines ("fp32" among
+    them) and "genai PRECISION" for onnxruntime-genai's (targets "genai:FOLDER"; optional).
+    ``rounds`` rounds, each running every target in turn in a fresh process (``measure``,
+    ``point`` by default), so that a slow spell of the machine falls on all of them.  A
+    round's step against its own stack's fp32 step is one ratio (``vs_fp32``), and this
+    engine's step against onnxruntime-genai's at the same precision another (``vs_genai``).
+    The median of a name's ratios is its figure, and ``ratio_rounds`` says how many rounds
     gave one (a failed point gives none)."""
     out = {"context": context, "steps": steps, "rounds": []}
+    ms = "decode_ms_per_token"
     for r in range(rounds):
-        row = {name: measure(path, context, threads, steps=steps) for name, path in engines.items()}
-        base = row["fp32"].get("decode_ms_per_token")
+        row = {name: measure(target, context, threads, steps=steps) for name, target in engines.items()}
         for name, measured in row.items():
-            if base and measured.get("decode_ms_per_token"):
-                measured["vs_fp32"] = measured["decode_ms_per_token"] / base
-        log(f"weights round {r + 1}: " + ", ".join(f"{name} {m['decode_ms_per_token']:.2f} ms/token" if "decode_ms_per_token" in m
+            family, _, precision = name.rpartition(" ")
+            base = row.get(f"{family} fp32".strip(), {}).get(ms)
+            other = row.get(f"genai {precision}", {}).get(ms) if not family else None
+            if base and measured.get(ms):
+                measured["vs_fp32"] = measured[ms] / base
+            if other and measured.get(ms):
+                measured["vs_genai"] = measured[ms] / other
+        log(f"weights round {r + 1}: " + ", ".join(f"{name} {m[ms]:.2f} ms/token" if ms in m
                                                    else f"{name} {m.get('error')}" for name, m in row.items()))
         out["rounds"].append(row)
-    for name in engines:
-        ratios = [row[name]["vs_fp32"] for row in out["rounds"] if "vs_fp32" in row[name]]
-        if ratios and name != "fp32":
-            out.setdefault("median_vs_fp32", {})[name] = statistics.median(ratios)
-            out.setdefault("ratio_rounds", {})[name] = len(ratios)
+    for key in ("vs_fp32", "vs_genai"):
+        for name in engines:
+            ratios = [row[name][key] for row in out["rounds"] if key in row[name]]
+            if not ratios or (key == "vs_fp32" and name.endswith("fp32")):  # fp32 against itself
+                continue
+            out.setdefault(f"median_{key}", {})[name] = statistics.median(ratios)
+            out.setdefault(f"{key}_rounds", {})[name] = len(ratios)
     return out
 
 
@@ -319,7 +343,10 @@ def targets(results: dict) -> list[dict]:
     for name, ratio in (weights.get("median_vs_fp32") or {}).items():
         if name in TARGETS_VS_FP32:
             rows.append(row(f"{name} decode at {weights['context']} <= {TARGETS_VS_FP32[name]}x fp32 (median of "
-                            f"{weights['ratio_rounds'][name]} rounds)", ratio, TARGETS_VS_FP32[name]))
+                            f"{weights['vs_fp32_rounds'][name]} rounds)", ratio, TARGETS_VS_FP32[name]))
+    for name, ratio in (weights.get("median_vs_genai") or {}).items():
+        rows.append(row(f"{name} decode at {weights['context']} <= onnxruntime-genai's {name} (median of "
+                        f"{weights['vs_genai_rounds'][name]} rounds)", ratio, 1.0))
     genai = results.get("genai") or {}
     for keep, points in results.get("onnxruntime", {}).items():
         if float(keep) < 1:
@@ -415,8 +442,15 @@ def run(args) -> int:
         try:
             engines_ = {w: prefill_engines(model, tokenizer, args.model, smallest, ["window"], folder, log, w)[f"window:keep {smallest:g}"]
                         for w in ("fp32", "int4")}
+            genai = None
+            try:  # onnxruntime-genai's own fp32 and int4 models in the same rounds: the stack's own ratio
+                engines_.update({f"genai {w}": f"genai:{genai_model(model_folder(model), folder, w, log)}" for w in ("fp32", "int4")})
+            except ImportError as err:
+                genai = {"skipped": str(err)}
             results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps,
                                                args.threads or 2, log)
+            if genai:
+                results["weights"]["genai"] = genai
         except Exception as err:  # a failed build: the measurements above are still written
             results["weights"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
             log(f"weight-precision points: {results['weights']['error']}")
