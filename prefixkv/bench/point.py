@@ -109,6 +109,24 @@ def load_genai(folder, threads: int | None):
     return og, og.Model(config)
 
 
+def genai_generate(og, model, ids: list[int], steps: int, warmup: int = 0) -> tuple[float, list[float]]:
+    """Greedy generation with an onnxruntime-genai model: (the prompt's seconds, the seconds of
+    each of ``steps`` decode steps after ``warmup`` untimed ones)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + warmup + steps + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens([ids])
+    prefill = time.perf_counter() - start
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        generator.generate_next_token()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return prefill, times
+
+
 def measure_genai(folder: str, context: int, threads: int, steps: int) -> dict:
     """An onnxruntime-genai model folder (its model builder's output): the prefill and the median
     decode step of greedy generation, on ``threads`` intra-op threads (CPU)."""
@@ -117,17 +135,7 @@ def measure_genai(folder: str, context: int, threads: int, steps: int) -> dict:
     og, model = load_genai(folder, threads)
     loaded = rss_bytes()
     ids = Tokenizer(folder).encode(prompt_text())[:context]
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
-    generator = og.Generator(model, params)
-    start = time.perf_counter()
-    generator.append_tokens([ids])
-    prefill = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        generator.generate_next_token()
-        times.append(time.perf_counter() - start)
+    prefill, times = genai_generate(og, model, ids, steps)
     return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(), "tokens": len(ids),
             "decode_ms_per_token": statistics.median(times) * 1e3 if times else None}
 

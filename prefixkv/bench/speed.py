@@ -44,7 +44,7 @@ from ..models import cache_dir, load_model, model_folder
 from ..optional import optional_import
 from ..pipeline import BuildConfig, build_engine
 from ..profile import Fingerprint, LayerKeep, RetentionProfile
-from .point import load_genai
+from .point import genai_generate, load_genai
 
 
 # -- the engine family ----------------------------------------------------------------------------
@@ -179,19 +179,14 @@ def genai_full_cache(model_folder: Path, folder: Path, prompt_ids: list[int], st
     """onnxruntime-genai's model builder (fp32, CPU) full-cache model on ``threads`` intra-op
     threads (the engines' count): decode ms/token."""
     og, model = load_genai(genai_model(model_folder, folder, "fp32", log), threads)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + warmup + steps + 1, do_sample=False)
-    generator = og.Generator(model, params)
-    start = time.perf_counter()
-    generator.append_tokens([prompt_ids])
-    prefill_ms = (time.perf_counter() - start) * 1e3
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        generator.generate_next_token()
-        if step >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(times), "decode_ms_mean": statistics.fmean(times)}
+    prefill, times = genai_generate(og, model, prompt_ids, steps, warmup)
+    times = [t * 1e3 for t in times]
+    return {"prefill_ms": prefill * 1e3, "decode_ms_per_token": statistics.median(times), "decode_ms_mean": statistics.fmean(times)}
+
+
+def one_line(err: Exception) -> str:
+    """An error as one line for the results: its type and the first 200 characters of its first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
 def prompt_tokens(tokenizer, length: int) -> list[int]:
@@ -213,12 +208,12 @@ def genai_points(model, folder: Path, tokenizer, args, log) -> dict:
     except ImportError:
         return {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
     except Exception as err:  # an optional comparison: report, never fail the benchmark
-        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        return {"error": one_line(err)}
 
 
 # -- prefill in a fresh process per point, sizes, targets ----------------------------------------
 def point(target, context: int, threads: int, chunk: int | None = None, steps: int | None = None) -> dict:
-    """``prefixkv.bench.point``'s measurement of ``target`` (an engine folder or torch:MODEL) in
+    """``prefixkv.bench.point``'s measurement of ``target`` (an engine folder, torch:MODEL or genai:FOLDER) in
     a fresh process (its peak RSS is the point's, and no other engine's threads or caches
     share it), or {"error": its last line}."""
     import subprocess
@@ -257,8 +252,9 @@ def weight_points(engines: dict[str, Path | str], context: int, rounds: int, ste
     ``point`` by default), so that a slow spell of the machine falls on all of them.  A
     round's step against its own stack's fp32 step is one ratio (``vs_fp32``), and this
     engine's step against onnxruntime-genai's at the same precision another (``vs_genai``).
-    The median of a name's ratios is its figure, and ``ratio_rounds`` says how many rounds
-    gave one (a failed point gives none)."""
+    The median of a name's ratios is its figure (``median_vs_fp32``, ``median_vs_genai``), and
+    ``vs_fp32_rounds`` / ``vs_genai_rounds`` say how many rounds gave one (a failed point
+    gives none)."""
     out = {"context": context, "steps": steps, "rounds": []}
     ms = "decode_ms_per_token"
     for r in range(rounds):
@@ -452,7 +448,7 @@ def run(args) -> int:
             if genai:
                 results["weights"]["genai"] = genai
         except Exception as err:  # a failed build: the measurements above are still written
-            results["weights"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            results["weights"] = {"error": one_line(err)}
             log(f"weight-precision points: {results['weights']['error']}")
     if args.prefill_contexts or results.get("weights"):
         results["targets"] = targets(results)
