@@ -52,8 +52,10 @@ from .profile import (
 )
 
 SCHEMA = "prefixkv.engine"
-SCHEMA_VERSION = 4  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
-# 4: the decoder takes each layer's past length (past_lengths) and applies the decode rule to all layers at once
+SCHEMA_VERSION = 5  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
+# 4: the decoder takes each layer's past length (past_lengths) and applies the decode rule to all layers at once;
+# 5: the decoder takes and returns every layer's slots side by side (past/present.positions and .valid, past_widths)
+# and one mass output
 # the graphs every engine folder of a backend has
 ENGINE_GRAPHS = {"onnxruntime": ("decoder", "compact"), "tensorrt": ("prefill", "decode")}
 LANGUAGE_GRAPHS = ("decoder", "compact", "prefill", "decode")  # every graph but the vision tower's, in order

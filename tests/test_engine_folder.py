@@ -43,7 +43,7 @@ def engine_copy(tiny, tmp_path):
 def test_manifest_describes_the_engine(tiny):
     engine_dir, model, profile = tiny
     manifest = read_manifest(engine_dir)
-    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 4
+    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 5
     assert manifest["keep_fraction"] == KEEP
     assert manifest["layer_keep_fractions"] == profile.layer_fractions(KEEP)
     assert manifest["model"]["fingerprint"]["layers"] == LAYERS
@@ -60,7 +60,7 @@ def test_manifest_describes_the_engine(tiny):
     decoder = manifest["graphs"]["decoder"]
     assert [i["name"] for i in decoder["inputs"][:3]] == ["input_ids", "position_ids", "prompt_lengths"]
     assert decoder["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 256]}
-    assert {"name": "past.0.valid", "dtype": "bool", "shape": ["batch", "past_length_0"]} in decoder["inputs"]
+    assert {"name": "past.valid", "dtype": "bool", "shape": ["batch", "past_slots"]} in decoder["inputs"]
     compact = manifest["graphs"]["compact"]
     assert compact["data"] is None and compact["inputs"][0]["name"] == "attention_mask"
     assert json.loads((engine_dir / "validation.json").read_text())["passed"] is True
@@ -266,11 +266,11 @@ def test_cli_build_asks_for_a_profile_or_calibrate(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_engine_of_an_older_layout_is_refused(engine_copy, version):
     """Schema version 1 (prefill.onnx + decode.onnx, two copies of the weights), 2 (a
-    separate score graph, the decoder returning queries) and 3 (a decoder without
-    past_lengths): one line, "rebuild"."""
+    separate score graph, the decoder returning queries), 3 (a decoder without
+    past_lengths) and 4 (positions and valid per layer): one line, "rebuild"."""
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
     manifest = json.loads((engine_copy / "manifest.json").read_text())
@@ -281,6 +281,6 @@ def test_an_engine_of_an_older_layout_is_refused(engine_copy, version):
         manifest["graphs"]["score"] = manifest["graphs"]["compact"]
     (engine_copy / "manifest.json").write_text(json.dumps(manifest))
     for load in (read_manifest, OnnxRuntimeRunner):
-        with pytest.raises(EngineError, match=rf"schema version {version}; this prefixkv reads version 4: rebuild") as err:
+        with pytest.raises(EngineError, match=rf"schema version {version}; this prefixkv reads version 5: rebuild") as err:
             load(engine_copy)
         assert "\n" not in str(err.value)

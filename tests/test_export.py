@@ -155,8 +155,8 @@ def test_layer_lengths_follow_the_profile_constants(runners):
 def test_one_decoder_graph_holds_the_weights_once(tiny):
     """decoder.onnx: chunks of C tokens over per-layer buffers, one fused attention per layer
     writing into the present buffers and returning its probabilities in the scored layers,
-    their summed attention mass out; compact.onnx: the per-layer TopK compaction; one weights
-    file in the folder."""
+    their summed attention mass out side by side; every layer's slots in one positions/valid
+    pair; compact.onnx: the per-layer TopK compaction; one weights file in the folder."""
     import onnx
 
     engine_dir = tiny[0]
@@ -164,15 +164,16 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["input_ids"] == dims["position_ids"] == ["batch", "chunk"]
     assert dims["score_from"] == []  # a scalar: the chunk's first scored row
-    # K/V are fixed-capacity buffers; positions/valid mark the slots in use, per layer
+    # K/V are fixed-capacity buffers per layer; one positions/valid pair marks every layer's slots in use
     assert [dims[f"past.{l}.key"][2] for l in range(LAYERS)] == [f"cache_capacity_{l}" for l in range(LAYERS)]
-    assert [dims[f"past.{l}.valid"] for l in range(LAYERS)] == [["batch", f"past_length_{l}"] for l in range(LAYERS)]
+    assert dims["past.positions"] == dims["past.valid"] == ["batch", "past_slots"] and dims["past_widths"] == [LAYERS]
+    assert not any(f"past.{l}.positions" in dims or f"past.{l}.valid" in dims for l in range(LAYERS))
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    assert list(outputs)[:3] == ["logits", "present.positions", "present.valid"]
     assert outputs["present.2.key"] == ["batch", 2, "cache_capacity_2", 16]
-    assert outputs["present.2.positions"] == ["batch", "present_length_2"]
-    # layer 1 keeps everything: no scores, and its attention returns no probabilities
-    assert [n for n in outputs if n.startswith("mass.")] == ["mass.0", "mass.2"]
-    assert outputs["mass.2"] == ["batch", "present_length_2"]
+    assert outputs["present.positions"] == outputs["present.valid"] == ["batch", "present_slots"]
+    # layer 1 keeps everything: no scores, and its attention returns no probabilities; one mass output
+    assert [n for n in outputs if n.startswith("mass")] == ["mass"] and outputs["mass"] == ["batch", "scored_slots"]
     fused = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     qk = [{a.name: a.i for a in n.attribute}.get("qk_output", 0) for n in fused]
     assert qk == [2, 0, 2] and [len(n.output) for n in fused] == [4, 3, 4]
@@ -183,7 +184,7 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
     assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 4
+    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 5
 
 
 def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
@@ -226,10 +227,11 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
 
 
 def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
-    """Every layer's positions and valid are read once, by the Concat that lays the layers
-    side by side, and the graph splits the evicted result back per layer: the decode rule
-    and the bias run one set of ops per step, not one per layer.  The sizes come from the
-    past_lengths input (L,), so no Shape op reads a past tensor."""
+    """Every layer's slots come in side by side, in one positions/valid pair: one Split each
+    (sizes from the past_widths input (L,), so no Shape op reads a past tensor) hands the
+    layers' parts to the Concat that appends the chunk's slots to each; the decode rule and
+    the bias run one set of ops per step, not one per layer; the evicted pair goes out as it
+    is.  The fused attention's lengths come from one Split each, not a Gather per layer."""
     import onnx
 
     graph = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False).graph
@@ -237,13 +239,15 @@ def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node.op_type)
-    for l in range(LAYERS):
-        assert readers[f"past.{l}.positions"] == ["Concat"] and readers[f"past.{l}.valid"] == ["Concat"]
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    assert dims["past_lengths"] == [LAYERS]
-    producers = {o: n.op_type for n in graph.node for o in n.output}
-    assert all(producers[f"present.{l}.{part}"] == "Split" for l in range(LAYERS) for part in ("positions", "valid"))
+    assert readers["past.valid"] == ["Split"]
+    assert sorted(readers["past.positions"]) in (["Split"], ["Shape", "Split"])  # a Shape may read the batch size
+    producers = {o: n for n in graph.node for o in n.output}
+    assert {producers[name].op_type for name in ("present.positions", "present.valid")} <= {"Where", "And", "Not", "Identity"}
     assert [n.op_type for n in graph.node].count("CumSum") <= 3  # the rule's ranks, the segments, the widths
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    lengths = {producers[n.input[i]].name for n in attention for i in (5, 6)}  # seqlens_k, total_sequence_length
+    assert len(lengths) == 2 and {producers[n.input[5]].op_type for n in attention} == {"Split"}
+    assert "Gather" not in {producers[n.input[i]].op_type for n in attention for i in (5, 6)}
 
 
 def test_the_rotation_check_refuses_a_variant():
@@ -363,20 +367,24 @@ def test_decode_budget_matches_reference_step_by_step(tiny, runners, slack):
 
 def test_decode_writes_into_the_cache_buffers_in_place(runners):
     """The first decode step gives each layer a buffer with free slots; later steps write into
-    that same memory (no copy of the cache) until it is full."""
+    that same memory (no copy of the cache) until it is full, on one IOBinding that binds
+    the buffers once."""
     engine, _ = runners
     ids, mask = _batch(engine, [30])
     logits, state = engine.prefill(ids, mask)
-    assert [state.past[4 * l].shape()[2] for l in range(LAYERS)] == [state.past[4 * l + 2].shape()[1] for l in range(LAYERS)]
+    assert [state.kv[2 * l].shape()[2] for l in range(LAYERS)] == state.widths.tolist()
+    assert state.slots[0].shape() == state.slots[1].shape() == [1, int(state.widths.sum())]
     logits, state = engine.decode(state, logits.argmax(-1))
-    buffers = [state.past[4 * l + i].data_ptr() for l in range(LAYERS) for i in (0, 1)]
-    capacity = [state.past[4 * l].shape()[2] for l in range(LAYERS)]
-    used = [state.past[4 * l + 2].shape()[1] - 1 for l in range(LAYERS)]  # the slots in use before this step
+    buffers = [buffer.data_ptr() for buffer in state.kv]
+    capacity = [state.kv[2 * l].shape()[2] for l in range(LAYERS)]
+    used = [int(w) - 1 for w in state.widths]  # the slots in use before this step
     assert capacity == [n + max(engine.cache_slack, n // 8) for n in used]
+    binding = state.binding
     for _ in range(5):
         logits, state = engine.decode(state, logits.argmax(-1))
-    assert [state.past[4 * l + i].data_ptr() for l in range(LAYERS) for i in (0, 1)] == buffers
-    assert [state.past[4 * l].shape()[2] for l in range(LAYERS)] == capacity
+    assert [buffer.data_ptr() for buffer in state.kv] == buffers and state.binding is binding
+    assert [state.kv[2 * l].shape()[2] for l in range(LAYERS)] == capacity
+    assert state.widths.tolist() == [n + 6 for n in used]
 
 
 def test_batch_with_padding_equals_batch_one_per_row(runners):
@@ -448,9 +456,10 @@ def test_a_state_built_from_numpy_keeps_its_buffers_alive(runners):
     ref_logits, ref_state = reference.prefill(ids, mask)
     for step in range(8):
         if step == 2:  # now with free slots: rebuild from copies the state alone owns
-            past = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in state.past]
-            state = OnnxRuntimeState(past, state.positions.copy(), state.prompt_lengths.copy())
-            del past
+            kv = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in state.kv]
+            slots = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in state.slots]
+            state = OnnxRuntimeState(kv, slots, state.widths.copy(), state.positions.copy(), state.prompt_lengths.copy())
+            del kv, slots
             gc.collect()
         tokens = ref_logits.argmax(-1)
         logits, state = engine.decode(state, tokens)
@@ -470,13 +479,13 @@ def test_arrays_read_from_a_state_outlive_it(runners, lengths):
     ids, mask = _batch(engine, lengths)
 
     def read(state):
-        return [v.numpy() for v in state.past]
+        return [v.numpy() for v in state.kv + state.slots]
 
     _, state = engine.prefill(ids, mask)
-    views, want = read(state), [np.array(v.numpy(), copy=True) for v in state.past]
+    views, want = read(state), [np.array(v, copy=True) for v in read(state)]
     for _ in range(3 * engine.cache_slack):  # past the free slots: decode compacts and rebuilds positions
         _, state = engine.decode(state, np.full(len(lengths), 7, np.int64))
-    decoded, decoded_want = read(state), [np.array(v.numpy(), copy=True) for v in state.past]
+    decoded, decoded_want = read(state), [np.array(v, copy=True) for v in read(state)]
     del state
     gc.collect()
     junk = [np.full((len(lengths), 64), -7, np.int64) for _ in range(4000)]  # reuse what was freed

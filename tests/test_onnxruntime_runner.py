@@ -40,7 +40,7 @@ def test_caches_stay_ortvalues_between_steps(engine):
     logits, state = engine.prefill(ids, mask)
     assert logits.dtype == np.float32 and logits.shape == (1, 256)
     logits, state = engine.decode(state, logits.argmax(-1))
-    assert all(isinstance(v, ort.OrtValue) for v in state.past)
+    assert all(isinstance(v, ort.OrtValue) for v in state.kv + state.slots)
     assert state.positions.tolist() == [11]
     assert engine.kv_bytes(state) > 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from test_export import SMALL_VALIDATION, one_torch_thread, tiny_engine  # noqa: F401  (autouse)
@@ -100,13 +101,10 @@ def test_graph_check_of_another_backend_trims_static_width_slots(tiny):
         def prefill(self, ids, mask):
             logits, state = self.inner.prefill(ids, mask)
             padded = []
-            for i, value in enumerate(state.past):
-                a = value.numpy()
-                pad = [(0, 0)] * a.ndim
-                pad[2 if i % 4 < 2 else 1] = (2, 0)
-                padded.append(np.pad(a, pad, constant_values=-1 if i % 4 == 2 else 0))
-            state.past = padded
-            return logits, state
+            for key, value, positions, valid in state.layers():
+                kv = [np.pad(a.numpy(), [(0, 0), (0, 0), (2, 0), (0, 0)]) for a in (key, value)]
+                padded.append((*kv, np.pad(positions, [(0, 0), (2, 0)], constant_values=-1), np.pad(valid, [(0, 0), (2, 0)])))
+            return logits, SimpleNamespace(layers=lambda: padded)
 
     reference = TorchRunner(model, engine_dir, profile=profile, keep_fraction=KEEP, method="prefixkv")
     engine = Padded()

@@ -294,7 +294,8 @@ def test_build_calibrates_exports_and_validates(engine):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["vision"]["tokens_per_image"] == TOKENS_PER_IMAGE and manifest["vision"]["image_token_id"] == IMAGE_TOKEN_ID
     names = [i["name"] for i in manifest["graphs"]["decoder"]["inputs"]]
-    assert names[:6] == ["input_ids", "position_ids", "prompt_lengths", "past_lengths", "score_from", "image_embeds"]
+    assert names[:8] == ["input_ids", "position_ids", "prompt_lengths", "past_widths", "score_from", "image_embeds",
+                         "past.positions", "past.valid"]
     assert set(manifest["graphs"]) == {"vision", "decoder", "compact"}
     for name in ("vision.onnx", "processor_config.json", "chat_template.jinja", "tokenizer.json", "profile.json"):
         assert name in manifest["files"]

@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from onnxruntime import OrtValue
 
 from ..calibration import calibrate_profile
 from ..data import builtin_samples, builtin_text
 from ..defaults import PREFILL_CHUNK, SINK, WEIGHT_ACCURACY_LEVEL, WEIGHT_BLOCK
 from ..engine_folder import atomic_write_text, is_engine, read_manifest
-from ..engines.onnxruntime import OnnxRuntimeRunner, OnnxRuntimeState
+from ..engines.onnxruntime import OnnxRuntimeRunner
 from ..engines.torch import TorchRunner
 from ..exporter.onnx import exporter_version
 from ..models import cache_dir, load_model, model_folder
@@ -113,7 +112,8 @@ def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int, batch: i
     logits, state = runner.prefill(ids, mask)
     prefill_ms = (time.perf_counter() - start) * 1e3
     if batch > 1:
-        logits, state = np.repeat(logits, batch, 0), repeat_rows(state, batch)
+        # the one row as ``batch`` identical rows (the runner's merge of row 0, ``batch`` times)
+        logits, state = np.repeat(logits, batch, 0), runner.merge([(state, [0] * batch)], free_slots=False)
     kv = kv_layout(runner, state)
     times = []
     for step in range(warmup + steps):
@@ -126,21 +126,10 @@ def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int, batch: i
             "decode_ms_mean": statistics.fmean(times), "decode_ms_min": min(times), **kv}
 
 
-def repeat_rows(state, batch: int):
-    """An ``OnnxRuntimeState`` of one row as ``batch`` identical rows (CPU)."""
-
-
-    past = [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(v.numpy(), batch, 0))) for v in state.past]
-    return OnnxRuntimeState(past, np.repeat(state.positions, batch), np.repeat(state.prompt_lengths, batch))
-
-
 def kv_layout(runner, state) -> dict:
     """KV bytes per layer and in total, and entries per layer (batch row 0)."""
-    if hasattr(state, "past"):  # OnnxRuntimeRunner
-        per_layer = []
-        for l in range(runner.layers):
-            key = state.past[4 * l]
-            per_layer.append(2 * int(_prod(key.shape())) * 4)
+    if hasattr(state, "kv"):  # OnnxRuntimeRunner
+        per_layer = [2 * int(_prod(state.kv[2 * l].shape())) * 4 for l in range(runner.layers)]
         entries = [int(n) for n in runner.layer_lengths(state)[:, 0]]
     else:  # TorchRunner
         layers = state.cache.layers

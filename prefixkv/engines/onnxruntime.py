@@ -4,9 +4,12 @@
     runner = OnnxRuntimeRunner(engine, providers=["cuda"])       # onnxruntime-gpu
     runner.generate("Hello", GenerationConfig(max_new_tokens=32))
 
-The per-layer caches stay ``OrtValue``s between steps: decode binds the previous step's
-outputs as its inputs through IOBinding, so caches never round-trip through numpy (nor
-leave the GPU).  Only the logits are copied out.
+The caches stay ``OrtValue``s between steps: decode binds the previous step's outputs as
+its inputs through IOBinding, so caches never round-trip through numpy (nor leave the
+GPU).  Only the logits are copied out.  A state keeps its decoder IOBinding, with the
+key/value buffers bound once (a buffer is rebound only when a compaction replaces it), so
+a decode step binds the token, its position, the layers' widths and one positions/valid
+pair for all layers: about ten values, not four per layer.
 
 Each layer's keys and values live in a buffer with free slots (see
 ``prefixkv.exporter.onnx.DecoderGraph``): a decode step binds the buffer as both its
@@ -22,7 +25,7 @@ loading a CPU decoder graph (``untie_packed_tables``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -151,15 +154,27 @@ def release_freed_heap() -> None:
 
 @dataclass
 class OnnxRuntimeState:
-    """past: per layer (key, value, positions, valid) OrtValues, flat; positions: (B,) next
-    original position per row; prompt_lengths: (B,) real prompt lengths.
+    """kv: per layer (key, value) OrtValues, flat: (B, Hkv, C_l, D) buffers whose first W_l
+    slots are in use; slots: (positions, valid) OrtValues (B, sum of W_l), every layer's slots
+    in use side by side, layer by layer (the decoder graph's layout); widths: (L,) int64, the
+    W_l; positions: (B,) next original position per row; prompt_lengths: (B,) real prompt
+    lengths.  After prefill C_l == W_l (compact caches, no free slot).  ``binding``: the
+    decoder's IOBinding with these buffers bound as past and present (None: bound at the next
+    step), so that a decode step binds only what changes."""
 
-    key/value are (B, Hkv, C, D) buffers whose first W slots are in use, W the width of
-    positions/valid (B, W); after prefill C == W (compact caches, no free slot)."""
-
-    past: list
+    kv: list
+    slots: list
+    widths: np.ndarray
     positions: np.ndarray
     prompt_lengths: np.ndarray
+    binding: object = field(default=None, repr=False)
+
+    def layers(self) -> list[tuple]:
+        """Per layer (key, value) OrtValues and (positions, valid) numpy (B, W_l)."""
+        positions, valid = (v.numpy() for v in self.slots)
+        bounds = np.concatenate([[0], np.cumsum(self.widths)])
+        return [(self.kv[2 * l], self.kv[2 * l + 1], positions[:, a:b], valid[:, a:b])
+                for l, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
 def session_options(ort, threads: int | None = None):
@@ -244,11 +259,11 @@ class OnnxRuntimeRunner(Runner):
         self._dtype = np.dtype(self.manifest.get("dtype", "float32"))
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
-        self._past_names = [n for n in inputs if n.startswith("past.")]
-        self._mass_layers = [int(n.split(".")[1]) for n in self._outputs["decoder"] if n.startswith("mass.")]
         self._scored = "score_from" in inputs  # the decoder sums a chunk's attention mass from row score_from on
-        # decoder output -> the index in ``past`` of the buffer it is written into
-        self._in_place = {f"present.{l}.{part}": 4 * l + i for l in range(self.layers) for i, part in enumerate(("key", "value"))}
+        # the layers whose mass the decoder returns (side by side in its ``mass`` output): those the compact graph scores
+        self._mass_layers = [int(i.name.split(".")[1]) for i in self.sessions["compact"].get_inputs() if i.name.startswith("mass.")]
+        # the decoder outputs a step binds afresh (the rest are the key/value buffers, bound once per buffer)
+        self._fresh = ["logits", "present.positions", "present.valid"] + (["mass"] if self._scored else [])
         release_freed_heap()
 
     def _check_io(self, graph: str) -> None:
@@ -263,33 +278,51 @@ class OnnxRuntimeRunner(Runner):
             )
 
     # -- the two steps ------------------------------------------------------------------------
-    def _run(self, graph: str, cpu_inputs: dict, past=(), ortvalues=None) -> list:
+    def _run(self, graph: str, cpu_inputs: dict, ortvalues=None) -> list:
         session = self.sessions[graph]
         binding = session.io_binding()
         for name, array in cpu_inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name, value in (ortvalues or {}).items():
             binding.bind_ortvalue_input(name, value)
-        for name, value in zip(self._past_names, past):
-            binding.bind_ortvalue_input(name, value)
         for name in self._outputs[graph]:
-            if name in self._in_place and past:  # decoder: present key/value are the past buffers, written in place
-                binding.bind_ortvalue_output(name, past[self._in_place[name]])
-            else:
-                binding.bind_output(name, self.device)
-        start = time.perf_counter()
+            binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
-        self.run_seconds = time.perf_counter() - start  # ONNX Runtime's own run, without the binding around it
         return binding.get_outputs()
 
-    def _step(self, past: list, inputs: dict):
-        """One decoder run: (logits OrtValue, the new past (the key/value buffers are the
-        given ones, written in place), the chunk's attention mass per scored layer)."""
-        outputs = self._run("decoder", inputs, past)
-        present = list(outputs[1 : 1 + 4 * self.layers])
-        for l in range(self.layers):  # keep the objects that own the buffers
-            present[4 * l : 4 * l + 2] = past[4 * l : 4 * l + 2]
-        return outputs[0], present, outputs[1 + 4 * self.layers :]
+    def _binding(self, kv: list):
+        """A decoder IOBinding with the buffers ``kv`` bound as past and present (the fused
+        attention writes into them in place); the outputs a step binds afresh come first, so
+        ``get_outputs`` returns them first."""
+        binding = self.sessions["decoder"].io_binding()
+        for name in self._fresh:
+            binding.bind_output(name, self.device)
+        self._bind_kv(binding, kv, range(self.layers))
+        return binding
+
+    @staticmethod
+    def _bind_kv(binding, kv: list, layers) -> None:
+        for l in layers:
+            for i, part in enumerate(("key", "value")):
+                binding.bind_ortvalue_input(f"past.{l}.{part}", kv[2 * l + i])
+                binding.bind_ortvalue_output(f"present.{l}.{part}", kv[2 * l + i])
+
+    def _step(self, binding, slots: list, inputs: dict):
+        """One decoder run on ``binding`` (its buffers bound by ``_binding``) from the slots
+        (positions, valid) -> (logits, the new slots, the chunk's mass (B, sum over scored
+        layers of their slots) or None), OrtValues.  Only the small inputs and outputs are
+        bound here: at batch 1 a decode step's binding is part of its time."""
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_ortvalue_input("past.positions", slots[0])
+        binding.bind_ortvalue_input("past.valid", slots[1])
+        for name in self._fresh:  # new values: the previous step's are still the caller's
+            binding.bind_output(name, self.device)
+        start = time.perf_counter()
+        self.sessions["decoder"].run_with_iobinding(binding)
+        self.run_seconds = time.perf_counter() - start  # ONNX Runtime's own run, without the binding around it
+        outputs = binding.get_outputs()
+        return outputs[0], list(outputs[1:3]), (outputs[3] if self._scored else None)
 
     def prefill(self, input_ids, attention_mask):
         """input_ids, attention_mask (B, S) int64, left padding -> (logits (B, V) float32, state)."""
@@ -321,37 +354,38 @@ class OnnxRuntimeRunner(Runner):
         layer's buffers hold the whole prompt; the decoder returns the attention mass of each
         chunk's scored rows, summed here), then every layer compacted to its profile count by
         the compact graph.
-        Returns logits (1, V) and the flat per-layer compact caches (batch 1)."""
+        Returns logits (1, V) and per layer the compact cache (key, value OrtValues, positions,
+        valid numpy (1, W_l))."""
         ort, n = self._ort, len(ids)
         kv_heads, head_dim = int(self.manifest["kv_heads"]), int(self.manifest["head_dim"])
-        past = []
-        for _ in range(self.layers):  # slots [0, T) are written before they are read: no fill needed
-            past += [ort.OrtValue.ortvalue_from_shape_and_type((1, kv_heads, n, head_dim), self._dtype, self.device)
-                     for _ in range(2)]
-            past += [self._owned(np.zeros((1, 0), np.int64)), self._owned(np.zeros((1, 0), bool))]
+        # slots [0, T) are written before they are read: no fill needed
+        kv = [ort.OrtValue.ortvalue_from_shape_and_type((1, kv_heads, n, head_dim), self._dtype, self.device)
+              for _ in range(2 * self.layers)]
+        slots = [self._owned(np.zeros((1, 0), np.int64)), self._owned(np.zeros((1, 0), bool))]
+        binding = self._binding(kv)
         first_scored = n - (n if self.score_rows is None else min(self.score_rows, n))
-        masses = [np.zeros((1, n), np.float32) for _ in self._mass_layers]
+        masses = np.zeros((len(self._mass_layers), n), np.float32)  # per scored layer, summed over the chunks
         lengths = np.array([n], np.int64)
         for start in range(0, n, self.prefill_chunk):
             stop = min(start + self.prefill_chunk, n)
             first = int(np.clip(first_scored - start, 0, stop - start))
             inputs = {"input_ids": ids[None, start:stop], "position_ids": np.arange(start, stop, dtype=np.int64)[None],
-                      "prompt_lengths": lengths, "past_lengths": np.full(self.layers, start, np.int64)}
+                      "prompt_lengths": lengths, "past_widths": np.full(self.layers, start, np.int64)}
             if self._scored:
                 inputs["score_from"] = np.array(first, np.int64)
             if image_rows is not None:
                 inputs["image_embeds"] = image_rows(start, stop)
-            logits, past, chunk_masses = self._step(past, inputs)
-            if first < stop - start:  # the chunk holds scored rows
-                for total, mass in zip(masses, chunk_masses):
-                    total[:, :stop] += mass.numpy()
+            logits, slots, mass = self._step(binding, slots, inputs)
+            if first < stop - start:  # the chunk holds scored rows; every layer has ``stop`` slots in use
+                masses[:, :stop] += mass.numpy().reshape(len(self._mass_layers), stop)
             if stop < n:
                 yield
         feeds = {"attention_mask": np.ones((1, n), np.int64)}
         for i, l in enumerate(self._mass_layers):
-            feeds[f"mass.{l}"] = masses[i]
-        values = {f"{part}.{l}": past[4 * l + j] for l in range(self.layers) for j, part in enumerate(("key", "value"))}
-        return logits.numpy(), list(self._run("compact", feeds, ortvalues=values))
+            feeds[f"mass.{l}"] = masses[i : i + 1]
+        values = {f"{part}.{l}": kv[2 * l + j] for l in range(self.layers) for j, part in enumerate(("key", "value"))}
+        out = self._run("compact", feeds, ortvalues=values)
+        return logits.numpy(), [(*out[4 * l : 4 * l + 2], out[4 * l + 2].numpy(), out[4 * l + 3].numpy()) for l in range(self.layers)]
 
     # -- in-flight batching -----------------------------------------------------------------
     supports_batching = True
@@ -368,9 +402,16 @@ class OnnxRuntimeRunner(Runner):
         ids = np.asarray(list(ids), dtype=np.int64)
         if ids.ndim != 1 or len(ids) < 1:
             raise ValueError("a prompt needs at least one token")
-        logits, past = yield from self._prefill_chunks(ids, image_rows)
+        logits, layers = yield from self._prefill_chunks(ids, image_rows)
         n = np.array([len(ids)], np.int64)
-        return logits, OnnxRuntimeState(past, n.copy(), n)
+        return logits, self._state(layers, n.copy(), n)
+
+    def _state(self, layers: list, positions, prompt_lengths) -> OnnxRuntimeState:
+        """A state from per layer (key, value OrtValues, positions, valid numpy (B, W_l)): the
+        slots laid side by side in one (positions, valid) pair of OrtValues."""
+        slots = [self._owned(np.concatenate([layer[2 + i] for layer in layers], axis=1)) for i in (0, 1)]
+        return OnnxRuntimeState([t for layer in layers for t in layer[:2]], slots,
+                                np.array([layer[2].shape[1] for layer in layers], np.int64), positions, prompt_lengths)
 
     def merge(self, parts, free_slots: bool = True):
         """parts: [(state, rows)] -> one state holding those rows in that order: each layer's
@@ -380,17 +421,18 @@ class OnnxRuntimeRunner(Runner):
         batch; it copies the rows' caches once.  The states given are consumed."""
         parts = [(state, np.asarray(rows, dtype=np.int64).reshape(-1)) for state, rows in parts]
         for state, _ in parts:
-            if state.past is None:
+            if state.kv is None:
                 raise ValueError("this state was consumed by an earlier step; merge the state that step returned")
         parts = [(state, rows) for state, rows in parts if len(rows)]
         if not parts:
             raise ValueError("merge needs at least one row")
-        past = []
+        layered = [state.layers() for state, _ in parts]
+        layers = []
         for l in range(self.layers):
             pieces = []
-            for state, rows in parts:
-                key, value, positions, valid = state.past[4 * l : 4 * l + 4]
-                index, pos, val = compact_slots(positions.numpy()[rows], valid.numpy()[rows])
+            for (state, rows), state_layers in zip(parts, layered):
+                key, value, positions, valid = state_layers[l]
+                index, pos, val = compact_slots(positions[rows], valid[rows])
                 take = index[:, None, :, None]
                 pieces.append((np.take_along_axis(key.numpy()[rows], take, axis=2),
                                np.take_along_axis(value.numpy()[rows], take, axis=2), pos, val))
@@ -406,11 +448,11 @@ class OnnxRuntimeRunner(Runner):
                 key[row : row + r, :, width - w : width], value[row : row + r, :, width - w : width] = k, v
                 positions[row : row + r, width - w :], valid[row : row + r, width - w :] = p, m
                 row += r
-            past += [self._owned(a) for a in (key, value, positions, valid)]
-        merged = OnnxRuntimeState(past, np.concatenate([s.positions[r] for s, r in parts]),
-                                  np.concatenate([s.prompt_lengths[r] for s, r in parts]))
+            layers.append((self._owned(key), self._owned(value), positions, valid))
+        merged = self._state(layers, np.concatenate([s.positions[r] for s, r in parts]),
+                             np.concatenate([s.prompt_lengths[r] for s, r in parts]))
         for state, _ in parts:
-            state.past = None
+            state.kv = state.binding = None
         return merged
 
     def cache_layout(self):
@@ -421,36 +463,46 @@ class OnnxRuntimeRunner(Runner):
     def decode(self, state: OnnxRuntimeState, token_ids):
         """token_ids (B,) int64 -> (logits (B, V) float32, new state).  The state given is
         consumed: the step writes into its key/value buffers, which the new state holds."""
-        if state.past is None:
+        if state.kv is None:
             raise ValueError("this state was consumed by an earlier decode step (which wrote into its cache "
                              "buffers); continue from the state that step returned")
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
-        past = list(state.past)
-        widths = np.empty(self.layers, np.int64)  # each layer's slots in use
-        for l in range(self.layers):
-            widths[l] = past[4 * l + 2].shape()[1]
-            if past[4 * l].shape()[2] <= widths[l]:  # no free slot: compact, add slack
-                past[4 * l : 4 * l + 4] = self._compact(*past[4 * l : 4 * l + 4])
-                widths[l] = past[4 * l + 2].shape()[1]
+        kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
+        full = [l for l in range(self.layers) if kv[2 * l].shape()[2] <= widths[l]]  # no free slot: compact, add slack
+        if full:
+            kv, slots, widths = self._compact(state, full)
+            if binding is not None:
+                self._bind_kv(binding, kv, full)
+        if binding is None:
+            binding = self._binding(kv)
         inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths,
-                  "past_lengths": widths}
+                  "past_widths": widths}
         if self._scored:
             inputs["score_from"] = np.array(1, np.int64)  # no scored row: a decode step's mass is not used
         inputs.update(self._decode_extras(len(tokens)))
-        logits, present, _ = self._step(past, inputs)
-        state.past = None
-        return logits.numpy(), OnnxRuntimeState(present, state.positions + 1, state.prompt_lengths)
+        logits, slots, _ = self._step(binding, slots, inputs)
+        state.kv = state.binding = None
+        return logits.numpy(), OnnxRuntimeState(kv, slots, widths + 1, state.positions + 1, state.prompt_lengths, binding)
 
     def _decode_extras(self, batch: int) -> dict:
         """Inputs a subclass's decoder graph takes besides the text ones (a vision engine: no image rows)."""
         return {}
 
-    def _compact(self, key, value, positions, valid) -> list:
+    def _compact(self, state: OnnxRuntimeState, full: list[int]):
+        """The state's kv, slots and widths with the layers ``full`` compacted (``_compact_layer``)."""
+        layers = state.layers()
+        for l in full:
+            layers[l] = self._compact_layer(*layers[l])
+        kv = [t for layer in layers for t in layer[:2]]
+        slots = [self._owned(np.concatenate([layer[2 + i] for layer in layers], axis=1)) for i in (0, 1)]
+        return kv, slots, np.array([layer[2].shape[1] for layer in layers], np.int64)
+
+    def _compact_layer(self, key, value, positions, valid) -> tuple:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
         order, like the prefill's) in new buffers with free slots: ``cache_slack`` or an
         eighth of the entries, whichever is more (a growing cache is copied O(1) times per
-        step on average)."""
-        index, positions, valid = compact_slots(positions.numpy(), valid.numpy())
+        step on average).  key/value OrtValues, positions/valid numpy (B, W) -> the same."""
+        index, positions, valid = compact_slots(positions, valid)
         b, h, capacity, d = key.shape()
         width = index.shape[1]
         free = max(self.cache_slack, width // 8)
@@ -466,7 +518,7 @@ class OnnxRuntimeRunner(Runner):
         binding.bind_output("key_out", self.device)
         binding.bind_output("value_out", self.device)
         self._compactor.run_with_iobinding(binding)
-        return [*binding.get_outputs(), self._owned(positions), self._owned(valid)]
+        return (*binding.get_outputs(), positions, valid)
 
     def _owned(self, array: np.ndarray):
         """``array`` copied into an OrtValue that owns its memory.  ``ortvalue_from_numpy``
@@ -481,14 +533,13 @@ class OnnxRuntimeRunner(Runner):
     def kept_positions(self, state: OnnxRuntimeState) -> list[np.ndarray]:
         """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot),
         right-aligned in original order (the layout of the reference cache)."""
-        return [self.cache(state, l, kv=False)["positions"] for l in range(self.layers)]
+        return [compact_slots(positions, valid)[1] for _, _, positions, valid in state.layers()]
 
     def cache(self, state: OnnxRuntimeState, layer: int, kv: bool = True) -> dict[str, np.ndarray]:
         """One layer's entries as numpy, empty slots dropped: key, value (B, Hkv, W, D) (unless
         ``kv`` is False), positions, valid (B, W); W = the most entries any row holds."""
-        key, value, positions, valid = state.past[4 * layer : 4 * layer + 4]
-        slots = valid.numpy()
-        index, positions, valid = compact_slots(positions.numpy(), slots)
+        key, value, positions, slots = state.layers()[layer]
+        index, positions, valid = compact_slots(positions, slots)
         out = {"positions": positions, "valid": valid}
         if kv:
             same = np.array_equal(valid, slots)  # already compact (after prefill): the slots as they are
@@ -499,16 +550,12 @@ class OnnxRuntimeRunner(Runner):
 
     def layer_lengths(self, state: OnnxRuntimeState) -> np.ndarray:
         """(layers, B) entries held per layer and row."""
-        return np.stack([state.past[4 * l + 3].numpy().sum(-1) for l in range(self.layers)])
+        return np.stack([valid.sum(-1) for _, _, _, valid in state.layers()])
 
     def kv_bytes(self, state: OnnxRuntimeState) -> int:
         """Bytes of key and value storage allocated (every slot of every layer's buffers,
         the free ones included)."""
-        total = 0
-        for l in range(self.layers):
-            key = state.past[4 * l]
-            total += 2 * int(np.prod(key.shape())) * np.dtype(self.manifest.get("dtype", "float32")).itemsize
-        return total
+        return sum(int(np.prod(buffer.shape())) for buffer in state.kv) * self._dtype.itemsize
 
 
 # -- images ----------------------------------------------------------------------------------------

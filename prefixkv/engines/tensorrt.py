@@ -93,6 +93,10 @@ class TensorRTState:
     positions: np.ndarray
     prompt_lengths: np.ndarray
 
+    def layers(self) -> list[tuple]:
+        """Per layer (key, value, positions, valid), as ``OnnxRuntimeState.layers``."""
+        return [tuple(self.past[i : i + 4]) for i in range(0, len(self.past), 4)]
+
 
 class Engine:
     """One deserialised engine + execution context, run on torch CUDA tensors."""

@@ -177,10 +177,10 @@ def prefill_runner_class():
 
 def _layer_caches(state) -> list[tuple]:
     """Per layer (key, value, positions, valid) of a runner's state: the reference's
-    ``PrefixKVCache`` layers, or an engine's flat ``past`` list."""
+    ``PrefixKVCache`` layers, or an engine state's ``layers()``."""
     if hasattr(state, "cache"):
         return [(layer.keys, layer.values, layer.positions, layer.valid) for layer in state.cache.layers]
-    return [tuple(state.past[i : i + 4]) for i in range(0, len(state.past), 4)]
+    return state.layers()
 
 
 def prompt_scores(state, attention_mask) -> list[list[np.ndarray]] | None:

@@ -2,19 +2,19 @@
 
 An ONNX Runtime engine holds one graph with the weights and one without:
 
-    decoder(input_ids, position_ids, prompt_lengths, past_lengths, [score_from], per layer past
-            key/value/positions/valid)
-            -> logits, per layer present key/value/positions/valid, per scored layer mass
+    decoder(input_ids, position_ids, prompt_lengths, past_widths, [score_from], past.positions,
+            past.valid, per layer past key/value)
+            -> logits, present.positions, present.valid, per layer present key/value, [mass]
         A chunk of C >= 1 new tokens per row, for prefill chunks and decode steps alike
         (``DecoderGraph``).  past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers;
-        past.{l}.positions/valid: (B, P_l), the slots in use; every layer has its own C_l and
-        P_l, and past_lengths (L,) lists the P_l.  ONNX Runtime's fused GroupQueryAttention
+        past.positions/valid: (B, sum of P_l), every layer's slots in use side by side, layer
+        by layer; past_widths (L,) lists the P_l.  ONNX Runtime's fused GroupQueryAttention
         writes the chunk's K/V into slots [P_l, P_l + C) in place and attends causally; the
         slot bookkeeping (bias, decode rule) runs once over all layers side by side.  In a
         scored layer the same op also returns its attention probabilities, and the graph
-        sums rows [score_from, C) of them into the slots' mass (O(C x S) memory).  Past the
-        prompt, the decode-phase rule marks at most one entry per row evicted: the entries
-        returned are within budget.
+        sums rows [score_from, C) of them into the slots' mass (O(C x S) memory), every
+        scored layer's side by side in one output.  Past the prompt, the decode-phase rule
+        marks at most one entry per row evicted: the entries returned are within budget.
 
     compact(attention_mask, per layer [mass], key, value) -> per layer key/value/positions/valid
         The end of the prompt (``CompactGraph``): each layer's score (from the summed mass, or
@@ -91,6 +91,16 @@ CACHE_PARTS = ("key", "value", "positions", "valid")
 def cache_names(prefix: str, layers: int) -> list[str]:
     """``prefix.{l}.{key,value,positions,valid}`` for every layer, flat, layer-major."""
     return [f"{prefix}.{l}.{part}" for l in range(layers) for part in CACHE_PARTS]
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """``prefix.{l}.{key,value}`` for every layer, flat, layer-major: the decoder graph's buffers."""
+    return [f"{prefix}.{l}.{part}" for l in range(layers) for part in ("key", "value")]
+
+
+def slot_names(prefix: str) -> list[str]:
+    """The decoder graph's ``prefix.positions`` and ``prefix.valid``: every layer's slots side by side."""
+    return [f"{prefix}.positions", f"{prefix}.valid"]
 
 
 def io_names(layers: int) -> dict[str, dict[str, list[str]]]:
@@ -436,15 +446,17 @@ class DecoderGraph(DecodeGraph):
 
         inputs:  input_ids, position_ids (B, C) int64: C >= 1 new tokens per row, every one
                  real (the runner prefills each prompt alone, unpadded; position_ids: original
-                 positions); prompt_lengths (B,) int64; past_lengths (L,) int64: each
-                 layer's P_l, the width of its past positions (the graph takes it as given:
-                 the runner reads it from the shapes it binds); [score_from () int64: the chunk's
-                 first scored row (C: none), engines with scored layers]; [image_embeds
-                 (rows, hidden): vision engines]; per layer past.{l}.key/value (B, Hkv, C_l, D), positions/valid (B, P_l)
-        outputs: logits (B, V) (the last new token's); per layer present.{l}.key/value
-                 (the buffers, written in place), positions/valid (B, P_l + C); per scored
-                 layer mass.{l} (B, P_l + C) float32: the attention mass rows [score_from, C)
-                 of the chunk give each slot, averaged over query heads
+                 positions); prompt_lengths (B,) int64; past_widths (L,) int64: each layer's
+                 P_l, its slots in use (the graph takes it as given: the runner keeps it);
+                 [score_from () int64: the chunk's first scored row (C: none), engines with
+                 scored layers]; [image_embeds (rows, hidden): vision engines];
+                 past.positions/valid (B, sum of P_l): every layer's slots side by side;
+                 per layer past.{l}.key/value (B, Hkv, C_l, D)
+        outputs: logits (B, V) (the last new token's); present.positions/valid (B, sum of
+                 (P_l + C)), in the same layout; per layer present.{l}.key/value (the
+                 buffers, written in place); [mass (B, sum over scored layers of P_l + C)
+                 float32: the attention mass rows [score_from, C) of the chunk give each
+                 slot, averaged over query heads, the scored layers side by side]
 
     Per layer one ``com.microsoft::GroupQueryAttention`` node writes the C new entries into
     slots [P_l, P_l + C) of the buffers (in place when the runner binds present to past) and
@@ -452,24 +464,29 @@ class DecoderGraph(DecodeGraph):
     decode-phase rule (``compaction.decode_budget`` / ``evict_in_place_layers``) applies to
     rows whose new token is past the prompt: a prefill chunk evicts nothing.  The slot
     bookkeeping runs once for all layers, not once per layer: the layers' positions and
-    valid are laid side by side, (B, sum of T_l), the bias and the eviction computed on
-    that, and one ``Split`` per result (sizes from past_lengths) gives each layer its own.
-    At batch 1 a decode step's small ops are a large part of its time besides the weights.
+    valid come side by side, one ``Split`` each (sizes from past_widths) and one ``Concat``
+    append the chunk's slots to every layer's, and the bias and the eviction run on the
+    result, (B, sum of T_l), which goes out as it is.  The graph has one input and one
+    output for all layers' positions, one for their valid and one for their mass, so that
+    at batch 1 a decode step binds a handful of small values besides the buffers (which
+    the runner binds once per buffer, not per step).
 
     Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
     not for key-norm engines, see ``__init__``), the op also rotates the query and the new keys
     (``do_rotary``, tables from ``rotary_tables``), and q/k/v come packed from one projection
     and the MLP's gate/up from another (``concat_linear``, ``PackedMLP``): SmolLM2's decoder
     goes from 2836 to 2096 nodes, to 1094 with the decode rule's numbers computed once for
-    all layers, and to 601 with all the slot bookkeeping done once.
+    all layers, to 601 with all the slot bookkeeping done once, and to 478 with the slots
+    and the mass side by side in the graph's inputs and outputs.
 
     In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
     softmax: (B, H, C, T), the bias and causality applied, in the engine's dtype) and one
     MatMul with the (1 x C) row weights (1 / H for a scored row, 0 else) sums each head's
-    scored rows, and a ReduceSum over the heads averages them: ``scoring.attention_with_scores``'s
-    quantity without computing the probabilities twice.  The (H, C, T) block is transient:
-    the op's CPU kernel holds it anyway.  A decode step passes score_from = C and its masses
-    are ignored (two small ops per scored layer).  The runner sums the chunks' masses and
+    scored rows; one ReduceSum over the heads of every scored layer's sums, side by side,
+    averages them: ``scoring.attention_with_scores``'s quantity without computing the
+    probabilities twice.  The (H, C, T) block is transient: the op's CPU kernel holds it
+    anyway.  A decode step passes score_from = C and its mass is ignored (one small op per
+    scored layer).  The runner sums the chunks' masses and
     compacts the prompt with ``CompactGraph``.
     """
 
@@ -503,34 +520,40 @@ class DecoderGraph(DecodeGraph):
             self.packed_mlp = nn.ModuleList(mlps) if all(m is not None for m in mlps) else None
 
     def forward(self, *inputs: torch.Tensor):
-        input_ids, position_ids, prompt_lengths, past_lengths = inputs[:4]
+        input_ids, position_ids, prompt_lengths, past_widths = inputs[:4]
         rest = list(inputs[4:])
         score_from = rest.pop(0) if self.scored else None
         image_embeds = rest.pop(0) if self.image_token_id is not None else None
-        past = rest
+        past_positions, past_valid, *past = rest  # past: per layer key, value
         spec, dec = self.spec, self.decoder
         layers = len(dec.layers)
         hidden = dec.embed_tokens(input_ids)
         if image_embeds is not None:
             hidden = merge_image_embeds(hidden, input_ids, image_embeds, self.image_token_id)
         cos, sin = dec.rope(hidden, position_ids)
-        rotary = self.rotary_tables(cos, sin, past_lengths) if self.fused_rotary else None
+        rotary = self.rotary_tables(cos, sin, past_widths) if self.fused_rotary else None
         b, c = input_ids.shape
         dtype = getattr(torch, spec.dtype)
         # Every layer's slot bookkeeping at once, the layers side by side: (B, N), N = the sum
-        # of the layers' slots in use with this chunk (past_lengths + C); split per layer at
-        # the end.  A decode step runs each of these ops once, not once per layer.
-        widths = past_lengths + c  # (L,) each layer's slots in use with the chunk
+        # of the layers' slots in use with this chunk (past_widths + C).  A decode step runs
+        # each of these ops once, not once per layer.
+        used = [past_widths[l].item() for l in range(layers)]  # the tracer's sizes of the layers' past slots
+        for u in used:
+            torch._check(u >= 0)
+        sizes = [u + c for u in used]
+        widths = past_widths + c  # (L,) each layer's slots in use with the chunk
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
-        positions = torch.cat([t for l in range(layers) for t in (past[4 * l + 2], position_ids.to(past[4 * l + 2].dtype))], -1)
-        valid = torch.cat([t for l in range(layers) for t in (past[4 * l + 3], new)], -1)
-        sizes = [past[4 * l + 2].shape[-1] + c for l in range(layers)]  # the same widths as sizes (traced, not computed)
+        old_positions = split_columns(past_positions, past_widths, [(b, u) for u in used])
+        old_valid = split_columns(past_valid, past_widths, [(b, u) for u in used])
+        positions = torch.cat([t for l in range(layers) for t in (old_positions[l], position_ids.to(past_positions.dtype))], -1)
+        valid = torch.cat([t for l in range(layers) for t in (old_valid[l], new)], -1)
         # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
         open_ = torch.where(valid, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
         biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])
         unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)
-        totals = widths.to(torch.int32)  # the fused attention's total_sequence_length per layer
-        seqlens = (totals - 1).unsqueeze(1).expand(-1, b)  # its seqlens_k per layer, (L, B)
+        # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
+        totals = split_equal(widths.to(torch.int32), layers, (1,))
+        seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
         # the decode-phase rule's numbers for every layer at once, (B, L); a prefill chunk's rows evict nothing
         decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
         seen = position_ids[:, -1] + 1
@@ -543,7 +566,7 @@ class DecoderGraph(DecodeGraph):
             weights = ((torch.arange(c) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, c)
         buffers, masses = [], []
         for l, layer in enumerate(dec.layers):
-            keys, values = past[4 * l : 4 * l + 2]
+            keys, values = past[2 * l : 2 * l + 2]
             if self.packed_qkv is not None:  # (B, C, (H + 2 Hkv) D), rotated by the op
                 query, key, value = self.packed_qkv[l](dec.attention_input(layer, hidden)), None, None
             else:
@@ -556,23 +579,21 @@ class DecoderGraph(DecodeGraph):
             lengths = (seqlens[l], totals[l], sizes[l])
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths,
                                                             biases[l] + unmasked, scored, rotary)
-            if scored:  # the scored rows' probabilities summed per head by one MatMul, averaged over heads: (B, T)
-                masses.append(torch.matmul(weights, probs.float()).sum((1, 2)))
+            if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
+                masses.append(torch.matmul(weights, probs.float()))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
-            buffers.append((keys, values))
+            buffers += [keys, values]
         positions, valid = compaction.evict_in_place_layers(positions, valid, widths, caps, evict_ranks)
-        positions = split_columns(positions, widths, [(b, t) for t in sizes])
-        valid = split_columns(valid, widths, [(b, t) for t in sizes])
-        outputs = [t for l in range(layers) for t in (*buffers[l], positions[l], valid[l])]
-        return (dec.logits(hidden[:, -1]), *outputs, *masses)
+        mass = (torch.cat(masses, -1).sum((1, 2)),) if masses else ()  # every scored layer's, side by side, over heads
+        return (dec.logits(hidden[:, -1]), positions, valid, *buffers, *mass)
 
-    def rotary_tables(self, cos, sin, past_lengths):
+    def rotary_tables(self, cos, sin, past_widths):
         """The chunk's cos/sin (B, C, D) -> the fused attention's rotary inputs: cos and sin
         tables (R, D / 2) and the row of each token (B, C) int64, token i of row b in table row
         b x C + i.  The op requires R to be at least the slots it attends over; zero rows pad
-        the table to B x C plus the widest layer's slots in use (from ``past_lengths``)."""
+        the table to B x C plus the widest layer's slots in use (from ``past_widths``)."""
         b, c, d = cos.shape
-        widest = past_lengths.max().item()
+        widest = past_widths.max().item()
         torch._check(widest >= 0)
         zeros = torch.zeros(widest + c, d // 2, dtype=cos.dtype)
         tables = [torch.cat([t[..., : d // 2].reshape(b * c, d // 2), zeros]) for t in (cos, sin)]
@@ -616,6 +637,12 @@ def split_columns(tensor: torch.Tensor, widths: torch.Tensor, shapes) -> list[to
     for the tracer (the same widths, as sizes)."""
     return list(torch.onnx.ops.symbolic_multi_out("::Split", [tensor, widths], {"axis": -1}, dtypes=[tensor.dtype] * len(shapes),
                                                   shapes=shapes, version=OPSET))
+
+
+def split_equal(tensor: torch.Tensor, pieces: int, shape) -> list[torch.Tensor]:
+    """``tensor`` (n,) split into ``pieces`` equal parts of ``shape`` as one ONNX ``Split``."""
+    return list(torch.onnx.ops.symbolic_multi_out("::Split", [tensor], {"axis": 0, "num_outputs": pieces},
+                                                  dtypes=[tensor.dtype] * pieces, shapes=[shape] * pieces, version=OPSET))
 
 
 def scored_layers(spec: GraphSpec) -> list[int]:
@@ -772,10 +799,10 @@ def engine_io(spec: GraphSpec, vision: bool = False) -> dict[str, dict[str, list
     layers = []
     for l in range(spec.layers):
         layers += ([f"mass.{l}"] if l in scored else []) + [f"key.{l}", f"value.{l}"]
-    fixed = ["input_ids", "position_ids", "prompt_lengths", "past_lengths"] + (["score_from"] if scored else [])
+    fixed = ["input_ids", "position_ids", "prompt_lengths", "past_widths"] + (["score_from"] if scored else [])
     return {
-        "decoder": {"inputs": fixed + (["image_embeds"] if vision else []) + cache_names("past", spec.layers),
-                    "outputs": ["logits", *cache_names("present", spec.layers), *(f"mass.{l}" for l in scored)]},
+        "decoder": {"inputs": fixed + (["image_embeds"] if vision else []) + slot_names("past") + kv_names("past", spec.layers),
+                    "outputs": ["logits", *slot_names("present"), *kv_names("present", spec.layers), *(["mass"] if scored else [])]},
         "compact": {"inputs": ["attention_mask", *layers], "outputs": cache_names("present", spec.layers)},
     }
 
@@ -804,18 +831,15 @@ def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int
         fixed.append(torch.tensor(1, dtype=torch.int64))  # score_from
     if hidden:
         fixed.append(torch.randn(3, hidden, generator=g).to(dtype))
-    tensors = []
+    slots, valids, tensors = [], [], []
     for width in widths:
         capacity = width + chunk + 3
         valid = torch.ones(batch, width, dtype=torch.bool)
         valid[1, 1] = False
-        tensors += [
-            torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype),
-            torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype),
-            torch.where(valid, torch.arange(width).expand(batch, width), -1),
-            valid,
-        ]
-    return (*fixed, *tensors)
+        slots.append(torch.where(valid, torch.arange(width).expand(batch, width), -1))
+        valids.append(valid)
+        tensors += [torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype) for _ in range(2)]
+    return (*fixed, torch.cat(slots, -1), torch.cat(valids, -1), *tensors)
 
 
 def _engine_dynamic_shapes(spec: GraphSpec, graph: str, vision: bool = False):
@@ -832,10 +856,11 @@ def _engine_dynamic_shapes(spec: GraphSpec, graph: str, vision: bool = False):
     shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}, {}] + ([{}] if scored else [])
     if vision:
         shapes.append({0: Dim("image_rows", min=1, max=1 << 24)})
+    slots = Dim("past_slots", min=2, max=1 << 24)  # every layer's slots in use, side by side
+    shapes += [{0: batch, 1: slots}, {0: batch, 1: slots}]
     for l in range(spec.layers):
-        length = Dim(f"past_length_{l}", min=1, max=1 << 20)
-        slots = Dim(f"cache_capacity_{l}", min=2, max=1 << 20)
-        shapes += [{0: batch, 2: slots}, {0: batch, 2: slots}, {0: batch, 1: length}, {0: batch, 1: length}]
+        capacity = Dim(f"cache_capacity_{l}", min=2, max=1 << 20)
+        shapes += [{0: batch, 2: capacity}, {0: batch, 2: capacity}]
     return {"inputs": tuple(shapes)}
 
 
@@ -845,6 +870,9 @@ def _engine_dims(proto, graph: str) -> None:
         dims = value.type.tensor_type.shape.dim
         dims[0].dim_param = "batch"
         if value.name == "logits":
+            continue
+        if value.name in ("present.positions", "present.valid", "mass"):  # the decoder's, every layer side by side
+            dims[1].dim_param = "scored_slots" if value.name == "mass" else "present_slots"
             continue
         l = int(value.name.split(".")[1])
         axis = 2 if value.name.endswith((".key", ".value")) else 1
