@@ -226,6 +226,25 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     assert "Neg" not in [n.op_type for n in proto.graph.node]
 
 
+def test_a_full_cache_engine_has_no_mass_and_matches_the_reference(tmp_path):
+    """Keep 1 (every layer keeps everything; the accumulated score, whose rows are all of
+    them): the decoder returns no mass, and the engine builds and validates against the
+    PyTorch reference, graph and greedy lockstep, over more than one prefill chunk."""
+    import onnx
+
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.pipeline import BuildConfig, build_engine
+
+    model, folder = tiny_model_folder(tmp_path)
+    profile = tiny_profile(model, fractions=[1.0] * LAYERS, keep=1.0)
+    config = BuildConfig(str(folder), tmp_path / "engine", 1.0, profile=profile,
+                         validation=ValidationConfig(**SMALL_VALIDATION, prefill_chunk=16))
+    result = build_engine(config, model=model, log=lambda m: None)
+    assert result.passed, result.validation
+    outputs = [o.name for o in onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph.output]
+    assert "mass" not in outputs and "score_from" not in json.loads((result.path / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]
+
+
 def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
     """Every layer's slots come in side by side, in one positions/valid pair: one Split each
     (sizes from the past_widths input (L,), so no Shape op reads a past tensor) hands the

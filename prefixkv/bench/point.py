@@ -8,7 +8,7 @@ Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, 
 on Linux), RSS after loading (before the text is read; for an engine also its anonymous part,
 without the weights' file-backed pages) and, for an engine, the median decode
 step after the prefill, and the median of ONNX Runtime's own decoder run within it (the rest
-is the runner's Python, binding four inputs and outputs per layer each step, and a layer's
+is the runner's Python, binding the step's small inputs and outputs, and a layer's
 occasional buffer compaction).  ``torch:MODEL`` is
 the plain PyTorch prefill ``model(ids)`` with SDPA attention (it holds every position's
 logits, as ``transformers`` computes them); ``genai:FOLDER`` an onnxruntime-genai model's

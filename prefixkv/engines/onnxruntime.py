@@ -376,7 +376,7 @@ class OnnxRuntimeRunner(Runner):
             if image_rows is not None:
                 inputs["image_embeds"] = image_rows(start, stop)
             logits, slots, mass = self._step(binding, slots, inputs)
-            if first < stop - start:  # the chunk holds scored rows; every layer has ``stop`` slots in use
+            if mass is not None and first < stop - start:  # scored rows; every layer has ``stop`` slots in use
                 masses[:, :stop] += mass.numpy().reshape(len(self._mass_layers), stop)
             if stop < n:
                 yield

@@ -476,7 +476,7 @@ class DecoderGraph(DecodeGraph):
     (``do_rotary``, tables from ``rotary_tables``), and q/k/v come packed from one projection
     and the MLP's gate/up from another (``concat_linear``, ``PackedMLP``): SmolLM2's decoder
     goes from 2836 to 2096 nodes, to 1094 with the decode rule's numbers computed once for
-    all layers, to 601 with all the slot bookkeeping done once, and to 478 with the slots
+    all layers, to 601 with all the slot bookkeeping done once, and to 515 with the slots
     and the mass side by side in the graph's inputs and outputs.
 
     In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
