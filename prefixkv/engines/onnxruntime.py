@@ -407,11 +407,14 @@ class OnnxRuntimeRunner(Runner):
         return logits, self._state(layers, n.copy(), n)
 
     def _state(self, layers: list, positions, prompt_lengths) -> OnnxRuntimeState:
-        """A state from per layer (key, value OrtValues, positions, valid numpy (B, W_l)): the
-        slots laid side by side in one (positions, valid) pair of OrtValues."""
+        """A state from per layer (key, value OrtValues, positions, valid numpy (B, W_l))."""
+        return OnnxRuntimeState(*self._side_by_side(layers), positions, prompt_lengths)
+
+    def _side_by_side(self, layers: list) -> tuple:
+        """Per layer (key, value OrtValues, positions, valid numpy (B, W_l)) -> the state's
+        kv, slots (one (positions, valid) pair of OrtValues, the layers side by side) and widths."""
         slots = [self._owned(np.concatenate([layer[2 + i] for layer in layers], axis=1)) for i in (0, 1)]
-        return OnnxRuntimeState([t for layer in layers for t in layer[:2]], slots,
-                                np.array([layer[2].shape[1] for layer in layers], np.int64), positions, prompt_lengths)
+        return [t for layer in layers for t in layer[:2]], slots, np.array([layer[2].shape[1] for layer in layers], np.int64)
 
     def merge(self, parts, free_slots: bool = True):
         """parts: [(state, rows)] -> one state holding those rows in that order: each layer's
@@ -493,9 +496,7 @@ class OnnxRuntimeRunner(Runner):
         layers = state.layers()
         for l in full:
             layers[l] = self._compact_layer(*layers[l])
-        kv = [t for layer in layers for t in layer[:2]]
-        slots = [self._owned(np.concatenate([layer[2 + i] for layer in layers], axis=1)) for i in (0, 1)]
-        return kv, slots, np.array([layer[2].shape[1] for layer in layers], np.int64)
+        return self._side_by_side(layers)
 
     def _compact_layer(self, key, value, positions, valid) -> tuple:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
