@@ -118,3 +118,40 @@ def test_weight_points_put_onnxruntime_genai_beside_in_the_same_rounds():
     assert rows == {"int4 decode at 1024 <= 0.4x fp32 (median of 2 rounds)": (0.475, False),
                     "fp32 decode at 1024 <= onnxruntime-genai's fp32 (median of 2 rounds)": (0.667, True),
                     "int4 decode at 1024 <= onnxruntime-genai's int4 (median of 2 rounds)": (0.775, True)}
+
+
+def test_decode_rounds_compare_each_engine_with_genai_in_the_same_round():
+    """At every context each round runs the engines and onnxruntime-genai in turn; a round's
+    ratio is against that round's genai step, the figure the median of the rounds' ratios
+    (hand-computed), and it stands for the context in the targets instead of the one-shot
+    in-process step (which stays in the results)."""
+    from prefixkv.bench.speed import decode_rounds, targets
+
+    timings = {(512, "keep 1"): [33.0, 30.0, 36.0], (512, "keep 0.2"): [30.0, 33.0, 34.0], (512, "genai"): [30.0, 33.0, 34.0],
+               (2048, "keep 1"): [44.0, 40.0, 41.0], (2048, "keep 0.2"): [30.0, 32.0, 31.0], (2048, "genai"): [40.0, 40.0, 40.0]}
+    left = {key: iter(values) for key, values in timings.items()}
+    calls = []
+
+    def measure(target, context, threads, steps=None):
+        calls.append((target, context))
+        return {"decode_ms_per_token": next(left[(context, target)])}
+
+    got = decode_rounds({n: n for n in ("keep 1", "keep 0.2", "genai")}, [512, 2048], 3, 64, 2, lambda m: None, measure=measure)
+    assert calls == [(n, c) for c in (512, 2048) for _ in range(3) for n in ("keep 1", "keep 0.2", "genai")]
+    # 512: keep 1 (1.1, 0.90909, 1.05882) -> 1.05882; keep 0.2 (1, 1, 1) -> 1
+    # 2048: keep 1 (1.1, 1, 1.025) -> 1.025; keep 0.2 (0.75, 0.8, 0.775) -> 0.775
+    assert got["512"]["median_vs_genai"] == pytest.approx({"keep 1": 36 / 34, "keep 0.2": 1.0})
+    assert got["2048"]["median_vs_genai"] == pytest.approx({"keep 1": 1.025, "keep 0.2": 0.775})
+    results = {"decode_rounds": got, "genai": {"512": {"decode_ms_per_token": 40.0}, "1024": {"decode_ms_per_token": 40.0}},
+               "onnxruntime": {"1": {"512": {"decode_ms_per_token": 20.0}, "1024": {"decode_ms_per_token": 44.0}}}}
+    rows = {row["target"]: (row["value"], row["met"]) for row in targets(results)}
+    assert rows == {"keep 1 decode at 512 <= onnxruntime-genai's (median of 3 rounds)": (1.059, False),
+                    "keep 0.2 decode at 512 <= onnxruntime-genai's (median of 3 rounds)": (1.0, True),
+                    "keep 1 decode at 2048 <= onnxruntime-genai's (median of 3 rounds)": (1.025, False),
+                    "keep 0.2 decode at 2048 <= onnxruntime-genai's (median of 3 rounds)": (0.775, True),
+                    "keep 1 decode at 1024 <= onnxruntime-genai's": (1.1, False)}  # no rounds at 1024: the one-shot step
+    # a failed genai point gives that round no ratio; a skipped run gives no row
+    failed = decode_rounds({"keep 1": "A", "genai": "G"}, [512], 1, 64, 2, lambda m: None,
+                           measure=lambda t, c, th, steps=None: {"error": "boom"} if t == "G" else {"decode_ms_per_token": 1.0})
+    assert "median_vs_genai" not in failed["512"]
+    assert targets({"decode_rounds": {"skipped": "no genai"}}) == []

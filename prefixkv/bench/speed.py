@@ -11,8 +11,10 @@ prefill (``model(ids)``) in a fresh process per point (``prefixkv.bench.point``)
 seconds, peak RSS, RSS after loading; the engine folders' sizes against the model's
 safetensors; the decode step of that keep's ``window`` engine with fp32 and with int4
 weights at ``--weight-context`` tokens, the two in turn for ``--weight-rounds`` rounds, a fresh
-process each (``weight_points``; not when every keep is 1); and each target of the engine with its measured value
-(``targets``).  The same decode through the
+process each (``weight_points``; not when every keep is 1); each keep's decode step and
+onnxruntime-genai's at every context, in turn in fresh processes for ``--context-rounds``
+rounds (``decode_rounds``: the figure the "no slower than onnxruntime-genai" target reads);
+and each target of the engine with its measured value (``targets``).  The same decode through the
 PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
 model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
 
@@ -129,7 +131,8 @@ def time_runner(runner, prompt_ids: list[int], steps: int, warmup: int, batch: i
 def kv_layout(runner, state) -> dict:
     """KV bytes per layer and in total, and entries per layer (batch row 0)."""
     if hasattr(state, "kv"):  # OnnxRuntimeRunner
-        per_layer = [2 * int(_prod(state.kv[2 * l].shape())) * 4 for l in range(runner.layers)]
+        itemsize = np.dtype(runner.manifest.get("dtype", "float32")).itemsize
+        per_layer = [2 * int(_prod(state.kv[2 * l].shape())) * itemsize for l in range(runner.layers)]
         entries = [int(n) for n in runner.layer_lengths(state)[:, 0]]
     else:  # TorchRunner
         layers = state.cache.layers
@@ -269,6 +272,36 @@ def weight_points(engines: dict[str, Path | str], context: int, rounds: int, ste
     return out
 
 
+def decode_rounds(engines: dict[str, Path | str], contexts, rounds: int, steps: int, threads: int, log,
+                  measure=point) -> dict:
+    """The decode step of each engine against onnxruntime-genai's full-cache model, at every
+    context: ``rounds`` rounds, each running every target in turn in a fresh process
+    (``measure``, ``point`` by default), as ``weight_points`` does.  ``engines``: name ->
+    target, with "genai" -> "genai:FOLDER" among them.  A round's step against genai's step of
+    the same round is one ratio (``vs_genai``); per context, the median of a name's ratios is
+    its figure (``median_vs_genai``) and ``vs_genai_rounds`` says how many rounds gave one."""
+    ms = "decode_ms_per_token"
+    out = {}
+    for context in contexts:
+        entry = {"rounds": []}
+        for r in range(rounds):
+            row = {name: measure(target, context, threads, steps=steps) for name, target in engines.items()}
+            base = row.get("genai", {}).get(ms)
+            for name, measured in row.items():
+                if name != "genai" and base and measured.get(ms):
+                    measured["vs_genai"] = measured[ms] / base
+            log(f"decode at {context}, round {r + 1}: " + ", ".join(
+                f"{name} {m[ms]:.2f} ms/token" if ms in m else f"{name} {m.get('error')}" for name, m in row.items()))
+            entry["rounds"].append(row)
+        for name in engines:
+            ratios = [row[name]["vs_genai"] for row in entry["rounds"] if "vs_genai" in row[name]]
+            if ratios:
+                entry.setdefault("median_vs_genai", {})[name] = statistics.median(ratios)
+                entry.setdefault("vs_genai_rounds", {})[name] = len(ratios)
+        out[str(context)] = entry
+    return out
+
+
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())
 
@@ -332,12 +365,19 @@ def targets(results: dict) -> list[dict]:
     for name, ratio in (weights.get("median_vs_genai") or {}).items():
         rows.append(row(f"{name} decode at {weights['context']} <= onnxruntime-genai's {name} (median of "
                         f"{weights['vs_genai_rounds'][name]} rounds)", ratio, 1.0))
+    rounds = {c: e for c, e in (results.get("decode_rounds") or {}).items() if isinstance(e, dict)}  # not "skipped"
+    for context, entry in rounds.items():
+        for name, ratio in (entry.get("median_vs_genai") or {}).items():
+            rows.append(row(f"{name} decode at {context} <= onnxruntime-genai's (median of {entry['vs_genai_rounds'][name]} "
+                            "rounds)", ratio, 1.0))
     genai = results.get("genai") or {}
     for keep, points in results.get("onnxruntime", {}).items():
         if float(keep) < 1:
             continue
         for context, point in points.items():
             other = genai.get(context)
+            if (rounds.get(context) or {}).get("median_vs_genai"):  # the rounds' figure stands for this context
+                continue
             if isinstance(other, dict) and "decode_ms_per_token" in other:
                 rows.append(row(f"keep {keep} decode at {context} <= onnxruntime-genai's",
                                 point["decode_ms_per_token"] / other["decode_ms_per_token"], 1.0))
@@ -415,7 +455,15 @@ def run(args) -> int:
             log(line)
         del runner
     results["genai"] = genai_points(model, folder, tokenizer, args, log) if args.batch == 1 else {"skipped": "batch 1 only"}
-    if args.prefill_contexts:
+    if args.context_rounds and args.batch == 1:
+        try:  # the same steps in fresh processes, in turn with onnxruntime-genai's, round by round
+            targets_ = {f"keep {k:g}": str(engines[k]) for k in keeps}
+            targets_["genai"] = f"genai:{genai_model(model_folder(model), folder, 'fp32', log)}"
+            results["decode_rounds"] = decode_rounds(targets_, args.contexts, args.context_rounds, args.steps,
+                                                     args.threads or 2, log)
+        except ImportError as err:
+            results["decode_rounds"] = {"skipped": str(err)}
+    if args.prefill_contexts and not args.no_prefill:
         smallest = min(keeps)
         prefill = prefill_engines(model, tokenizer, args.model, smallest, args.prefill_scorers, folder, log) if smallest < 1 else {}
         targets_ = {**prefill, "torch-sdpa": f"torch:{args.model}"}
@@ -439,7 +487,7 @@ def run(args) -> int:
         except Exception as err:  # a failed build: the measurements above are still written
             results["weights"] = {"error": one_line(err)}
             log(f"weight-precision points: {results['weights']['error']}")
-    if args.prefill_contexts or results.get("weights"):
+    if results.get("prefill") or results.get("weights") or results.get("decode_rounds"):
         results["targets"] = targets(results)
         for row in results["targets"]:
             log(f"target {row['target']}: {row['value']} ({'met' if row['met'] else 'NOT met'})")

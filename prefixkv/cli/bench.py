@@ -67,12 +67,16 @@ def register(subparsers) -> None:
     p.add_argument("--prefill-contexts", type=a.lengths, default=(2048, 4096, 8192),
                    help="prompt lengths of the prefill points, a fresh process each, PyTorch SDPA alongside "
                         "(default 2048,4096,8192)")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill points (and the folder-size targets)")
     p.add_argument("--prefill-scorers", type=a.names, default=("window", "accumulated"),
                    help="scores of the prefill-point engines, at the smallest --keep (default window,accumulated)")
     a.add_prefill_chunk(p)
     p.add_argument("--weight-rounds", type=a.count, default=6,
                    help="rounds of the weight-precision decode points: the smallest --keep's window engine with fp32 "
                         "and int4 weights, in turn, a fresh process each (0: none; default 6)")
+    p.add_argument("--context-rounds", type=a.count, default=3,
+                   help="rounds of the decode points at every --contexts length: each keep's engine and "
+                        "onnxruntime-genai's full-cache model in turn, a fresh process each (0: none; default 3)")
     p.add_argument("--weight-context", type=a.positive_int, default=1024,
                    help="prompt tokens of the weight-precision decode points (default 1024)")
     a.add_output(p, "results/bench_speed", "writes OUTPUT.json and OUTPUT.png")
