@@ -11,7 +11,7 @@ KEEP   ?= 0.2
 SCORER ?= window
 SEARCH ?= --sink 4 --blend 0.5
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-full test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,11 +39,15 @@ demo: venv
 	@echo "validation: $(ENGINE)/validation.json (graph + greedy lockstep vs the PyTorch reference, PPL / ROUGE-L vs full cache)"
 	@echo "plots:      $(ENGINE)/report/ (per-layer keep fractions, Lorenz curves with Gini)"
 
+# the whole suite but SmolLM2's full-context test (about 5 minutes alone; the tiny model's runs)
 test: venv
+	$(PY) -m pytest -q -m "not full_context" tests
+
+test-full: venv
 	$(PY) -m pytest -q tests
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not serving" tests
+	$(PY) -m pytest -q -m "not slow and not serving and not full_context" tests
 
 bench: venv
 	$(PY) scripts/benchmark.py quality

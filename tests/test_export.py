@@ -242,7 +242,9 @@ def test_a_full_cache_engine_has_no_mass_and_matches_the_reference(tmp_path):
     result = build_engine(config, model=model, log=lambda m: None)
     assert result.passed, result.validation
     outputs = [o.name for o in onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph.output]
-    assert "mass" not in outputs and "score_from" not in json.loads((result.path / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]
+    inputs = [i["name"] for i in json.loads((result.path / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]]
+    assert "input_ids" in inputs and "past_widths" in inputs  # the manifest's records, read by name
+    assert "mass" not in outputs and "score_from" not in inputs
 
 
 def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
@@ -302,6 +304,23 @@ def test_chunked_prefill_matches_the_reference(tiny, runners, chunk):
     logits, state = engine.decode(state, ref_logits.argmax(-1))
     ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_whole_context_matches_the_reference(tiny, runners):
+    """A prompt of the tiny model's full context less one (511 tokens, two default chunks)
+    and one decode step to the full context: kept positions identical in every layer and the
+    logits within the tolerances.  SmolLM2's 8192 tokens: ``test_integration_engine``'s
+    ``full_context`` test (``make test-full``)."""
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    engine = OnnxRuntimeRunner(tiny[0], threads=1)
+    reference = runners[1]
+    assert engine.max_context == 512 and engine.prefill_chunk < engine.max_context - 1
+    ref_logits, state, ref_state, _ = _prefill_matches(engine, reference, [engine.max_context - 1])
+    logits, state = engine.decode(state, ref_logits.argmax(-1))
+    ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert int(state.positions[0]) == engine.max_context
 
 
 @pytest.mark.parametrize("scorer, params", [("window", {"window": 20, "pool": 3}), ("last-query", {}), ("key-norm", {})])
@@ -406,6 +425,33 @@ def test_decode_writes_into_the_cache_buffers_in_place(runners):
     assert state.widths.tolist() == [n + 6 for n in used]
 
 
+def test_a_compaction_rebinds_only_the_full_layers(tiny, runners):
+    """With 2 free slots per compaction, layers fill at different steps: a step compacts only
+    the full layers, on the same IOBinding, giving only those new buffers, and every step's
+    logits stay the reference's."""
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    engine, reference = OnnxRuntimeRunner(tiny[0], threads=1, cache_slack=2), runners[1]
+    ids, mask = _batch(engine, [40])
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    logits, state = engine.decode(state, ref_logits.argmax(-1))  # every layer gets its free slots
+    ref_logits, ref_state = reference.decode(ref_state, ref_logits.argmax(-1))
+    binding, partial = state.binding, 0
+    for _ in range(14):
+        full = [state.kv[2 * l].shape()[2] <= state.widths[l] for l in range(LAYERS)]
+        before = [buffer.data_ptr() for buffer in state.kv]
+        tokens = ref_logits.argmax(-1)
+        logits, state = engine.decode(state, tokens)
+        ref_logits, ref_state = reference.decode(ref_state, tokens)
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        assert state.binding is binding
+        after = [buffer.data_ptr() for buffer in state.kv]
+        assert [a != b for a, b in zip(after, before)] == [f for f in full for _ in range(2)]
+        partial += 0 < sum(full) < LAYERS
+    assert partial, "no step compacted some layers but not others"
+
+
 def test_batch_with_padding_equals_batch_one_per_row(runners):
     from prefixkv.engines.base import GenerationConfig
 
@@ -487,6 +533,34 @@ def test_a_state_built_from_numpy_keeps_its_buffers_alive(runners):
         np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_state_whose_parts_disagree_is_refused_in_one_line(runners):
+    """Widths that are not the slots' would split every layer's slots at the wrong places
+    (silently, when they sum right): decode refuses such a state with one line, and the
+    per-layer slots ``layers()`` hands out are read-only (the next step reads them)."""
+    from dataclasses import replace
+
+    engine, _ = runners
+    ids, mask = _batch(engine, [45])
+    logits, state = engine.prefill(ids, mask)
+    swapped = state.widths.copy()
+    swapped[[0, 2]] = swapped[[2, 0]]
+    assert swapped.sum() == state.widths.sum() and not (swapped == state.widths).all()
+    cases = {"holds": replace(state, widths=swapped),  # same sum: only the buffers' sizes tell
+             "slots are": replace(state, widths=state.widths + 1),
+             "not this engine's": replace(state, widths=state.widths[:-1]),
+             "tokens for a state of 1 rows": state}
+    for message, bad in cases.items():
+        tokens = np.zeros(2 if bad is state else 1, np.int64)
+        with pytest.raises(ValueError, match=message) as err:
+            engine.decode(bad, tokens)
+        assert "\n" not in str(err.value)
+    _, _, positions, valid = state.layers()[0]
+    with pytest.raises(ValueError, match="read-only"):
+        positions[0, 0] = 7
+    logits, state = engine.decode(state, logits.argmax(-1))  # the state itself still decodes
+    assert np.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("lengths", [[60, 33], [60]])
 def test_arrays_read_from_a_state_outlive_it(runners, lengths):
     """What ``numpy()`` gives for a state's cache stays valid after the state is dropped
@@ -511,3 +585,19 @@ def test_arrays_read_from_a_state_outlive_it(runners, lengths):
     for got, expected in zip(views + decoded, want + decoded_want):
         np.testing.assert_array_equal(got, expected)
     del junk
+
+
+def test_the_exporter_version_ignores_prose_but_not_code(tmp_path):
+    """The engines' cache key: a docstring or comment edit keeps it, a code edit changes it."""
+    from prefixkv.exporter.onnx import exporter_version, source_digest
+
+    source = tmp_path / "m.py"
+    digests = []
+    for text in ('def f(x):\n    """Doubles."""\n    return 2 * x  # twice\n',
+                 'def f(x):\n    """Doubles x, said at length."""\n    # a comment\n    return 2 * x\n',
+                 'def f(x):\n    """Doubles."""\n    return 3 * x\n',
+                 'def f(x):\n    return 2 * x\n'):
+        source.write_text(text)
+        digests.append(source_digest([source]))
+    assert digests[0] == digests[1] == digests[3] != digests[2]
+    assert exporter_version() == exporter_version() and "+" in exporter_version()

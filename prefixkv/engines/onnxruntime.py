@@ -170,8 +170,11 @@ class OnnxRuntimeState:
     binding: object = field(default=None, repr=False)
 
     def layers(self) -> list[tuple]:
-        """Per layer (key, value) OrtValues and (positions, valid) numpy (B, W_l)."""
+        """Per layer (key, value) OrtValues and (positions, valid) numpy (B, W_l), read-only:
+        on the CPU they are views of the slots the next step reads."""
         positions, valid = (v.numpy() for v in self.slots)
+        for array in (positions, valid):
+            array.setflags(write=False)
         bounds = np.concatenate([[0], np.cumsum(self.widths)])
         return [(self.kv[2 * l], self.kv[2 * l + 1], positions[:, a:b], valid[:, a:b])
                 for l, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
@@ -206,7 +209,7 @@ class OnnxRuntimeRunner(Runner):
                  cache_slack: int = CACHE_SLACK, prefill_chunk: int | None = None):
         ort = _import_ort()
         self.engine_dir = Path(engine_dir)
-        self.run_seconds = 0.0  # the last graph call's ONNX Runtime run (``bench.point`` reports it)
+        self.run_seconds = 0.0  # the last decoder run's ONNX Runtime time (``bench.point`` reports it)
         self.manifest = read_manifest(self.engine_dir, verify=verify)
         if self.manifest.get("backend", "onnxruntime") != "onnxruntime":
             raise ValueError(
@@ -426,6 +429,7 @@ class OnnxRuntimeRunner(Runner):
         for state, _ in parts:
             if state.kv is None:
                 raise ValueError("this state was consumed by an earlier step; merge the state that step returned")
+        given = [state for state, _ in parts]
         parts = [(state, rows) for state, rows in parts if len(rows)]
         if not parts:
             raise ValueError("merge needs at least one row")
@@ -454,7 +458,7 @@ class OnnxRuntimeRunner(Runner):
             layers.append((self._owned(key), self._owned(value), positions, valid))
         merged = self._state(layers, np.concatenate([s.positions[r] for s, r in parts]),
                              np.concatenate([s.prompt_lengths[r] for s, r in parts]))
-        for state, _ in parts:
+        for state in given:  # every state given, one that gave no row included
             state.kv = state.binding = None
         return merged
 
@@ -471,7 +475,8 @@ class OnnxRuntimeRunner(Runner):
                              "buffers); continue from the state that step returned")
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
-        full = [l for l in range(self.layers) if kv[2 * l].shape()[2] <= widths[l]]  # no free slot: compact, add slack
+        capacity = self._check_state(state, len(tokens))
+        full = [l for l in range(self.layers) if capacity[l] <= widths[l]]  # no free slot: compact, add slack
         if full:
             kv, slots, widths = self._compact(state, full)
             if binding is not None:
@@ -483,9 +488,33 @@ class OnnxRuntimeRunner(Runner):
         if self._scored:
             inputs["score_from"] = np.array(1, np.int64)  # no scored row: a decode step's mass is not used
         inputs.update(self._decode_extras(len(tokens)))
-        logits, slots, _ = self._step(binding, slots, inputs)
+        try:
+            logits, slots, _ = self._step(binding, slots, inputs)
+        except Exception:
+            state.binding = None  # it may hold buffers a compaction made; the next step binds afresh
+            raise
         state.kv = state.binding = None
         return logits.numpy(), OnnxRuntimeState(kv, slots, widths + 1, state.positions + 1, state.prompt_lengths, binding)
+
+    def _check_state(self, state: OnnxRuntimeState, batch: int) -> list[int]:
+        """Each layer's buffer capacity in slots, or one line if the state's parts disagree (the
+        graph would split its slots by widths that are not theirs, silently, or fail with ONNX
+        Runtime's message)."""
+        widths = np.asarray(state.widths)
+        rows = len(state.positions)
+        if widths.shape != (self.layers,) or len(state.kv) != 2 * self.layers:
+            raise ValueError(f"this state is not this engine's: {len(state.kv) // 2} layers' buffers and widths of shape "
+                             f"{widths.shape}, the engine has {self.layers} layers")
+        if batch != rows:
+            raise ValueError(f"decode got {batch} tokens for a state of {rows} rows")
+        shapes = [tuple(v.shape()) for v in state.slots]
+        if any(shape != (rows, int(widths.sum())) for shape in shapes):
+            raise ValueError(f"this state's slots are {shapes[0]}, its widths say ({rows}, {int(widths.sum())})")
+        capacity = [state.kv[2 * l].shape()[2] for l in range(self.layers)]
+        short = [l for l in range(self.layers) if capacity[l] < widths[l]]
+        if short:
+            raise ValueError(f"this state's layer {short[0]} holds {capacity[short[0]]} slots, its width says {int(widths[short[0]])}")
+        return capacity
 
     def _decode_extras(self, batch: int) -> dict:
         """Inputs a subclass's decoder graph takes besides the text ones (a vision engine: no image rows)."""
