@@ -109,13 +109,10 @@ def one_export_per_graph():
             if fused is not None:
                 fused.update(found)
             return copy.deepcopy(proto)
-        found = {} if fused is not None else None
-        proto = trace(wrapper, args, names, dynamic_shapes, opset, found)
+        proto = trace(wrapper, args, names, dynamic_shapes, opset, fused)
         counts["traced"] += 1
-        if fused is not None:
-            fused.update(found)
         if key is not None:
-            memo[key] = (copy.deepcopy(proto), dict(found or {}))
+            memo[key] = (copy.deepcopy(proto), dict(fused or {}))
         return proto
 
     exporter._trace = memoized

@@ -248,27 +248,17 @@ def weight_points(engines: dict[str, Path | str], context: int, rounds: int, ste
     ``vs_fp32_rounds`` / ``vs_genai_rounds`` say how many rounds gave one (a failed point
     gives none)."""
     out = {"context": context, "steps": steps, "rounds": []}
-    ms = "decode_ms_per_token"
     for r in range(rounds):
-        row = {name: measure(target, context, threads, steps=steps) for name, target in engines.items()}
+        row = in_turn(engines, context, threads, steps, measure)
         for name, measured in row.items():
             family, _, precision = name.rpartition(" ")
-            base = row.get(f"{family} fp32".strip(), {}).get(ms)
-            other = row.get(f"genai {precision}", {}).get(ms) if not family else None
-            if base and measured.get(ms):
-                measured["vs_fp32"] = measured[ms] / base
-            if other and measured.get(ms):
-                measured["vs_genai"] = measured[ms] / other
-        log(f"weights round {r + 1}: " + ", ".join(f"{name} {m[ms]:.2f} ms/token" if ms in m
-                                                   else f"{name} {m.get('error')}" for name, m in row.items()))
+            set_ratio(measured, row.get(f"{family} fp32".strip(), {}), "vs_fp32")
+            if not family:
+                set_ratio(measured, row.get(f"genai {precision}", {}), "vs_genai")
+        log(f"weights round {r + 1}: {described(row)}")
         out["rounds"].append(row)
-    for key in ("vs_fp32", "vs_genai"):
-        for name in engines:
-            ratios = [row[name][key] for row in out["rounds"] if key in row[name]]
-            if not ratios or (key == "vs_fp32" and name.endswith("fp32")):  # fp32 against itself
-                continue
-            out.setdefault(f"median_{key}", {})[name] = statistics.median(ratios)
-            out.setdefault(f"{key}_rounds", {})[name] = len(ratios)
+    medians(out, engines, "vs_fp32", skip=lambda name: name.endswith("fp32"))  # fp32 against itself
+    medians(out, engines, "vs_genai")
     return out
 
 
@@ -280,26 +270,48 @@ def decode_rounds(engines: dict[str, Path | str], contexts, rounds: int, steps: 
     target, with "genai" -> "genai:FOLDER" among them.  A round's step against genai's step of
     the same round is one ratio (``vs_genai``); per context, the median of a name's ratios is
     its figure (``median_vs_genai``) and ``vs_genai_rounds`` says how many rounds gave one."""
-    ms = "decode_ms_per_token"
     out = {}
     for context in contexts:
         entry = {"rounds": []}
         for r in range(rounds):
-            row = {name: measure(target, context, threads, steps=steps) for name, target in engines.items()}
-            base = row.get("genai", {}).get(ms)
+            row = in_turn(engines, context, threads, steps, measure)
             for name, measured in row.items():
-                if name != "genai" and base and measured.get(ms):
-                    measured["vs_genai"] = measured[ms] / base
-            log(f"decode at {context}, round {r + 1}: " + ", ".join(
-                f"{name} {m[ms]:.2f} ms/token" if ms in m else f"{name} {m.get('error')}" for name, m in row.items()))
+                if name != "genai":
+                    set_ratio(measured, row.get("genai", {}), "vs_genai")
+            log(f"decode at {context}, round {r + 1}: {described(row)}")
             entry["rounds"].append(row)
-        for name in engines:
-            ratios = [row[name]["vs_genai"] for row in entry["rounds"] if "vs_genai" in row[name]]
-            if ratios:
-                entry.setdefault("median_vs_genai", {})[name] = statistics.median(ratios)
-                entry.setdefault("vs_genai_rounds", {})[name] = len(ratios)
+        medians(entry, engines, "vs_genai")
         out[str(context)] = entry
     return out
+
+
+# the rounds' shared steps (``weight_points``, ``decode_rounds``)
+STEP = "decode_ms_per_token"
+
+
+def in_turn(engines: dict, context: int, threads: int, steps: int, measure) -> dict:
+    """One round: every target measured in turn, name -> its measurement."""
+    return {name: measure(target, context, threads, steps=steps) for name, target in engines.items()}
+
+
+def set_ratio(measured: dict, base: dict, key: str) -> None:
+    """``measured[key]``: its step over ``base``'s, where both were measured."""
+    if base.get(STEP) and measured.get(STEP):
+        measured[key] = measured[STEP] / base[STEP]
+
+
+def medians(out: dict, names, key: str, skip=lambda name: False) -> None:
+    """``out["median_" + key]`` and ``out[key + "_rounds"]`` per name from ``out["rounds"]``."""
+    for name in names:
+        ratios = [row[name][key] for row in out["rounds"] if key in row[name]]
+        if ratios and not skip(name):
+            out.setdefault(f"median_{key}", {})[name] = statistics.median(ratios)
+            out.setdefault(f"{key}_rounds", {})[name] = len(ratios)
+
+
+def described(row: dict) -> str:
+    """A round as one log line."""
+    return ", ".join(f"{name} {m[STEP]:.2f} ms/token" if STEP in m else f"{name} {m.get('error')}" for name, m in row.items())
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
