@@ -226,10 +226,11 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     assert "Neg" not in [n.op_type for n in proto.graph.node]
 
 
-def test_a_full_cache_engine_has_no_mass_and_matches_the_reference(tmp_path):
+def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_path):
     """Keep 1 (every layer keeps everything; the accumulated score, whose rows are all of
-    them): the decoder returns no mass, and the engine builds and validates against the
-    PyTorch reference, graph and greedy lockstep, over more than one prefill chunk."""
+    them): the decoder returns no mass and runs no decode rule (no ranks: the slots go out
+    as the Concat appended them), and the engine builds and validates against the PyTorch
+    reference, graph and greedy lockstep, over more than one prefill chunk."""
     import onnx
 
     from prefixkv.engines.validate import ValidationConfig
@@ -241,10 +242,14 @@ def test_a_full_cache_engine_has_no_mass_and_matches_the_reference(tmp_path):
                          validation=ValidationConfig(**SMALL_VALIDATION, prefill_chunk=16))
     result = build_engine(config, model=model, log=lambda m: None)
     assert result.passed, result.validation
-    outputs = [o.name for o in onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph.output]
+    graph = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph
+    outputs = [o.name for o in graph.output]
     inputs = [i["name"] for i in json.loads((result.path / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]]
     assert "input_ids" in inputs and "past_widths" in inputs  # the manifest's records, read by name
     assert "mass" not in outputs and "score_from" not in inputs
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert producers["present.positions"] == producers["present.valid"] == "Concat"
+    assert not {"CumSum", "GatherElements"} & {n.op_type for n in graph.node}
 
 
 def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
