@@ -512,9 +512,11 @@ class DecoderGraph(DecodeGraph):
         keyed = not self.scored and self.evicts  # layers evict, on key scores
         self.fused_rotary = not keyed and self.decoder.half_rotation()
         # With the rotation in the op, q, k and v can come packed from one projection, which
-        # the op takes as its query input; the same for the MLP's gate and up (ONNX Runtime
-        # GenAI's layout): two MatMuls fewer per layer.  Not with q/k norms, which apply to
-        # q and k apart.
+        # the op takes as its query input (ONNX Runtime GenAI's layout); the same for the MLP's
+        # gate and up, which one Split then parts: two MatMuls fewer per layer.  (GenAI's builder
+        # keeps gate and up apart; SmolLM2's keep-1 decoder built that way was no faster here,
+        # its two MatMuls taking longer than the packed one and its Split together.)  Not with
+        # q/k norms, which apply to q and k apart.
         dec = self.decoder
         self.packed_qkv = self.packed_mlp = None
         if self.fused_rotary and dec.structure.qk_norm == "none":
