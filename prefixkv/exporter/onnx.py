@@ -505,9 +505,7 @@ class DecoderGraph(DecodeGraph):
         # reads the rotated keys, and the same token's keys in layer 0 tie up to that rounding,
         # so its engines keep the graph's own rotation to break those ties as the reference does.
         # A layer whose keep fraction is 1 never holds more than its cap (the tokens seen so far):
-        # a full-cache engine's graph has no decode rule at all (its ranks, a CumSum and a
-        # GatherElements over every slot, took about 1 ms of SmolLM2's 62 ms full-cache step at
-        # 4096 tokens in an onnxruntime profile).
+        # a full-cache engine's graph has no decode rule at all (its ranks run over every slot).
         self.evicts = any(f < 1.0 for f in spec.fractions)
         keyed = not self.scored and self.evicts  # layers evict, on key scores
         self.fused_rotary = not keyed and self.decoder.half_rotation()
@@ -562,13 +560,6 @@ class DecoderGraph(DecodeGraph):
         # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
         totals = split_equal(widths.to(torch.int32), layers, (1,))
         seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
-        if self.evicts:  # the decode-phase rule's numbers for every layer at once, (B, L); a prefill chunk's rows evict nothing
-            decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
-            seen = position_ids[:, -1] + 1
-            caps, evict_ranks = compaction.decode_budget(prompt_lengths[:, None], seen[:, None],
-                                                        torch.tensor(spec.fractions, dtype=torch.float32), spec.sink,
-                                                        spec.protect_last, spec.evict_distance)
-            caps = torch.where(decoding[:, None], caps, 1 << 62)
         weights = None
         if score_from is not None:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
             weights = ((torch.arange(c) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, c)
@@ -591,7 +582,12 @@ class DecoderGraph(DecodeGraph):
                 masses.append(torch.matmul(weights, probs.float()))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
             buffers += [keys, values]
-        if self.evicts:
+        if self.evicts:  # the decode-phase rule for every layer at once, (B, L); a prefill chunk's rows evict nothing
+            decoding = position_ids[:, -1] >= prompt_lengths  # rows whose new token is past the prompt
+            caps, evict_ranks = compaction.decode_budget(prompt_lengths[:, None], position_ids[:, -1:] + 1,
+                                                        torch.tensor(spec.fractions, dtype=torch.float32), spec.sink,
+                                                        spec.protect_last, spec.evict_distance)
+            caps = torch.where(decoding[:, None], caps, 1 << 62)
             positions, valid = compaction.evict_in_place_layers(positions, valid, widths, caps, evict_ranks)
         mass = (torch.cat(masses, -1).sum((1, 2)),) if masses else ()  # every scored layer's, side by side, over heads
         return (dec.logits(hidden[:, -1]), positions, valid, *buffers, *mass)
