@@ -155,3 +155,74 @@ def test_decode_rounds_compare_each_engine_with_genai_in_the_same_round():
                            measure=lambda t, c, th, steps=None: {"error": "boom"} if t == "G" else {"decode_ms_per_token": 1.0})
     assert "median_vs_genai" not in failed["512"]
     assert targets({"decode_rounds": {"skipped": "no genai"}}) == []
+
+
+def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F811 (the fixture)
+    engine_dir = str(tiny[0])
+    proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir, engine_dir, "100", "--blocks", "3",
+                           "--block-steps", "3", "--threads", "1"], capture_output=True, text=True, check=True)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["blocks"] == 3 and got["block_steps"] == 3 and len(got["ratios"]) == 3
+    assert got["a_ms_per_token"] > 0 and got["b_ms_per_token"] > 0
+    assert got["ratio_quartiles"][0] <= got["ratio"] <= got["ratio_quartiles"][1]
+
+
+def test_interleave_alternates_the_order_and_leaves_each_blocks_first_step_untimed():
+    """A first in even blocks, B first in odd ones; each block's first call is not timed (a
+    fake clock that only the steps move: A's steps take 2, B's 1, the untimed ones 100)."""
+    from prefixkv.bench.paired import interleave
+
+    now, calls = [0.0], []
+
+    def stepper(name, seconds):
+        def step():
+            first = not calls or calls[-1][0] != name
+            calls.append((name, first))
+            now[0] += 100.0 if first else seconds
+        return step
+
+    a_blocks, b_blocks = interleave(stepper("a", 2.0), stepper("b", 1.0), blocks=3, block_steps=4, clock=lambda: now[0])
+    assert [name for name, _ in calls] == list("aaaabbbb" "bbbbaaaa" "aaaabbbb")
+    assert a_blocks == [[2.0] * 3] * 3 and b_blocks == [[1.0] * 3] * 3
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        interleave(stepper("a", 1), stepper("b", 1), blocks=1, block_steps=1)
+
+
+def test_a_paired_figure_is_the_median_of_the_per_block_ratios():
+    """Hand-computed: per-block medians A 3, 10, 1 and B 1, 5, 2 -> ratios 3, 2, 0.5, median 2,
+    quartiles (inclusive) 1.25 and 2.5; each side's step is the median over all its steps."""
+    from prefixkv.bench.paired import summarize
+
+    got = summarize([[2, 4, 3], [10, 10, 10], [1, 1, 1]], [[1, 1, 1], [5, 5, 5], [2, 2, 2]])
+    assert got["ratios"] == [3.0, 2.0, 0.5]
+    assert got["ratio"] == 2.0 and got["ratio_quartiles"] == [1.25, 2.5]
+    assert got["a_ms_per_token"] == 3000.0 and got["b_ms_per_token"] == 2000.0
+    assert got["blocks"] == 3 and got["block_steps"] == 4
+
+
+def test_paired_points_become_target_rows_beside_the_rounds():
+    """Each pair is measured once (a failed one is kept as its error and gives no row); the
+    paired figures stand as their own target rows, labelled with their blocks and quartiles."""
+    from prefixkv.bench.speed import paired_points, targets
+
+    seen = []
+
+    def measure(a, b, context, threads, blocks, block_steps):
+        seen.append((a, b, context, blocks, block_steps))
+        if a == "broken":
+            return {"error": "boom"}
+        return {"ratio": {"E1": 1.04, "E2": 0.8, "I4": 0.39}[a], "ratio_quartiles": [0.9, 1.1], "blocks": blocks,
+                "a_ms_per_token": 10.0, "b_ms_per_token": 10.0}
+
+    lines = []
+    decode = paired_points({"keep 1": ("E1", "G"), "keep 0.2": ("E2", "G"), "keep 0.5": ("broken", "G")}, 2048, 2, 12, 8,
+                           lines.append, measure=measure)
+    weights = paired_points({"int4": ("I4", "F32")}, 1024, 2, 12, 8, lines.append, measure=measure)
+    assert seen[0] == ("E1", "G", 2048, 12, 8) and decode["keep 0.5"] == {"error": "boom"} and len(lines) == 4
+    rows = {row["target"]: (row["value"], row["met"])
+            for row in targets({"paired": {"2048": decode}, "weights": {"context": 1024, "paired": weights}})}
+    label = "paired in one process, median of 12 blocks, quartiles 0.900-1.100"
+    assert rows == {f"int4 decode at 1024 <= 0.4x fp32 ({label})": (0.39, True),
+                    f"keep 1 decode at 2048 <= onnxruntime-genai's ({label})": (1.04, False),
+                    f"keep 0.2 decode at 2048 <= onnxruntime-genai's ({label})": (0.8, True)}
+    assert targets({"paired": {"skipped": "no genai"}}) == []

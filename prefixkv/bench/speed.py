@@ -14,6 +14,10 @@ weights at ``--weight-context`` tokens, the two in turn for ``--weight-rounds`` 
 process each (``weight_points``; not when every keep is 1); each keep's decode step and
 onnxruntime-genai's at every context, in turn in fresh processes for ``--context-rounds``
 rounds (``decode_rounds``: the figure the "no slower than onnxruntime-genai" target reads);
+the same two comparisons paired, each pair's decode steps interleaved in blocks in one
+fresh process for ``--paired-blocks`` blocks (``prefixkv.bench.paired``; ``paired`` and
+``weights.paired``, each a second target row beside the rounds'), and the smallest keep's
+engine against itself (``paired_noise``: the spread the pairing leaves);
 and each target of the engine with its measured value (``targets``).  The same decode through the
 PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
 model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
@@ -208,12 +212,24 @@ def point(target, context: int, threads: int, chunk: int | None = None, steps: i
     """``prefixkv.bench.point``'s measurement of ``target`` (an engine folder, torch:MODEL or genai:FOLDER) in
     a fresh process (its peak RSS is the point's, and no other engine's threads or caches
     share it), or {"error": its last line}."""
+    arguments = [str(target), str(context), "--threads", str(threads)]
+    arguments += ["--chunk", str(chunk)] if chunk else []
+    arguments += ["--steps", str(steps)] if steps is not None else []
+    return fresh_process("point", arguments)
+
+
+def paired(a, b, context: int, threads: int, blocks: int, block_steps: int) -> dict:
+    """``prefixkv.bench.paired``'s measurement of ``a``'s decode step against ``b``'s (engine
+    folders or genai:FOLDER), both in one fresh process, or {"error": its last line}."""
+    return fresh_process("paired", [str(a), str(b), str(context), "--threads", str(threads), "--blocks", str(blocks),
+                                    "--block-steps", str(block_steps)])
+
+
+def fresh_process(module: str, arguments: list[str]) -> dict:
+    """``python -m prefixkv.bench.MODULE ARGUMENTS``' JSON line, or {"error": its last line}."""
     import subprocess
 
-    command = [sys.executable, "-m", "prefixkv.bench.point", str(target), str(context), "--threads", str(threads)]
-    command += ["--chunk", str(chunk)] if chunk else []
-    command += ["--steps", str(steps)] if steps is not None else []
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", f"prefixkv.bench.{module}", *arguments], capture_output=True, text=True)
     if proc.returncode:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": lines[-1][:300] if lines else f"exit status {proc.returncode}"}
@@ -285,6 +301,23 @@ def decode_rounds(engines: dict[str, Path | str], contexts, rounds: int, steps: 
     return out
 
 
+def paired_points(pairs: dict[str, tuple], context: int, threads: int, blocks: int, block_steps: int, log,
+                  measure=paired) -> dict:
+    """name -> ``paired``'s measurement of the pair (A, B) at ``context`` tokens: A's decode
+    step against B's, interleaved in one process (``prefixkv.bench.paired``), or {"error": ...}."""
+    out = {}
+    for name, (a, b) in pairs.items():
+        measured = measure(a, b, context, threads, blocks, block_steps)
+        if "ratio" in measured:
+            low, high = measured["ratio_quartiles"]
+            log(f"paired at {context}: {name} {measured['a_ms_per_token']:.2f} against {measured['b_ms_per_token']:.2f} "
+                f"ms/token, {measured['ratio']:.3f}x (quartiles {low:.3f}-{high:.3f}, {measured['blocks']} blocks)")
+        else:
+            log(f"paired at {context}: {name} {measured.get('error')}")
+        out[name] = measured
+    return out
+
+
 # the rounds' shared steps (``weight_points``, ``decode_rounds``)
 STEP = "decode_ms_per_token"
 
@@ -334,6 +367,11 @@ TARGETS = {"peak_rss_gib_at_8192": 2.0, "folder_vs_safetensors": 1.1, "rss_after
 TARGETS_VS_FP32 = {"int4": 0.4}  # a weight precision's decode step against the fp32 engine's, batch 1
 
 
+def paired_label(measured: dict) -> str:
+    low, high = measured["ratio_quartiles"]
+    return f"paired in one process, median of {measured['blocks']} blocks, quartiles {low:.3f}-{high:.3f}"
+
+
 def targets(results: dict) -> list[dict]:
     """Each target that was measured: its value, its limit and whether it was met."""
 
@@ -377,6 +415,15 @@ def targets(results: dict) -> list[dict]:
     for name, ratio in (weights.get("median_vs_genai") or {}).items():
         rows.append(row(f"{name} decode at {weights['context']} <= onnxruntime-genai's {name} (median of "
                         f"{weights['vs_genai_rounds'][name]} rounds)", ratio, 1.0))
+    for name, measured in (weights.get("paired") or {}).items():
+        if name in TARGETS_VS_FP32 and "ratio" in measured:
+            rows.append(row(f"{name} decode at {weights['context']} <= {TARGETS_VS_FP32[name]}x fp32 ({paired_label(measured)})",
+                            measured["ratio"], TARGETS_VS_FP32[name]))
+    for context, entries in (results.get("paired") or {}).items():
+        for name, measured in (entries if isinstance(entries, dict) else {}).items():
+            if isinstance(measured, dict) and "ratio" in measured:
+                rows.append(row(f"{name} decode at {context} <= onnxruntime-genai's ({paired_label(measured)})",
+                                measured["ratio"], 1.0))
     rounds = {c: e for c, e in (results.get("decode_rounds") or {}).items() if isinstance(e, dict)}  # not "skipped"
     for context, entry in rounds.items():
         for name, ratio in (entry.get("median_vs_genai") or {}).items():
@@ -431,10 +478,10 @@ def run(args) -> int:
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     limit = int(getattr(text, "max_position_embeddings", 2048))
     weighed = args.weight_rounds and min(args.keep) < 1  # the weight-precision points run (at the smallest keep < 1)
-    too_long = [c for c in (*args.contexts, *([args.weight_context] if weighed else []))
-                if c + args.warmup + args.steps > limit]
+    steps = max(args.warmup + args.steps, args.paired_blocks * args.block_steps + 2)
+    too_long = [c for c in (*args.contexts, *([args.weight_context] if weighed else [])) if c + steps > limit]
     if too_long:
-        raise ValueError(f"contexts {too_long} plus {args.warmup + args.steps} decode steps exceed the model's context of {limit}")
+        raise ValueError(f"contexts {too_long} plus {steps} decode steps exceed the model's context of {limit}")
     folder = Path(args.engines_dir) if args.engines_dir else cache_dir() / "bench-engines"
     folder.mkdir(parents=True, exist_ok=True)
     keeps = sorted(set(args.keep), reverse=True)
@@ -475,6 +522,17 @@ def run(args) -> int:
                                                      args.threads or 2, log)
         except ImportError as err:
             results["decode_rounds"] = {"skipped": str(err)}
+    if args.paired_blocks and args.batch == 1:
+        try:  # each keep's engine and onnxruntime-genai's, their steps interleaved in one process
+            genai = f"genai:{genai_model(model_folder(model), folder, 'fp32', log)}"
+            pair = (args.threads or 2, args.paired_blocks, args.block_steps, log)
+            results["paired"] = {str(c): paired_points({f"keep {k:g}": (str(engines[k]), genai) for k in keeps}, c, *pair)
+                                 for c in args.contexts}
+            smallest = str(engines[min(keeps)])  # the same engine against itself: what is left of the noise
+            results["paired_noise"] = paired_points({f"keep {min(keeps):g} against itself": (smallest, smallest)},
+                                                    args.contexts[0], *pair)
+        except ImportError as err:
+            results["paired"] = {"skipped": str(err)}
     if args.prefill_contexts and not args.no_prefill:
         smallest = min(keeps)
         prefill = prefill_engines(model, tokenizer, args.model, smallest, args.prefill_scorers, folder, log) if smallest < 1 else {}
@@ -494,12 +552,17 @@ def run(args) -> int:
                 genai = {"skipped": str(err)}
             results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps,
                                                args.threads or 2, log)
+            if args.paired_blocks:  # int4 against fp32, interleaved in one process (and genai's own pair)
+                pairs = {name: (engines_[name], engines_[name.replace("int4", "fp32")])
+                         for name in ("int4", "genai int4") if name in engines_}
+                results["weights"]["paired"] = paired_points(pairs, args.weight_context, args.threads or 2,
+                                                             args.paired_blocks, args.block_steps, log)
             if genai:
                 results["weights"]["genai"] = genai
         except Exception as err:  # a failed build: the measurements above are still written
             results["weights"] = {"error": one_line(err)}
             log(f"weight-precision points: {results['weights']['error']}")
-    if results.get("prefill") or results.get("weights") or results.get("decode_rounds"):
+    if results.get("prefill") or results.get("weights") or results.get("decode_rounds") or results.get("paired"):
         results["targets"] = targets(results)
         for row in results["targets"]:
             log(f"target {row['target']}: {row['value']} ({'met' if row['met'] else 'NOT met'})")

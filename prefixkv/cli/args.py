@@ -58,6 +58,11 @@ def positive_int(text: str) -> int:
     return _number(text, int, "expected a positive integer", low=1)
 
 
+def block_steps(text: str) -> int:
+    """Decode steps per block of a paired point: the first is untimed, so at least 2."""
+    return _number(text, int, "expected an integer >= 2 (the first step of a block is not timed)", low=2)
+
+
 def count(text: str) -> int:
     """An integer >= 0."""
     return _number(text, int, "expected an integer >= 0", low=0)

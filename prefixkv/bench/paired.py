@@ -1,0 +1,112 @@
+"""Two decoders in one process, their decode steps interleaved: a paired measurement.
+
+    python -m prefixkv.bench.paired A B CONTEXT [--blocks N] [--block-steps S] [--threads T]
+
+A and B are engine folders or ``genai:FOLDER`` (an onnxruntime-genai model).  Both prefill
+the first CONTEXT tokens of the built-in text, then decode greedily in blocks of S steps,
+A's block and B's in turn (A first in even blocks, B first in odd ones).  The first step of
+a block is not timed: the other decoder's ONNX Runtime threads may still be spinning from
+its block, and on a 2-core machine they take a core from that step.  The other S - 1 steps
+run back to back, as a decode loop does.  A pair of blocks gives one ratio, A's median step
+over B's, and the median of those ratios is the figure (``ratio``, with its quartiles).
+
+Why: this machine's speed drifts by 10 to 40 % over minutes (the same engine's step in
+fresh processes a few minutes apart), so two decoders measured one after the other, even
+in rounds, differ by more than the effects to be measured.  Here the two see the same
+spell of the machine within a second of each other.  Run A against itself to see what is
+left of the noise (``bench speed`` does, as ``paired_noise``).  Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from .point import load_genai, prompt_text
+
+
+def decoder_steps(target: str, context: int, threads: int, steps: int):
+    """A function running one greedy decode step of ``target`` after its prefill of the
+    first ``context`` tokens of the built-in text; ``steps``: how many it will be asked for."""
+    if target.startswith("genai:"):
+        from ..tokenizer import Tokenizer
+
+        folder = target.split(":", 1)[1]
+        og, model = load_genai(folder, threads)
+        ids = Tokenizer(folder).encode(prompt_text())[:context]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        return generator.generate_next_token
+    from ..engines.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(target, threads=threads, verify=False)
+    ids = runner.tokenizer.encode(prompt_text())[:context]
+    if len(ids) + steps > runner.max_context:
+        raise ValueError(f"{context} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
+    held = list(runner.prefill(*runner.pad([ids])))  # [logits, state]
+
+    def step() -> None:
+        held[0], held[1] = runner.decode(held[1], held[0].argmax(-1))
+
+    return step
+
+
+def interleave(step_a, step_b, blocks: int, block_steps: int, clock=time.perf_counter) -> tuple[list, list]:
+    """Blocks of ``block_steps`` calls of ``step_a`` and of ``step_b`` in turn, A first in
+    even blocks and B first in odd ones -> (A's blocks, B's blocks): per block the seconds of
+    each call but the first (untimed)."""
+    if blocks < 1 or block_steps < 2:
+        raise ValueError(f"need at least 1 block of at least 2 steps, got {blocks} of {block_steps}")
+    timed = {"a": [], "b": []}
+    for block in range(blocks):
+        order = (("a", step_a), ("b", step_b)) if block % 2 == 0 else (("b", step_b), ("a", step_a))
+        for name, step in order:
+            step()  # untimed: the other decoder's threads may still spin
+            seconds = []
+            for _ in range(block_steps - 1):
+                start = clock()
+                step()
+                seconds.append(clock() - start)
+            timed[name].append(seconds)
+    return timed["a"], timed["b"]
+
+
+def summarize(a_blocks: list, b_blocks: list) -> dict:
+    """The paired figures: each decoder's median step (ms, over all its timed steps), the
+    per-block ratios (A's median step in a block over B's in the same block), their median
+    (``ratio``) and quartiles."""
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(a_blocks, b_blocks)]
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"a_ms_per_token": statistics.median(t for block in a_blocks for t in block) * 1e3,
+            "b_ms_per_token": statistics.median(t for block in b_blocks for t in block) * 1e3,
+            "ratios": ratios, "ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
+            "blocks": len(ratios), "block_steps": len(a_blocks[0]) + 1}
+
+
+def measure(a: str, b: str, context: int, threads: int, blocks: int, block_steps: int) -> dict:
+    steps = blocks * block_steps + 1
+    step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)
+    step_a()  # one warm step each
+    step_b()
+    return {"a": a, "b": b, "context": context, "threads": threads,
+            **summarize(*interleave(step_a, step_b, blocks, block_steps))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefixkv.bench.paired", description=__doc__.splitlines()[0])
+    parser.add_argument("a", help="an engine folder or genai:FOLDER")
+    parser.add_argument("b", help="an engine folder or genai:FOLDER (the ratio's denominator)")
+    parser.add_argument("context", type=int)
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--block-steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
