@@ -10,10 +10,10 @@ its block, and on a 2-core machine they take a core from that step.  The other S
 run back to back, as a decode loop does.  A pair of blocks gives one ratio, A's median step
 over B's, and the median of those ratios is the figure (``ratio``, with its quartiles).
 
-Why: this machine's speed drifts by 10 to 40 % over minutes (the same engine's step in
-fresh processes a few minutes apart), so two decoders measured one after the other, even
-in rounds, differ by more than the effects to be measured.  Here the two see the same
-spell of the machine within a second of each other.  Run A against itself to see what is
+Why: a shared machine's speed drifts over minutes, on this project's CI-like machine by
+more than the differences to be measured (the README has the figures), so two decoders
+measured one after the other, even in rounds of fresh processes, compare two spells of
+the machine.  Here the two see the same spell within a second of each other.  Run A against itself to see what is
 left of the noise (``bench speed`` does, as ``paired_noise``).  Prints one JSON line.
 """
 from __future__ import annotations
