@@ -79,8 +79,8 @@ def register(subparsers) -> None:
                         "onnxruntime-genai's full-cache model in turn, a fresh process each (0: none; default 3)")
     p.add_argument("--paired-blocks", type=a.count, default=12,
                    help="blocks of the paired decode points: each keep's engine against onnxruntime-genai's at every "
-                        "--contexts length, and int4 against fp32, their steps interleaved in one fresh process "
-                        "(0: none; default 12)")
+                        "--contexts length, and int4 against fp32 where the weight rounds run, their steps "
+                        "interleaved in one fresh process (0: none; default 12)")
     p.add_argument("--block-steps", type=a.block_steps, default=8,
                    help="decode steps per block of a paired point, the first one untimed (default 8)")
     p.add_argument("--weight-context", type=a.positive_int, default=1024,
