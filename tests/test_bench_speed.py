@@ -165,24 +165,30 @@ def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F
     assert got["blocks"] == 3 and got["block_steps"] == 3 and len(got["ratios"]) == 3
     assert got["a_ms_per_token"] > 0 and got["b_ms_per_token"] > 0
     assert got["ratio_quartiles"][0] <= got["ratio"] <= got["ratio_quartiles"][1]
+    refused = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir, engine_dir, "100",
+                              "--block-steps", "1"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "at least 2 steps" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_interleave_alternates_the_order_and_leaves_each_blocks_first_step_untimed():
     """A first in even blocks, B first in odd ones; each block's first call is not timed (a
-    fake clock that only the steps move: A's steps take 2, B's 1, the untimed ones 100)."""
+    fake clock that only the steps move: A's steps take 2, B's 1, and every 4th call of a
+    step, counted from its first, 100: the calls that must go untimed)."""
     from prefixkv.bench.paired import interleave
 
     now, calls = [0.0], []
 
     def stepper(name, seconds):
+        count = [0]
+
         def step():
-            first = not calls or calls[-1][0] != name
-            calls.append((name, first))
-            now[0] += 100.0 if first else seconds
+            calls.append(name)
+            now[0] += 100.0 if count[0] % 4 == 0 else seconds
+            count[0] += 1
         return step
 
     a_blocks, b_blocks = interleave(stepper("a", 2.0), stepper("b", 1.0), blocks=3, block_steps=4, clock=lambda: now[0])
-    assert [name for name, _ in calls] == list("aaaabbbb" "bbbbaaaa" "aaaabbbb")
+    assert "".join(calls) == "aaaabbbb" "bbbbaaaa" "aaaabbbb"
     assert a_blocks == [[2.0] * 3] * 3 and b_blocks == [[1.0] * 3] * 3
     with pytest.raises(ValueError, match="at least 2 steps"):
         interleave(stepper("a", 1), stepper("b", 1), blocks=1, block_steps=1)

@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 
-from .point import load_genai, prompt_text
+from .point import genai_generator, load_genai, prompt_text
 
 
 def decoder_steps(target: str, context: int, threads: int, steps: int):
@@ -35,9 +35,7 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
         folder = target.split(":", 1)[1]
         og, model = load_genai(folder, threads)
         ids = Tokenizer(folder).encode(prompt_text())[:context]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
-        generator = og.Generator(model, params)
+        generator = genai_generator(og, model, ids, steps)
         generator.append_tokens([ids])
         return generator.generate_next_token
     from ..engines.onnxruntime import OnnxRuntimeRunner
@@ -104,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.blocks < 1 or args.block_steps < 2 or args.threads < 1 or args.context < 1:
+        parser.error("need a context of at least 1 token, at least 1 block of at least 2 steps, and at least 1 thread")
     print(json.dumps(measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps)))
     return 0
 

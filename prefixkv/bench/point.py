@@ -109,12 +109,17 @@ def load_genai(folder, threads: int | None):
     return og, og.Model(config)
 
 
+def genai_generator(og, model, ids: list[int], steps: int):
+    """An onnxruntime-genai greedy generator for the prompt ``ids``, with room for ``steps`` new tokens."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
+    return og.Generator(model, params)
+
+
 def genai_generate(og, model, ids: list[int], steps: int, warmup: int = 0) -> tuple[float, list[float]]:
     """Greedy generation with an onnxruntime-genai model: (the prompt's seconds, the seconds of
     each of ``steps`` decode steps after ``warmup`` untimed ones)."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + warmup + steps + 1, do_sample=False)
-    generator = og.Generator(model, params)
+    generator = genai_generator(og, model, ids, warmup + steps)
     start = time.perf_counter()
     generator.append_tokens([ids])
     prefill = time.perf_counter() - start

@@ -478,7 +478,8 @@ def run(args) -> int:
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     limit = int(getattr(text, "max_position_embeddings", 2048))
     weighed = args.weight_rounds and min(args.keep) < 1  # the weight-precision points run (at the smallest keep < 1)
-    steps = max(args.warmup + args.steps, args.paired_blocks * args.block_steps + 2)
+    paired_on = bool(args.paired_blocks) and args.batch == 1  # the paired points run (batch 1 only)
+    steps = max(args.warmup + args.steps, args.paired_blocks * args.block_steps + 2 if paired_on else 0)
     too_long = [c for c in (*args.contexts, *([args.weight_context] if weighed else [])) if c + steps > limit]
     if too_long:
         raise ValueError(f"contexts {too_long} plus {steps} decode steps exceed the model's context of {limit}")
@@ -522,17 +523,22 @@ def run(args) -> int:
                                                      args.threads or 2, log)
         except ImportError as err:
             results["decode_rounds"] = {"skipped": str(err)}
-    if args.paired_blocks and args.batch == 1:
+    if paired_on:
+        pair = (args.threads or 2, args.paired_blocks, args.block_steps, log)
+        smallest = str(engines[min(keeps)])  # the same engine against itself: what is left of the noise
+        results["paired_noise"] = paired_points({f"keep {min(keeps):g} against itself": (smallest, smallest)},
+                                                min(args.contexts), *pair)
         try:  # each keep's engine and onnxruntime-genai's, their steps interleaved in one process
             genai = f"genai:{genai_model(model_folder(model), folder, 'fp32', log)}"
-            pair = (args.threads or 2, args.paired_blocks, args.block_steps, log)
             results["paired"] = {str(c): paired_points({f"keep {k:g}": (str(engines[k]), genai) for k in keeps}, c, *pair)
                                  for c in args.contexts}
-            smallest = str(engines[min(keeps)])  # the same engine against itself: what is left of the noise
-            results["paired_noise"] = paired_points({f"keep {min(keeps):g} against itself": (smallest, smallest)},
-                                                    args.contexts[0], *pair)
         except ImportError as err:
             results["paired"] = {"skipped": str(err)}
+        except Exception as err:  # genai's model failed to build: the measurements above are still written
+            results["paired"] = {"error": one_line(err)}
+            log(f"paired points: {results['paired']['error']}")
+    elif args.paired_blocks:
+        results["paired"] = {"skipped": "batch 1 only"}
     if args.prefill_contexts and not args.no_prefill:
         smallest = min(keeps)
         prefill = prefill_engines(model, tokenizer, args.model, smallest, args.prefill_scorers, folder, log) if smallest < 1 else {}

@@ -296,7 +296,7 @@ class OnnxRuntimeRunner(Runner):
     def _binding(self, kv: list):
         """A decoder IOBinding with the buffers ``kv`` bound as past and present (the fused
         attention writes into them in place); the outputs a step binds afresh come first, so
-        ``get_outputs`` returns them first."""
+        they are the first of the binding's outputs (``_step`` reads only those)."""
         binding = self.sessions["decoder"].io_binding()
         for name in self._fresh:
             binding.bind_output(name, self.device)
@@ -324,8 +324,8 @@ class OnnxRuntimeRunner(Runner):
         start = time.perf_counter()
         self.sessions["decoder"].run_with_iobinding(binding)
         self.run_seconds = time.perf_counter() - start  # ONNX Runtime's own run, without the binding around it
-        # get_outputs() would wrap every bound output, the 2 x layers buffers too (about a third
-        # of the runner's Python per decode step): wrap only the step's new values, bound first
+        # get_outputs() would wrap every bound output in a Python object, the 2 x layers buffers
+        # too, at every step: wrap only the step's new values, bound first
         outputs = binding.get_outputs_as_ortvaluevector()
         fresh = [self._ort.OrtValue(outputs[i]) for i in range(len(self._fresh))]
         return fresh[0], fresh[1:3], (fresh[3] if self._scored else None)
