@@ -13,8 +13,9 @@ over B's, and the median of those ratios is the figure (``ratio``, with its quar
 Why: a shared machine's speed drifts over minutes, on this project's CI-like machine by
 more than the differences to be measured (the README has the figures), so two decoders
 measured one after the other, even in rounds of fresh processes, compare two spells of
-the machine.  Here the two see the same spell within a second of each other.  Run A against itself to see what is
-left of the noise (``bench speed`` does, as ``paired_noise``).  Prints one JSON line.
+the machine.  Here the two see the same spell within a second of each other.  Run A
+against itself to see what is left of the noise (``bench speed`` does, as
+``paired_noise``).  Prints one JSON line.
 """
 from __future__ import annotations
 
