@@ -423,9 +423,14 @@ def test_decode_writes_into_the_cache_buffers_in_place(runners):
     used = [int(w) - 1 for w in state.widths]  # the slots in use before this step
     assert capacity == [n + max(engine.cache_slack, n // 8) for n in used]
     binding = state.binding
+    small = {name: held[0] for name, held in binding._owned.items()}  # the step's small inputs, bound once
+    assert set(small) >= {"input_ids", "position_ids", "prompt_lengths", "past_widths"}
     for _ in range(5):
         logits, state = engine.decode(state, logits.argmax(-1))
     assert [buffer.data_ptr() for buffer in state.kv] == buffers and state.binding is binding
+    assert {name: held[0] for name, held in binding._owned.items()} == small  # the same values, updated
+    assert small["position_ids"].numpy().tolist() == [[int(state.positions[0]) - 1]]
+    assert small["past_widths"].numpy().tolist() == [int(w) - 1 for w in state.widths]
     assert [state.kv[2 * l].shape()[2] for l in range(LAYERS)] == capacity
     assert state.widths.tolist() == [n + 6 for n in used]
 

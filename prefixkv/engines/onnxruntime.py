@@ -152,6 +152,50 @@ def release_freed_heap() -> None:
     trim(0)
 
 
+class DecoderBinding:
+    """The decoder's IOBinding for a run of steps: the key/value buffers bound as past and
+    present (``bind_kv``), the outputs a step binds afresh (``fresh``) bound first, so that
+    they are the first of the binding's outputs.
+
+    On the CPU a step's small inputs (token, position, widths) are bound once, as values this
+    binding owns, and a later step with the same shapes copies its numbers into them
+    (``set_inputs``).  Binding a new value is cheap in itself (about a microsecond), but the
+    first binds after a decode run were not: binding the token and its position took about
+    0.2 ms of SmolLM2's 31 ms step at 512 tokens (scratch timing; ``bench.point``'s step less
+    run, README "Engine v2").  On another device a value bound from the CPU is copied there
+    when it is bound, so each step binds its inputs afresh."""
+
+    def __init__(self, session, device: str, fresh: list[str], ort):
+        self.io = session.io_binding()
+        self._device, self._ort = device, ort
+        self._owned: dict[str, tuple] = {}  # name -> (OrtValue, shape, dtype), CPU only
+        for name in fresh:
+            self.io.bind_output(name, device)
+
+    def bind_kv(self, kv: list, layers) -> None:
+        """Bind layers' key/value buffers (``kv``: per layer key, value) as past and present."""
+        for l in layers:
+            for i, part in enumerate(("key", "value")):
+                self.io.bind_ortvalue_input(f"past.{l}.{part}", kv[2 * l + i])
+                self.io.bind_ortvalue_output(f"present.{l}.{part}", kv[2 * l + i])
+
+    def set_inputs(self, inputs: dict) -> None:
+        """Give the small inputs (name -> numpy array) their values for the next run."""
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            if self._device != "cpu":
+                self.io.bind_cpu_input(name, array)
+                continue
+            held = self._owned.get(name)
+            if held is None or held[1] != array.shape or held[2] != array.dtype:
+                value = self._ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, "cpu")
+                held = self._owned[name] = (value, array.shape, array.dtype)
+                value.update_inplace(array)
+                self.io.bind_ortvalue_input(name, value)
+            else:
+                held[0].update_inplace(array)
+
+
 @dataclass
 class OnnxRuntimeState:
     """kv: per layer (key, value) OrtValues, flat: (B, Hkv, C_l, D) buffers whose first W_l
@@ -159,8 +203,8 @@ class OnnxRuntimeState:
     in use side by side, layer by layer (the decoder graph's layout); widths: (L,) int64, the
     W_l; positions: (B,) next original position per row; prompt_lengths: (B,) real prompt
     lengths.  After prefill C_l == W_l (compact caches, no free slot).  ``binding``: the
-    decoder's IOBinding with these buffers bound as past and present (None: bound at the next
-    step), so that a decode step binds only what changes."""
+    decoder's ``DecoderBinding`` with these buffers bound as past and present (None: bound at
+    the next step), so that a decode step binds only what changes."""
 
     kv: list
     slots: list
@@ -293,40 +337,30 @@ class OnnxRuntimeRunner(Runner):
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
-    def _binding(self, kv: list):
-        """A decoder IOBinding with the buffers ``kv`` bound as past and present (the fused
-        attention writes into them in place); the outputs a step binds afresh come first, so
-        they are the first of the binding's outputs (``_step`` reads only those)."""
-        binding = self.sessions["decoder"].io_binding()
-        for name in self._fresh:
-            binding.bind_output(name, self.device)
-        self._bind_kv(binding, kv, range(self.layers))
+    def _binding(self, kv: list) -> "DecoderBinding":
+        """A decoder binding with the buffers ``kv`` bound as past and present (the fused
+        attention writes into them in place)."""
+        binding = DecoderBinding(self.sessions["decoder"], self.device, self._fresh, self._ort)
+        binding.bind_kv(kv, range(self.layers))
         return binding
 
-    @staticmethod
-    def _bind_kv(binding, kv: list, layers) -> None:
-        for l in layers:
-            for i, part in enumerate(("key", "value")):
-                binding.bind_ortvalue_input(f"past.{l}.{part}", kv[2 * l + i])
-                binding.bind_ortvalue_output(f"present.{l}.{part}", kv[2 * l + i])
-
-    def _step(self, binding, slots: list, inputs: dict):
+    def _step(self, binding: "DecoderBinding", slots: list, inputs: dict):
         """One decoder run on ``binding`` (its buffers bound by ``_binding``) from the slots
         (positions, valid) -> (logits, the new slots, the chunk's mass (B, sum over scored
         layers of their slots) or None), OrtValues.  Only the small inputs and outputs are
         bound here: at batch 1 a decode step's binding is part of its time."""
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_ortvalue_input("past.positions", slots[0])
-        binding.bind_ortvalue_input("past.valid", slots[1])
+        binding.set_inputs(inputs)
+        io = binding.io
+        io.bind_ortvalue_input("past.positions", slots[0])
+        io.bind_ortvalue_input("past.valid", slots[1])
         for name in self._fresh:  # new values: the previous step's are still the caller's
-            binding.bind_output(name, self.device)
+            io.bind_output(name, self.device)
         start = time.perf_counter()
-        self.sessions["decoder"].run_with_iobinding(binding)
+        self.sessions["decoder"].run_with_iobinding(io)
         self.run_seconds = time.perf_counter() - start  # ONNX Runtime's own run, without the binding around it
         # get_outputs() would wrap every bound output in a Python object, the 2 x layers buffers
         # too, at every step: wrap only the step's new values, bound first
-        outputs = binding.get_outputs_as_ortvaluevector()
+        outputs = io.get_outputs_as_ortvaluevector()
         fresh = [self._ort.OrtValue(outputs[i]) for i in range(len(self._fresh))]
         return fresh[0], fresh[1:3], (fresh[3] if self._scored else None)
 
@@ -483,7 +517,7 @@ class OnnxRuntimeRunner(Runner):
         if full:
             kv, slots, widths = self._compact(state, full)
             if binding is not None:
-                self._bind_kv(binding, kv, full)
+                binding.bind_kv(kv, full)
         if binding is None:
             binding = self._binding(kv)
         inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths,
