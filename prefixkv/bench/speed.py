@@ -479,6 +479,7 @@ def run(args) -> int:
     limit = int(getattr(text, "max_position_embeddings", 2048))
     weighed = args.weight_rounds and min(args.keep) < 1  # the weight-precision points run (at the smallest keep < 1)
     paired_on = bool(args.paired_blocks) and args.batch == 1  # the paired points run (batch 1 only)
+    pair = (args.threads or 2, args.paired_blocks, args.block_steps, log)  # paired_points' settings
     steps = max(args.warmup + args.steps, args.paired_blocks * args.block_steps + 2 if paired_on else 0)
     too_long = [c for c in (*args.contexts, *([args.weight_context] if weighed else [])) if c + steps > limit]
     if too_long:
@@ -524,7 +525,6 @@ def run(args) -> int:
         except ImportError as err:
             results["decode_rounds"] = {"skipped": str(err)}
     if paired_on:
-        pair = (args.threads or 2, args.paired_blocks, args.block_steps, log)
         smallest = str(engines[min(keeps)])  # the same engine against itself: what is left of the noise
         results["paired_noise"] = paired_points({f"keep {min(keeps):g} against itself": (smallest, smallest)},
                                                 min(args.contexts), *pair)
@@ -558,11 +558,10 @@ def run(args) -> int:
                 genai = {"skipped": str(err)}
             results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps,
                                                args.threads or 2, log)
-            if args.paired_blocks:  # int4 against fp32, interleaved in one process (and genai's own pair)
+            if paired_on:  # int4 against fp32, interleaved in one process (and genai's own pair)
                 pairs = {name: (engines_[name], engines_[name.replace("int4", "fp32")])
                          for name in ("int4", "genai int4") if name in engines_}
-                results["weights"]["paired"] = paired_points(pairs, args.weight_context, args.threads or 2,
-                                                             args.paired_blocks, args.block_steps, log)
+                results["weights"]["paired"] = paired_points(pairs, args.weight_context, *pair)
             if genai:
                 results["weights"]["genai"] = genai
         except Exception as err:  # a failed build: the measurements above are still written
