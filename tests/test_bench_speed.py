@@ -165,6 +165,9 @@ def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F
     assert got["blocks"] == 3 and got["block_steps"] == 3 and len(got["ratios"]) == 3
     assert got["a_ms_per_token"] > 0 and got["b_ms_per_token"] > 0
     assert got["ratio_quartiles"][0] <= got["ratio"] <= got["ratio_quartiles"][1]
+    # A is an engine: its ONNX Runtime run within each step, shorter than the step
+    assert 0 < got["a_run_ms_per_token"] < got["a_ms_per_token"] and len(got["run_ratios"]) == 3
+    assert 0 < got["b_run_ms_per_token"] < got["b_ms_per_token"]  # B an engine too: run against run
     refused = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir, engine_dir, "100",
                               "--block-steps", "1"], capture_output=True, text=True)
     assert refused.returncode == 2 and "at least 2 steps" in refused.stderr.strip().splitlines()[-1]
@@ -173,7 +176,8 @@ def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F
 def test_interleave_alternates_the_order_and_leaves_each_blocks_first_step_untimed():
     """A first in even blocks, B first in odd ones; each block's first call is not timed (a
     fake clock that only the steps move: A's steps take 2, B's 1, and every 4th call of a
-    step, counted from its first, 100: the calls that must go untimed)."""
+    step, counted from its first, 100: the calls that must go untimed).  What A's timed calls
+    return (its run) is kept per block beside their times."""
     from prefixkv.bench.paired import interleave
 
     now, calls = [0.0], []
@@ -185,11 +189,14 @@ def test_interleave_alternates_the_order_and_leaves_each_blocks_first_step_untim
             calls.append(name)
             now[0] += 100.0 if count[0] % 4 == 0 else seconds
             count[0] += 1
+            return count[0] % 4 if name == "a" else -count[0]  # the untimed calls return 1 and -1, -5, ...: never kept
         return step
 
-    a_blocks, b_blocks = interleave(stepper("a", 2.0), stepper("b", 1.0), blocks=3, block_steps=4, clock=lambda: now[0])
+    a_blocks, b_blocks, a_runs, b_runs = interleave(stepper("a", 2.0), stepper("b", 1.0), blocks=3, block_steps=4,
+                                            clock=lambda: now[0])
     assert "".join(calls) == "aaaabbbb" "bbbbaaaa" "aaaabbbb"
     assert a_blocks == [[2.0] * 3] * 3 and b_blocks == [[1.0] * 3] * 3
+    assert a_runs == [[2, 3, 0]] * 3 and b_runs == [[-2, -3, -4], [-6, -7, -8], [-10, -11, -12]]
     with pytest.raises(ValueError, match="at least 2 steps"):
         interleave(stepper("a", 1), stepper("b", 1), blocks=1, block_steps=1)
 
@@ -204,6 +211,19 @@ def test_a_paired_figure_is_the_median_of_the_per_block_ratios():
     assert got["ratio"] == 2.0 and got["ratio_quartiles"] == [1.25, 2.5]
     assert got["a_ms_per_token"] == 3000.0 and got["b_ms_per_token"] == 2000.0
     assert got["blocks"] == 3 and got["block_steps"] == 4
+    assert "run_ratio" not in got  # A returned no runs (onnxruntime-genai)
+    # A's runs within those steps: per-block medians 2, 5, 0.5 over B's steps 1, 5, 2 (B gave no
+    # runs: onnxruntime-genai) -> 2, 1, 0.25
+    a_steps, b_steps = [[2, 4, 3], [10, 10, 10], [1, 1, 1]], [[1, 1, 1], [5, 5, 5], [2, 2, 2]]
+    a_runs = [[1, 2, 3], [5, 5, 5], [0.5, 0.5, 0.5]]
+    runs = summarize(a_steps, b_steps, a_runs, [[None] * 3] * 3)
+    assert runs["ratio"] == 2.0 and runs["run_ratios"] == [2.0, 1.0, 0.25]
+    assert runs["run_ratio"] == 1.0 and runs["run_ratio_quartiles"] == [0.625, 1.5]
+    assert runs["a_run_ms_per_token"] == 2000.0 and "b_run_ms_per_token" not in runs
+    # B an engine too: A's runs over B's runs, per-block medians 0.5, 2.5, 1 -> 4, 2, 0.5
+    both = summarize(a_steps, b_steps, a_runs, [[0.5, 0.5, 0.5], [2, 2.5, 3], [1, 1, 1]])
+    assert both["run_ratios"] == [4.0, 2.0, 0.5] and both["b_run_ms_per_token"] == 1000.0
+    assert "run_ratio" not in summarize([[1]], [[1]], [[None]], [[None]])
 
 
 def test_paired_points_become_target_rows_beside_the_rounds():

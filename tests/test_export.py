@@ -226,13 +226,19 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     assert "Neg" not in [n.op_type for n in proto.graph.node]
 
 
-def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_path):
+def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_path, tiny):
     """Keep 1 (every layer keeps everything; the accumulated score, whose rows are all of
     them): the decoder returns no mass and runs no decode rule (no ranks: the slots go out
     as the Concat appended them), and the engine builds and validates against the PyTorch
-    reference, graph and greedy lockstep, over more than one prefill chunk."""
+    reference, graph and greedy lockstep, over more than one prefill chunk.  Its layers'
+    slots are the same ones, so the graph takes one set of them (no Split) and gives every
+    layer's attention one bias and one pair of lengths; a batch of two prompts of different
+    lengths (the shorter row's slots right-aligned, with empty ones before them) decodes as
+    each prompt alone, through the buffer growth that follows the prefill."""
     import onnx
 
+    from prefixkv.engine_folder import SLOTS_KEY
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
     from prefixkv.engines.validate import ValidationConfig
     from prefixkv.pipeline import BuildConfig, build_engine
 
@@ -250,6 +256,42 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
     producers = {o: n.op_type for n in graph.node for o in n.output}
     assert producers["present.positions"] == producers["present.valid"] == "Concat"
     assert not {"CumSum", "GatherElements"} & {n.op_type for n in graph.node}
+    proto = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False)
+    assert {p.key: p.value for p in proto.metadata_props}[SLOTS_KEY] == "shared"
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    assert "Split" not in readers["past.positions"] + readers["past.valid"]
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == LAYERS
+    for index in (5, 6, 10):  # seqlens_k, total_sequence_length, attention_bias: one tensor for every layer
+        assert len({n.input[index] for n in attention}) == 1
+
+    runner = OnnxRuntimeRunner(result.path, threads=1, prefill_chunk=16)
+    prompts = [list(range(3, 23)), list(range(5, 42))]  # 20 and 37 tokens
+    tokens = np.array([[7, 9], [11, 4], [6, 6], [2, 30], [8, 3], [5, 12], [9, 9], [4, 17], [13, 2], [3, 8]])
+    logits, state = runner.prefill(*runner.pad(prompts))
+    assert state.shared and state.slots[0].shape() == [2, 37] and state.widths.tolist() == [37] * LAYERS
+    batched = [logits]
+    for step in tokens:
+        logits, state = runner.decode(state, step)
+        batched.append(logits)
+    assert state.slots[0].shape() == [2, 37 + len(tokens)]
+    for row, prompt in enumerate(prompts):
+        logits, alone = runner.prefill(*runner.pad([prompt]))
+        assert alone.slots[0].shape() == [1, len(prompt)]
+        np.testing.assert_allclose(batched[0][row], logits[0], atol=1e-4)
+        for step, expected in zip(tokens[:, row], batched[1:]):
+            logits, alone = runner.decode(alone, np.array([step]))
+            np.testing.assert_allclose(expected[row], logits[0], atol=1e-4)
+    # a state is its engine's: slots side by side do not feed an engine whose layers share theirs, nor the reverse
+    other = OnnxRuntimeRunner(tiny[0], threads=1)
+    _, side_by_side = other.prefill(*other.pad([prompts[0]]))
+    with pytest.raises(ValueError, match="its layers' slots are side by side, the engine's layers share theirs"):
+        runner.decode(side_by_side, np.array([3]))
+    with pytest.raises(ValueError, match="its layers share their slots, the engine's do not"):
+        other.decode(alone, np.array([3]))
 
 
 def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):

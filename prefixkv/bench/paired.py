@@ -9,6 +9,10 @@ a block is not timed: the other decoder's ONNX Runtime threads may still be spin
 its block, and on a 2-core machine they take a core from that step.  The other S - 1 steps
 run back to back, as a decode loop does.  A pair of blocks gives one ratio, A's median step
 over B's, and the median of those ratios is the figure (``ratio``, with its quartiles).
+Where A is an engine, ``run_ratio`` does the same with A's ONNX Runtime run alone (its graph,
+without the runner's Python around it) against B's run, or against B's whole step where B
+is onnxruntime-genai (its loop around the run is its own C++): how much of the difference
+is in the graphs.
 
 Why: a shared machine's speed drifts over minutes, on this project's CI-like machine by
 more than the differences to be measured (the README has the figures), so two decoders
@@ -29,7 +33,9 @@ from .point import genai_generator, load_genai, prompt_text
 
 def decoder_steps(target: str, context: int, threads: int, steps: int):
     """A function running one greedy decode step of ``target`` after its prefill of the
-    first ``context`` tokens of the built-in text; ``steps``: how many it will be asked for."""
+    first ``context`` tokens of the built-in text; ``steps``: how many it will be asked for.
+    It returns the seconds of the engine's ONNX Runtime run within the step, or None
+    (onnxruntime-genai: its loop is its own)."""
     if target.startswith("genai:"):
         from ..tokenizer import Tokenizer
 
@@ -38,7 +44,11 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
         ids = Tokenizer(folder).encode(prompt_text())[:context]
         generator = genai_generator(og, model, ids, steps)
         generator.append_tokens([ids])
-        return generator.generate_next_token
+
+        def generate() -> None:
+            generator.generate_next_token()
+
+        return generate
     from ..engines.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(target, threads=threads, verify=False)
@@ -47,42 +57,60 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
         raise ValueError(f"{context} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
     held = list(runner.prefill(*runner.pad([ids])))  # [logits, state]
 
-    def step() -> None:
+    def step() -> float:
         held[0], held[1] = runner.decode(held[1], held[0].argmax(-1))
+        return runner.run_seconds
 
     return step
 
 
-def interleave(step_a, step_b, blocks: int, block_steps: int, clock=time.perf_counter) -> tuple[list, list]:
+def interleave(step_a, step_b, blocks: int, block_steps: int, clock=time.perf_counter) -> tuple[list, list, list, list]:
     """Blocks of ``block_steps`` calls of ``step_a`` and of ``step_b`` in turn, A first in
-    even blocks and B first in odd ones -> (A's blocks, B's blocks): per block the seconds of
-    each call but the first (untimed)."""
+    even blocks and B first in odd ones -> (A's blocks, B's blocks, A's runs, B's runs): per
+    block the seconds of each call but the first (untimed), and what those calls returned
+    (an engine's run within the step, or None)."""
     if blocks < 1 or block_steps < 2:
         raise ValueError(f"need at least 1 block of at least 2 steps, got {blocks} of {block_steps}")
-    timed = {"a": [], "b": []}
+    timed, returned = {"a": [], "b": []}, {"a": [], "b": []}
     for block in range(blocks):
         order = (("a", step_a), ("b", step_b)) if block % 2 == 0 else (("b", step_b), ("a", step_a))
         for name, step in order:
             step()  # untimed: the other decoder's threads may still spin
-            seconds = []
+            seconds, runs = [], []
             for _ in range(block_steps - 1):
                 start = clock()
-                step()
+                runs.append(step())
                 seconds.append(clock() - start)
             timed[name].append(seconds)
-    return timed["a"], timed["b"]
+            returned[name].append(runs)
+    return timed["a"], timed["b"], returned["a"], returned["b"]
 
 
-def summarize(a_blocks: list, b_blocks: list) -> dict:
-    """The paired figures: each decoder's median step (ms, over all its timed steps), the
-    per-block ratios (A's median step in a block over B's in the same block), their median
-    (``ratio``) and quartiles."""
+def _ratios(a_blocks: list, b_blocks: list, key: str) -> dict:
+    """Per pair of blocks A's median over B's -> those ratios, their median (``key``) and its quartiles."""
     ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(a_blocks, b_blocks)]
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-    return {"a_ms_per_token": statistics.median(t for block in a_blocks for t in block) * 1e3,
-            "b_ms_per_token": statistics.median(t for block in b_blocks for t in block) * 1e3,
-            "ratios": ratios, "ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
-            "blocks": len(ratios), "block_steps": len(a_blocks[0]) + 1}
+    return {f"{key}s": ratios, key: statistics.median(ratios), f"{key}_quartiles": [quartiles[0], quartiles[2]]}
+
+
+def summarize(a_blocks: list, b_blocks: list, a_runs: list | None = None, b_runs: list | None = None) -> dict:
+    """The paired figures: each decoder's median step (ms, over all its timed steps), the
+    per-block ratios (A's median step in a block over B's in the same block), their median
+    (``ratio``) and quartiles; where ``a_runs`` holds A's runs within its steps (an engine),
+    A's median run and the same figures for A's run over B's run (``b_runs``; B's step where
+    B gave none: ``run_ratio``)."""
+    out = {"a_ms_per_token": statistics.median(t for block in a_blocks for t in block) * 1e3,
+           "b_ms_per_token": statistics.median(t for block in b_blocks for t in block) * 1e3,
+           **_ratios(a_blocks, b_blocks, "ratio"), "blocks": len(a_blocks), "block_steps": len(a_blocks[0]) + 1}
+    def runs(blocks) -> bool:
+        return bool(blocks) and all(r is not None for block in blocks for r in block)
+
+    if runs(a_runs):
+        out["a_run_ms_per_token"] = statistics.median(r for block in a_runs for r in block) * 1e3
+        if runs(b_runs):
+            out["b_run_ms_per_token"] = statistics.median(r for block in b_runs for r in block) * 1e3
+        out.update(_ratios(a_runs, b_runs if runs(b_runs) else b_blocks, "run_ratio"))
+    return out
 
 
 def measure(a: str, b: str, context: int, threads: int, blocks: int, block_steps: int) -> dict:

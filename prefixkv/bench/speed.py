@@ -310,8 +310,9 @@ def paired_points(pairs: dict[str, tuple], context: int, threads: int, blocks: i
         measured = measure(a, b, context, threads, blocks, block_steps)
         if "ratio" in measured:
             low, high = measured["ratio_quartiles"]
+            run = f"; its run alone {measured['run_ratio']:.3f}x" if "run_ratio" in measured else ""
             log(f"paired at {context}: {name} {measured['a_ms_per_token']:.2f} against {measured['b_ms_per_token']:.2f} "
-                f"ms/token, {measured['ratio']:.3f}x (quartiles {low:.3f}-{high:.3f}, {measured['blocks']} blocks)")
+                f"ms/token, {measured['ratio']:.3f}x (quartiles {low:.3f}-{high:.3f}, {measured['blocks']} blocks{run})")
         else:
             log(f"paired at {context}: {name} {measured.get('error')}")
         out[name] = measured

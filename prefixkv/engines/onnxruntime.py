@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..defaults import CACHE_SLACK, PREFILL_CHUNK
-from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, EngineError, read_manifest
+from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, SLOTS_KEY, EngineError, read_manifest
 from ..tokenizer import Tokenizer
 from ..vision.data import ImageError
 from ..vision.preprocess import ImageProcessor
@@ -201,11 +201,13 @@ class DecoderBinding:
 class OnnxRuntimeState:
     """kv: per layer (key, value) OrtValues, flat: (B, Hkv, C_l, D) buffers whose first W_l
     slots are in use; slots: (positions, valid) OrtValues (B, sum of W_l), every layer's slots
-    in use side by side, layer by layer (the decoder graph's layout); widths: (L,) int64, the
-    W_l; positions: (B,) next original position per row; prompt_lengths: (B,) real prompt
-    lengths.  After prefill C_l == W_l (compact caches, no free slot).  ``binding``: the
-    decoder's ``DecoderBinding`` with these buffers bound as past and present (None: bound at
-    the next step), so that a decode step binds only what changes."""
+    in use side by side, layer by layer (the decoder graph's layout), or, ``shared``, (B, W):
+    the one set of slots every layer has (an engine whose layers never evict; its W_l are
+    all W); widths: (L,) int64, the W_l; positions: (B,) next original position per row;
+    prompt_lengths: (B,) real prompt lengths.  After prefill C_l == W_l (compact caches, no
+    free slot).  ``binding``: the decoder's ``DecoderBinding`` with these buffers bound as
+    past and present (None: bound at the next step), so that a decode step binds only what
+    changes."""
 
     kv: list
     slots: list
@@ -213,6 +215,7 @@ class OnnxRuntimeState:
     positions: np.ndarray
     prompt_lengths: np.ndarray
     binding: object = field(default=None, repr=False)
+    shared: bool = False
 
     def layers(self) -> list[tuple]:
         """Per layer (key, value) OrtValues and (positions, valid) numpy (B, W_l), read-only:
@@ -220,9 +223,15 @@ class OnnxRuntimeState:
         positions, valid = (v.numpy() for v in self.slots)
         for array in (positions, valid):
             array.setflags(write=False)
+        if self.shared:
+            return [(self.kv[2 * l], self.kv[2 * l + 1], positions, valid) for l in range(len(self.widths))]
         bounds = np.concatenate([[0], np.cumsum(self.widths)])
         return [(self.kv[2 * l], self.kv[2 * l + 1], positions[:, a:b], valid[:, a:b])
                 for l, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    def slot_count(self) -> int:
+        """The slots' width: the sum of the W_l, or W where the layers share their slots."""
+        return int(self.widths[0]) if self.shared else int(self.widths.sum())
 
 
 def session_options(ort, threads: int | None = None):
@@ -292,6 +301,8 @@ class OnnxRuntimeRunner(Runner):
         if meta.get(CACHE_LAYOUT_KEY) != "buffer":
             raise EngineError(f"{self.engine_dir}: its decoder graph has no buffer cache layout; rebuild it with "
                               "`prefixkv build --force`")
+        # an engine whose layers never evict: its decoder takes and returns the one set of slots they all have
+        self.shared_slots = meta.get(SLOTS_KEY, "per-layer") == "shared"
         rows = meta.get(SCORE_ROWS_KEY, "all")
         self.score_rows = None if rows == "all" else int(rows)  # trailing prompt rows whose attention mass counts
         # no TensorRT for this graph: it would build an engine for every new buffer shape
@@ -449,13 +460,21 @@ class OnnxRuntimeRunner(Runner):
 
     def _state(self, layers: list, positions, prompt_lengths) -> OnnxRuntimeState:
         """A state from per layer (key, value OrtValues, positions, valid numpy (B, W_l))."""
-        return OnnxRuntimeState(*self._side_by_side(layers), positions, prompt_lengths)
+        return OnnxRuntimeState(*self._side_by_side(layers), positions, prompt_lengths, shared=self.shared_slots)
 
     def _side_by_side(self, layers: list) -> tuple:
         """Per layer (key, value OrtValues, positions, valid numpy (B, W_l)) -> the state's
-        kv, slots (one (positions, valid) pair of OrtValues, the layers side by side) and widths."""
+        kv, slots (one (positions, valid) pair of OrtValues, the layers side by side, or the
+        first layer's where the layers share their slots) and widths."""
+        kv = [t for layer in layers for t in layer[:2]]
+        widths = np.array([layer[2].shape[1] for layer in layers], np.int64)
+        if self.shared_slots:
+            first = layers[0]
+            if any(not (np.array_equal(layer[2], first[2]) and np.array_equal(layer[3], first[3])) for layer in layers[1:]):
+                raise EngineError(f"{self.engine_dir}: its layers share their slots, but these layers' slots differ")
+            return kv, [self._owned(first[2]), self._owned(first[3])], widths
         slots = [self._owned(np.concatenate([layer[2 + i] for layer in layers], axis=1)) for i in (0, 1)]
-        return [t for layer in layers for t in layer[:2]], slots, np.array([layer[2].shape[1] for layer in layers], np.int64)
+        return kv, slots, widths
 
     def merge(self, parts, free_slots: bool = True):
         """parts: [(state, rows)] -> one state holding those rows in that order: each layer's
@@ -515,6 +534,8 @@ class OnnxRuntimeRunner(Runner):
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
         capacity = self._check_state(state, len(tokens))
         full = [l for l in range(self.layers) if capacity[l] <= widths[l]]  # no free slot: compact, add slack
+        if full and state.shared:  # the layers' slots stay one set: all of them
+            full = list(range(self.layers))
         if full:
             kv, slots, widths = self._compact(state, full)
             if binding is not None:
@@ -532,7 +553,8 @@ class OnnxRuntimeRunner(Runner):
             state.binding = None  # it may hold buffers a compaction made; the next step binds afresh
             raise
         state.kv = state.binding = None
-        return logits.numpy(), OnnxRuntimeState(kv, slots, widths + 1, state.positions + 1, state.prompt_lengths, binding)
+        return logits.numpy(), OnnxRuntimeState(kv, slots, widths + 1, state.positions + 1, state.prompt_lengths, binding,
+                                                state.shared)
 
     def _check_state(self, state: OnnxRuntimeState, batch: int) -> list[int]:
         """Each layer's buffer capacity in slots, or one line if the state's parts disagree (the
@@ -545,9 +567,14 @@ class OnnxRuntimeRunner(Runner):
                              f"{widths.shape}, the engine has {self.layers} layers")
         if batch != rows:
             raise ValueError(f"decode got {batch} tokens for a state of {rows} rows")
+        if state.shared != self.shared_slots:
+            raise ValueError("this state is not this engine's: " + ("its layers share their slots, the engine's do not"
+                             if state.shared else "its layers' slots are side by side, the engine's layers share theirs"))
+        if state.shared and (widths != widths[0]).any():
+            raise ValueError(f"this state's layers share their slots but hold {sorted(set(widths.tolist()))} slots")
         shapes = [tuple(v.shape()) for v in state.slots]
-        if any(shape != (rows, int(widths.sum())) for shape in shapes):
-            raise ValueError(f"this state's slots are {shapes[0]}, its widths say ({rows}, {int(widths.sum())})")
+        if any(shape != (rows, state.slot_count()) for shape in shapes):
+            raise ValueError(f"this state's slots are {shapes[0]}, its widths say ({rows}, {state.slot_count()})")
         capacity = [state.kv[2 * l].shape()[2] for l in range(self.layers)]
         short = [l for l in range(self.layers) if capacity[l] < widths[l]]
         if short:

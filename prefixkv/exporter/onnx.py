@@ -53,7 +53,7 @@ from torch import nn
 
 from .. import __version__, architectures, compaction
 from ..defaults import EVICT_DISTANCE, SINK
-from ..engine_folder import CACHE_LAYOUT_KEY, FUSIONS_KEY, SCORE_ROWS_KEY
+from ..engine_folder import CACHE_LAYOUT_KEY, FUSIONS_KEY, SCORE_ROWS_KEY, SLOTS_KEY
 from ..scoring import causal_mask, make_scorer
 
 OPSET = 18
@@ -82,6 +82,13 @@ class GraphSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def evicts(self) -> bool:
+        """Whether any layer evicts.  A layer whose keep fraction is 1 never holds more entries
+        than the tokens seen so far; when no layer evicts, every layer's slots are the same
+        ones, and the decoder graph carries one set of them (``DecoderGraph``)."""
+        return any(f < 1.0 for f in self.fractions)
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -450,7 +457,9 @@ class DecoderGraph(DecodeGraph):
                  P_l, its slots in use (the graph takes it as given: the runner keeps it);
                  [score_from () int64: the chunk's first scored row (C: none), engines with
                  scored layers]; [image_embeds (rows, hidden): vision engines];
-                 past.positions/valid (B, sum of P_l): every layer's slots side by side;
+                 past.positions/valid (B, sum of P_l): every layer's slots side by side
+                 (an engine whose layers all keep everything: (B, P), the one set of slots
+                 every layer has; past_widths then holds P L times);
                  per layer past.{l}.key/value (B, Hkv, C_l, D)
         outputs: logits (B, V) (the last new token's); present.positions/valid (B, sum of
                  (P_l + C)), in the same layout; per layer present.{l}.key/value (the
@@ -470,7 +479,10 @@ class DecoderGraph(DecodeGraph):
     result, (B, sum of T_l), which goes out as it is.  The graph has one input and one
     output for all layers' positions, one for their valid and one for their mass, so that
     at batch 1 a decode step binds a handful of small values besides the buffers (which
-    the runner binds once per buffer, not per step).
+    the runner binds once per buffer, not per step).  When no layer evicts, every layer's
+    slots are the same ones, so the graph takes and returns one set of them and builds one
+    bias and one pair of lengths for all layers (``shares_slots``, recorded in the graph's
+    metadata under ``SLOTS_KEY``): no Split, a Concat of two, one Where and one Add.
 
     Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
     not for key-norm engines, see ``__init__``), the op also rotates the query and the new keys
@@ -506,7 +518,8 @@ class DecoderGraph(DecodeGraph):
         # so its engines keep the graph's own rotation to break those ties as the reference does.
         # A layer whose keep fraction is 1 never holds more than its cap (the tokens seen so far):
         # a full-cache engine's graph has no decode rule at all (its ranks run over every slot).
-        self.evicts = any(f < 1.0 for f in spec.fractions)
+        self.evicts = spec.evicts
+        self.shares_slots = not self.evicts  # then every layer's slots are the same: the graph carries one set
         keyed = not self.scored and self.evicts  # layers evict, on key scores
         self.fused_rotary = not keyed and self.decoder.half_rotation()
         # With the rotation in the op, q, k and v can come packed from one projection, which
@@ -540,26 +553,37 @@ class DecoderGraph(DecodeGraph):
         rotary = self.rotary_tables(cos, sin, past_widths) if self.fused_rotary else None
         b, c = input_ids.shape
         dtype = getattr(torch, spec.dtype)
-        # Every layer's slot bookkeeping at once, the layers side by side: (B, N), N = the sum
-        # of the layers' slots in use with this chunk (past_widths + C).  A decode step runs
-        # each of these ops once, not once per layer.
-        used = [past_widths[l].item() for l in range(layers)]  # the tracer's sizes of the layers' past slots
-        for u in used:
-            torch._check(u >= 0)
-        sizes = [u + c for u in used]
-        widths = past_widths + c  # (L,) each layer's slots in use with the chunk
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
-        old_positions = split_columns(past_positions, past_widths, [(b, u) for u in used])
-        old_valid = split_columns(past_valid, past_widths, [(b, u) for u in used])
-        positions = torch.cat([t for l in range(layers) for t in (old_positions[l], position_ids.to(past_positions.dtype))], -1)
-        valid = torch.cat([t for l in range(layers) for t in (old_valid[l], new)], -1)
-        # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
-        open_ = torch.where(valid, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
-        biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])
-        unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)
-        # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
-        totals = split_equal(widths.to(torch.int32), layers, (1,))
-        seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
+        zero, closed = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
+        unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)  # a layer's (B, 1, 1, T) bias + these -> (B, 1, C, T)
+        if self.shares_slots:
+            # No layer evicts, so every layer's slots are the same ones (the same tokens in the same
+            # places): one set of them, (B, P), one bias and one pair of lengths serve every layer.
+            positions = torch.cat([past_positions, position_ids.to(past_positions.dtype)], -1)
+            valid = torch.cat([past_valid, new], -1)
+            width = past_positions.shape[1] + c
+            biases = [torch.where(valid, zero, closed)[:, None, None, :] + unmasked] * layers
+            total = (past_widths[:1] + c).to(torch.int32)  # every layer's, the same
+            totals, seqlens, sizes = [total] * layers, [(total - 1).expand(b)] * layers, [width] * layers
+        else:
+            # Every layer's slot bookkeeping at once, the layers side by side: (B, N), N = the sum
+            # of the layers' slots in use with this chunk (past_widths + C).  A decode step runs
+            # each of these ops once, not once per layer.
+            used = [past_widths[l].item() for l in range(layers)]  # the tracer's sizes of the layers' past slots
+            for u in used:
+                torch._check(u >= 0)
+            sizes = [u + c for u in used]
+            widths = past_widths + c  # (L,) each layer's slots in use with the chunk
+            old_positions = split_columns(past_positions, past_widths, [(b, u) for u in used])
+            old_valid = split_columns(past_valid, past_widths, [(b, u) for u in used])
+            positions = torch.cat([t for l in range(layers) for t in (old_positions[l], position_ids.to(past_positions.dtype))], -1)
+            valid = torch.cat([t for l in range(layers) for t in (old_valid[l], new)], -1)
+            # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
+            open_ = torch.where(valid, zero, closed)
+            biases = [bias + unmasked for bias in split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])]
+            # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
+            totals = split_equal(widths.to(torch.int32), layers, (1,))
+            seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
         weights = None
         if score_from is not None:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
             weights = ((torch.arange(c) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, c)
@@ -577,7 +601,7 @@ class DecoderGraph(DecodeGraph):
             scored = l in self.scored
             lengths = (seqlens[l], totals[l], sizes[l])
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths,
-                                                            biases[l] + unmasked, scored, rotary)
+                                                            biases[l], scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
                 masses.append(torch.matmul(weights, probs.float()))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
@@ -846,7 +870,8 @@ def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int
         return (mask, *tensors)
     ids = torch.randint(0, spec.vocab, (batch, chunk), generator=g)
     positions = torch.arange(past + 2, past + 2 + chunk).expand(batch, chunk).clone()
-    widths = [past + l % 3 for l in range(spec.layers)]  # distinct lengths per layer
+    shared = not spec.evicts  # ``DecoderGraph.shares_slots``: one set of slots, equal widths
+    widths = [past if shared else past + l % 3 for l in range(spec.layers)]  # else distinct lengths per layer
     fixed = [ids, positions, torch.full((batch,), 40, dtype=torch.int64), torch.tensor(widths, dtype=torch.int64)]
     if scored:
         fixed.append(torch.tensor(1, dtype=torch.int64))  # score_from
@@ -860,6 +885,8 @@ def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int
         slots.append(torch.where(valid, torch.arange(width).expand(batch, width), -1))
         valids.append(valid)
         tensors += [torch.randn(batch, spec.kv_heads, capacity, spec.head_dim, generator=g).to(dtype) for _ in range(2)]
+    if shared:
+        slots, valids = slots[:1], valids[:1]
     return (*fixed, torch.cat(slots, -1), torch.cat(valids, -1), *tensors)
 
 
@@ -877,7 +904,7 @@ def _engine_dynamic_shapes(spec: GraphSpec, graph: str, vision: bool = False):
     shapes = [{0: batch, 1: chunk}] * 2 + [{0: batch}, {}] + ([{}] if scored else [])
     if vision:
         shapes.append({0: Dim("image_rows", min=1, max=1 << 24)})
-    slots = Dim("past_slots", min=2, max=1 << 24)  # every layer's slots in use, side by side
+    slots = Dim("past_slots", min=2, max=1 << 24)  # every layer's slots in use, side by side (or the one set all share)
     shapes += [{0: batch, 1: slots}, {0: batch, 1: slots}]
     for l in range(spec.layers):
         capacity = Dim(f"cache_capacity_{l}", min=2, max=1 << 20)
@@ -923,7 +950,7 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
         rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
         fusions = ",".join(f"{name}={n}" for name, n in fused.items())
         for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
-                           (FUSIONS_KEY, fusions)):
+                           (FUSIONS_KEY, fusions), (SLOTS_KEY, "shared" if wrapper.shares_slots else "per-layer")):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
     return _save(proto, Path(path), log, graph, start)
