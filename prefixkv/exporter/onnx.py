@@ -555,7 +555,7 @@ class DecoderGraph(DecodeGraph):
         dtype = getattr(torch, spec.dtype)
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
         zero, closed = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
-        unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)  # a layer's (B, 1, 1, T) bias + these -> (B, 1, C, T)
+        unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)  # a (B, 1, 1, T) bias + these -> (B, 1, C, T)
         if self.shares_slots:
             # No layer evicts, so every layer's slots are the same ones (the same tokens in the same
             # places): one set of them, (B, P), one bias and one pair of lengths serve every layer.
@@ -580,7 +580,7 @@ class DecoderGraph(DecodeGraph):
             valid = torch.cat([t for l in range(layers) for t in (old_valid[l], new)], -1)
             # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
             open_ = torch.where(valid, zero, closed)
-            biases = [bias + unmasked for bias in split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])]
+            biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])  # each layer adds its zeros
             # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
             totals = split_equal(widths.to(torch.int32), layers, (1,))
             seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
@@ -600,8 +600,9 @@ class DecoderGraph(DecodeGraph):
                 query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
             scored = l in self.scored
             lengths = (seqlens[l], totals[l], sizes[l])
-            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths,
-                                                            biases[l], scored, rotary)
+            # (B, 1, C, T_l); widened in the layer (not all at once: a long prompt's chunk would hold every layer's)
+            bias = biases[l] if self.shares_slots else biases[l] + unmasked
+            out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths, bias, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
                 masses.append(torch.matmul(weights, probs.float()))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
