@@ -44,11 +44,7 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
         ids = Tokenizer(folder).encode(prompt_text())[:context]
         generator = genai_generator(og, model, ids, steps)
         generator.append_tokens([ids])
-
-        def generate() -> None:
-            generator.generate_next_token()
-
-        return generate
+        return generator.generate_next_token  # returns None: no run of ours to report
     from ..engines.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(target, threads=threads, verify=False)
@@ -102,15 +98,17 @@ def summarize(a_blocks: list, b_blocks: list, a_runs: list | None = None, b_runs
     out = {"a_ms_per_token": statistics.median(t for block in a_blocks for t in block) * 1e3,
            "b_ms_per_token": statistics.median(t for block in b_blocks for t in block) * 1e3,
            **_ratios(a_blocks, b_blocks, "ratio"), "blocks": len(a_blocks), "block_steps": len(a_blocks[0]) + 1}
-    def runs(blocks) -> bool:
-        return bool(blocks) and all(r is not None for block in blocks for r in block)
-
-    if runs(a_runs):
+    if _given(a_runs):
         out["a_run_ms_per_token"] = statistics.median(r for block in a_runs for r in block) * 1e3
-        if runs(b_runs):
+        if _given(b_runs):
             out["b_run_ms_per_token"] = statistics.median(r for block in b_runs for r in block) * 1e3
-        out.update(_ratios(a_runs, b_runs if runs(b_runs) else b_blocks, "run_ratio"))
+        out.update(_ratios(a_runs, b_runs if _given(b_runs) else b_blocks, "run_ratio"))
     return out
+
+
+def _given(runs: list | None) -> bool:
+    """Whether every timed step of a decoder returned its run (an engine's do, genai's do not)."""
+    return bool(runs) and all(r is not None for block in runs for r in block)
 
 
 def measure(a: str, b: str, context: int, threads: int, blocks: int, block_steps: int) -> dict:

@@ -533,9 +533,8 @@ class OnnxRuntimeRunner(Runner):
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
         capacity = self._check_state(state, len(tokens))
-        full = [l for l in range(self.layers) if capacity[l] <= widths[l]]  # no free slot: compact, add slack
-        if full and state.shared:  # the layers' slots stay one set: all of them
-            full = list(range(self.layers))
+        # no free slot: compact, add slack (layers that share their slots have the same capacities: all or none)
+        full = [l for l in range(self.layers) if capacity[l] <= widths[l]]
         if full:
             kv, slots, widths = self._compact(state, full)
             if binding is not None:
@@ -572,9 +571,9 @@ class OnnxRuntimeRunner(Runner):
                              if state.shared else "its layers' slots are side by side, the engine's layers share theirs"))
         if state.shared and (widths != widths[0]).any():
             raise ValueError(f"this state's layers share their slots but hold {sorted(set(widths.tolist()))} slots")
-        shapes = [tuple(v.shape()) for v in state.slots]
-        if any(shape != (rows, state.slot_count()) for shape in shapes):
-            raise ValueError(f"this state's slots are {shapes[0]}, its widths say ({rows}, {state.slot_count()})")
+        shapes, count = [tuple(v.shape()) for v in state.slots], state.slot_count()
+        if any(shape != (rows, count) for shape in shapes):
+            raise ValueError(f"this state's slots are {shapes[0]}, its widths say ({rows}, {count})")
         capacity = [state.kv[2 * l].shape()[2] for l in range(self.layers)]
         short = [l for l in range(self.layers) if capacity[l] < widths[l]]
         if short:

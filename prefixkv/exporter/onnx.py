@@ -481,7 +481,7 @@ class DecoderGraph(DecodeGraph):
     at batch 1 a decode step binds a handful of small values besides the buffers (which
     the runner binds once per buffer, not per step).  When no layer evicts, every layer's
     slots are the same ones, so the graph takes and returns one set of them and builds one
-    bias and one pair of lengths for all layers (``shares_slots``, recorded in the graph's
+    bias and one pair of lengths for all layers (``shared_slots``, recorded in the graph's
     metadata under ``SLOTS_KEY``): no Split, a Concat of two, one Where and one Add.
 
     Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
@@ -519,7 +519,7 @@ class DecoderGraph(DecodeGraph):
         # A layer whose keep fraction is 1 never holds more than its cap (the tokens seen so far):
         # a full-cache engine's graph has no decode rule at all (its ranks run over every slot).
         self.evicts = spec.evicts
-        self.shares_slots = not self.evicts  # then every layer's slots are the same: the graph carries one set
+        self.shared_slots = not self.evicts  # then every layer's slots are the same: the graph carries one set
         keyed = not self.scored and self.evicts  # layers evict, on key scores
         self.fused_rotary = not keyed and self.decoder.half_rotation()
         # With the rotation in the op, q, k and v can come packed from one projection, which
@@ -556,7 +556,7 @@ class DecoderGraph(DecodeGraph):
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
         zero, closed = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
         unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)  # a (B, 1, 1, T) bias + these -> (B, 1, C, T)
-        if self.shares_slots:
+        if self.shared_slots:
             # No layer evicts, so every layer's slots are the same ones (the same tokens in the same
             # places): one set of them, (B, P), one bias and one pair of lengths serve every layer.
             positions = torch.cat([past_positions, position_ids.to(past_positions.dtype)], -1)
@@ -601,7 +601,7 @@ class DecoderGraph(DecodeGraph):
             scored = l in self.scored
             lengths = (seqlens[l], totals[l], sizes[l])
             # (B, 1, C, T_l); widened in the layer (not all at once: a long prompt's chunk would hold every layer's)
-            bias = biases[l] if self.shares_slots else biases[l] + unmasked
+            bias = biases[l] if self.shared_slots else biases[l] + unmasked
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths, bias, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
                 masses.append(torch.matmul(weights, probs.float()))
@@ -871,7 +871,7 @@ def engine_sample_inputs(spec: GraphSpec, graph: str, batch: int = 2, chunk: int
         return (mask, *tensors)
     ids = torch.randint(0, spec.vocab, (batch, chunk), generator=g)
     positions = torch.arange(past + 2, past + 2 + chunk).expand(batch, chunk).clone()
-    shared = not spec.evicts  # ``DecoderGraph.shares_slots``: one set of slots, equal widths
+    shared = not spec.evicts  # ``DecoderGraph.shared_slots``: one set of slots, equal widths
     widths = [past if shared else past + l % 3 for l in range(spec.layers)]  # else distinct lengths per layer
     fixed = [ids, positions, torch.full((batch,), 40, dtype=torch.int64), torch.tensor(widths, dtype=torch.int64)]
     if scored:
@@ -951,7 +951,7 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
         rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
         fusions = ",".join(f"{name}={n}" for name, n in fused.items())
         for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
-                           (FUSIONS_KEY, fusions), (SLOTS_KEY, "shared" if wrapper.shares_slots else "per-layer")):
+                           (FUSIONS_KEY, fusions), (SLOTS_KEY, "shared" if wrapper.shared_slots else "per-layer")):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
     return _save(proto, Path(path), log, graph, start)
