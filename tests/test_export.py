@@ -234,7 +234,8 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
     slots are the same ones, so the graph takes one set of them (no Split) and gives every
     layer's attention one bias and one pair of lengths; a batch of two prompts of different
     lengths (the shorter row's slots right-aligned, with empty ones before them) decodes as
-    each prompt alone, through the buffer growth that follows the prefill."""
+    each prompt alone, through the buffer growth that follows the prefill, and as the two
+    prompts prefilled alone and merged."""
     import onnx
 
     from prefixkv.engine_folder import SLOTS_KEY
@@ -285,6 +286,13 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
         for step, expected in zip(tokens[:, row], batched[1:]):
             logits, alone = runner.decode(alone, np.array([step]))
             np.testing.assert_allclose(expected[row], logits[0], atol=1e-4)
+    # the prompts prefilled alone and merged into one batch (each row's entries right-aligned, as
+    # the padded prefill leaves them; the slots compacted once for all layers) decode as the batch
+    merged = runner.merge([(runner.prefill(*runner.pad([prompt]))[1], [0]) for prompt in prompts])
+    assert merged.shared and merged.slots[0].shape() == [2, 37] and merged.widths.tolist() == [37] * LAYERS
+    for step, expected in zip(tokens, batched[1:]):
+        logits, merged = runner.decode(merged, step)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
     # a state is its engine's: slots side by side do not feed an engine whose layers share theirs, nor the reverse
     other = OnnxRuntimeRunner(tiny[0], threads=1)
     _, side_by_side = other.prefill(*other.pad([prompts[0]]))

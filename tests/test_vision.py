@@ -327,6 +327,43 @@ def test_engine_agrees_with_reference_on_a_new_image(engine, llava):
     assert [g.token_ids for g in batched] == [g.token_ids for g in single] == [t[:6] for t in result["tokens"]]
 
 
+def test_a_full_cache_vision_engine_shares_its_slots(llava, tmp_path):
+    """Keep 1 on the LLaVA model (every layer keeps every entry): its decoder takes one set of
+    slots for all layers, as a text engine's, and the engine validates against the PyTorch
+    reference with images (graph, greedy lockstep); a batch of two image prompts of different
+    lengths generates as each prompt alone, through the buffer growth after the prefill."""
+    import onnx
+
+    from prefixkv.engine_folder import SLOTS_KEY
+    from prefixkv.engines import load_runner
+    from prefixkv.engines.base import GenerationConfig
+    from prefixkv.engines.validate import ValidationConfig
+    from prefixkv.pipeline import BuildConfig, build_engine
+    from prefixkv.profile import Fingerprint, LayerKeep, RetentionProfile
+    from prefixkv.vision.data import load_samples
+
+    folder, model, processor, data = llava
+    layers = model.config.get_text_config().num_hidden_layers
+    profile = RetentionProfile(Fingerprint.of(model.config), sink=2, calibrated={1.0: LayerKeep([1.0] * layers, [0.0] * layers)})
+    samples = load_samples(data / "llava.json", first_turn_only=True)
+    validation = ValidationConfig(samples=samples[:2], max_new_tokens=8)
+    config = BuildConfig(str(folder), tmp_path / "llava-k100", 1.0, profile=profile, validation=validation)
+    result = build_engine(config, model=model, tokenizer=processor, log=lambda m: None)
+    assert result.passed, json.dumps(result.validation, indent=1)[:3000]
+    assert result.validation["checks"]["vision"]["images"] == 2
+    proto = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False)
+    assert {p.key: p.value for p in proto.metadata_props}[SLOTS_KEY] == "shared"
+
+    runner = load_runner(result.path, verify=False)
+    prompts = [f"<image>\n{QUESTIONS[0]}", f"<image>\n{QUESTIONS[2]} Please be brief, precise and complete."]
+    images = [[picture(21, (44, 40))], [picture(22, (50, 30))]]
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    batched = runner.generate(prompts, config, images=images)
+    single = [runner.generate(p, config, images=im)[0] for p, im in zip(prompts, images)]
+    assert len({len(runner.encode_image_prompt(p, 1)) for p in prompts}) == 2  # two lengths: one row has empty slots
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+
+
 def test_generate_cli_with_image(engine, llava, tmp_path, capsys):
     from prefixkv.cli import main
     from prefixkv.engines import load_runner

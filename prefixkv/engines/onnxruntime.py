@@ -159,11 +159,10 @@ class DecoderBinding:
 
     On the CPU a step's small inputs (token, position, widths) are bound once, as values this
     binding owns, and a later step with the same shapes copies its numbers into them
-    (``set_inputs``).  Binding a new value is cheap in itself (about a microsecond), but the
-    first binds after a decode run were not (the run leaves the CPU caches full of weights):
-    binding the token and its position took about 0.2 ms of SmolLM2's 31 ms step at 512
-    tokens.  With them bound once, ``bench.point``'s step less its run went from 0.52-0.58 to
-    0.34-0.36 ms (README, "Engine v2").  On another device a value bound from the CPU is
+    (``set_inputs``).  Binding a new value is cheap in itself, but the first binds after a
+    decode run were not (the run leaves the CPU caches full of weights).  With the small
+    inputs bound once, ``bench.point``'s step less its run went from 0.52-0.58 to 0.34-0.36 ms
+    on SmolLM2 at 512 tokens (README, "Engine v2").  On another device a value bound from the CPU is
     copied there when it is bound, so each step binds its inputs afresh."""
 
     def __init__(self, session, device: str, fresh: list[str], ort):
@@ -491,12 +490,13 @@ class OnnxRuntimeRunner(Runner):
         if not parts:
             raise ValueError("merge needs at least one row")
         layered = [state.layers() for state, _ in parts]
+        compacted = [self._compacted(state_layers, rows) for (_, rows), state_layers in zip(parts, layered)]
         layers = []
         for l in range(self.layers):
             pieces = []
-            for (state, rows), state_layers in zip(parts, layered):
-                key, value, positions, valid = state_layers[l]
-                index, pos, val = compact_slots(positions[rows], valid[rows])
+            for (_, rows), state_layers, plans in zip(parts, layered, compacted):
+                key, value = state_layers[l][:2]
+                index, pos, val = plans[l]
                 take = index[:, None, :, None]
                 pieces.append((np.take_along_axis(key.numpy()[rows], take, axis=2),
                                np.take_along_axis(value.numpy()[rows], take, axis=2), pos, val))
@@ -587,16 +587,23 @@ class OnnxRuntimeRunner(Runner):
     def _compact(self, state: OnnxRuntimeState, full: list[int]):
         """The state's kv, slots and widths with the layers ``full`` compacted (``_compact_layer``)."""
         layers = state.layers()
-        for l in full:
-            layers[l] = self._compact_layer(*layers[l])
+        for l, plan in zip(full, self._compacted([layers[l] for l in full])):
+            layers[l] = self._compact_layer(*layers[l][:2], *plan)
         return self._side_by_side(layers)
 
-    def _compact_layer(self, key, value, positions, valid) -> tuple:
+    def _compacted(self, layers: list, rows=slice(None)) -> list[tuple]:
+        """``compact_slots`` of each layer's slots (``layers``: ``state.layers()`` items), of
+        the rows ``rows``: computed once for all of them where the layers share their slots."""
+        count = 1 if self.shared_slots else len(layers)
+        plans = [compact_slots(positions[rows], valid[rows]) for _, _, positions, valid in layers[:count]]
+        return plans * len(layers) if self.shared_slots else plans
+
+    def _compact_layer(self, key, value, index, positions, valid) -> tuple:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
         order, like the prefill's) in new buffers with free slots: ``cache_slack`` or an
         eighth of the entries, whichever is more (a growing cache is copied O(1) times per
-        step on average).  key/value OrtValues, positions/valid numpy (B, W) -> the same."""
-        index, positions, valid = compact_slots(positions, valid)
+        step on average).  key/value OrtValues, and ``compact_slots`` of the layer's slots ->
+        key/value OrtValues, positions/valid numpy (B, W)."""
         b, h, capacity, d = key.shape()
         width = index.shape[1]
         free = max(self.cache_slack, width // 8)
@@ -627,7 +634,7 @@ class OnnxRuntimeRunner(Runner):
     def kept_positions(self, state: OnnxRuntimeState) -> list[np.ndarray]:
         """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot),
         right-aligned in original order (the layout of the reference cache)."""
-        return [compact_slots(positions, valid)[1] for _, _, positions, valid in state.layers()]
+        return [positions for _, positions, _ in self._compacted(state.layers())]
 
     def cache(self, state: OnnxRuntimeState, layer: int, kv: bool = True) -> dict[str, np.ndarray]:
         """One layer's entries as numpy, empty slots dropped: key, value (B, Hkv, W, D) (unless
