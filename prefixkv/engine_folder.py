@@ -65,7 +65,9 @@ ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
 CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
 SCORE_ROWS_KEY = "prefixkv.score_rows"  # decoder graph metadata: trailing prompt rows scored ("all" or a count)
 # decoder graph metadata: "shared" (no layer evicts: one set of slots, (B, P), for every layer) or "per-layer"
-# (every layer's slots side by side, (B, sum of P_l)); absent: per-layer
+# (every layer's slots side by side, (B, sum of P_l)); absent: per-layer.  The engine schema was not bumped
+# for it (evicting engines did not change): a prefixkv from before the key runs a shared engine's decoder
+# with per-layer slots and fails at its first decode step, on a shape, not with a "rebuild" line.
 SLOTS_KEY = "prefixkv.slots"
 FUSIONS_KEY = "prefixkv.fusions"  # decoder graph metadata: the ONNX Runtime kernels the exporter fused, "rule=count,..."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

@@ -234,8 +234,8 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
     slots are the same ones, so the graph takes one set of them (no Split) and gives every
     layer's attention one bias and one pair of lengths; a batch of two prompts of different
     lengths (the shorter row's slots right-aligned, with empty ones before them) decodes as
-    each prompt alone, through the buffer growth that follows the prefill, and as the two
-    prompts prefilled alone and merged."""
+    each prompt alone, through the buffer growth that follows the prefill, as the two
+    prompts prefilled alone and merged, and as rows leaving and joining a running batch."""
     import onnx
 
     from prefixkv.engine_folder import SLOTS_KEY
@@ -293,11 +293,29 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
     for step, expected in zip(tokens, batched[1:]):
         logits, merged = runner.decode(merged, step)
         np.testing.assert_allclose(logits, expected, atol=1e-4)
+    # a row leaves the running batch (its grown buffer, free slots and the other row's empty ones
+    # dropped) and a freshly prefilled one joins it, as the in-flight batching merges them
+    extra = np.array([[5, 8], [12, 3], [7, 7]])
+    joined = runner.merge([(runner.merge([(state, [1])]), [0]), (runner.prefill(*runner.pad([prompts[0]]))[1], [0])])
+    assert joined.shared and joined.widths.tolist() == [37 + len(tokens)] * LAYERS
+    _, first = runner.prefill(*runner.pad([prompts[1]]))
+    for step in tokens[:, 1]:
+        _, first = runner.decode(first, np.array([step]))
+    _, second = runner.prefill(*runner.pad([prompts[0]]))
+    for step in extra:
+        logits, joined = runner.decode(joined, step)
+        alone_first, first = runner.decode(first, step[:1])
+        alone_second, second = runner.decode(second, step[1:])
+        np.testing.assert_allclose(logits, np.concatenate([alone_first, alone_second]), atol=1e-4)
     # a state is its engine's: slots side by side do not feed an engine whose layers share theirs, nor the reverse
     other = OnnxRuntimeRunner(tiny[0], threads=1)
     _, side_by_side = other.prefill(*other.pad([prompts[0]]))
     with pytest.raises(ValueError, match="its layers' slots are side by side, the engine's layers share theirs"):
         runner.decode(side_by_side, np.array([3]))
+    with pytest.raises(ValueError, match="its layers' slots are side by side, the engine's layers share theirs"):
+        runner.merge([(side_by_side, [0])])
+    with pytest.raises(ValueError, match="its layers' slots are side by side, the engine's layers share theirs"):
+        runner.kept_positions(side_by_side)
     with pytest.raises(ValueError, match="its layers share their slots, the engine's do not"):
         other.decode(alone, np.array([3]))
 

@@ -485,6 +485,7 @@ class OnnxRuntimeRunner(Runner):
         for state, _ in parts:
             if state.kv is None:
                 raise ValueError("this state was consumed by an earlier step; merge the state that step returned")
+            self._check_state(state, len(state.positions))
         given = [state for state, _ in parts]
         parts = [(state, rows) for state, rows in parts if len(rows)]
         if not parts:
@@ -568,7 +569,8 @@ class OnnxRuntimeRunner(Runner):
             raise ValueError(f"decode got {batch} tokens for a state of {rows} rows")
         if state.shared != self.shared_slots:
             raise ValueError("this state is not this engine's: " + ("its layers share their slots, the engine's do not"
-                             if state.shared else "its layers' slots are side by side, the engine's layers share theirs"))
+                             if state.shared else "its layers' slots are side by side, the engine's layers share theirs")
+                             + " (OnnxRuntimeState.shared)")
         if state.shared and (widths != widths[0]).any():
             raise ValueError(f"this state's layers share their slots but hold {sorted(set(widths.tolist()))} slots")
         shapes, count = [tuple(v.shape()) for v in state.slots], state.slot_count()
@@ -634,6 +636,7 @@ class OnnxRuntimeRunner(Runner):
     def kept_positions(self, state: OnnxRuntimeState) -> list[np.ndarray]:
         """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot),
         right-aligned in original order (the layout of the reference cache)."""
+        self._check_state(state, len(state.positions))
         return [positions for _, positions, _ in self._compacted(state.layers())]
 
     def cache(self, state: OnnxRuntimeState, layer: int, kv: bool = True) -> dict[str, np.ndarray]:

@@ -8,9 +8,10 @@ An ONNX Runtime engine holds one graph with the weights and one without:
         A chunk of C >= 1 new tokens per row, for prefill chunks and decode steps alike
         (``DecoderGraph``).  past.{l}.key/value: (B, Hkv, C_l, D) fixed-capacity buffers;
         past.positions/valid: (B, sum of P_l), every layer's slots in use side by side, layer
-        by layer; past_widths (L,) lists the P_l.  ONNX Runtime's fused GroupQueryAttention
-        writes the chunk's K/V into slots [P_l, P_l + C) in place and attends causally; the
-        slot bookkeeping (bias, decode rule) runs once over all layers side by side.  In a
+        by layer, or, where no layer evicts, (B, P): the one set of slots every layer has
+        (``SLOTS_KEY``); past_widths (L,) lists the P_l.  ONNX Runtime's fused
+        GroupQueryAttention writes the chunk's K/V into slots [P_l, P_l + C) in place and
+        attends causally; the slot bookkeeping (bias, decode rule) runs once for all layers.  In a
         scored layer the same op also returns its attention probabilities, and the graph
         sums rows [score_from, C) of them into the slots' mass (O(C x S) memory), every
         scored layer's side by side in one output.  Past the prompt, the decode-phase rule
@@ -106,7 +107,8 @@ def kv_names(prefix: str, layers: int) -> list[str]:
 
 
 def slot_names(prefix: str) -> list[str]:
-    """The decoder graph's ``prefix.positions`` and ``prefix.valid``: every layer's slots side by side."""
+    """The decoder graph's ``prefix.positions`` and ``prefix.valid``: every layer's slots side by
+    side, or the one set they share (``SLOTS_KEY``)."""
     return [f"{prefix}.positions", f"{prefix}.valid"]
 
 
@@ -920,7 +922,7 @@ def _engine_dims(proto, graph: str) -> None:
         dims[0].dim_param = "batch"
         if value.name == "logits":
             continue
-        if value.name in ("present.positions", "present.valid", "mass"):  # the decoder's, every layer side by side
+        if value.name in ("present.positions", "present.valid", "mass"):  # the decoder's, for every layer at once
             dims[1].dim_param = "scored_slots" if value.name == "mass" else "present_slots"
             continue
         l = int(value.name.split(".")[1])
