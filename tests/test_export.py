@@ -187,6 +187,37 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 5
 
 
+def test_a_decode_step_computes_no_attention_mass(runners):
+    """The mass (a MatMul per scored layer, their Concat, the sum over the heads) sits in one
+    If on score_from < C: a decode step skips it and returns an empty (B, 0) mass, which the
+    runner does not read; a prefill chunk with scored rows returns every scored layer's slots
+    side by side (the chunked tests check its values against the reference)."""
+    import onnx
+
+    engine = runners[0]
+    graph = onnx.load(str(engine.engine_dir / "decoder.onnx"), load_external_data=False).graph
+    branches = [n for n in graph.node if n.op_type == "If"]
+    assert len(branches) == 1 and list(branches[0].output) == ["mass"]
+    scored = {a.name: a.g for a in branches[0].attribute}["then_branch"]
+    assert sum(n.op_type == "MatMul" for n in scored.node) == 2  # layers 0 and 2
+    probabilities = {n.output[3] for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.output) == 4}
+    assert len(probabilities) == 2 and not any(set(n.input) & probabilities for n in graph.node)  # read in the If only
+    shapes, step = [], engine._step
+
+    def recorded(*args):
+        out = step(*args)
+        shapes.append(tuple(out[2].shape()))
+        return out
+
+    engine._step = recorded
+    try:
+        logits, state = engine.prefill(*_batch(engine, [30]))
+        engine.decode(state, logits.argmax(-1))
+    finally:
+        del engine._step
+    assert shapes == [(1, 2 * 30), (1, 0)]
+
+
 def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
     """Each of the 2 x layers + 1 RMSNorms is one ONNX Runtime kernel (the residual add fused
     where one precedes it), found by onnxscript's ORT rules and recorded in the graph's
