@@ -739,9 +739,11 @@ def source_digest(paths) -> str:
 
 
 def exporter_version() -> str:
-    """prefixkv's version plus a hash of the graph code (``source_digest``): a cache key for
-    exported engines, which a docstring or comment edit does not change."""
-    sources = [Path(__file__), Path(compaction.__file__), Path(sys.modules[causal_mask.__module__].__file__)]
+    """prefixkv's version plus a hash of the graph code (``source_digest``), the weight
+    quantizer's included: a cache key for exported engines, which a docstring or comment
+    edit does not change."""
+    sources = [Path(__file__), Path(__file__).with_name("quantize.py"), Path(compaction.__file__),
+               Path(sys.modules[causal_mask.__module__].__file__)]
     return f"{__version__}+{source_digest(sources)}"
 
 

@@ -61,6 +61,19 @@ def untie_lm_head(graph) -> int:
     return done
 
 
+def _nodes(graph):
+    """The graph's nodes and, recursively, those of its subgraphs (an ``If``'s branches)."""
+    from onnx import helper
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            value = helper.get_attribute_value(attribute)
+            for sub in (value if isinstance(value, list) else [value]):
+                if hasattr(sub, "node"):  # a GraphProto
+                    yield from _nodes(sub)
+
+
 def quantize_graphs(folder: str | Path, graphs: list[str], precision: str, log=print) -> dict | None:
     """Quantize the weights of ``folder/<graph>.onnx`` for each graph; returns ``weights_record``."""
     import onnx
@@ -82,7 +95,7 @@ def quantize_graphs(folder: str | Path, graphs: list[str], precision: str, log=p
         quantizer.process()
         quantized = quantizer.model.model
         done = sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in quantized.graph.node)
-        used = {name for n in quantized.graph.node for name in n.input}
+        used = {name for n in _nodes(quantized.graph) for name in n.input}  # a subgraph's (the mass's If) too
         unused = [i for i in quantized.graph.initializer if i.name not in used]
         for init in unused:  # the fp32 tables the quantized nodes replaced
             quantized.graph.initializer.remove(init)
