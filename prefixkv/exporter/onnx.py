@@ -989,6 +989,8 @@ def mass_only_when_scored(proto) -> int:
         return 0
     moved = [n for n in g.node if id(n) in wanted]  # in graph order
     kept = [n for n in g.node if id(n) not in wanted]
+    if {o for n in moved for o in n.output} & {i for n in kept for i in n.input}:
+        return 0  # an op left outside reads one of them (none does in an exported decoder): leave the graph as it is
     for node in moved:  # the branch's own name for the output (a subgraph may not reuse an outer name)
         node.output[:] = ["mass.scored" if o == "mass" else o for o in node.output]
     mass_type = next(o.type.tensor_type.elem_type for o in g.output if o.name == "mass")
