@@ -171,12 +171,15 @@ def test_stored_compaction_graph_is_the_built_one():
 
 def test_a_consumed_state_is_refused(engine):
     """A decode step writes into its state's buffers: decoding the same state twice would
-    corrupt the newer one, so it is refused."""
+    corrupt the newer one, so it is refused, and reading its cache is refused in one line."""
     logits, state = engine.prefill(*engine.pad([[5, 6, 7, 8, 9, 10, 11]]))
     token = logits.argmax(-1)
     logits, newer = engine.decode(state, token)
     with pytest.raises(ValueError, match="consumed"):
         engine.decode(state, token)
+    for read in (engine.kept_positions, engine.layer_lengths, lambda s: engine.cache(s, 0)):  # one line, not a TypeError
+        with pytest.raises(ValueError, match="this state was consumed by a later step or merge"):
+            read(state)
     engine.decode(newer, logits.argmax(-1))
 
 

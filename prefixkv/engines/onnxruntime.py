@@ -219,6 +219,7 @@ class OnnxRuntimeState:
     def layers(self) -> list[tuple]:
         """Per layer (key, value) OrtValues and (positions, valid) numpy (B, W_l), read-only:
         on the CPU they are views of the slots the next step reads."""
+        self.check_live()
         positions, valid = (v.numpy() for v in self.slots)
         for array in (positions, valid):
             array.setflags(write=False)
@@ -227,6 +228,12 @@ class OnnxRuntimeState:
         bounds = np.concatenate([[0], np.cumsum(self.widths)])
         return [(self.kv[2 * l], self.kv[2 * l + 1], positions[:, a:b], valid[:, a:b])
                 for l, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    def check_live(self) -> None:
+        """One line if a decode step or a merge consumed this state (its buffers are the newer state's)."""
+        if self.kv is None:
+            raise ValueError("this state was consumed by a later step or merge (which took its cache buffers); "
+                             "use the state that step returned")
 
     def slot_count(self) -> int:
         """The slots' width: the sum of the W_l, or W where the layers share their slots."""
@@ -560,6 +567,7 @@ class OnnxRuntimeRunner(Runner):
         """Each layer's buffer capacity in slots, or one line if the state's parts disagree (the
         graph would split its slots by widths that are not theirs, silently, or fail with ONNX
         Runtime's message)."""
+        state.check_live()
         widths = np.asarray(state.widths)
         rows = len(state.positions)
         if widths.shape != (self.layers,) or len(state.kv) != 2 * self.layers:
