@@ -490,9 +490,7 @@ class OnnxRuntimeRunner(Runner):
         batch; it copies the rows' caches once.  The states given are consumed."""
         parts = [(state, np.asarray(rows, dtype=np.int64).reshape(-1)) for state, rows in parts]
         for state, _ in parts:
-            if state.kv is None:
-                raise ValueError("this state was consumed by an earlier step; merge the state that step returned")
-            self._check_state(state, len(state.positions))
+            self._check_state(state, len(state.positions))  # a consumed state included (``check_live``)
         given = [state for state, _ in parts]
         parts = [(state, rows) for state, rows in parts if len(rows)]
         if not parts:
@@ -535,9 +533,6 @@ class OnnxRuntimeRunner(Runner):
     def decode(self, state: OnnxRuntimeState, token_ids):
         """token_ids (B,) int64 -> (logits (B, V) float32, new state).  The state given is
         consumed: the step writes into its key/value buffers, which the new state holds."""
-        if state.kv is None:
-            raise ValueError("this state was consumed by an earlier decode step (which wrote into its cache "
-                             "buffers); continue from the state that step returned")
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
         capacity = self._check_state(state, len(tokens))
