@@ -188,10 +188,13 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
 
 
 def test_a_decode_step_computes_no_attention_mass(runners):
-    """The mass (a MatMul per scored layer, their Concat, the sum over the heads) sits in one
-    If on score_from < C: a decode step skips it and returns an empty (B, 0) mass, which the
-    runner does not read; a prefill chunk with scored rows returns every scored layer's slots
-    side by side (the chunked tests check its values against the reference)."""
+    """The mass's last ops (the Concat of the scored layers' sums, the sum over the heads) sit
+    in one If on score_from < C: a decode step skips them and returns an empty (B, 0) mass,
+    which the runner does not read; a prefill chunk with scored rows returns every scored
+    layer's slots side by side (the chunked tests check its values against the reference).
+    Each layer's probabilities are summed by a MatMul in the main graph and read by nothing
+    in the If: a value the If reads lives until it runs, after the last layer, so a long
+    prompt's chunks would hold every layer's (H, C, T) probabilities at once."""
     import onnx
 
     engine = runners[0]
@@ -199,9 +202,13 @@ def test_a_decode_step_computes_no_attention_mass(runners):
     branches = [n for n in graph.node if n.op_type == "If"]
     assert len(branches) == 1 and list(branches[0].output) == ["mass"]
     scored = {a.name: a.g for a in branches[0].attribute}["then_branch"]
-    assert sum(n.op_type == "MatMul" for n in scored.node) == 2  # layers 0 and 2
+    assert sorted(n.op_type for n in scored.node) == ["Concat", "ReduceSum"]
     probabilities = {n.output[3] for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.output) == 4}
-    assert len(probabilities) == 2 and not any(set(n.input) & probabilities for n in graph.node)  # read in the If only
+    assert len(probabilities) == 2  # layers 0 and 2
+    readers = [n for n in graph.node if set(n.input) & probabilities]
+    assert [n.op_type for n in readers] == ["MatMul", "MatMul"]
+    sums = {n.output[0] for n in readers}
+    assert {i for n in scored.node for i in n.input} & (sums | probabilities) == sums  # the If reads the sums only
     shapes, step = [], engine._step
 
     def recorded(*args):
