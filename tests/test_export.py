@@ -273,7 +273,8 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
     layer's attention one bias and one pair of lengths; a batch of two prompts of different
     lengths (the shorter row's slots right-aligned, with empty ones before them) decodes as
     each prompt alone, through the buffer growth that follows the prefill, as the two
-    prompts prefilled alone and merged, and as rows leaving and joining a running batch."""
+    prompts prefilled alone and merged, as rows leaving and joining a running batch, and
+    through the in-flight batching scheduler (``engines/batching.py``)."""
     import onnx
 
     from prefixkv.engine_folder import SLOTS_KEY
@@ -345,6 +346,28 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
         alone_first, first = runner.decode(first, step[:1])
         alone_second, second = runner.decode(second, step[1:])
         np.testing.assert_allclose(logits, np.concatenate([alone_first, alone_second]), atol=1e-4)
+    # the in-flight batching scheduler on the shared slots: five requests, at most three rows at
+    # once, two submitted while the first ones run, so rows leave and join a running batch;
+    # every request's tokens are its prompt's alone
+    from prefixkv.engines.base import GenerationConfig
+    from prefixkv.engines.batching import BatchConfig, Batcher, Request
+
+    requests = [list(range(3, 23)), list(range(5, 42)), [9, 4, 17, 3], list(range(40, 10, -1)), [6] * 11]
+    configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in (6, 2, 9, 4, 7)]
+    each = [runner.generate_ids([ids], c)[0].token_ids for ids, c in zip(requests, configs)]
+    done = {}
+    batcher = Batcher(runner, BatchConfig(max_batch_size=3))
+    submit = lambda i: batcher.submit(Request(requests[i], configs[i], on_done=lambda g, e, i=i: done.setdefault(i, (g, e))))
+    for i in range(3):
+        submit(i)
+    for _ in range(3):
+        batcher.step()
+    assert batcher.state is not None and batcher.state.shared
+    submit(3), submit(4)
+    batcher.drain()
+    assert [done[i][1] for i in range(5)] == [None] * 5
+    assert [done[i][0].token_ids for i in range(5)] == each
+    assert batcher.stats.most_active == 3
     # a state is its engine's: slots side by side do not feed an engine whose layers share theirs, nor the reverse
     other = OnnxRuntimeRunner(tiny[0], threads=1)
     _, side_by_side = other.prefill(*other.pad([prompts[0]]))

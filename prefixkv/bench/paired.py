@@ -28,7 +28,7 @@ import json
 import statistics
 import time
 
-from .point import genai_generator, load_genai, prompt_text
+from .point import genai_generator, load_genai, open_engine, prompt_ids
 
 
 def decoder_steps(target: str, context: int, threads: int, steps: int):
@@ -41,14 +41,12 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
 
         folder = target.split(":", 1)[1]
         og, model = load_genai(folder, threads)
-        ids = Tokenizer(folder).encode(prompt_text())[:context]
+        ids = prompt_ids(Tokenizer(folder), context)
         generator = genai_generator(og, model, ids, steps)
         generator.append_tokens([ids])
         return generator.generate_next_token  # returns None: no run of ours to report
-    from ..engines.onnxruntime import OnnxRuntimeRunner
-
-    runner = OnnxRuntimeRunner(target, threads=threads, verify=False)
-    ids = runner.tokenizer.encode(prompt_text())[:context]
+    runner = open_engine(target, threads)
+    ids = prompt_ids(runner.tokenizer, context)
     if len(ids) + steps > runner.max_context:
         raise ValueError(f"{context} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
     held = list(runner.prefill(*runner.pad([ids])))  # [logits, state]

@@ -57,6 +57,19 @@ def prompt_text() -> str:
     return builtin_text("evaluation") + "\n\n" + builtin_text("calibration")
 
 
+def prompt_ids(tokenizer, context: int) -> list[int]:
+    """The first ``context`` tokens of the built-in text, by ``tokenizer`` (prefixkv's ``Tokenizer``)."""
+    return tokenizer.encode(prompt_text())[:context]
+
+
+def open_engine(target: str, threads: int, chunk: int | None = None):
+    """An engine folder's ONNX Runtime runner as every point runs it: ``threads`` intra-op
+    threads, the files not hashed (the point measures the run, not the check)."""
+    from ..engines.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk)
+
+
 def measure(target: str, context: int, chunk: int | None, threads: int, steps: int) -> dict:
     if target.startswith("genai:"):
         return measure_genai(target.split(":", 1)[1], context, threads, steps)
@@ -74,11 +87,9 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
             model(torch.tensor([ids]))
             prefill = time.perf_counter() - start
         return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(), "tokens": len(ids)}
-    from ..engines.onnxruntime import OnnxRuntimeRunner
-
-    runner = OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk)
+    runner = open_engine(target, threads, chunk)
     loaded, anonymous = rss_bytes(), rss_bytes("RssAnon")
-    ids = runner.tokenizer.encode(prompt_text())[:context]
+    ids = prompt_ids(runner.tokenizer, context)
     start = time.perf_counter()
     logits, state = runner.prefill(*runner.pad([ids]))
     prefill = time.perf_counter() - start
@@ -139,7 +150,7 @@ def measure_genai(folder: str, context: int, threads: int, steps: int) -> dict:
 
     og, model = load_genai(folder, threads)
     loaded = rss_bytes()
-    ids = Tokenizer(folder).encode(prompt_text())[:context]
+    ids = prompt_ids(Tokenizer(folder), context)
     prefill, times = genai_generate(og, model, ids, steps)
     return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(), "tokens": len(ids),
             "decode_ms_per_token": statistics.median(times) * 1e3 if times else None}
