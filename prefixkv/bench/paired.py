@@ -58,13 +58,18 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
     return step
 
 
+def check_blocks(blocks: int, block_steps: int) -> None:
+    """The plan's one rule: at least 1 block, of at least 2 steps (a block's first is not timed)."""
+    if blocks < 1 or block_steps < 2:
+        raise ValueError(f"need at least 1 block of at least 2 steps (the first is not timed), got {blocks} of {block_steps}")
+
+
 def interleave(step_a, step_b, blocks: int, block_steps: int, clock=time.perf_counter) -> tuple[list, list, list, list]:
     """Blocks of ``block_steps`` calls of ``step_a`` and of ``step_b`` in turn, A first in
     even blocks and B first in odd ones -> (A's blocks, B's blocks, A's runs, B's runs): per
     block the seconds of each call but the first (untimed), and what those calls returned
     (an engine's run within the step, or None)."""
-    if blocks < 1 or block_steps < 2:
-        raise ValueError(f"need at least 1 block of at least 2 steps, got {blocks} of {block_steps}")
+    check_blocks(blocks, block_steps)
     timed, returned = {"a": [], "b": []}, {"a": [], "b": []}
     for block in range(blocks):
         order = (("a", step_a), ("b", step_b)) if block % 2 == 0 else (("b", step_b), ("a", step_a))
@@ -110,6 +115,9 @@ def _given(runs: list | None) -> bool:
 
 
 def measure(a: str, b: str, context: int, threads: int, blocks: int, block_steps: int) -> dict:
+    check_blocks(blocks, block_steps)  # before either decoder loads
+    if context < 1 or threads < 1:
+        raise ValueError(f"need a context of at least 1 token and at least 1 thread, got {context} and {threads}")
     steps = blocks * block_steps + 1
     step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)
     step_a()  # one warm step each
@@ -127,9 +135,11 @@ def main(argv=None) -> int:
     parser.add_argument("--block-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.blocks < 1 or args.block_steps < 2 or args.threads < 1 or args.context < 1:
-        parser.error("need a context of at least 1 token, at least 1 block of at least 2 steps, and at least 1 thread")
-    print(json.dumps(measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps)))
+    try:
+        measured = measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps)
+    except ValueError as err:  # the plan's rules, or a prompt and its steps past an engine's context
+        parser.error(str(err))
+    print(json.dumps(measured))
     return 0
 
 
