@@ -171,6 +171,9 @@ def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F
     refused = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir, engine_dir, "100",
                               "--block-steps", "1"], capture_output=True, text=True)
     assert refused.returncode == 2 and "at least 2 steps" in refused.stderr.strip().splitlines()[-1]
+    missing = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir + "-missing", engine_dir, "100"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no engine folder" in missing.stderr
 
 
 def test_interleave_alternates_the_order_and_leaves_each_blocks_first_step_untimed():

@@ -28,7 +28,12 @@ import json
 import statistics
 import time
 
+from ..engine_folder import EngineError
 from .point import genai_generator, load_genai, open_engine, prompt_ids
+
+
+class PlanError(ValueError):
+    """A paired point that cannot be measured as asked (its blocks, context or threads)."""
 
 
 def decoder_steps(target: str, context: int, threads: int, steps: int):
@@ -48,7 +53,7 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
     runner = open_engine(target, threads)
     ids = prompt_ids(runner.tokenizer, context)
     if len(ids) + steps > runner.max_context:
-        raise ValueError(f"{context} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
+        raise PlanError(f"{context} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
     held = list(runner.prefill(*runner.pad([ids])))  # [logits, state]
 
     def step() -> float:
@@ -61,7 +66,7 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
 def check_blocks(blocks: int, block_steps: int) -> None:
     """The plan's one rule: at least 1 block, of at least 2 steps (a block's first is not timed)."""
     if blocks < 1 or block_steps < 2:
-        raise ValueError(f"need at least 1 block of at least 2 steps (the first is not timed), got {blocks} of {block_steps}")
+        raise PlanError(f"need at least 1 block of at least 2 steps (the first is not timed), got {blocks} of {block_steps}")
 
 
 def interleave(step_a, step_b, blocks: int, block_steps: int, clock=time.perf_counter) -> tuple[list, list, list, list]:
@@ -117,7 +122,7 @@ def _given(runs: list | None) -> bool:
 def measure(a: str, b: str, context: int, threads: int, blocks: int, block_steps: int) -> dict:
     check_blocks(blocks, block_steps)  # before either decoder loads
     if context < 1 or threads < 1:
-        raise ValueError(f"need a context of at least 1 token and at least 1 thread, got {context} and {threads}")
+        raise PlanError(f"need a context of at least 1 token and at least 1 thread, got {context} and {threads}")
     steps = blocks * block_steps + 1
     step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)
     step_a()  # one warm step each
@@ -137,8 +142,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         measured = measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps)
-    except ValueError as err:  # the plan's rules, or a prompt and its steps past an engine's context
+    except PlanError as err:  # the plan's rules, or a prompt and its steps past an engine's context
         parser.error(str(err))
+    except EngineError as err:  # a folder that is not a usable engine: one line, not a traceback
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(json.dumps(measured))
     return 0
 

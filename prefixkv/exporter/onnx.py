@@ -500,7 +500,8 @@ class DecoderGraph(DecodeGraph):
     scored rows; one ReduceSum over the heads of every scored layer's sums, side by side,
     averages them: ``scoring.attention_with_scores``'s quantity without computing the
     probabilities twice.  The (H, C, T) block is transient: the op's CPU kernel holds it
-    anyway, and the layer's MatMul frees it before the next layer.  The Concat and the
+    anyway, and the layer's MatMul is its last reader, so ONNX Runtime can free it with the
+    layer (measured: the prefill's peak memory does not grow with the layers).  The Concat and the
     ReduceSum sit in one ``If`` on score_from < C (``mass_only_when_scored``): a decode step
     passes score_from = C and skips them (its mass is empty, (B, 0), and not read).  The
     runner sums the chunks' masses and compacts the prompt with ``CompactGraph``.
@@ -950,8 +951,9 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
     proto = _trace(wrapper.eval(), args, names, _engine_dynamic_shapes(spec, graph, vision and graph == "decoder"), opset,
                    fused if graph == "decoder" else None)
     _engine_dims(proto, graph)
-    if graph == "decoder" and wrapper.scored:
-        mass_only_when_scored(proto)
+    if graph == "decoder" and wrapper.scored and not mass_only_when_scored(proto) and log:
+        log("decoder: the attention mass's last ops were left in the main graph (mass_only_when_scored found "
+            "none it could move): decode steps compute the mass too, correct but slower")
     if graph == "decoder":
         fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
                                            for a in n.attribute) for n in proto.graph.node)
