@@ -951,9 +951,11 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
     proto = _trace(wrapper.eval(), args, names, _engine_dynamic_shapes(spec, graph, vision and graph == "decoder"), opset,
                    fused if graph == "decoder" else None)
     _engine_dims(proto, graph)
-    if graph == "decoder" and wrapper.scored and not mass_only_when_scored(proto) and log:
-        log("decoder: the attention mass's last ops were left in the main graph (mass_only_when_scored found "
-            "none it could move): decode steps compute the mass too, correct but slower")
+    if graph == "decoder" and wrapper.scored:
+        moved = mass_only_when_scored(proto)
+        if not moved and log:
+            log("decoder: the attention mass's last ops were left in the main graph (mass_only_when_scored found "
+                "none it could move): decode steps compute the mass too, correct but slower")
     if graph == "decoder":
         fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
                                            for a in n.attribute) for n in proto.graph.node)
