@@ -157,6 +157,48 @@ def test_decode_rounds_compare_each_engine_with_genai_in_the_same_round():
     assert targets({"decode_rounds": {"skipped": "no genai"}}) == []
 
 
+def test_prefill_rounds_compare_each_engine_with_sdpa_in_the_same_round():
+    """Each round runs every target at one length before the next length, in reverse order
+    every other round; a round's ratio is against that round's SDPA (hand-computed), the
+    target reads the median of the rounds' ratios, and the peak RSS target reads the highest
+    round.  A round that failed gives no ratio and leaves the point's fields to a round that
+    measured it."""
+    from prefixkv.bench.speed import prefill_points, targets
+
+    gib = 2**30
+    seconds = {("W", 2048): [3.3, 3.0, 3.6], ("S", 2048): [3.0, 3.0, 3.0],
+               ("W", 8192): [30.0, 22.0, None], ("S", 8192): [20.0, 20.0, 20.0]}
+    left = {key: iter(values) for key, values in seconds.items()}
+    calls = []
+
+    def measure(target, context, threads, chunk=None):
+        calls.append((target, context))
+        s = next(left[(target, context)])
+        if s is None:
+            return {"error": "boom"}
+        return {"prefill_s": s, "peak_rss": (1.5 + s / 100) * gib, "rss_after_load": 600}
+
+    got = prefill_points({"window:keep 0.2": "W", "torch-sdpa": "S"}, [2048, 8192], None, 2, lambda m: None, rounds=3,
+                         measure=measure)
+    assert calls == [("W", 2048), ("S", 2048), ("W", 8192), ("S", 8192), ("S", 2048), ("W", 2048), ("S", 8192),
+                     ("W", 8192), ("W", 2048), ("S", 2048), ("W", 8192), ("S", 8192)]
+    window = got["window:keep 0.2"]
+    # 2048: 1.1, 1.0, 1.2 -> 1.1; 8192: 1.5, 1.1 (the third round failed) -> 1.3
+    assert window["2048"]["vs_sdpa_rounds"] == pytest.approx([1.1, 1.0, 1.2])
+    assert window["8192"]["median_vs_sdpa"] == pytest.approx(1.3)
+    assert window["8192"]["prefill_s"] == 30.0 and window["8192"]["prefill_s_rounds"] == [30.0, 22.0, None]
+    assert "vs_sdpa_rounds" not in got["torch-sdpa"]["2048"]
+    rows = {row["target"]: (row["value"], row["met"]) for row in targets({"prefill": got})}
+    assert rows["window:keep 0.2 prefill at 2048 <= 1.1x PyTorch SDPA (median of 3 rounds)"] == (1.1, True)
+    assert rows["window:keep 0.2 prefill at 8192 <= 1.1x PyTorch SDPA (median of 2 rounds)"] == (1.3, False)
+    assert rows["window:keep 0.2 peak RSS at 8192 <= 2.0 GiB"] == (1.8, True)  # the highest round: 1.5 + 30 / 100
+    # the first round failed: the point is the second round's
+    left = {("W", 2048): iter([None, 4.0]), ("S", 2048): iter([2.0, 2.0])}
+    again = prefill_points({"window:keep 0.2": "W", "torch-sdpa": "S"}, [2048], None, 2, lambda m: None, rounds=2,
+                           measure=measure)["window:keep 0.2"]["2048"]
+    assert again["prefill_s"] == 4.0 and again["vs_sdpa_rounds"] == [2.0] and "error" not in again
+
+
 def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F811 (the fixture)
     engine_dir = str(tiny[0])
     proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir, engine_dir, "100", "--blocks", "3",
@@ -255,3 +297,19 @@ def test_paired_points_become_target_rows_beside_the_rounds():
                     f"keep 1 decode at 2048 <= onnxruntime-genai's ({label})": (1.04, False),
                     f"keep 0.2 decode at 2048 <= onnxruntime-genai's ({label})": (0.8, True)}
     assert targets({"paired": {"skipped": "no genai"}}) == []
+
+
+def test_the_attention_point_times_every_variant_against_sdpa():
+    """``bench.attention``: each variant of the fused op over every chunk of a prompt, and
+    PyTorch's SDPA over the whole prompt, in the same rounds; ratios per round, medians."""
+    from prefixkv.bench.attention import VARIANTS, measure
+
+    got = measure(64, heads=4, kv_heads=2, head_dim=16, chunk=16, threads=1, rounds=2)
+    assert set(got["seconds"]) == {*VARIANTS, "sdpa"} and all(len(s) == 2 and min(s) > 0 for s in got["seconds"].values())
+    assert set(got["median_vs_sdpa"]) == set(VARIANTS) and set(got["median_vs_plain"]) == set(VARIANTS) - {"plain"}
+    first = got["seconds"]["bias"][0] / got["seconds"]["sdpa"][0]
+    second = got["seconds"]["bias"][1] / got["seconds"]["sdpa"][1]
+    assert got["median_vs_sdpa"]["bias"] == pytest.approx((first + second) / 2)
+    proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.attention", "64", "--heads", "4", "--kv-heads", "3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "a multiple of --kv-heads" in proc.stderr

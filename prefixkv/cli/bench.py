@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefill-scorers", type=a.names, default=("window", "accumulated"),
                    help="scores of the prefill-point engines, at the smallest --keep (default window,accumulated)")
     a.add_prefill_chunk(p)
+    p.add_argument("--prefill-rounds", type=a.positive_int, default=3,
+                   help="rounds of the prefill points: every engine and PyTorch SDPA at one length in turn, a fresh "
+                        "process each; each target reads the median of its rounds' ratios to SDPA (default 3)")
     p.add_argument("--weight-rounds", type=a.count, default=6,
                    help="rounds of the weight-precision decode points: the smallest --keep's window engine with fp32 "
                         "and int4 weights, in turn, a fresh process each (0: none; default 6)")
