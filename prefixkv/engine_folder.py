@@ -52,10 +52,11 @@ from .profile import (
 )
 
 SCHEMA = "prefixkv.engine"
-SCHEMA_VERSION = 5  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
+SCHEMA_VERSION = 6  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
 # 4: the decoder takes each layer's past length (past_lengths) and applies the decode rule to all layers at once;
 # 5: the decoder takes and returns every layer's slots side by side (past/present.positions and .valid, past_widths)
-# and one mass output
+# and one mass output; 6: the decoder's prefill and decode phases are the branches of one If (a prefill chunk's
+# attention unmasked and returning its probabilities, a decode step's masked), and SLOTS_KEY is read
 # the graphs every engine folder of a backend has
 ENGINE_GRAPHS = {"onnxruntime": ("decoder", "compact"), "tensorrt": ("prefill", "decode")}
 LANGUAGE_GRAPHS = ("decoder", "compact", "prefill", "decode")  # every graph but the vision tower's, in order
@@ -65,9 +66,8 @@ ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
 CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
 SCORE_ROWS_KEY = "prefixkv.score_rows"  # decoder graph metadata: trailing prompt rows scored ("all" or a count)
 # decoder graph metadata: "shared" (no layer evicts: one set of slots, (B, P), for every layer) or "per-layer"
-# (every layer's slots side by side, (B, sum of P_l)); absent: per-layer.  The engine schema was not bumped
-# for it (evicting engines did not change): a prefixkv from before the key runs a shared engine's decoder
-# with per-layer slots and fails at its first decode step, on a shape, not with a "rebuild" line.
+# (every layer's slots side by side, (B, sum of P_l)).  Added under schema 5 without a bump; schema 6 engines
+# all carry it, and a prefixkv from before schema 6 refuses them with its "rebuild" line.
 SLOTS_KEY = "prefixkv.slots"
 FUSIONS_KEY = "prefixkv.fusions"  # decoder graph metadata: the ONNX Runtime kernels the exporter fused, "rule=count,..."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -80,6 +80,18 @@ MAX_PATH = 1024
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("onnxruntime", "tensorrt")
 CHECK_STATUSES = ("pass", "FAIL", "reported")
+
+
+def onnx_graphs(graph):
+    """An ONNX GraphProto and, recursively, its subgraphs: the decoder's phases are the
+    branches of its one ``If`` (no onnx import: protobuf attribute types 5 and 10 are GRAPH
+    and GRAPHS)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == 5 else list(attribute.graphs) if attribute.type == 10 else []
+            for sub in subgraphs:
+                yield from onnx_graphs(sub)
 
 
 class EngineError(ValueError):

@@ -43,7 +43,7 @@ def engine_copy(tiny, tmp_path):
 def test_manifest_describes_the_engine(tiny):
     engine_dir, model, profile = tiny
     manifest = read_manifest(engine_dir)
-    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 5
+    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 6
     assert manifest["keep_fraction"] == KEEP
     assert manifest["layer_keep_fractions"] == profile.layer_fractions(KEEP)
     assert manifest["model"]["fingerprint"]["layers"] == LAYERS

@@ -134,6 +134,24 @@ def _prefill_matches(engine, reference, lengths, ties: bool = False):
     return ref_logits, state, ref_state, tied
 
 
+def phase(path, name: str):
+    """The decoder's graph of phase ``name`` ("prefill" or "decode"), its own values' "PHASE/"
+    prefix taken off (the main graph's names: present.0.key, logits, ...)."""
+    import onnx
+
+    from prefixkv.exporter.onnx import phase_graph
+
+    graph = onnx.GraphProto()
+    graph.CopyFrom(phase_graph(onnx.load(str(path), load_external_data=False), name))
+    strip = (lambda v: v[len(name) + 1:] if v.startswith(name + "/") else v)
+    for node in graph.node:
+        node.input[:] = [strip(v) for v in node.input]
+        node.output[:] = [strip(v) for v in node.output]
+    for value in graph.output:
+        value.name = strip(value.name)
+    return graph
+
+
 def test_prefill_matches_reference_with_left_padding(runners):
     _prefill_matches(*runners, [70, 41, 9])
 
@@ -174,41 +192,53 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert outputs["present.positions"] == outputs["present.valid"] == ["batch", "present_slots"]
     # layer 1 keeps everything: no scores, and its attention returns no probabilities; one mass output
     assert [n for n in outputs if n.startswith("mass")] == ["mass"] and outputs["mass"] == ["batch", "scored_slots"]
-    fused = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
-    qk = [{a.name: a.i for a in n.attribute}.get("qk_output", 0) for n in fused]
-    assert qk == [2, 0, 2] and [len(n.output) for n in fused] == [4, 3, 4]
-    assert [list(n.output[1:3]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
-    assert [list(n.input[3:5]) for n in fused] == [[f"past.{l}.key", f"past.{l}.value"] for l in range(LAYERS)]
+    # the weights once, in the main graph; its one If runs a prefill chunk's graph or a decode step's
+    assert [n.op_type for n in graph.node][-1] == "If" and not any(phase(engine_dir / "decoder.onnx", p).initializer
+                                                                    for p in ("prefill", "decode"))
+    assert sum(int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) == 2) == sum(
+        p.numel() for p in tiny[1].parameters() if p.dim() == 2)
+    for name, qk_layers in (("prefill", [2, 0, 2]), ("decode", [0, 0, 0])):
+        fused = [n for n in phase(engine_dir / "decoder.onnx", name).node
+                 if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+        qk = [{a.name: a.i for a in n.attribute}.get("qk_output", 0) for n in fused]
+        assert qk == qk_layers and [len(n.output) for n in fused] == [4 if q else 3 for q in qk_layers]
+        assert [list(n.output[1:3]) for n in fused] == [[f"present.{l}.key", f"present.{l}.value"] for l in range(LAYERS)]
+        assert [list(n.input[3:5]) for n in fused] == [[f"past.{l}.key", f"past.{l}.value"] for l in range(LAYERS)]
     compact = onnx.load(str(engine_dir / "compact.onnx"), load_external_data=False).graph
     assert {"TopK", "GatherElements"} <= {n.op_type for n in compact.node}
     assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
     assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 5
+    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 6
 
 
 def test_a_decode_step_computes_no_attention_mass(runners):
-    """The mass's last ops (the Concat of the scored layers' sums, the sum over the heads) sit
-    in one If on score_from < C: a decode step skips them and returns an empty (B, 0) mass,
-    which the runner does not read; a prefill chunk with scored rows returns every scored
-    layer's slots side by side (the chunked tests check its values against the reference).
-    Each layer's probabilities are summed by a MatMul in the main graph and read by nothing
-    in the If: a value the If reads lives until it runs, after the last layer, so a long
-    prompt's chunks would hold every layer's (H, C, T) probabilities at once."""
+    """The decoder's one If (score_from < C) runs a prefill chunk with scored rows through the
+    prefill graph: its scored layers' attention returns the probabilities, one MatMul per
+    layer sums them, and the mass goes out; nothing masks its attention (a prompt's slots are
+    all in use).  A decode step, and a chunk without scored rows, run the decode graph: every
+    layer's attention takes the bias that masks the empty slots, none returns probabilities,
+    and the mass is empty (B, 0), not read by the runner.  The chunked tests check the
+    prefill graph's mass against the reference."""
     import onnx
 
     engine = runners[0]
-    graph = onnx.load(str(engine.engine_dir / "decoder.onnx"), load_external_data=False).graph
-    branches = [n for n in graph.node if n.op_type == "If"]
-    assert len(branches) == 1 and list(branches[0].output) == ["mass"]
-    scored = {a.name: a.g for a in branches[0].attribute}["then_branch"]
-    assert sorted(n.op_type for n in scored.node) == ["Concat", "ReduceSum"]
-    probabilities = {n.output[3] for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.output) == 4}
-    assert len(probabilities) == 2  # layers 0 and 2
-    readers = [n for n in graph.node if set(n.input) & probabilities]
+    path = engine.engine_dir / "decoder.onnx"
+    main = onnx.load(str(path), load_external_data=False).graph
+    branch = next(n for n in main.node if n.op_type == "If")
+    condition = {n.output[0]: n for n in main.node}[branch.input[0]]
+    assert condition.op_type == "Less" and condition.input[0] == "score_from"
+    prefill, decode = phase(path, "prefill"), phase(path, "decode")
+    attention = {name: [n for n in g.node if n.op_type == "GroupQueryAttention"] for name, g in
+                 (("prefill", prefill), ("decode", decode))}
+    assert [len(n.input) > 10 and bool(n.input[10]) for n in attention["decode"]] == [True] * LAYERS  # the bias
+    assert [len(n.input) > 10 and bool(n.input[10]) for n in attention["prefill"]] == [False] * LAYERS
+    probabilities = {n.output[3] for n in attention["prefill"] if len(n.output) == 4}
+    assert len(probabilities) == 2 and not any(len(n.output) == 4 for n in attention["decode"])  # layers 0 and 2
+    readers = [n for n in prefill.node if set(n.input) & probabilities]
     assert [n.op_type for n in readers] == ["MatMul", "MatMul"]
-    sums = {n.output[0] for n in readers}
-    assert {i for n in scored.node for i in n.input} & (sums | probabilities) == sums  # the If reads the sums only
+    producers = {o: n.op_type for n in decode.node for o in n.output}
+    assert producers["mass"] == "ConstantOfShape" and "ReduceSum" not in producers.values()
     shapes, step = [], engine._step
 
     def recorded(*args):
@@ -234,11 +264,12 @@ def test_the_decoder_runs_onnxruntime_fused_norms(tiny):
     from prefixkv.engine_folder import FUSIONS_KEY
 
     proto = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False)
-    ops = [n.op_type for n in proto.graph.node]
-    plain, skip = ops.count("SimplifiedLayerNormalization"), ops.count("SkipSimplifiedLayerNormalization")
-    assert plain + skip == 2 * LAYERS + 1
-    assert skip == 2 * LAYERS - 1  # every norm but the first layer's input norm and the final norm
-    assert "ReduceMean" not in ops and "Reciprocal" not in ops  # no unfused norm left
+    for name in ("prefill", "decode"):
+        ops = [n.op_type for n in phase(tiny[0] / "decoder.onnx", name).node]
+        plain, skip = ops.count("SimplifiedLayerNormalization"), ops.count("SkipSimplifiedLayerNormalization")
+        assert plain + skip == 2 * LAYERS + 1
+        assert skip == 2 * LAYERS - 1  # every norm but the first layer's input norm and the final norm
+        assert "ReduceMean" not in ops and "Reciprocal" not in ops  # no unfused norm left
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta[FUSIONS_KEY] == (f"rms_normalization={2 * LAYERS + 1},skip_rms_normalization={2 * LAYERS - 1},"
                                  f"rotary_in_attention={LAYERS}")
@@ -251,17 +282,18 @@ def test_the_fused_attention_rotates_the_query_and_keys(tiny):
     from another.  The chunked and lockstep tests check the result."""
     import onnx
 
-    proto = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False)
-    attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == LAYERS
-    for node in attention:
-        assert {a.name: a.i for a in node.attribute}.get("do_rotary") == 1
-        assert all(node.input[i] for i in (7, 8, 9))  # cos_cache, sin_cache, position_ids
-        assert not node.input[1] and not node.input[2]  # [q | k | v] packed into the query input
-    # per layer: [q | k | v], o, [gate | up], down, and the mass MatMul of a scored layer; + the head
-    matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
-    assert len(matmuls) <= 5 * LAYERS + 1
-    assert "Neg" not in [n.op_type for n in proto.graph.node]
+    for name in ("prefill", "decode"):
+        graph = phase(tiny[0] / "decoder.onnx", name)
+        attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(attention) == LAYERS
+        for node in attention:
+            assert {a.name: a.i for a in node.attribute}.get("do_rotary") == 1
+            assert all(node.input[i] for i in (7, 8, 9))  # cos_cache, sin_cache, position_ids
+            assert not node.input[1] and not node.input[2]  # [q | k | v] packed into the query input
+        # per layer: [q | k | v], o, [gate | up], down, and (prefill) the mass MatMul of a scored layer; + the head
+        matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+        assert len(matmuls) <= (5 if name == "prefill" else 4) * LAYERS + 1
+        assert "Neg" not in [n.op_type for n in graph.node]
 
 
 def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_path, tiny):
@@ -288,25 +320,31 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
                          validation=ValidationConfig(**SMALL_VALIDATION, prefill_chunk=16))
     result = build_engine(config, model=model, log=lambda m: None)
     assert result.passed, result.validation
-    graph = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph
-    outputs = [o.name for o in graph.output]
+    main = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False).graph
+    outputs = [o.name for o in main.output]
     inputs = [i["name"] for i in json.loads((result.path / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]]
     assert "input_ids" in inputs and "past_widths" in inputs  # the manifest's records, read by name
     assert "mass" not in outputs and "score_from" not in inputs
-    producers = {o: n.op_type for n in graph.node for o in n.output}
-    assert producers["present.positions"] == producers["present.valid"] == "Concat"
-    assert not {"CumSum", "GatherElements"} & {n.op_type for n in graph.node}
+    # no scored rows: the phase is the rows' (a prompt's tokens, or past it)
+    assert {"Gather", "Less", "ReduceMin"} <= {n.op_type for n in main.node}
     proto = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False)
     assert {p.key: p.value for p in proto.metadata_props}[SLOTS_KEY] == "shared"
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node.op_type)
-    assert "Split" not in readers["past.positions"] + readers["past.valid"]
-    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == LAYERS
-    for index in (5, 6, 10):  # seqlens_k, total_sequence_length, attention_bias: one tensor for every layer
-        assert len({n.input[index] for n in attention}) == 1
+    for name in ("prefill", "decode"):
+        graph = phase(result.path / "decoder.onnx", name)
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        assert producers["present.positions"] == producers["present.valid"] == "Concat"
+        assert not {"CumSum", "GatherElements"} & {n.op_type for n in graph.node}
+        readers = {}
+        for node in graph.node:
+            for value in node.input:
+                readers.setdefault(value, []).append(node.op_type)
+        assert "Split" not in readers["past.positions"] + readers["past.valid"]
+        attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(attention) == LAYERS
+        # seqlens_k, total_sequence_length and (decode) attention_bias: one tensor for every layer
+        for index in (5, 6, 10) if name == "decode" else (5, 6):
+            assert len({n.input[index] for n in attention}) == 1
+        assert name == "decode" or all(len(n.input) <= 10 or not n.input[10] for n in attention)  # no bias
 
     runner = OnnxRuntimeRunner(result.path, threads=1, prefill_chunk=16)
     prompts = [list(range(3, 23)), list(range(5, 42))]  # 20 and 37 tokens
@@ -389,7 +427,7 @@ def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
     is.  The fused attention's lengths come from one Split each, not a Gather per layer."""
     import onnx
 
-    graph = onnx.load(str(tiny[0] / "decoder.onnx"), load_external_data=False).graph
+    graph = phase(tiny[0] / "decoder.onnx", "decode")
     readers = {}
     for node in graph.node:
         for name in node.input:

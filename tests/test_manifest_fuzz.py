@@ -48,7 +48,7 @@ def valid_manifest() -> dict:
     io = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
           "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 256]}], "opset": 18}
     return {
-        "schema": "prefixkv.engine", "schema_version": 5, "created": "2026-12-02T00:00:00Z",
+        "schema": "prefixkv.engine", "schema_version": 6, "created": "2026-12-02T00:00:00Z",
         "tool": {"name": "prefixkv", "version": "0.1.0"}, "libraries": {"torch": "2.13.0+cpu"},
         "model": {"source": "tiny", "folder": "/models/tiny",
                   "fingerprint": {"architecture": "LlamaForCausalLM", "layers": LAYERS, "heads": 4, "kv_heads": 2,

@@ -232,3 +232,42 @@ def test_a_graph_without_a_tied_table_loads_from_its_path(tmp_path):
 
     path, _ = _tied_graph(tmp_path, tied=False)
     assert untie_packed_tables(path) is None
+
+
+def test_a_tied_table_read_in_both_phases_is_untied_in_both(tmp_path):
+    """The decoder's phases are an If's branches: the lookup and the head of each read the
+    main graph's table, and each head reads it through the one second initializer."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from prefixkv.engines.onnxruntime import session_options, untie_packed_tables
+
+    table = np.random.default_rng(1).normal(size=(32, 8)).astype(np.float32)
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("Gather", ["table", "ids"], [f"{name}/hidden"]),
+                                  helper.make_node("Gemm", [f"{name}/hidden", "table"], [f"{name}/logits"], transB=1)],
+                                 name, [], [helper.make_tensor_value_info(f"{name}/logits", TensorProto.FLOAT, None)])
+
+    graph = helper.make_graph([helper.make_node("If", ["first"], ["logits"], then_branch=branch("prefill"),
+                                                else_branch=branch("decode"))], "phases",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]),
+                               helper.make_tensor_value_info("first", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 32])],
+                              [numpy_helper.from_array(table, "table")])
+    path = tmp_path / "decoder.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="decoder.onnx.data", size_threshold=0)
+    serialized = untie_packed_tables(path)
+    model = onnx.ModelProto.FromString(serialized)
+    heads = [n for a in model.graph.node[0].attribute for n in a.g.node if n.op_type == "Gemm"]
+    assert [n.input[1] for n in heads] == ["table.packed", "table.packed"]
+    assert [i.name for i in model.graph.initializer] == ["table", "table.packed"]
+    options = session_options(ort, 1)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    ids = np.array([3, 0, 31])
+    for first in (True, False):
+        got = session.run(None, {"ids": ids, "first": np.array(first)})[0]
+        np.testing.assert_allclose(got, table[ids] @ table.T, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from test_export import (  # noqa: F401  (autouse; the fp32 tiny engine)
     KEEP,
     SMALL_VALIDATION,
     one_torch_thread,
+    phase,
     tiny,
     tiny_model_folder,
 )
@@ -28,12 +29,15 @@ def test_quantized_engine_is_recorded_and_validated_by_agreement(precision, bits
     manifest = read_manifest(result.path)
     assert manifest["weights"] == {"precision": precision, "bits": bits, "block_size": 32, "symmetric": True,
                                    "accuracy_level": 4, "tool": "onnxruntime MatMulNBitsQuantizer"}
-    for graph in ("decoder",):
-        nodes = onnx.load(str(result.path / f"{graph}.onnx"), load_external_data=False).graph.node
-        packed = [n for n in nodes if n.op_type == "MatMulNBits"]
-        assert packed and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in packed)
-        # the projections' weights are packed: the data file shrinks (the embedding table stays fp32)
-        assert (result.path / f"{graph}.onnx.data").stat().st_size < (fp32_dir / f"{graph}.onnx.data").stat().st_size
+    path = result.path / "decoder.onnx"
+    packed = {name: [n for n in phase(path, name).node if n.op_type == "MatMulNBits"] for name in ("prefill", "decode")}
+    assert packed["prefill"] and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in packed["prefill"])
+    # both phases read the same quantized weights, held once in the main graph
+    assert [n.input[1:] for n in packed["prefill"]] == [n.input[1:] for n in packed["decode"]]
+    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
+    assert len(names) == len(set(names)) and {n.input[1] for n in packed["decode"]} <= set(names)
+    # the projections' weights are packed: the data file shrinks (the embedding table stays fp32)
+    assert (result.path / "decoder.onnx.data").stat().st_size < (fp32_dir / "decoder.onnx.data").stat().st_size
     report = json.loads((result.path / "validation.json").read_text())
     assert report["weights"] == precision
     assert report["checks"]["graph"]["status"] == "reported"  # fp32 tolerances cannot hold: differences reported

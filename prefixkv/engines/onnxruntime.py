@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..defaults import CACHE_SLACK, PREFILL_CHUNK
-from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, SLOTS_KEY, EngineError, read_manifest
+from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, SLOTS_KEY, EngineError, onnx_graphs, read_manifest
 from ..tokenizer import Tokenizer
 from ..vision.data import ImageError
 from ..vision.preprocess import ImageProcessor
@@ -112,12 +112,13 @@ def untie_packed_tables(path: Path) -> bytes | None:
         return None
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    lookups = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    nodes = [node for g in onnx_graphs(graph) for node in g.node]  # the decoder's phases' too
+    lookups = {node.input[0] for node in nodes if node.op_type == "Gather"}
     tables = {i.name: i for i in graph.initializer
               if i.name in lookups and i.data_location == onnx.TensorProto.EXTERNAL}
-    names = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
+    names = {i.name for i in graph.initializer} | {n for node in nodes for n in node.output}
     aliases: dict[str, str] = {}
-    for node in graph.node:
+    for node in nodes:
         if node.op_type not in ("Gemm", "MatMul"):
             continue
         for k, name in enumerate(node.input):

@@ -11,11 +11,16 @@ An ONNX Runtime engine holds one graph with the weights and one without:
         by layer, or, where no layer evicts, (B, P): the one set of slots every layer has
         (``SLOTS_KEY``); past_widths (L,) lists the P_l.  ONNX Runtime's fused
         GroupQueryAttention writes the chunk's K/V into slots [P_l, P_l + C) in place and
-        attends causally; the slot bookkeeping (bias, decode rule) runs once for all layers.  In a
-        scored layer the same op also returns its attention probabilities, and the graph
+        attends causally; the slot bookkeeping (bias, decode rule) runs once for all layers.
+        The graph is one ``If`` over two traced phases (``two_phase_graph``), the weights
+        once in the main graph.  The prefill phase (a chunk with scored rows, or any prompt
+        chunk of an engine without scored layers) attends unmasked, every slot being in use;
+        in a scored layer the op also returns its attention probabilities, and the graph
         sums rows [score_from, C) of them into the slots' mass (O(C x S) memory), every
-        scored layer's side by side in one output.  Past the prompt, the decode-phase rule
-        marks at most one entry per row evicted: the entries returned are within budget.
+        scored layer's side by side in one output.  The decode phase masks the empty slots
+        with an additive bias, returns no probabilities and an empty mass.  Past the prompt,
+        the decode-phase rule marks at most one entry per row evicted: the entries returned
+        are within budget.
 
     compact(attention_mask, per layer [mass], key, value) -> per layer key/value/positions/valid
         The end of the prompt (``CompactGraph``): each layer's score (from the summed mass, or
@@ -58,6 +63,7 @@ from ..engine_folder import CACHE_LAYOUT_KEY, FUSIONS_KEY, SCORE_ROWS_KEY, SLOTS
 from ..scoring import causal_mask, make_scorer
 
 OPSET = 18
+PHASES = ("prefill", "decode")  # the decoder's two traced variants, one If's branches (``two_phase_graph``)
 
 
 class ExportError(ValueError):
@@ -494,28 +500,37 @@ class DecoderGraph(DecodeGraph):
     all layers, to 601 with all the slot bookkeeping done once, and to 515 with the slots
     and the mass side by side in the graph's inputs and outputs.
 
-    In a scored layer the op also returns its probabilities (``qk_output`` 2, after the
-    softmax: (B, H, C, T), the bias and causality applied, in the engine's dtype) and one
-    MatMul with the (1 x C) row weights (1 / H for a scored row, 0 else) sums each head's
-    scored rows; one ReduceSum over the heads of every scored layer's sums, side by side,
-    averages them: ``scoring.attention_with_scores``'s quantity without computing the
-    probabilities twice.  The (H, C, T) block is transient: the op's CPU kernel holds it
-    anyway, and the layer's MatMul is its last reader, so ONNX Runtime can free it with the
-    layer (SmolLM2's 8192-token prefill peaks as it did with no ``If``).  The Concat and the
-    ReduceSum sit in one ``If`` on score_from < C (``mass_only_when_scored``): a decode step
-    passes score_from = C and skips them (its mass is empty, (B, 0), and not read).  The
-    runner sums the chunks' masses and compacts the prompt with ``CompactGraph``.
+    ``phase`` picks what is traced (``PHASES``; ``two_phase_graph`` joins the two).  "decode"
+    (decode steps, and prompt chunks without scored rows): each layer's op takes the bias
+    that masks the empty slots, and there is no mass.  "prefill" (prompt chunks, batch 1 and
+    every slot in use): no bias, and in a scored layer the op also returns its probabilities
+    (``qk_output`` 2, after the softmax: (B, H, C, T), causality applied, in the engine's
+    dtype) and one MatMul with the (1 x C) row weights (1 / H for a scored row, 0 else) sums
+    each head's scored rows; one ReduceSum over the heads of every scored layer's sums, side
+    by side, averages them: ``scoring.attention_with_scores``'s quantity without computing
+    the probabilities twice.  The (H, C, T) block is transient: the op's CPU kernel holds it
+    anyway, and the layer's MatMul is its last reader, so ONNX Runtime frees it with the
+    layer.  What the bias and the probabilities cost the op on a model's shapes,
+    ``python -m prefixkv.bench.attention`` measures (the README has SmolLM2's).  The runner
+    sums the chunks' masses and compacts the prompt with ``CompactGraph``.
     """
 
     cache_layout = "buffer"
 
-    def __init__(self, model, spec: GraphSpec, image_token_id: int | None = None):
+    def __init__(self, model, spec: GraphSpec, image_token_id: int | None = None, phase: str = "decode"):
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         if spec.dtype not in ("float32", "float16"):
             raise ExportError(f"ONNX Runtime's fused attention runs float32 or float16 on CPU, the model is "
                               f"{spec.dtype}; load the model in float32")
         super().__init__(model, spec)
         self.scored = scored_layers(spec)
         self.image_token_id = image_token_id
+        self.phase = phase
+        # A prefill chunk's slots are all in use (the prompt's tokens, none evicted yet): its
+        # attention needs no bias.  Its scored layers return their probabilities and the mass.
+        self.masked = phase == "decode"
+        self.probabilities = phase == "prefill" and bool(self.scored)
         # The fused attention rotates the query and keys itself when the model's rotation is the
         # one it implements; its keys then round differently from PyTorch's.  A key-norm score
         # reads the rotated keys, and the same token's keys in layer 0 tie up to that rounding,
@@ -566,7 +581,7 @@ class DecoderGraph(DecodeGraph):
             positions = torch.cat([past_positions, position_ids.to(past_positions.dtype)], -1)
             valid = torch.cat([past_valid, new], -1)
             width = past_positions.shape[1] + c
-            biases = [torch.where(valid, zero, closed)[:, None, None, :] + unmasked] * layers
+            biases = [torch.where(valid, zero, closed)[:, None, None, :] + unmasked] * layers if self.masked else [None] * layers
             total = (past_widths[:1] + c).to(torch.int32)  # every layer's, the same
             totals, seqlens, sizes = [total] * layers, [(total - 1).expand(b)] * layers, [width] * layers
         else:
@@ -583,13 +598,15 @@ class DecoderGraph(DecodeGraph):
             positions = torch.cat([t for l in range(layers) for t in (old_positions[l], position_ids.to(past_positions.dtype))], -1)
             valid = torch.cat([t for l in range(layers) for t in (old_valid[l], new)], -1)
             # the bias masking each layer's empty slots, (B, 1, 1, T_l); a layer adds its (1, 1, C, 1) zeros
-            open_ = torch.where(valid, zero, closed)
-            biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])  # each layer adds its zeros
+            biases = [None] * layers
+            if self.masked:
+                open_ = torch.where(valid, zero, closed)
+                biases = split_columns(open_[:, None, None, :], widths, [(b, 1, 1, t) for t in sizes])  # each layer adds its zeros
             # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
             totals = split_equal(widths.to(torch.int32), layers, (1,))
             seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
         weights = None
-        if score_from is not None:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
+        if self.probabilities:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
             weights = ((torch.arange(c) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, c)
         buffers, masses = [], []
         for l, layer in enumerate(dec.layers):
@@ -602,10 +619,10 @@ class DecoderGraph(DecodeGraph):
                 else:  # not rotated: the fused attention rotates the query and the new keys
                     query, key, value = dec.projections(layer, hidden)
                 query, key, value = (t.reshape(b, c, -1) for t in (query, key, value))
-            scored = l in self.scored
+            scored = self.probabilities and l in self.scored
             lengths = (seqlens[l], totals[l], sizes[l])
             # (B, 1, C, T_l); widened in the layer (not all at once: a long prompt's chunk would hold every layer's)
-            bias = biases[l] if self.shared_slots else biases[l] + unmasked
+            bias = biases[l] if self.shared_slots or biases[l] is None else biases[l] + unmasked
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths, bias, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
                 masses.append(torch.matmul(weights, probs.float()))
@@ -939,101 +956,150 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
                         image_token_id: int | None = None, hidden: int = 0) -> Path:
     """The ONNX Runtime engine's ``graph`` ("decoder" or "compact") to ``path`` (the
     decoder's weights in ``path``.data); ``image_token_id``/``hidden``: a vision engine's
-    decoder, taking image embeddings."""
+    decoder, taking image embeddings.  The decoder is traced once per phase (``PHASES``) and
+    the two are joined into one graph (``two_phase_graph``)."""
     vision = image_token_id is not None
     if graph not in engine_graphs(spec):
         raise ExportError(f"an ONNX Runtime engine has no {graph!r} graph; it has {', '.join(engine_graphs(spec))}")
-    wrapper = DecoderGraph(model, spec, image_token_id) if graph == "decoder" else CompactGraph(model, spec)
     args = engine_sample_inputs(spec, graph, hidden=hidden if vision and graph == "decoder" else 0)
     names = engine_io(spec, vision)[graph]
+    shapes = _engine_dynamic_shapes(spec, graph, vision and graph == "decoder")
     start = time.perf_counter()
-    fused = {}
-    proto = _trace(wrapper.eval(), args, names, _engine_dynamic_shapes(spec, graph, vision and graph == "decoder"), opset,
-                   fused if graph == "decoder" else None)
+    if graph == "compact":
+        proto = _trace(CompactGraph(model, spec).eval(), args, names, shapes, opset)
+        _engine_dims(proto, graph)
+        return _save(proto, Path(path), log, graph, start)
+    fused, phases = {}, {}
+    for phase in PHASES:
+        wrapper = DecoderGraph(model, spec, image_token_id, phase)
+        outputs = [o for o in names["outputs"] if o != "mass" or wrapper.probabilities]
+        phases[phase] = _trace(wrapper.eval(), args, {**names, "outputs": outputs}, shapes, opset, fused)
+    proto = two_phase_graph(phases["prefill"], phases["decode"], scored=bool(wrapper.scored))
+    del phases
     _engine_dims(proto, graph)
-    if graph == "decoder" and wrapper.scored:
-        moved = mass_only_when_scored(proto)
-        if not moved and log:
-            log("decoder: the attention mass's last ops were left in the main graph (mass_only_when_scored found "
-                "none it could move): decode steps compute the mass too, correct but slower")
-    if graph == "decoder":
-        fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
-                                           for a in n.attribute) for n in proto.graph.node)
-        rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
-        fusions = ",".join(f"{name}={n}" for name, n in fused.items())
-        for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
-                           (FUSIONS_KEY, fusions), (SLOTS_KEY, "shared" if wrapper.shared_slots else "per-layer")):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+    fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
+                                       for a in n.attribute) for n in phase_graph(proto, "decode").node)
+    rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
+    fusions = ",".join(f"{name}={n}" for name, n in fused.items())
+    for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
+                       (FUSIONS_KEY, fusions), (SLOTS_KEY, "shared" if wrapper.shared_slots else "per-layer")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     return _save(proto, Path(path), log, graph, start)
 
 
-def mass_only_when_scored(proto) -> int:
-    """Move the ops that only the decoder's ``mass`` output needs, after each layer's own sum,
-    into an ``If`` on ``score_from < C`` (in place); returns how many ops moved.  A decode step
-    (score_from = C) and a prefill chunk before the scored rows then skip them and return an
-    empty (B, 0) mass, which the runner does not read; the chunks with scored rows compute it
-    as before.
+def two_phase_graph(prefill, decode, scored: bool):
+    """One decoder ModelProto from its two traced phases: the inputs, the outputs and the
+    weights once, in the main graph, and one ``If`` whose branches are the phases' graphs.
 
-    Each scored layer's own ops, from its attention probabilities (B, H, C, T) through the
-    MatMul that sums their scored rows to (B, H, 1, T), and the row weights they read, stay
-    outside, in the layer: a value read inside the ``If`` lives until the ``If`` runs, after
-    the last layer, so with those MatMuls inside every layer's probabilities were held at
-    once (SmolLM2's keep-0.2 prefill of 8192 tokens peaked at 4.6 GB instead of 1.7).  What
-    moves is the Concat of the layers' sums and the ReduceSum over the heads."""
+    The condition: with scored layers, ``score_from < C`` (the chunk has scored rows: a
+    prefill chunk); without, every row's last token within its prompt (``position_ids[:, -1]
+    < prompt_lengths``).  A decode step and a prefill chunk without scored rows take the
+    decode phase (the attention bias, no probabilities) and return an empty (B, 0) mass,
+    which the runner does not read.
+
+    Every initializer goes to the main graph, once per content (the phases' traces name the
+    same weight differently, "val_N"): ONNX Runtime packs a weight once for both branches
+    (checked on 1.32; it held a second packed copy of a weight read from two depths of nested
+    ``If``s, so the branches stay one level deep).  Every other name of a phase gets the
+    prefix "PHASE/", so the branches share no name with each other or with the main graph."""
     from onnx import TensorProto, helper
 
-    g = proto.graph
-    producer = {out: node for node in g.node for out in node.output}
-    def ancestors(names):
-        found, stack = set(), list(names)
-        while stack:
-            node = producer.get(stack.pop())
-            if node is not None and id(node) not in found:
-                found.add(id(node))
-                stack.extend(node.input)
-        return found
-    others = ancestors(o.name for o in g.output if o.name != "mass")
-    wanted = ancestors(["mass"]) - others
-    # each layer's ops from its probabilities (the op's fourth output) up to and including their MatMul
-    readers = {}
-    for node in g.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    stack = [n.output[3] for n in g.node if n.op_type == "GroupQueryAttention" and len(n.output) > 3 and n.output[3]]
-    layerwise = set()
-    while stack:
-        for node in readers.get(stack.pop(), []):
-            if id(node) in wanted and id(node) not in layerwise:
-                layerwise.add(id(node))
-                if node.op_type != "MatMul":
-                    stack.extend(node.output)
-    layer_ops = [n for n in g.node if id(n) in layerwise]
-    wanted -= ancestors(name for n in layer_ops for name in n.input) | layerwise
-    if not wanted:
-        return 0
-    moved = [n for n in g.node if id(n) in wanted]  # in graph order
-    kept = [n for n in g.node if id(n) not in wanted]
-    if {o for n in moved for o in n.output} & {i for n in kept for i in n.input}:
-        return 0  # an op left outside reads one of them (none does in an exported decoder): leave the graph as it is
-    for node in moved:  # the branch's own name for the output (a subgraph may not reuse an outer name)
-        node.output[:] = ["mass.scored" if o == "mass" else o for o in node.output]
-    mass_type = next(o.type.tensor_type.elem_type for o in g.output if o.name == "mass")
-    scored = helper.make_graph(moved, "mass_scored", [], [helper.make_tensor_value_info("mass.scored", mass_type, None)])
-    empty = helper.make_graph([
-        helper.make_node("Shape", ["input_ids"], ["mass.rows"], end=1),
-        helper.make_node("Constant", [], ["mass.none"], value=helper.make_tensor("mass.zero", TensorProto.INT64, [1], [0])),
-        helper.make_node("Concat", ["mass.rows", "mass.none"], ["mass.shape"], axis=0),
-        helper.make_node("ConstantOfShape", ["mass.shape"], ["mass.empty"], value=helper.make_tensor("mass.fill", mass_type, [1], [0])),
-    ], "mass_unscored", [], [helper.make_tensor_value_info("mass.empty", mass_type, None)])
-    kept += [
-        helper.make_node("Shape", ["input_ids"], ["mass.chunk"], start=1, end=2),
-        helper.make_node("Less", ["score_from", "mass.chunk"], ["mass.wanted"]),
-        helper.make_node("If", ["mass.wanted"], ["mass"], then_branch=scored, else_branch=empty),
-    ]
-    del g.node[:]
-    g.node.extend(kept)
-    return len(moved)
+    out = onnx.ModelProto()
+    out.CopyFrom(decode)
+    main = out.graph
+    for field_ in ("node", "initializer", "value_info", "input", "output"):
+        main.ClearField(field_)
+    inputs = {i.name: i for i in decode.graph.input}
+    inputs.update({i.name: i for i in prefill.graph.input})
+    order = [i.name for i in prefill.graph.input] + [n for n in inputs if n not in {i.name for i in prefill.graph.input}]
+    main.input.extend(inputs[n] for n in order)
+    main.output.extend(prefill.graph.output)
+    # every initializer to the main graph, once per content: a weight both phases read is one tensor
+    renamed, taken, occurrences = {}, set(inputs), {}  # (phase, name) -> its name in the main graph
+    for phase, proto in (("prefill", prefill), ("decode", decode)):
+        for init in proto.graph.initializer:
+            occurrences.setdefault(_content(init), []).append((phase, init))
+    for found in occurrences.values():
+        main_name = found[0][1].name  # the first trace's name ("_" added where two contents share one)
+        while main_name in taken:
+            main_name += "_"
+        taken.add(main_name)
+        tensor = TensorProto()
+        tensor.CopyFrom(found[0][1])
+        tensor.name = main_name
+        main.initializer.append(tensor)
+        for phase, init in found:
+            renamed[(phase, init.name)] = main_name
+    del occurrences
+    branches = {}
+    for phase, proto in (("prefill", prefill), ("decode", decode)):
+        graph = proto.graph
+
+        def name(value: str, phase=phase) -> str:
+            if not value or value in inputs:
+                return value
+            return renamed.get((phase, value), f"{phase}/{value}")
+
+        nodes = []
+        for node in graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.input[:] = [name(v) for v in node.input]
+            copy.output[:] = [name(v) for v in node.output]
+            copy.name = f"{phase}/{node.name or node.op_type + '_' + str(len(nodes))}"
+            nodes.append(copy)
+        infos = []
+        for info in graph.value_info:
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(info)
+            copy.name = name(info.name)
+            infos.append(copy)
+        results = {o.name: name(o.name) for o in graph.output}
+        if "mass" in {o.name for o in main.output} and "mass" not in results:  # an empty (B, 0) mass
+            empty = f"{phase}/mass"
+            nodes += [
+                helper.make_node("Shape", ["input_ids"], [f"{phase}/mass.rows"], end=1),
+                helper.make_node("Constant", [], [f"{phase}/mass.none"], value=helper.make_tensor(f"{phase}/mass.zero", TensorProto.INT64, [1], [0])),
+                helper.make_node("Concat", [f"{phase}/mass.rows", f"{phase}/mass.none"], [f"{phase}/mass.shape"], axis=0),
+                helper.make_node("ConstantOfShape", [f"{phase}/mass.shape"], [empty],
+                                 value=helper.make_tensor(f"{phase}/mass.fill", TensorProto.FLOAT, [1], [0])),
+            ]
+            results["mass"] = empty
+        types = {o.name: o.type.tensor_type.elem_type for o in main.output}
+        branches[phase] = helper.make_graph(
+            nodes, phase, [], [helper.make_tensor_value_info(results[o.name], types[o.name], None) for o in main.output],
+            value_info=infos)
+    if scored:
+        main.node.extend([helper.make_node("Shape", ["input_ids"], ["phase.chunk"], start=1, end=2),
+                          helper.make_node("Less", ["score_from", "phase.chunk"], ["phase.prefill"])])
+    else:  # every row's last token within its prompt
+        main.node.extend([
+            helper.make_node("Constant", [], ["phase.last"], value=helper.make_tensor("phase.minus_one", TensorProto.INT64, [], [-1])),
+            helper.make_node("Gather", ["position_ids", "phase.last"], ["phase.positions"], axis=1),
+            helper.make_node("Less", ["phase.positions", "prompt_lengths"], ["phase.rows"]),
+            helper.make_node("Cast", ["phase.rows"], ["phase.counts"], to=TensorProto.INT64),
+            helper.make_node("ReduceMin", ["phase.counts"], ["phase.all"], keepdims=0),
+            helper.make_node("Cast", ["phase.all"], ["phase.prefill"], to=TensorProto.BOOL)])
+    main.node.append(helper.make_node("If", ["phase.prefill"], [o.name for o in main.output], name="phase",
+                                      then_branch=branches["prefill"], else_branch=branches["decode"]))
+    return out
+
+
+def _content(tensor) -> tuple:
+    """A TensorProto's type, shape and values, without its name: (data type, dims, sha256)."""
+    import hashlib
+
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.ClearField("name")
+    return copy.data_type, tuple(copy.dims), hashlib.sha256(copy.SerializeToString()).hexdigest()
+
+
+def phase_graph(proto, phase: str):
+    """The decoder's graph of ``phase`` ("prefill" or "decode"): a branch of its one ``If``."""
+    node = next(n for n in proto.graph.node if n.op_type == "If" and n.name == "phase")
+    return {a.name: a.g for a in node.attribute}["then_branch" if phase == "prefill" else "else_branch"]
 
 
 def export_engine_graphs(model, spec: GraphSpec, folder: str | Path, opset: int = OPSET, log=None) -> dict[str, Path]:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..defaults import WEIGHT_ACCURACY_LEVEL, WEIGHT_BLOCK, WEIGHT_PRECISIONS
+from ..engine_folder import onnx_graphs
 
 BITS = {"int8": 8, "int4": 4}
 
@@ -37,41 +38,56 @@ def weights_record(precision: str) -> dict | None:
 
 
 def untie_lm_head(graph) -> int:
-    """Each ``Gemm`` over a constant weight (no bias, alpha = beta = 1) becomes a ``MatMul``
-    over that weight, transposed if ``transB``, as a new initializer; returns how many."""
+    """Each ``Gemm`` over a constant weight (no bias, alpha = beta = 1), in ``graph`` or its
+    subgraphs (the decoder's phases), becomes a ``MatMul`` over that weight, transposed if
+    ``transB``, as a new initializer of ``graph`` (one per weight, whichever phases read it);
+    returns how many Gemms."""
     import numpy as np
     from onnx import helper, numpy_helper
 
-    inits = {i.name: i for i in graph.initializer}
-    done = 0
-    for index, node in enumerate(list(graph.node)):
-        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if attrs.get("transB", 0):
-            weight = np.ascontiguousarray(weight.T)
-        name = f"{node.input[1]}.matmul"
-        graph.initializer.append(numpy_helper.from_array(weight, name))
-        graph.node.remove(node)
-        graph.node.insert(index, helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
-        done += 1
+    inits = {i.name: i for g in onnx_graphs(graph) for i in g.initializer}
+    made, done = {}, 0
+    for owner in list(onnx_graphs(graph)):
+        for index, node in enumerate(list(owner.node)):
+            if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits:
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                continue
+            key = (node.input[1], bool(attrs.get("transB", 0)))
+            if key not in made:
+                weight = numpy_helper.to_array(inits[node.input[1]])
+                if attrs.get("transB", 0):
+                    weight = np.ascontiguousarray(weight.T)
+                made[key] = f"{node.input[1]}.matmul" + ("" if key[1] else ".plain")
+                graph.initializer.append(numpy_helper.from_array(weight, made[key]))
+            owner.node.remove(node)
+            owner.node.insert(index, helper.make_node("MatMul", [node.input[0], made[key]], list(node.output), name=node.name))
+            done += 1
     return done
 
 
 def _nodes(graph):
-    """The graph's nodes and, recursively, those of its subgraphs (an ``If``'s branches)."""
-    from onnx import helper
+    """The graph's nodes and, recursively, those of its subgraphs."""
+    for g in onnx_graphs(graph):
+        yield from g.node
 
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            value = helper.get_attribute_value(attribute)
-            for sub in (value if isinstance(value, list) else [value]):
-                if hasattr(sub, "node"):  # a GraphProto
-                    yield from _nodes(sub)
+
+def _once(graph) -> int:
+    """Drop the repeats of each initializer name in ``graph`` (the quantizer adds a weight's
+    quantized tensors once per node that reads it: once per decoder phase); returns how many.
+    A repeat whose bytes differ is an error."""
+    seen, repeats = {}, []
+    for init in graph.initializer:
+        if init.name not in seen:
+            seen[init.name] = init
+        elif init.SerializeToString() == seen[init.name].SerializeToString():
+            repeats.append(init)
+        else:
+            raise ValueError(f"two different initializers named {init.name!r} after quantization")
+    for init in repeats:
+        graph.initializer.remove(init)
+    return len(repeats)
 
 
 def quantize_graphs(folder: str | Path, graphs: list[str], precision: str, log=print) -> dict | None:
@@ -94,8 +110,10 @@ def quantize_graphs(folder: str | Path, graphs: list[str], precision: str, log=p
                                          accuracy_level=WEIGHT_ACCURACY_LEVEL, op_types_to_quantize=ops)
         quantizer.process()
         quantized = quantizer.model.model
-        done = sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in quantized.graph.node)
-        used = {name for n in _nodes(quantized.graph) for name in n.input}  # a subgraph's (the mass's If) too
+        done = len({n.input[1] if n.op_type == "MatMulNBits" else n.input[0] for n in _nodes(quantized.graph)
+                    if n.op_type in ("MatMulNBits", "GatherBlockQuantized")})  # weights, each read in both phases
+        _once(quantized.graph)
+        used = {name for n in _nodes(quantized.graph) for name in n.input}  # the phases' too
         unused = [i for i in quantized.graph.initializer if i.name not in used]
         for init in unused:  # the fp32 tables the quantized nodes replaced
             quantized.graph.initializer.remove(init)
