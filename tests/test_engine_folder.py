@@ -266,11 +266,12 @@ def test_cli_build_asks_for_a_profile_or_calibrate(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 def test_an_engine_of_an_older_layout_is_refused(engine_copy, version):
     """Schema version 1 (prefill.onnx + decode.onnx, two copies of the weights), 2 (a
     separate score graph, the decoder returning queries), 3 (a decoder without
-    past_lengths) and 4 (positions and valid per layer): one line, "rebuild"."""
+    past_lengths), 4 (positions and valid per layer) and 5 (a decoder of one phase): one
+    line, "rebuild"."""
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
     manifest = json.loads((engine_copy / "manifest.json").read_text())
@@ -281,6 +282,6 @@ def test_an_engine_of_an_older_layout_is_refused(engine_copy, version):
         manifest["graphs"]["score"] = manifest["graphs"]["compact"]
     (engine_copy / "manifest.json").write_text(json.dumps(manifest))
     for load in (read_manifest, OnnxRuntimeRunner):
-        with pytest.raises(EngineError, match=rf"schema version {version}; this prefixkv reads version 5: rebuild") as err:
+        with pytest.raises(EngineError, match=rf"schema version {version}; this prefixkv reads version 6: rebuild") as err:
             load(engine_copy)
         assert "\n" not in str(err.value)

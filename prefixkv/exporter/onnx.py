@@ -1005,11 +1005,11 @@ def two_phase_graph(prefill, decode, scored: bool):
     prefix "PHASE/", so the branches share no name with each other or with the main graph."""
     from onnx import TensorProto, helper
 
-    out = onnx.ModelProto()
-    out.CopyFrom(decode)
+    out = helper.make_model(onnx.GraphProto(name=decode.graph.name), opset_imports=decode.opset_import,
+                            ir_version=decode.ir_version, producer_name=decode.producer_name,
+                            producer_version=decode.producer_version)  # the header, not a copy of the weights
+    out.functions.extend(decode.functions)
     main = out.graph
-    for field_ in ("node", "initializer", "value_info", "input", "output"):
-        main.ClearField(field_)
     inputs = {i.name: i for i in decode.graph.input}
     inputs.update({i.name: i for i in prefill.graph.input})
     order = [i.name for i in prefill.graph.input] + [n for n in inputs if n not in {i.name for i in prefill.graph.input}]
@@ -1032,6 +1032,8 @@ def two_phase_graph(prefill, decode, scored: bool):
         for phase, init in found:
             renamed[(phase, init.name)] = main_name
     del occurrences
+    for proto in (prefill, decode):  # their copies are in the main graph now (the traces are not used again)
+        proto.graph.ClearField("initializer")
     branches = {}
     for phase, proto in (("prefill", prefill), ("decode", decode)):
         graph = proto.graph
