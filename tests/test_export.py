@@ -213,21 +213,22 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
 
 
 def test_a_decode_step_computes_no_attention_mass(runners):
-    """The decoder's one If (score_from < C) runs a prefill chunk with scored rows through the
-    prefill graph: its scored layers' attention returns the probabilities, one MatMul per
-    layer sums them, and the mass goes out; nothing masks its attention (a prompt's slots are
-    all in use).  A decode step, and a chunk without scored rows, run the decode graph: every
-    layer's attention takes the bias that masks the empty slots, none returns probabilities,
-    and the mass is empty (B, 0), not read by the runner.  The chunked tests check the
-    prefill graph's mass against the reference."""
+    """The decoder's one If (every row's last token within its prompt) runs a prompt chunk
+    through the prefill graph: its scored layers' attention returns the probabilities, one
+    MatMul per layer sums them, and the mass goes out; nothing masks its attention (a
+    prompt's slots are all in use).  A decode step runs the decode graph: every layer's
+    attention takes the bias that masks the empty slots, none returns probabilities, and the
+    mass is empty (B, 0), not read by the runner.  The chunked tests check the prefill
+    graph's mass against the reference."""
     import onnx
 
     engine = runners[0]
     path = engine.engine_dir / "decoder.onnx"
     main = onnx.load(str(path), load_external_data=False).graph
     branch = next(n for n in main.node if n.op_type == "If")
-    condition = {n.output[0]: n for n in main.node}[branch.input[0]]
-    assert condition.op_type == "Less" and condition.input[0] == "score_from"
+    producers = {o: n for n in main.node for o in n.output}
+    rows = producers[producers[producers[branch.input[0]].input[0]].input[0]].input[0]  # Cast(ReduceMin(Cast(Less)))
+    assert producers[rows].op_type == "Less" and producers[rows].input[1] == "prompt_lengths"
     prefill, decode = phase(path, "prefill"), phase(path, "decode")
     attention = {name: [n for n in g.node if n.op_type == "GroupQueryAttention"] for name, g in
                  (("prefill", prefill), ("decode", decode))}

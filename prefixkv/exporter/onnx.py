@@ -13,8 +13,8 @@ An ONNX Runtime engine holds one graph with the weights and one without:
         GroupQueryAttention writes the chunk's K/V into slots [P_l, P_l + C) in place and
         attends causally; the slot bookkeeping (bias, decode rule) runs once for all layers.
         The graph is one ``If`` over two traced phases (``two_phase_graph``), the weights
-        once in the main graph.  The prefill phase (a chunk with scored rows, or any prompt
-        chunk of an engine without scored layers) attends unmasked, every slot being in use;
+        once in the main graph.  The prefill phase (a prompt chunk) attends unmasked, every
+        slot being in use;
         in a scored layer the op also returns its attention probabilities, and the graph
         sums rows [score_from, C) of them into the slots' mass (O(C x S) memory), every
         scored layer's side by side in one output.  The decode phase masks the empty slots
@@ -501,9 +501,9 @@ class DecoderGraph(DecodeGraph):
     and the mass side by side in the graph's inputs and outputs.
 
     ``phase`` picks what is traced (``PHASES``; ``two_phase_graph`` joins the two).  "decode"
-    (decode steps, and prompt chunks without scored rows): each layer's op takes the bias
-    that masks the empty slots, and there is no mass.  "prefill" (prompt chunks, batch 1 and
-    every slot in use): no bias, and in a scored layer the op also returns its probabilities
+    (decode steps): each layer's op takes the bias that masks the empty slots, and there is
+    no mass.  "prefill" (prompt chunks, batch 1 and every slot in use): no bias, and in a
+    scored layer the op also returns its probabilities
     (``qk_output`` 2, after the softmax: (B, H, C, T), causality applied, in the engine's
     dtype) and one MatMul with the (1 x C) row weights (1 / H for a scored row, 0 else) sums
     each head's scored rows; one ReduceSum over the heads of every scored layer's sums, side
@@ -974,7 +974,7 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
         wrapper = DecoderGraph(model, spec, image_token_id, phase)
         outputs = [o for o in names["outputs"] if o != "mass" or wrapper.probabilities]
         phases[phase] = _trace(wrapper.eval(), args, {**names, "outputs": outputs}, shapes, opset, fused)
-    proto = two_phase_graph(phases["prefill"], phases["decode"], scored=bool(wrapper.scored))
+    proto = two_phase_graph(phases["prefill"], phases["decode"])
     del phases
     _engine_dims(proto, graph)
     fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
@@ -988,15 +988,16 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
     return _save(proto, Path(path), log, graph, start)
 
 
-def two_phase_graph(prefill, decode, scored: bool):
+def two_phase_graph(prefill, decode):
     """One decoder ModelProto from its two traced phases: the inputs, the outputs and the
     weights once, in the main graph, and one ``If`` whose branches are the phases' graphs.
 
-    The condition: with scored layers, ``score_from < C`` (the chunk has scored rows: a
-    prefill chunk); without, every row's last token within its prompt (``position_ids[:, -1]
-    < prompt_lengths``).  A decode step and a prefill chunk without scored rows take the
-    decode phase (the attention bias, no probabilities) and return an empty (B, 0) mass,
-    which the runner does not read.
+    The condition: every row's last token within its prompt (``position_ids[:, -1] <
+    prompt_lengths``): a prompt chunk takes the prefill phase, a decode step the decode phase
+    (the attention bias, no probabilities), which returns an empty (B, 0) mass, not read by
+    the runner.  A prompt chunk before a ``window`` or ``last-query`` engine's scored rows
+    takes the prefill phase too: its rows weigh 0 in the mass, and on SmolLM2 the bias cost
+    such a chunk more than the probabilities (README, 2026-12-06, later).
 
     Every initializer goes to the main graph, once per content (the phases' traces name the
     same weight differently, "val_N"): ONNX Runtime packs a weight once for both branches
@@ -1058,31 +1059,27 @@ def two_phase_graph(prefill, decode, scored: bool):
             copy.name = name(info.name)
             infos.append(copy)
         results = {o.name: name(o.name) for o in graph.output}
-        if "mass" in {o.name for o in main.output} and "mass" not in results:  # an empty (B, 0) mass
+        types = {o.name: o.type.tensor_type.elem_type for o in main.output}
+        if "mass" in types and "mass" not in results:  # an empty (B, 0) mass
             empty = f"{phase}/mass"
             nodes += [
                 helper.make_node("Shape", ["input_ids"], [f"{phase}/mass.rows"], end=1),
                 helper.make_node("Constant", [], [f"{phase}/mass.none"], value=helper.make_tensor(f"{phase}/mass.zero", TensorProto.INT64, [1], [0])),
                 helper.make_node("Concat", [f"{phase}/mass.rows", f"{phase}/mass.none"], [f"{phase}/mass.shape"], axis=0),
                 helper.make_node("ConstantOfShape", [f"{phase}/mass.shape"], [empty],
-                                 value=helper.make_tensor(f"{phase}/mass.fill", TensorProto.FLOAT, [1], [0])),
+                                 value=helper.make_tensor(f"{phase}/mass.fill", types["mass"], [1], [0])),
             ]
             results["mass"] = empty
-        types = {o.name: o.type.tensor_type.elem_type for o in main.output}
         branches[phase] = helper.make_graph(
             nodes, phase, [], [helper.make_tensor_value_info(results[o.name], types[o.name], None) for o in main.output],
             value_info=infos)
-    if scored:
-        main.node.extend([helper.make_node("Shape", ["input_ids"], ["phase.chunk"], start=1, end=2),
-                          helper.make_node("Less", ["score_from", "phase.chunk"], ["phase.prefill"])])
-    else:  # every row's last token within its prompt
-        main.node.extend([
-            helper.make_node("Constant", [], ["phase.last"], value=helper.make_tensor("phase.minus_one", TensorProto.INT64, [], [-1])),
-            helper.make_node("Gather", ["position_ids", "phase.last"], ["phase.positions"], axis=1),
-            helper.make_node("Less", ["phase.positions", "prompt_lengths"], ["phase.rows"]),
-            helper.make_node("Cast", ["phase.rows"], ["phase.counts"], to=TensorProto.INT64),
-            helper.make_node("ReduceMin", ["phase.counts"], ["phase.all"], keepdims=0),
-            helper.make_node("Cast", ["phase.all"], ["phase.prefill"], to=TensorProto.BOOL)])
+    main.node.extend([  # every row's last token within its prompt
+        helper.make_node("Constant", [], ["phase.last"], value=helper.make_tensor("phase.minus_one", TensorProto.INT64, [], [-1])),
+        helper.make_node("Gather", ["position_ids", "phase.last"], ["phase.positions"], axis=1),
+        helper.make_node("Less", ["phase.positions", "prompt_lengths"], ["phase.rows"]),
+        helper.make_node("Cast", ["phase.rows"], ["phase.counts"], to=TensorProto.INT64),
+        helper.make_node("ReduceMin", ["phase.counts"], ["phase.all"], keepdims=0),
+        helper.make_node("Cast", ["phase.all"], ["phase.prefill"], to=TensorProto.BOOL)])
     main.node.append(helper.make_node("If", ["phase.prefill"], [o.name for o in main.output], name="phase",
                                       then_branch=branches["prefill"], else_branch=branches["decode"]))
     return out
