@@ -310,6 +310,7 @@ def test_the_attention_point_times_every_variant_against_sdpa():
     first = got["seconds"]["bias"][0] / got["seconds"]["sdpa"][0]
     second = got["seconds"]["bias"][1] / got["seconds"]["sdpa"][1]
     assert got["median_vs_sdpa"]["bias"] == pytest.approx((first + second) / 2)
-    proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.attention", "64", "--heads", "4", "--kv-heads", "3"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "a multiple of --kv-heads" in proc.stderr
+    for flags, message in ((["--heads", "4", "--kv-heads", "3"], "--heads must be a multiple of --kv-heads, got 4 and 3"),
+                           (["--chunk", "0"], "--chunk must be at least 1, got 0")):
+        proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.attention", "64", *flags], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr

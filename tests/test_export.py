@@ -227,8 +227,15 @@ def test_a_decode_step_computes_no_attention_mass(runners):
     main = onnx.load(str(path), load_external_data=False).graph
     branch = next(n for n in main.node if n.op_type == "If")
     producers = {o: n for n in main.node for o in n.output}
-    rows = producers[producers[producers[branch.input[0]].input[0]].input[0]].input[0]  # Cast(ReduceMin(Cast(Less)))
-    assert producers[rows].op_type == "Less" and producers[rows].input[1] == "prompt_lengths"
+    chain, value = [], branch.input[0]
+    while value in producers and producers[value].op_type != "Constant":
+        chain.append(producers[value])
+        value = producers[value].input[0]
+    assert [n.op_type for n in chain] == ["Cast", "ReduceMin", "Cast", "Less", "Gather"]  # all rows, each < its prompt
+    gather = chain[-1]
+    last = onnx.numpy_helper.to_array(producers[gather.input[1]].attribute[0].t)
+    assert gather.input[0] == "position_ids" and int(last) == -1 and gather.attribute[0].i == 1  # position_ids[:, -1]
+    assert chain[-2].input[1] == "prompt_lengths" and chain[1].attribute[0].i == 0  # ReduceMin over all rows, keepdims 0
     prefill, decode = phase(path, "prefill"), phase(path, "decode")
     attention = {name: [n for n in g.node if n.op_type == "GroupQueryAttention"] for name, g in
                  (("prefill", prefill), ("decode", decode))}
@@ -425,23 +432,25 @@ def test_the_slot_bookkeeping_runs_once_for_all_layers(tiny):
     (sizes from the past_widths input (L,), so no Shape op reads a past tensor) hands the
     layers' parts to the Concat that appends the chunk's slots to each; the decode rule and
     the bias run one set of ops per step, not one per layer; the evicted pair goes out as it
-    is.  The fused attention's lengths come from one Split each, not a Gather per layer."""
-    import onnx
-
-    graph = phase(tiny[0] / "decoder.onnx", "decode")
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node.op_type)
-    assert readers["past.valid"] == ["Split"]
-    assert sorted(readers["past.positions"]) in (["Split"], ["Shape", "Split"])  # a Shape may read the batch size
-    producers = {o: n for n in graph.node for o in n.output}
-    assert {producers[name].op_type for name in ("present.positions", "present.valid")} <= {"Where", "And", "Not", "Identity"}
-    assert [n.op_type for n in graph.node].count("CumSum") <= 3  # the rule's ranks, the segments, the widths
-    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    lengths = {producers[n.input[i]].name for n in attention for i in (5, 6)}  # seqlens_k, total_sequence_length
-    assert len(lengths) == 2 and {producers[n.input[5]].op_type for n in attention} == {"Split"}
-    assert "Gather" not in {producers[n.input[i]].op_type for n in attention for i in (5, 6)}
+    is.  The fused attention's lengths come from one Split each, not a Gather per layer.
+    Both phases (a prompt chunk's has no bias)."""
+    for name in ("prefill", "decode"):
+        graph = phase(tiny[0] / "decoder.onnx", name)
+        readers = {}
+        for node in graph.node:
+            for value in node.input:
+                readers.setdefault(value, []).append(node.op_type)
+        assert readers["past.valid"] == ["Split"]
+        assert sorted(readers["past.positions"]) in (["Split"], ["Shape", "Split"])  # a Shape may read the batch size
+        producers = {o: n for n in graph.node for o in n.output}
+        assert {producers[v].op_type for v in ("present.positions", "present.valid")} <= {"Where", "And", "Not", "Identity"}
+        assert [n.op_type for n in graph.node].count("CumSum") <= 3  # the rule's ranks, the segments, the widths
+        attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        lengths = {producers[n.input[i]].name for n in attention for i in (5, 6)}  # seqlens_k, total_sequence_length
+        assert len(lengths) == 2 and {producers[n.input[5]].op_type for n in attention} == {"Split"}
+        assert "Gather" not in {producers[n.input[i]].op_type for n in attention for i in (5, 6)}
+        biases = {n.input[10] for n in attention if len(n.input) > 10 and n.input[10]}
+        assert len(biases) == (0 if name == "prefill" else len(attention))  # the decode phase: one per layer
 
 
 def test_the_rotation_check_refuses_a_variant():

@@ -145,13 +145,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ..defaults import PREFILL_CHUNK
 
-    chunk = args.chunk or PREFILL_CHUNK
-    for name in ("context", "heads", "kv_heads", "head_dim", "threads", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if chunk < 1 or args.heads % args.kv_heads or args.head_dim % 16:
-        parser.error("--chunk must be at least 1, --heads a multiple of --kv-heads and --head-dim a multiple of 16 "
-                     "(the fused op's rotary tables)")
+    chunk = PREFILL_CHUNK if args.chunk is None else args.chunk
+    for flag, value in (("context", args.context), ("--heads", args.heads), ("--kv-heads", args.kv_heads),
+                        ("--head-dim", args.head_dim), ("--chunk", chunk), ("--threads", args.threads),
+                        ("--rounds", args.rounds)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads must be a multiple of --kv-heads, got {args.heads} and {args.kv_heads}")
+    if args.head_dim % 16:
+        parser.error(f"--head-dim must be a multiple of 16 (the fused op's rotary tables), got {args.head_dim}")
     print(json.dumps(measure(args.context, args.heads, args.kv_heads, args.head_dim, chunk, args.threads, args.rounds)))
     return 0
 

@@ -473,11 +473,13 @@ class DecoderGraph(DecodeGraph):
                  (P_l + C)), in the same layout; per layer present.{l}.key/value (the
                  buffers, written in place); [mass (B, sum over scored layers of P_l + C)
                  float32: the attention mass rows [score_from, C) of the chunk give each
-                 slot, averaged over query heads, the scored layers side by side]
+                 slot, averaged over query heads, the scored layers side by side; the
+                 prefill phase's, a decode step's being empty, (B, 0)]
 
     Per layer one ``com.microsoft::GroupQueryAttention`` node writes the C new entries into
     slots [P_l, P_l + C) of the buffers (in place when the runner binds present to past) and
-    attends causally over the slots in use, an additive bias masking the empty ones.  The
+    attends causally over the slots in use, an additive bias masking the empty ones (the
+    decode phase; a prompt chunk's slots are all in use, and the prefill phase has none).  The
     decode-phase rule (``compaction.decode_budget`` / ``evict_in_place_layers``) applies to
     rows whose new token is past the prompt: a prefill chunk evicts nothing, and a full-cache
     engine's graph has no rule.  The slot
@@ -656,7 +658,8 @@ class DecoderGraph(DecodeGraph):
         [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), ``lengths``: the
         layer's slots in use with the chunk, T, as the op's seqlens_k (B,) int32 (T - 1),
         its total_sequence_length (1,) int32 (T) and the traced size (for the shapes), ``bias``
-        (B, 1, C, T) in the query's dtype: 0 for the slots in use, -inf for the empty ones ->
+        (B, 1, C, T) in the query's dtype: 0 for the slots in use, -inf for the empty ones
+        (None: no bias, every slot in use: a prompt chunk) ->
         attention output (B, C, H x D), the buffers with the new entries in slots [T - C, T),
         and (``probabilities``) the attention probabilities (B, H, C, T) the op computed, else
         None.  Causality comes from the op (query i sits at slot T - C + i).  ``rotary``:
@@ -999,45 +1002,53 @@ def two_phase_graph(prefill, decode):
     takes the prefill phase too: its rows weigh 0 in the mass, and on SmolLM2 the bias cost
     such a chunk more than the probabilities (README, 2026-12-06, later).
 
-    Every initializer goes to the main graph, once per content (the phases' traces name the
+    Every initializer is in the main graph, once per content (the phases' traces name the
     same weight differently, "val_N"): ONNX Runtime packs a weight once for both branches
     (checked on 1.32; it held a second packed copy of a weight read from two depths of nested
     ``If``s, so the branches stay one level deep).  Every other name of a phase gets the
-    prefix "PHASE/", so the branches share no name with each other or with the main graph."""
+    prefix "PHASE/", so the branches share no name with each other or with the main graph.
+    ``prefill`` becomes the result (its graph is the main graph) and ``decode`` loses its
+    initializers: neither trace is usable afterwards."""
     from onnx import TensorProto, helper
 
-    out = helper.make_model(onnx.GraphProto(name=decode.graph.name), opset_imports=decode.opset_import,
-                            ir_version=decode.ir_version, producer_name=decode.producer_name,
-                            producer_version=decode.producer_version)  # the header, not a copy of the weights
-    out.functions.extend(decode.functions)
-    main = out.graph
-    inputs = {i.name: i for i in decode.graph.input}
-    inputs.update({i.name: i for i in prefill.graph.input})
-    order = [i.name for i in prefill.graph.input] + [n for n in inputs if n not in {i.name for i in prefill.graph.input}]
-    main.input.extend(inputs[n] for n in order)
-    main.output.extend(prefill.graph.output)
-    # every initializer to the main graph, once per content: a weight both phases read is one tensor
-    renamed, taken, occurrences = {}, set(inputs), {}  # (phase, name) -> its name in the main graph
-    for phase, proto in (("prefill", prefill), ("decode", decode)):
-        for init in proto.graph.initializer:
-            occurrences.setdefault(_content(init), []).append((phase, init))
-    for found in occurrences.values():
-        main_name = found[0][1].name  # the first trace's name ("_" added where two contents share one)
-        while main_name in taken:
-            main_name += "_"
-        taken.add(main_name)
-        tensor = TensorProto()
-        tensor.CopyFrom(found[0][1])
-        tensor.name = main_name
-        main.initializer.append(tensor)
-        for phase, init in found:
-            renamed[(phase, init.name)] = main_name
-    del occurrences
-    for proto in (prefill, decode):  # their copies are in the main graph now (the traces are not used again)
-        proto.graph.ClearField("initializer")
+    # The main graph is the prefill trace's own, its initializers kept in place: the weights are
+    # not copied (a copy held them a third time while both traces lived).
+    out, main = prefill, prefill.graph
+    graphs = {"prefill": onnx.GraphProto(), "decode": decode.graph}  # the prefill branch's nodes, moved aside
+    for field_ in ("node", "value_info", "output"):
+        getattr(graphs["prefill"], field_).extend(getattr(main, field_))
+    for field_ in ("node", "value_info"):
+        main.ClearField(field_)
+    known = {i.name for i in main.input}
+    main.input.extend(i for i in decode.graph.input if i.name not in known)
+    inputs = {i.name for i in main.input}
+    domains = {o.domain for o in out.opset_import}
+    out.opset_import.extend(o for o in decode.opset_import if o.domain not in domains)
+    functions = {(f.domain, f.name) for f in out.functions}
+    out.functions.extend(f for f in decode.functions if (f.domain, f.name) not in functions)
+    # one tensor per content: a decode-trace initializer equal to a prefill one (every weight)
+    # reads that one; the others (small constants) join the main graph under a free name
+    renamed = {("prefill", i.name): i.name for i in main.initializer}  # (phase, name) -> its main-graph name
+    by_content = {}
+    for init in main.initializer:
+        by_content.setdefault(_content(init), init.name)
+    taken = inputs | {i.name for i in main.initializer}
+    for init in decode.graph.initializer:
+        content = _content(init)
+        if content not in by_content:
+            main_name = init.name
+            while main_name in taken:
+                main_name += "_"
+            taken.add(main_name)
+            tensor = TensorProto()
+            tensor.CopyFrom(init)
+            tensor.name = main_name
+            main.initializer.append(tensor)
+            by_content[content] = main_name
+        renamed[("decode", init.name)] = by_content[content]
+    decode.graph.ClearField("initializer")
     branches = {}
-    for phase, proto in (("prefill", prefill), ("decode", decode)):
-        graph = proto.graph
+    for phase, graph in graphs.items():
 
         def name(value: str, phase=phase) -> str:
             if not value or value in inputs:
