@@ -8,8 +8,8 @@ compact), decode ms/token (median and mean over ``--steps`` greedy steps after `
 the KV bytes held per layer and in total after the prefill.  Then, at ``--prefill-contexts``,
 each ``--prefill-scorers`` engine at the smallest keep fraction and PyTorch's plain SDPA
 prefill (``model(ids)``) in a fresh process per point (``prefixkv.bench.point``), in turn
-for ``--prefill-rounds`` rounds (``prefill_points``): prefill seconds, peak RSS, RSS after loading; the engine folders' sizes against the model's
-safetensors; the decode step of that keep's ``window`` engine with fp32 and with int4
+for ``--prefill-rounds`` rounds (``prefill_points``): prefill seconds, peak RSS, RSS after
+loading; the engine folders' sizes against the model's safetensors; the decode step of that keep's ``window`` engine with fp32 and with int4
 weights at ``--weight-context`` tokens, the two in turn for ``--weight-rounds`` rounds, a fresh
 process each (``weight_points``; not when every keep is 1); each keep's decode step and
 onnxruntime-genai's at every context, in turn in fresh processes for ``--context-rounds``
@@ -260,8 +260,9 @@ def prefill_points(targets: dict[str, str], contexts, chunk: int | None, threads
                 else:
                     log(f"prefill {label} at {context}, round {r + 1}: {measured['prefill_s']:.2f} s, "
                         f"peak RSS {measured['peak_rss'] / 2**30:.2f} GiB")
-                ratio = measured["prefill_s"] / base["prefill_s"] if label != "torch-sdpa" and "prefill_s" in measured \
-                    and "prefill_s" in base else None
+                ratio = None
+                if label != "torch-sdpa" and "prefill_s" in measured and "prefill_s" in base:
+                    ratio = measured["prefill_s"] / base["prefill_s"]
                 out[label].setdefault(str(context), []).append((measured, ratio))
     return {label: {context: summarised(measured) for context, measured in points.items()} for label, points in out.items()}
 
