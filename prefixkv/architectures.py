@@ -59,7 +59,8 @@ class Structure:
         return out
 
 
-def _text_config(config):
+def text_config(config):
+    """A model config's language-model part (a vision model's text config; else the config itself)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -71,7 +72,7 @@ def _language_model(model):
 
 def structure(model) -> Structure:
     """Read ``model``'s structure from its config and modules."""
-    text = _text_config(model.config)
+    text = text_config(model.config)
     layers = getattr(text, "num_hidden_layers", 0) or 0
     types = list(getattr(text, "layer_types", None) or [])
     window = getattr(text, "sliding_window", None)

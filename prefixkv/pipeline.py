@@ -335,15 +335,15 @@ def _build(config: BuildConfig, model, tokenizer, log) -> BuildResult:
         raise ValueError("a vision engine needs a retention profile calibrated on image prompts: pass --profile PATH, "
                          "or --calibrate with --data holding LLaVA conversations")
     profile, run = resolve_profile(config.profile, model, tokenizer, config.keep_fraction, config.calibration, log)
+    context = _context(model, config.max_context, log)
     if vision:
-        spec = graph_spec(TextView(model), profile, config.keep_fraction, config.evict_distance)
+        spec = graph_spec(TextView(model), profile, config.keep_fraction, config.evict_distance, context)
         geometry = image_geometry(model, tokenizer)
     else:
-        spec = graph_spec(model, profile, config.keep_fraction, config.evict_distance)
+        spec = graph_spec(model, profile, config.keep_fraction, config.evict_distance, context)
         geometry = None
     if config.backend == "tensorrt":
         check_plugin_spec(spec)
-    context = _context(model, config.max_context, log)
     validation = _validation(config, vision, tokenizer, log)
 
     try:
@@ -432,7 +432,7 @@ def _validation(config: BuildConfig, vision: bool, tokenizer, log) -> Validation
 
 def _context(model, max_context: int | None, log) -> int:
     """The context recorded in the engine: the model's (or ``max_context``), within its sliding window."""
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = architectures.text_config(model.config)
     context = int(max_context or getattr(text, "max_position_embeddings", 2048))
     window = getattr(text, "sliding_window", None)
     if window and context > int(window):  # Mistral: exact only while the whole context fits the window

@@ -195,7 +195,11 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     # the weights once, in the main graph; its one If runs a prefill chunk's graph or a decode step's
     assert [n.op_type for n in graph.node][-1] == "If" and not any(phase(engine_dir / "decoder.onnx", p).initializer
                                                                     for p in ("prefill", "decode"))
-    assert sum(int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) == 2) == sum(
+    # and the fused attention's rotary tables: cos and sin, a row per position of the context
+    config = tiny[1].config
+    tables = [t for t in graph.initializer if len(t.dims) == 2 and list(t.dims) == [config.max_position_embeddings, 8]]
+    assert len(tables) == 2
+    assert sum(int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) == 2 and t not in tables) == sum(
         p.numel() for p in tiny[1].parameters() if p.dim() == 2)
     for name, qk_layers in (("prefill", [2, 0, 2]), ("decode", [0, 0, 0])):
         fused = [n for n in phase(engine_dir / "decoder.onnx", name).node
@@ -474,6 +478,35 @@ def test_the_rotation_check_refuses_a_variant():
     assert not decoder.half_rotation()
 
 
+def test_the_rotary_table_is_the_model_rotation_by_position():
+    """The fused attention's tables: row p holds cos/sin(p x theta^(-2i/D)) for the first D / 2
+    frequencies (the tiny model: theta 10000, D 16).  A rotation whose values at a position
+    depend on the call's longest position (as a long-rope rescaling does) has no table: the
+    decoder then keeps the graph's own rotation."""
+    from conftest import tiny_llama
+
+    from prefixkv.exporter.onnx import Decoder
+
+    decoder = Decoder(tiny_llama())
+    cos, sin = decoder.rotary_table(512, torch.float32)
+    assert cos.shape == sin.shape == (512, 8) and cos.dtype == torch.float32
+    angles = torch.arange(512, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    # float32 angles: up to 512 x 1 rounds to within 3e-5
+    torch.testing.assert_close(cos.double(), torch.cos(angles), atol=3e-5, rtol=0)
+    torch.testing.assert_close(sin.double(), torch.sin(angles), atol=3e-5, rtol=0)
+    assert decoder.rotary_table(4, torch.float16)[0].dtype == torch.float16
+
+    rope = decoder.rope
+
+    def rescaled(hidden, position_ids):  # the angles scaled down once the call reaches position 256
+        scale = 0.5 if int(position_ids.max()) >= 256 else 1.0
+        return rope(hidden, (position_ids * scale).long())
+
+    decoder.rope = rescaled
+    assert decoder.rotary_table(512, torch.float32) is None
+    assert decoder.rotary_table(200, torch.float32) is not None
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64, 150])
 def test_chunked_prefill_matches_the_reference(tiny, runners, chunk):
     """A padded batch longer than several chunks: kept positions identical in every layer,
@@ -503,6 +536,11 @@ def test_the_whole_context_matches_the_reference(tiny, runners):
     ref_logits, _ = reference.decode(ref_state, ref_logits.argmax(-1))
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert int(state.positions[0]) == engine.max_context
+    # the step's compaction gave free slots only up to the context (the rotary tables' rows)
+    assert max(state.kv[2 * l].shape()[2] for l in range(engine.layers)) <= engine.max_context
+    assert (engine.cache_slack, engine._free_slots(100), engine._free_slots(500), engine._free_slots(512)) == (64, 64, 12, 0)
+    with pytest.raises(ValueError, match="row 0 holds the engine's whole context of 512 tokens"):
+        engine.decode(state, logits.argmax(-1))
 
 
 @pytest.mark.parametrize("scorer, params", [("window", {"window": 20, "pool": 3}), ("last-query", {}), ("key-norm", {})])

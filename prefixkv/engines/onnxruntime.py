@@ -16,7 +16,9 @@ Each layer's keys and values live in a buffer with free slots (see
 past and its present, and the fused attention writes the new entry into it in place, while
 the decode-phase rule marks evicted slots empty.  When a layer's buffer is full the runner
 compacts it: drops the empty slots and adds max(``cache_slack``, entries / 8) free ones,
-so a cache is copied once every ``cache_slack`` steps at most; the prefill's compact caches
+so a cache is copied once every ``cache_slack`` steps at most (a buffer never exceeds the
+engine's ``max_context`` slots: the decoder's rotary tables have that many rows, and a row
+at that context takes no further token); the prefill's compact caches
 get their first buffers at the first decode step.  A decode step therefore consumes the state it is given: its buffers
 are the new state's (the old one is marked consumed).  Imports numpy, onnxruntime and the
 engine-folder check only (this module runs inside Triton's Python backend), and onnx when
@@ -508,7 +510,7 @@ class OnnxRuntimeRunner(Runner):
                 pieces.append((np.take_along_axis(key.numpy()[rows], take, axis=2),
                                np.take_along_axis(value.numpy()[rows], take, axis=2), pos, val))
             width = max(p[2].shape[1] for p in pieces)
-            free = max(self.cache_slack, width // 8) if free_slots else 0
+            free = self._free_slots(width) if free_slots else 0
             b = sum(p[2].shape[0] for p in pieces)
             _, heads, _, dim = pieces[0][0].shape
             key, value = (np.zeros((b, heads, width + free, dim), self._dtype) for _ in range(2))
@@ -537,6 +539,10 @@ class OnnxRuntimeRunner(Runner):
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
         capacity = self._check_state(state, len(tokens))
+        if state.positions.max() >= self.max_context:  # the graph's rotary tables end there
+            row = int(np.argmax(state.positions >= self.max_context))
+            raise ValueError(f"row {row} holds the engine's whole context of {self.max_context} tokens; "
+                             "no position is left for another token")
         # no free slot: compact, add slack (layers that share their slots have the same capacities: all or none)
         full = [l for l in range(self.layers) if capacity[l] <= widths[l]]
         if full:
@@ -604,15 +610,22 @@ class OnnxRuntimeRunner(Runner):
         plans = [compact_slots(positions[rows], valid[rows]) for _, _, positions, valid in layers[:count]]
         return plans * len(layers) if self.shared_slots else plans
 
+    def _free_slots(self, width: int) -> int:
+        """The free slots of a buffer (re)allocated for ``width`` slots in use: ``cache_slack``
+        or an eighth of them, whichever is more, within ``max_context`` slots in all (the
+        decoder's rotary tables have that many rows, and ONNX Runtime's fused attention refuses
+        to attend over more slots than the tables' rows)."""
+        return max(0, min(max(self.cache_slack, width // 8), self.max_context - width))
+
     def _compact_layer(self, key, value, index, positions, valid) -> tuple:
         """One layer's cache with its empty slots dropped (entries right-aligned in original
-        order, like the prefill's) in new buffers with free slots: ``cache_slack`` or an
-        eighth of the entries, whichever is more (a growing cache is copied O(1) times per
-        step on average).  key/value OrtValues, and ``compact_slots`` of the layer's slots ->
-        key/value OrtValues, positions/valid numpy (B, W)."""
+        order, like the prefill's) in new buffers with ``_free_slots`` free slots (a growing
+        cache is copied O(1) times per step on average, short of the context's end).
+        key/value OrtValues, and ``compact_slots`` of the layer's slots -> key/value
+        OrtValues, positions/valid numpy (B, W)."""
         b, h, capacity, d = key.shape()
         width = index.shape[1]
-        free = max(self.cache_slack, width // 8)
+        free = self._free_slots(width)
         # one flat row index per (row, head, new slot) into key viewed as (B*H*C, D); free slots copy row 0
         slots = np.concatenate([index, np.zeros((b, free), np.int64)], axis=1)  # (B, W' + free)
         base = (np.arange(b)[:, None] * h + np.arange(h)[None, :]) * capacity  # (B, H)

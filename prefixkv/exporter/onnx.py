@@ -86,6 +86,7 @@ class GraphSpec:
     scorer_params: dict = field(default_factory=dict)
     evict_distance: int = EVICT_DISTANCE
     dtype: str = "float32"
+    max_context: int = 2048  # tokens (prompt and generation); the fused attention's rotary tables have as many rows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,7 +156,7 @@ class Decoder(nn.Module):
             raise ExportError(str(err)) from None
         base = getattr(model, "model", None)
         base = getattr(base, "language_model", None) or base
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text = architectures.text_config(model.config)
         attn = base.layers[0].self_attn
         self.structure = found
         embed = base.embed_tokens
@@ -226,6 +227,21 @@ class Decoder(nn.Module):
             return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
 
         return bool(torch.allclose(got_q, rotate(query), atol=1e-5) and torch.allclose(got_k, rotate(key), atol=1e-5))
+
+    def rotary_table(self, rows: int, dtype: torch.dtype):
+        """The model's cos and sin at positions [0, rows), (rows, D / 2) each in ``dtype``: the
+        tables the fused attention looks a token's position up in (ONNX Runtime GenAI's layout).
+        None where a position's values depend on the other positions of the call (a rotation
+        that rescales with the sequence's length, as Phi-3's long-rope does): a few positions
+        computed alone must match their rows."""
+        x = torch.zeros(1, 1, self.head_dim, dtype=dtype)  # the rotary embedding reads only its dtype and device
+        cos, sin = self.rope(x, torch.arange(rows).view(1, rows))
+        sample = torch.tensor([[0, 1, 7, 100]]).clamp(max=rows - 1)
+        alone = self.rope(x, sample)
+        if not all(torch.allclose(t[0, sample[0]], a[0]) for t, a in zip((cos, sin), alone)):
+            return None
+        half = self.head_dim // 2
+        return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
 
     def finish(self, layer, hidden, attn_out, mlp=None):
         """attn_out (B, q, H, D) or (B, q, H x D) -> the layer's output hidden states (B, q,
@@ -496,7 +512,9 @@ class DecoderGraph(DecodeGraph):
 
     Where the model's rotation is the half-split one the op implements (``Decoder.half_rotation``;
     not for key-norm engines, see ``__init__``), the op also rotates the query and the new keys
-    (``do_rotary``, tables from ``rotary_tables``), and q/k/v come packed from one projection
+    (``do_rotary``): it looks each new token's cos and sin up by its position in two constant
+    tables of ``spec.max_context`` rows (``Decoder.rotary_table``), so the runner keeps every
+    layer's buffer within that many slots.  Then q/k/v come packed from one projection
     and the MLP's gate/up from another (``concat_linear``, ``PackedMLP``): SmolLM2's decoder
     goes from 2836 to 2096 nodes, to 1094 with the decode rule's numbers computed once for
     all layers, to 601 with all the slot bookkeeping done once, and to 515 with the slots
@@ -542,7 +560,14 @@ class DecoderGraph(DecodeGraph):
         self.evicts = spec.evicts
         self.shared_slots = not self.evicts  # then every layer's slots are the same: the graph carries one set
         keyed = not self.scored and self.evicts  # layers evict, on key scores
-        self.fused_rotary = not keyed and self.decoder.half_rotation()
+        # the op looks each new token's cos/sin up by its position in tables of max_context rows,
+        # constants of the graph (a decode step computes no rotation of its own)
+        table = None if keyed or not self.decoder.half_rotation() else \
+            self.decoder.rotary_table(spec.max_context, getattr(torch, spec.dtype))
+        self.fused_rotary = table is not None
+        if table is not None:
+            self.register_buffer("cos_table", table[0], persistent=False)
+            self.register_buffer("sin_table", table[1], persistent=False)
         # With the rotation in the op, q, k and v can come packed from one projection, which
         # the op takes as its query input (ONNX Runtime GenAI's layout); the same for the MLP's
         # gate and up, which one Split then parts: two MatMuls fewer per layer.  (GenAI's builder
@@ -570,8 +595,12 @@ class DecoderGraph(DecodeGraph):
         hidden = dec.embed_tokens(input_ids)
         if image_embeds is not None:
             hidden = merge_image_embeds(hidden, input_ids, image_embeds, self.image_token_id)
-        cos, sin = dec.rope(hidden, position_ids)
-        rotary = self.rotary_tables(cos, sin, past_widths) if self.fused_rotary else None
+        if self.fused_rotary:  # the op rotates the query and the new keys, from the tables
+            cos = sin = None
+            rotary = (self.cos_table, self.sin_table, position_ids)
+        else:
+            cos, sin = dec.rope(hidden, position_ids)
+            rotary = None
         b, c = input_ids.shape
         dtype = getattr(torch, spec.dtype)
         new = torch.ones_like(position_ids, dtype=torch.bool)  # every new token is real (no padding in a chunk)
@@ -640,19 +669,6 @@ class DecoderGraph(DecodeGraph):
         mass = (torch.cat(masses, -1).sum((1, 2)),) if masses else ()  # every scored layer's, side by side, over heads
         return (dec.logits(hidden[:, -1]), positions, valid, *buffers, *mass)
 
-    def rotary_tables(self, cos, sin, past_widths):
-        """The chunk's cos/sin (B, C, D) -> the fused attention's rotary inputs: cos and sin
-        tables (R, D / 2) and the row of each token (B, C) int64, token i of row b in table row
-        b x C + i.  The op requires R to be at least the slots it attends over; zero rows pad
-        the table to B x C plus the widest layer's slots in use (from ``past_widths``)."""
-        b, c, d = cos.shape
-        widest = past_widths.max().item()
-        torch._check(widest >= 0)
-        zeros = torch.zeros(widest + c, d // 2, dtype=cos.dtype)
-        tables = [torch.cat([t[..., : d // 2].reshape(b * c, d // 2), zeros]) for t in (cos, sin)]
-        rows = torch.arange(b * c, dtype=torch.int64).view(b, c)
-        return tables[0], tables[1], rows
-
     def attend_in_place(self, query, key, value, keys, values, lengths, bias, probabilities: bool = False, rotary=None):
         """query (B, C, H x D), new key/value (B, C, Hkv x D) (or both None: query is
         [q | k | v], (B, C, (H + 2 Hkv) x D)), buffers (B, Hkv, Cap, D), ``lengths``: the
@@ -662,9 +678,10 @@ class DecoderGraph(DecodeGraph):
         (None: no bias, every slot in use: a prompt chunk) ->
         attention output (B, C, H x D), the buffers with the new entries in slots [T - C, T),
         and (``probabilities``) the attention probabilities (B, H, C, T) the op computed, else
-        None.  Causality comes from the op (query i sits at slot T - C + i).  ``rotary``:
-        ``rotary_tables``' output, the query and key not yet rotated (the op rotates them and
-        writes the rotated keys), else None (both rotated already)."""
+        None.  Causality comes from the op (query i sits at slot T - C + i).  ``rotary``: the
+        cos and sin tables (R, D / 2) and the chunk's positions (B, C) int64, the query and key
+        not yet rotated (the op rotates them and writes the rotated keys; it requires T <= R),
+        else None (both rotated already)."""
         dec = self.decoder
         b, q = query.shape[:2]
         h, d = dec.heads, dec.head_dim
@@ -768,9 +785,11 @@ def exporter_version() -> str:
     return f"{__version__}+{source_digest(sources)}"
 
 
-def graph_spec(model, profile, keep_fraction: float, evict_distance: int | None = None) -> GraphSpec:
+def graph_spec(model, profile, keep_fraction: float, evict_distance: int | None = None,
+               max_context: int | None = None) -> GraphSpec:
     """The spec for ``model`` with the per-layer fractions of ``profile`` at ``keep_fraction``
-    (and its decode rule unless ``evict_distance`` is given)."""
+    (and its decode rule unless ``evict_distance`` is given), for prompts and generations of
+    up to ``max_context`` tokens (default: the model's ``max_position_embeddings``)."""
     dec = Decoder(model)
     fractions = profile.layer_fractions(keep_fraction)
     if len(fractions) != len(dec.layers):
@@ -781,6 +800,7 @@ def graph_spec(model, profile, keep_fraction: float, evict_distance: int | None 
         protect_last=profile.protect_last, scorer=profile.scorer, scorer_params=dict(profile.scorer_params),
         evict_distance=profile.evict_distance if evict_distance is None else evict_distance,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        max_context=int(max_context or getattr(architectures.text_config(model.config), "max_position_embeddings", 2048)),
     )
 
 
