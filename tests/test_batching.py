@@ -134,6 +134,11 @@ def test_admission_by_kv_memory_and_the_queue(runner):
     with pytest.raises(BatchError, match="more than kv_cache_memory_mib") as err:
         batcher.submit(Request(list(range(3, 200)), config))
     assert err.value.reason == "too_large"
+    # past the model's context (the tiny engine's 512 tokens): refused before it runs, whatever the memory
+    with pytest.raises(BatchError, match="500 prompt tokens and max_tokens=13 exceed the model's context of 512") as err:
+        Batcher(runner).submit(Request([5] * 500, GenerationConfig(max_new_tokens=13)))
+    assert err.value.reason == "too_large"
+    Batcher(runner).submit(Request([5] * 500, GenerationConfig(max_new_tokens=12)))  # the whole context fits
 
 
 def test_cancelled_rows_leave_and_free_their_slot(runner):

@@ -15,11 +15,21 @@ def test_a_point_runs_in_its_own_process_and_reports_memory(tiny):  # noqa: F811
     proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.point", str(engine_dir), "200", "--chunk", "64",
                            "--threads", "1", "--steps", "3"], capture_output=True, text=True, check=True)
     point = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert point["tokens"] <= 200 and point["chunk"] == 64
+    assert point["tokens"] <= 200 and point["chunk"] == 64 and point["decode_steps"] == 3
     assert point["prefill_s"] > 0 and point["decode_ms_per_token"] > 0
     assert 0 < point["decode_run_ms_per_token"] <= point["decode_ms_per_token"]  # the run is part of the step
     assert 0 < point["rss_after_load"] <= point["peak_rss"]
     assert 0 < point["rss_anon_after_load"] <= point["rss_after_load"]  # Linux: /proc/self/status
+
+
+def test_a_point_at_the_whole_context_decodes_no_token_past_it(tiny):  # noqa: F811 (the fixture)
+    """A prompt of the tiny engine's whole context (512 tokens) leaves no position for a decode
+    step: the point reports its prefill and no decode step, not the runner's refusal."""
+    proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.point", str(tiny[0]), "512", "--threads", "1",
+                           "--steps", "3"], capture_output=True, text=True, check=True)
+    point = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert point["tokens"] == 512 and point["prefill_s"] > 0
+    assert point["decode_steps"] == 0 and point["decode_ms_per_token"] is None
 
 
 def test_targets_compare_with_the_measured_numbers():

@@ -7,7 +7,8 @@
 Prints one JSON line: prefill seconds, peak RSS (the process's high-water mark, ``VmHWM``
 on Linux), RSS after loading (before the text is read; for an engine also its anonymous part,
 without the weights' file-backed pages) and, for an engine, the median decode
-step after the prefill, and the median of ONNX Runtime's own decoder run within it (the rest
+step after the prefill (as many steps as fit the engine's context: none after a prompt
+of the whole context), and the median of ONNX Runtime's own decoder run within it (the rest
 is the runner's Python, binding the step's small inputs and outputs, and a layer's
 occasional buffer compaction).  ``torch:MODEL`` is
 the plain PyTorch prefill ``model(ids)`` with SDPA attention (it holds every position's
@@ -95,6 +96,7 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
     prefill = time.perf_counter() - start
     peak = peak_rss_bytes()
     times, runs = [], []
+    steps = max(0, min(steps, runner.max_context - len(ids)))  # no token past the engine's context
     for _ in range(steps):
         token = logits.argmax(-1)
         start = time.perf_counter()
@@ -102,7 +104,7 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
         times.append(time.perf_counter() - start)
         runs.append(runner.run_seconds)
     return {"prefill_s": prefill, "rss_after_load": loaded, "rss_anon_after_load": anonymous, "peak_rss": peak,
-            "tokens": len(ids), "chunk": runner.prefill_chunk, "decode_ms_per_token": statistics.median(times) * 1e3 if times else None,
+            "tokens": len(ids), "chunk": runner.prefill_chunk, "decode_steps": steps, "decode_ms_per_token": statistics.median(times) * 1e3 if times else None,
             "decode_run_ms_per_token": statistics.median(runs) * 1e3 if runs else None}
 
 

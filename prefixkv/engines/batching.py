@@ -188,6 +188,10 @@ class Batcher:
         seq.config.validate()
         if not seq.ids:
             raise BatchError("the prompt has no tokens", "invalid")
+        limit = self.runner.max_context
+        if len(seq.ids) + seq.config.max_new_tokens > limit:
+            raise BatchError(f"{len(seq.ids)} prompt tokens and max_tokens={seq.config.max_new_tokens} exceed the model's "
+                             f"context of {limit} tokens; shorten the prompt or lower max_tokens", "too_large")
         if self.budget is not None:
             alone = self.layout.batch_bytes([self.need(seq)], prefill_tokens=len(seq.ids))
             if alone > self.budget:
