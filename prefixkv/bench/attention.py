@@ -61,9 +61,9 @@ def gqa_session(ort, heads: int, kv_heads: int, head_dim: int, threads: int, bia
     node = helper.make_node("GroupQueryAttention", names, [o.name for o in outputs], domain="com.microsoft", **attributes)
     model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    from ..engines.onnxruntime import session_options  # the options every engine's graph runs with
+
+    return ort.InferenceSession(model.SerializeToString(), session_options(ort, threads), providers=["CPUExecutionProvider"])
 
 
 def time_gqa(ort, session, qkv: np.ndarray, kv_heads: int, head_dim: int, chunk: int, bias: bool,

@@ -1117,13 +1117,19 @@ def two_phase_graph(prefill, decode):
 
 
 def _content(tensor) -> tuple:
-    """A TensorProto's type, shape and values, without its name: (data type, dims, sha256)."""
+    """A TensorProto's type, shape and values, without its name: (data type, dims, sha256).
+    A weight's raw bytes are hashed as they are (not copied into a second tensor and
+    serialized: the join hashes every weight of both traces); a tensor holding its values in
+    a typed field (a small constant) is hashed serialized, without its name."""
     import hashlib
 
+    data = tensor.raw_data
+    if data:
+        return tensor.data_type, tuple(tensor.dims), "raw", hashlib.sha256(data).hexdigest()
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     copy.ClearField("name")
-    return copy.data_type, tuple(copy.dims), hashlib.sha256(copy.SerializeToString()).hexdigest()
+    return tensor.data_type, tuple(tensor.dims), "proto", hashlib.sha256(copy.SerializeToString()).hexdigest()
 
 
 def phase_graph(proto, phase: str):
