@@ -52,11 +52,13 @@ from .profile import (
 )
 
 SCHEMA = "prefixkv.engine"
-SCHEMA_VERSION = 6  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
+SCHEMA_VERSION = 7  # 2: one decoder graph (and weightless score and compact graphs); 3: the decoder returns the attention mass;
 # 4: the decoder takes each layer's past length (past_lengths) and applies the decode rule to all layers at once;
 # 5: the decoder takes and returns every layer's slots side by side (past/present.positions and .valid, past_widths)
 # and one mass output; 6: the decoder's prefill and decode phases are the branches of one If (a prefill chunk's
-# attention unmasked and returning its probabilities, a decode step's masked), and SLOTS_KEY is read
+# attention unmasked and returning its probabilities, a decode step's masked), and SLOTS_KEY is read;
+# 7: shared slots hold each row's entries first (the fused attention's per-row lengths, no bias), and a
+# decoder whose layers never evict is one graph, no If
 # the graphs every engine folder of a backend has
 ENGINE_GRAPHS = {"onnxruntime": ("decoder", "compact"), "tensorrt": ("prefill", "decode")}
 LANGUAGE_GRAPHS = ("decoder", "compact", "prefill", "decode")  # every graph but the vision tower's, in order
@@ -65,7 +67,8 @@ VALIDATION = "validation.json"
 ENGINE_SUBDIR = "tensorrt"  # the TensorRT engines of a tensorrt-backend folder
 CACHE_LAYOUT_KEY = "prefixkv.cache_layout"  # decode graph metadata: "buffer" (ONNX Runtime) or "compact"
 SCORE_ROWS_KEY = "prefixkv.score_rows"  # decoder graph metadata: trailing prompt rows scored ("all" or a count)
-# decoder graph metadata: "shared" (no layer evicts: one set of slots, (B, P), for every layer) or "per-layer"
+# decoder graph metadata: "shared" (no layer evicts: one set of slots, (B, P), for every layer, each row's entries
+# first from schema 7 on) or "per-layer"
 # (every layer's slots side by side, (B, sum of P_l)).  Added under schema 5 without a bump; schema 6 engines
 # all carry it, and a prefixkv from before schema 6 refuses them with its "rebuild" line.
 SLOTS_KEY = "prefixkv.slots"

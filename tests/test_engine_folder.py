@@ -43,7 +43,7 @@ def engine_copy(tiny, tmp_path):
 def test_manifest_describes_the_engine(tiny):
     engine_dir, model, profile = tiny
     manifest = read_manifest(engine_dir)
-    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 6
+    assert manifest["schema"] == "prefixkv.engine" and manifest["schema_version"] == 7
     assert manifest["keep_fraction"] == KEEP
     assert manifest["layer_keep_fractions"] == profile.layer_fractions(KEEP)
     assert manifest["model"]["fingerprint"]["layers"] == LAYERS
@@ -266,12 +266,12 @@ def test_cli_build_asks_for_a_profile_or_calibrate(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 def test_an_engine_of_an_older_layout_is_refused(engine_copy, version):
     """Schema version 1 (prefill.onnx + decode.onnx, two copies of the weights), 2 (a
     separate score graph, the decoder returning queries), 3 (a decoder without
-    past_lengths), 4 (positions and valid per layer) and 5 (a decoder of one phase): one
-    line, "rebuild"."""
+    past_lengths), 4 (positions and valid per layer), 5 (a decoder of one phase) and 6
+    (shared slots right-aligned, masked by a bias): one line, "rebuild"."""
     from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
 
     manifest = json.loads((engine_copy / "manifest.json").read_text())
@@ -282,6 +282,6 @@ def test_an_engine_of_an_older_layout_is_refused(engine_copy, version):
         manifest["graphs"]["score"] = manifest["graphs"]["compact"]
     (engine_copy / "manifest.json").write_text(json.dumps(manifest))
     for load in (read_manifest, OnnxRuntimeRunner):
-        with pytest.raises(EngineError, match=rf"schema version {version}; this prefixkv reads version 6: rebuild") as err:
+        with pytest.raises(EngineError, match=rf"schema version {version}; this prefixkv reads version 7: rebuild") as err:
             load(engine_copy)
         assert "\n" not in str(err.value)

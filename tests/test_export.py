@@ -213,7 +213,7 @@ def test_one_decoder_graph_holds_the_weights_once(tiny):
     assert sum(int(np.prod(t.dims)) for t in compact.initializer) < 1000  # constants only
     assert sorted(p.name for p in engine_dir.glob("*.data")) == ["decoder.onnx.data"]
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 6
+    assert set(manifest["graphs"]) == {"decoder", "compact"} and manifest["schema_version"] == 7
 
 
 def test_a_decode_step_computes_no_attention_mass(runners):
@@ -337,26 +337,30 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
     inputs = [i["name"] for i in json.loads((result.path / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]]
     assert "input_ids" in inputs and "past_widths" in inputs  # the manifest's records, read by name
     assert "mass" not in outputs and "score_from" not in inputs
-    # no scored rows: the phase is the rows' (a prompt's tokens, or past it)
-    assert {"Gather", "Less", "ReduceMin"} <= {n.op_type for n in main.node}
+    # one graph for prompt chunks and decode steps alike (no bias, no probabilities: the phases are
+    # the same), so no If
     proto = onnx.load(str(result.path / "decoder.onnx"), load_external_data=False)
+    assert "If" not in {n.op_type for n in main.node}
+    assert phase(result.path / "decoder.onnx", "prefill").node == phase(result.path / "decoder.onnx", "decode").node == main.node
     assert {p.key: p.value for p in proto.metadata_props}[SLOTS_KEY] == "shared"
-    for name in ("prefill", "decode"):
-        graph = phase(result.path / "decoder.onnx", name)
-        producers = {o: n.op_type for n in graph.node for o in n.output}
-        assert producers["present.positions"] == producers["present.valid"] == "Concat"
-        assert not {"CumSum", "GatherElements"} & {n.op_type for n in graph.node}
-        readers = {}
-        for node in graph.node:
-            for value in node.input:
-                readers.setdefault(value, []).append(node.op_type)
-        assert "Split" not in readers["past.positions"] + readers["past.valid"]
-        attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-        assert len(attention) == LAYERS
-        # seqlens_k, total_sequence_length and (decode) attention_bias: one tensor for every layer
-        for index in (5, 6, 10) if name == "decode" else (5, 6):
-            assert len({n.input[index] for n in attention}) == 1
-        assert name == "decode" or all(len(n.input) <= 10 or not n.input[10] for n in attention)  # no bias
+    graph = main
+    producers = {o: n for n in graph.node for o in n.output}
+    assert producers["present.positions"].op_type == "Where" and producers["present.valid"].op_type == "Or"
+    ops = [n.op_type for n in graph.node]
+    assert "CumSum" not in ops and ops.count("GatherElements") == 1  # no decode rule; the chunk's positions placed
+    readers = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node.op_type)
+    assert "Split" not in readers["past.positions"] + readers["past.valid"]
+    cast = next(n for n in graph.node if n.op_type == "Cast" and n.input[0] == "past.valid")
+    assert readers[cast.output[0]] == ["ReduceSum"]  # each row's entries: its length for the fused attention
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == LAYERS
+    # seqlens_k (per row) and total_sequence_length: one tensor for every layer; no attention bias
+    for index in (5, 6):
+        assert len({n.input[index] for n in attention}) == 1
+    assert all(len(n.input) <= 10 or not n.input[10] for n in attention)
 
     runner = OnnxRuntimeRunner(result.path, threads=1, prefill_chunk=16)
     prompts = [list(range(3, 23)), list(range(5, 42))]  # 20 and 37 tokens
@@ -375,13 +379,22 @@ def test_a_full_cache_engine_has_no_mass_no_rule_and_matches_the_reference(tmp_p
         for step, expected in zip(tokens[:, row], batched[1:]):
             logits, alone = runner.decode(alone, np.array([step]))
             np.testing.assert_allclose(expected[row], logits[0], atol=1e-4)
-    # the prompts prefilled alone and merged into one batch (each row's entries right-aligned, as
-    # the padded prefill leaves them; the slots compacted once for all layers) decode as the batch
+    # the prompts prefilled alone and merged into one batch (the slots compacted once for all
+    # layers) decode as the batch
     merged = runner.merge([(runner.prefill(*runner.pad([prompt]))[1], [0]) for prompt in prompts])
     assert merged.shared and merged.slots[0].shape() == [2, 37] and merged.widths.tolist() == [37] * LAYERS
+    # each row's entries first, its empty slots after them (the fused attention's per-row lengths)
+    positions, valid = merged.layers()[0][2:]
+    assert valid.sum(-1).tolist() == [20, 37] and valid[0, :20].all() and not valid[0, 20:].any()
+    assert positions[0, :20].tolist() == list(range(20)) and (positions[0, 20:] == -1).all()
     for step, expected in zip(tokens, batched[1:]):
         logits, merged = runner.decode(merged, step)
         np.testing.assert_allclose(logits, expected, atol=1e-4)
+    # each step wrote the shorter row's token right after its entries, not at the slots' end
+    positions, valid = merged.layers()[0][2:]
+    held = 20 + len(tokens)
+    assert positions[0, :held].tolist() == list(range(held)) and not valid[0, held:].any()
+    assert positions[1].tolist() == list(range(37 + len(tokens)))
     # a row leaves the running batch (its grown buffer, free slots and the other row's empty ones
     # dropped) and a freshly prefilled one joins it, as the in-flight batching merges them
     extra = np.array([[5, 8], [12, 3], [7, 7]])

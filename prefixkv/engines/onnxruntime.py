@@ -392,7 +392,7 @@ class OnnxRuntimeRunner(Runner):
     def _prefill(self, input_ids, attention_mask, image_rows=None):
         """Each row alone (ONNX Runtime's fused attention takes a chunk of several tokens over a
         cache one row at a time), its padding dropped; the rows' compacted caches are then
-        merged, right-aligned, into one batch.  image_rows: a vision engine's image embeddings
+        merged into one batch (``merge``).  image_rows: a vision engine's image embeddings
         per (row, first token, stop token) of its real tokens."""
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.asarray(attention_mask, dtype=np.int64)
@@ -487,7 +487,8 @@ class OnnxRuntimeRunner(Runner):
 
     def merge(self, parts, free_slots: bool = True):
         """parts: [(state, rows)] -> one state holding those rows in that order: each layer's
-        entries (empty slots dropped) right-aligned at the widest row's count, then free slots
+        entries (empty slots dropped) right-aligned at the widest row's count (where the layers
+        share their slots: each row's entries first, its empty slots after them), then free slots
         as a compaction adds them (``free_slots`` False: none, as a prefill leaves its caches).
         Rows join and leave a running batch this way, and a batch's prefilled rows become one
         batch; it copies the rows' caches once.  The states given are consumed."""
@@ -518,8 +519,9 @@ class OnnxRuntimeRunner(Runner):
             row = 0
             for k, v, p, m in pieces:
                 r, w = p.shape
-                key[row : row + r, :, width - w : width], value[row : row + r, :, width - w : width] = k, v
-                positions[row : row + r, width - w :], valid[row : row + r, width - w :] = p, m
+                at = slice(0, w) if self.shared_slots else slice(width - w, width)  # as ``_compacted`` aligns them
+                key[row : row + r, :, at], value[row : row + r, :, at] = k, v
+                positions[row : row + r, at], valid[row : row + r, at] = p, m
                 row += r
             layers.append((self._owned(key), self._owned(value), positions, valid))
         merged = self._state(layers, np.concatenate([s.positions[r] for s, r in parts]),
@@ -605,9 +607,12 @@ class OnnxRuntimeRunner(Runner):
 
     def _compacted(self, layers: list, rows=slice(None)) -> list[tuple]:
         """``compact_slots`` of each layer's slots (``layers``: ``state.layers()`` items), of
-        the rows ``rows``: computed once for all of them where the layers share their slots."""
+        the rows ``rows``: computed once for all of them where the layers share their slots,
+        whose rows hold their entries first (the decoder's per-row lengths, ``row_lengths``
+        in the exporter), else right-aligned."""
         count = 1 if self.shared_slots else len(layers)
-        plans = [compact_slots(positions[rows], valid[rows]) for _, _, positions, valid in layers[:count]]
+        plans = [compact_slots(positions[rows], valid[rows], left=self.shared_slots)
+                 for _, _, positions, valid in layers[:count]]
         return plans * len(layers) if self.shared_slots else plans
 
     def _free_slots(self, width: int) -> int:
@@ -654,7 +659,10 @@ class OnnxRuntimeRunner(Runner):
         """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot),
         right-aligned in original order (the layout of the reference cache)."""
         self._check_state(state, len(state.positions))
-        return [positions for _, positions, _ in self._compacted(state.layers())]
+        layers = state.layers()
+        if self.shared_slots:
+            return [compact_slots(*layers[0][2:])[1]] * len(layers)
+        return [compact_slots(*layer[2:])[1] for layer in layers]
 
     def cache(self, state: OnnxRuntimeState, layer: int, kv: bool = True) -> dict[str, np.ndarray]:
         """One layer's entries as numpy, empty slots dropped: key, value (B, Hkv, W, D) (unless
@@ -760,17 +768,20 @@ def _drain(generator):
             return done.value
 
 
-def compact_slots(positions: np.ndarray, valid: np.ndarray):
+def compact_slots(positions: np.ndarray, valid: np.ndarray, left: bool = False):
     """Where a layer's entries go when its empty slots are dropped.
 
     positions/valid (B, W) with empty slots anywhere -> index (B, W') int64 into W (the slot
     each new slot copies; 0 for empty ones), positions and valid (B, W'): each row's entries
-    right-aligned in original order, empty slots in front, W' = the most entries a row holds."""
+    right-aligned in original order, empty slots in front, W' = the most entries a row holds
+    (``left``: the entries first, the empty slots after them)."""
     valid = np.asarray(valid, dtype=bool)
     width = max(int(valid.sum(-1).max()) if valid.size else 0, 1)
     cols = np.arange(valid.shape[1])
-    # empty slots sort first, entries after them in slot order; keep the last ``width``
-    order = np.argsort(np.where(valid, cols + valid.shape[1], cols), axis=-1, kind="stable")[:, -width:]
+    if left:  # entries first in slot order, then the empty slots; keep the first ``width``
+        order = np.argsort(np.where(valid, cols, cols + valid.shape[1]), axis=-1, kind="stable")[:, :width]
+    else:  # empty slots sort first, entries after them in slot order; keep the last ``width``
+        order = np.argsort(np.where(valid, cols + valid.shape[1], cols), axis=-1, kind="stable")[:, -width:]
     kept = np.take_along_axis(valid, order, -1)
     index = np.where(kept, order, 0).astype(np.int64)
     positions = np.where(kept, np.take_along_axis(np.asarray(positions), order, -1), -1).astype(np.int64)

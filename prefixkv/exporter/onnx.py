@@ -549,7 +549,6 @@ class DecoderGraph(DecodeGraph):
         self.phase = phase
         # A prefill chunk's slots are all in use (the prompt's tokens, none evicted yet): its
         # attention needs no bias.  Its scored layers return their probabilities and the mass.
-        self.masked = phase == "decode"
         self.probabilities = phase == "prefill" and bool(self.scored)
         # The fused attention rotates the query and keys itself when the model's rotation is the
         # one it implements; its keys then round differently from PyTorch's.  A key-norm score
@@ -559,6 +558,9 @@ class DecoderGraph(DecodeGraph):
         # a full-cache engine's graph has no decode rule at all (its ranks run over every slot).
         self.evicts = spec.evicts
         self.shared_slots = not self.evicts  # then every layer's slots are the same: the graph carries one set
+        # Shared slots hold each row's entries from slot 0 on (``row_lengths``): the op's per-row
+        # lengths mask the rest, so no phase needs a bias, and the two phases are one graph.
+        self.masked = phase == "decode" and not self.shared_slots
         keyed = not self.scored and self.evicts  # layers evict, on key scores
         # the op looks each new token's cos/sin up by its position in tables of max_context rows,
         # constants of the graph (a decode step computes no rotation of its own)
@@ -608,13 +610,14 @@ class DecoderGraph(DecodeGraph):
         unmasked = torch.zeros(1, 1, c, 1, dtype=dtype)  # a (B, 1, 1, T) bias + these -> (B, 1, C, T)
         if self.shared_slots:
             # No layer evicts, so every layer's slots are the same ones (the same tokens in the same
-            # places): one set of them, (B, P), one bias and one pair of lengths serve every layer.
-            positions = torch.cat([past_positions, position_ids.to(past_positions.dtype)], -1)
-            valid = torch.cat([past_valid, new], -1)
+            # places): one set of them, (B, P), and one pair of lengths serve every layer.  A row's
+            # entries fill its first slots (``row_lengths``), so the op's per-row lengths (seqlens_k)
+            # mask the empty ones after them, as onnxruntime-genai's batches do, without a bias.
+            positions, valid, held = row_lengths(past_positions, past_valid, position_ids)
             width = past_positions.shape[1] + c
-            biases = [torch.where(valid, zero, closed)[:, None, None, :] + unmasked] * layers if self.masked else [None] * layers
-            total = (past_widths[:1] + c).to(torch.int32)  # every layer's, the same
-            totals, seqlens, sizes = [total] * layers, [(total - 1).expand(b)] * layers, [width] * layers
+            total = (past_widths[:1] + c).to(torch.int32)  # the slots' width with the chunk, every layer's
+            seqlens = (held + c - 1).to(torch.int32)  # (B,) each row's entries with the chunk, less one
+            totals, seqlens, sizes, biases = [total] * layers, [seqlens] * layers, [width] * layers, [None] * layers
         else:
             # Every layer's slot bookkeeping at once, the layers side by side: (B, N), N = the sum
             # of the layers' slots in use with this chunk (past_widths + C).  A decode step runs
@@ -653,7 +656,7 @@ class DecoderGraph(DecodeGraph):
             scored = self.probabilities and l in self.scored
             lengths = (seqlens[l], totals[l], sizes[l])
             # (B, 1, C, T_l); widened in the layer (not all at once: a long prompt's chunk would hold every layer's)
-            bias = biases[l] if self.shared_slots or biases[l] is None else biases[l] + unmasked
+            bias = None if biases[l] is None else biases[l] + unmasked
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths, bias, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
                 masses.append(torch.matmul(weights, probs.float()))
@@ -700,6 +703,25 @@ class DecoderGraph(DecodeGraph):
             attrs, dtypes=dtypes, shapes=shapes, version=1,
         )
         return outs[0], outs[1], outs[2], (outs[3] if probabilities else None)
+
+
+def row_lengths(past_positions: torch.Tensor, past_valid: torch.Tensor, position_ids: torch.Tensor):
+    """Shared slots (B, P) whose rows hold their entries in their first slots, the empty ones
+    after them, and a chunk of C new tokens per row (B, C) -> the slots with the chunk (B, P + C)
+    (each row's new tokens right after its entries: slots [n_b, n_b + C), where the fused
+    attention writes them when told the row's length), and the rows' entries before the chunk,
+    n_b (B,) int64.  A row as wide as the slots gets the chunk at [P, P + C), as a Concat would
+    put it; a shorter row's slots past its new tokens are empty (position -1)."""
+    held = past_valid.sum(-1)  # (B,)
+    c = position_ids.shape[1]
+    width = past_positions.shape[1] + c
+    offset = torch.arange(width)[None, :] - held[:, None]  # (B, P + C): the slot's place in the row's chunk
+    fresh = (offset >= 0) & (offset < c)
+    news = torch.gather(position_ids.to(past_positions.dtype), 1, torch.where(fresh, offset, 0))
+    empty = torch.full_like(position_ids, -1, dtype=past_positions.dtype)
+    positions = torch.where(fresh, news, torch.cat([past_positions, empty], -1))
+    valid = fresh | torch.cat([past_valid, torch.zeros_like(fresh[:, :c])], -1)
+    return positions, valid, held
 
 
 def split_columns(tensor: torch.Tensor, widths: torch.Tensor, shapes) -> list[torch.Tensor]:
@@ -993,11 +1015,11 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
         _engine_dims(proto, graph)
         return _save(proto, Path(path), log, graph, start)
     fused, phases = {}, {}
-    for phase in PHASES:
+    for phase in decoder_phases(spec):
         wrapper = DecoderGraph(model, spec, image_token_id, phase)
         outputs = [o for o in names["outputs"] if o != "mass" or wrapper.probabilities]
         phases[phase] = _trace(wrapper.eval(), args, {**names, "outputs": outputs}, shapes, opset, fused)
-    proto = two_phase_graph(phases["prefill"], phases["decode"])
+    proto = two_phase_graph(phases["prefill"], phases["decode"]) if len(phases) == 2 else phases["prefill"]
     del phases
     _engine_dims(proto, graph)
     fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
@@ -1009,6 +1031,13 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return _save(proto, Path(path), log, graph, start)
+
+
+def decoder_phases(spec: GraphSpec) -> tuple[str, ...]:
+    """The phases the decoder is traced in: both (``PHASES``), joined by one ``If``, where a
+    layer evicts; else ("prefill",) alone, the whole graph: with shared slots neither phase has
+    a bias, and with no scored layer neither returns probabilities, so the two are the same."""
+    return PHASES if spec.evicts else PHASES[:1]
 
 
 def two_phase_graph(prefill, decode):
@@ -1133,8 +1162,13 @@ def _content(tensor) -> tuple:
 
 
 def phase_graph(proto, phase: str):
-    """The decoder's graph of ``phase`` ("prefill" or "decode"): a branch of its one ``If``."""
-    node = next(n for n in proto.graph.node if n.op_type == "If" and n.name == "phase")
+    """The decoder's graph of ``phase`` ("prefill" or "decode"): a branch of its one ``If``, or
+    the main graph of a decoder with one phase for both (``decoder_phases``)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    node = next((n for n in proto.graph.node if n.op_type == "If" and n.name == "phase"), None)
+    if node is None:
+        return proto.graph
     return {a.name: a.g for a in node.attribute}["then_branch" if phase == "prefill" else "else_branch"]
 
 
