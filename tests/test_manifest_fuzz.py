@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefixkv.engine_folder import MANIFEST, EngineError, check_manifest, read_manifest
+from prefixkv.engine_folder import MANIFEST, SCHEMA_VERSION, EngineError, check_manifest, read_manifest
 
 FUZZ = settings(max_examples=1000, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
@@ -48,7 +48,7 @@ def valid_manifest() -> dict:
     io = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
           "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 256]}], "opset": 18}
     return {
-        "schema": "prefixkv.engine", "schema_version": 6, "created": "2026-12-02T00:00:00Z",
+        "schema": "prefixkv.engine", "schema_version": SCHEMA_VERSION, "created": "2026-12-02T00:00:00Z",
         "tool": {"name": "prefixkv", "version": "0.1.0"}, "libraries": {"torch": "2.13.0+cpu"},
         "model": {"source": "tiny", "folder": "/models/tiny",
                   "fingerprint": {"architecture": "LlamaForCausalLM", "layers": LAYERS, "heads": 4, "kv_heads": 2,
