@@ -226,6 +226,16 @@ def test_a_paired_point_interleaves_two_engines_in_one_process(tiny):  # noqa: F
     missing = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir + "-missing", engine_dir, "100"],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no engine folder" in missing.stderr
+    # a batch of rows of different lengths, decoded together; onnxruntime-genai takes one row
+    # (refused before any decoder loads: the folder does not exist)
+    proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", engine_dir, engine_dir, "100,60,30", "--blocks",
+                           "2", "--block-steps", "2", "--threads", "1"], capture_output=True, text=True, check=True)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["context"] == [100, 60, 30] and len(got["ratios"]) == 2 and got["a_ms_per_token"] > 0
+    for context, message in (("100,60", "takes one row here, not 2"), ("100,x", "comma-separated counts")):
+        refused = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", "genai:" + engine_dir + "-missing",
+                                  engine_dir, context], capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1]
 
 
 def test_interleave_alternates_the_order_and_leaves_each_blocks_first_step_untimed():

@@ -4,7 +4,10 @@
 
 A and B are engine folders or ``genai:FOLDER`` (an onnxruntime-genai model).  Both prefill
 the first CONTEXT tokens of the built-in text, then decode greedily in blocks of S steps,
-A's block and B's in turn (A first in even blocks, B first in odd ones).  The first step of
+A's block and B's in turn (A first in even blocks, B first in odd ones).  CONTEXT may be
+comma-separated counts ("1024,900,700,500"): a batch of rows, each the first that many
+tokens, prefilled and decoded together, as in-flight batching runs rows of different
+lengths (engines only).  The first step of
 a block is not timed: the other decoder's ONNX Runtime threads may still be spinning from
 its block, and on a 2-core machine they take a core from that step.  The other S - 1 steps
 run back to back, as a decode loop does.  A pair of blocks gives one ratio, A's median step
@@ -36,12 +39,16 @@ class PlanError(ValueError):
     """A paired point that cannot be measured as asked (its blocks, context or threads)."""
 
 
-def decoder_steps(target: str, context: int, threads: int, steps: int):
+def decoder_steps(target: str, context: int | list[int], threads: int, steps: int):
     """A function running one greedy decode step of ``target`` after its prefill of the
-    first ``context`` tokens of the built-in text; ``steps``: how many it will be asked for.
-    It returns the seconds of the engine's ONNX Runtime run within the step, or None
-    (onnxruntime-genai: its loop is its own)."""
+    first ``context`` tokens of the built-in text (a list: one row per count, decoded as one
+    batch); ``steps``: how many it will be asked for.  It returns the seconds of the engine's
+    ONNX Runtime run within the step, or None (onnxruntime-genai: its loop is its own)."""
+    rows = _rows(context)
     if target.startswith("genai:"):
+        if len(rows) > 1:
+            raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
+        context = rows[0]
         from ..tokenizer import Tokenizer
 
         folder = target.split(":", 1)[1]
@@ -51,16 +58,30 @@ def decoder_steps(target: str, context: int, threads: int, steps: int):
         generator.append_tokens([ids])
         return generator.generate_next_token  # returns None: no run of ours to report
     runner = open_engine(target, threads)
-    ids = prompt_ids(runner.tokenizer, context)
-    if len(ids) + steps > runner.max_context:
-        raise PlanError(f"{context} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
-    held = list(runner.prefill(*runner.pad([ids])))  # [logits, state]
+    prompts = [prompt_ids(runner.tokenizer, n) for n in rows]
+    if max(map(len, prompts)) + steps > runner.max_context:
+        raise PlanError(f"{max(rows)} prompt tokens and {steps} steps exceed {target}'s context of {runner.max_context}")
+    held = list(runner.prefill(*runner.pad(prompts)))  # [logits, state]
 
     def step() -> float:
         held[0], held[1] = runner.decode(held[1], held[0].argmax(-1))
         return runner.run_seconds
 
     return step
+
+
+def _rows(context: int | list[int]) -> list[int]:
+    """The prompt tokens of each row: ``context`` as one row, or its list."""
+    return [context] if isinstance(context, int) else list(context)
+
+
+def parse_context(text: str) -> int | list[int]:
+    """CONTEXT on the command line: "1024" -> 1024, "1024,900" -> [1024, 900]."""
+    try:
+        rows = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"CONTEXT must be a token count or comma-separated counts, got {text!r}") from None
+    return rows[0] if len(rows) == 1 else rows
 
 
 def check_blocks(blocks: int, block_steps: int) -> None:
@@ -119,10 +140,13 @@ def _given(runs: list | None) -> bool:
     return bool(runs) and all(r is not None for block in runs for r in block)
 
 
-def measure(a: str, b: str, context: int, threads: int, blocks: int, block_steps: int) -> dict:
+def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int, block_steps: int) -> dict:
     check_blocks(blocks, block_steps)  # before either decoder loads
-    if context < 1 or threads < 1:
-        raise PlanError(f"need a context of at least 1 token and at least 1 thread, got {context} and {threads}")
+    rows = _rows(context)
+    if not rows or min(rows) < 1 or threads < 1:
+        raise PlanError(f"need a context of at least 1 token per row and at least 1 thread, got {context} and {threads}")
+    if len(rows) > 1 and any(t.startswith("genai:") for t in (a, b)):
+        raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
     steps = blocks * block_steps + 1
     step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)
     step_a()  # one warm step each
@@ -135,7 +159,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefixkv.bench.paired", description=__doc__.splitlines()[0])
     parser.add_argument("a", help="an engine folder or genai:FOLDER")
     parser.add_argument("b", help="an engine folder or genai:FOLDER (the ratio's denominator)")
-    parser.add_argument("context", type=int)
+    parser.add_argument("context", type=parse_context, help="prompt tokens, or comma-separated prompt tokens per row")
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--block-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
