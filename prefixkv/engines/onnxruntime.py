@@ -605,14 +605,15 @@ class OnnxRuntimeRunner(Runner):
             layers[l] = self._compact_layer(*layers[l][:2], *plan)
         return self._side_by_side(layers)
 
-    def _compacted(self, layers: list, rows=slice(None)) -> list[tuple]:
+    def _compacted(self, layers: list, rows=slice(None), left: bool | None = None) -> list[tuple]:
         """``compact_slots`` of each layer's slots (``layers``: ``state.layers()`` items), of
-        the rows ``rows``: computed once for all of them where the layers share their slots,
-        whose rows hold their entries first (the decoder's per-row lengths, ``row_lengths``
-        in the exporter), else right-aligned."""
+        the rows ``rows``: computed once for all of them where the layers share their slots.
+        ``left`` (default: where the layers share their slots, whose rows hold their entries
+        first for the decoder's per-row lengths, ``row_lengths`` in the exporter): each row's
+        entries first, else right-aligned."""
         count = 1 if self.shared_slots else len(layers)
-        plans = [compact_slots(positions[rows], valid[rows], left=self.shared_slots)
-                 for _, _, positions, valid in layers[:count]]
+        left = self.shared_slots if left is None else left
+        plans = [compact_slots(positions[rows], valid[rows], left=left) for _, _, positions, valid in layers[:count]]
         return plans * len(layers) if self.shared_slots else plans
 
     def _free_slots(self, width: int) -> int:
@@ -659,23 +660,15 @@ class OnnxRuntimeRunner(Runner):
         """Per layer, (B, W_l) int64 original positions of the kept entries (-1: empty slot),
         right-aligned in original order (the layout of the reference cache)."""
         self._check_state(state, len(state.positions))
-        layers = state.layers()
-        if self.shared_slots:
-            return [compact_slots(*layers[0][2:])[1]] * len(layers)
-        return [compact_slots(*layer[2:])[1] for layer in layers]
+        return [positions for _, positions, _ in self._compacted(state.layers(), left=False)]
 
     def cache(self, state: OnnxRuntimeState, layer: int, kv: bool = True) -> dict[str, np.ndarray]:
         """One layer's entries as numpy, empty slots dropped: key, value (B, Hkv, W, D) (unless
         ``kv`` is False), positions, valid (B, W); W = the most entries any row holds."""
         key, value, positions, slots = state.layers()[layer]
-        index, positions, valid = compact_slots(positions, slots)
-        out = {"positions": positions, "valid": valid}
-        if kv:
-            same = np.array_equal(valid, slots)  # already compact (after prefill): the slots as they are
-            for part, buffer in (("key", key), ("value", value)):
-                array = buffer.numpy()
-                out[part] = array[:, :, : valid.shape[1]] if same else np.take_along_axis(array, index[:, None, :, None], axis=2)
-        return out
+        buffers = (key.numpy(), value.numpy()) if kv else ()
+        positions, valid, *buffers = compact_entries(positions, slots, *buffers)
+        return {"positions": positions, "valid": valid, **dict(zip(("key", "value"), buffers))}
 
     def layer_lengths(self, state: OnnxRuntimeState) -> np.ndarray:
         """(layers, B) entries held per layer and row."""
@@ -766,6 +759,18 @@ def _drain(generator):
             next(generator)
         except StopIteration as done:
             return done.value
+
+
+def compact_entries(positions: np.ndarray, valid: np.ndarray, *buffers: np.ndarray) -> tuple:
+    """positions/valid (B, W) and numpy buffers (B, H, C >= W, D) -> positions, valid and the
+    buffers with the empty slots dropped, each row's entries right-aligned in original order
+    (``compact_slots``): the reference cache's layout.  Buffers already compact (after a
+    prefill) are sliced, not gathered."""
+    index, compact_positions, compact_valid = compact_slots(positions, valid)
+    same = np.array_equal(compact_valid, valid)  # already compact: the slots as they are
+    width, take = compact_valid.shape[1], index[:, None, :, None]
+    return (compact_positions, compact_valid,
+            *(buffer[:, :, :width] if same else np.take_along_axis(buffer, take, axis=2) for buffer in buffers))
 
 
 def compact_slots(positions: np.ndarray, valid: np.ndarray, left: bool = False):

@@ -46,7 +46,7 @@ from ..metrics import rouge_l
 from ..vision.data import default_samples
 from . import backend_name, load_runner
 from .base import GenerationConfig
-from .onnxruntime import compact_slots
+from .onnxruntime import compact_entries
 from .torch import TorchRunner, TorchVisionRunner, reference_settings
 
 TEXT_CHECKS = ("graph", "generation", "quality")
@@ -165,9 +165,8 @@ def prefill_runner_class():
             for l, parts in enumerate(_layer_caches(state)):
                 parts = [_numpy(t) for t in parts]
                 if not hasattr(state, "cache"):  # an engine's: each row's entries right-aligned, as the reference's are
-                    index, positions, valid = compact_slots(parts[2], parts[3])
-                    take = index[:, None, :, None]
-                    parts = [np.take_along_axis(parts[0], take, 2), np.take_along_axis(parts[1], take, 2), positions, valid]
+                    positions, valid, key, value = compact_entries(parts[2], parts[3], parts[0], parts[1])
+                    parts = [key, value, positions, valid]
                 first = trim_empty_front(parts[3])
                 held = parts[3].astype(bool)[:, None, :, None]  # an empty slot's key and value mean nothing: zeros
                 parts[:2] = [np.where(held, array, 0).astype(array.dtype) for array in parts[:2]]
