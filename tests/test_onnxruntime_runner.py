@@ -156,6 +156,76 @@ def test_compact_slots_right_aligns_each_rows_entries():
     assert pos.tolist() == [[-1, 0, 4, 7], [1, 2, 3, 9]]
     assert valid.tolist() == [[False, True, True, True], [True] * 4]
     assert index.tolist() == [[0, 1, 3, 4], [0, 1, 2, 4]]
+    # shared slots: each row's entries first, the empty slots after them
+    index, pos, valid = compact_slots(positions, positions >= 0, left=True)
+    assert pos.tolist() == [[0, 4, 7, -1], [1, 2, 3, 9]]
+    assert valid.tolist() == [[True, True, True, False], [True] * 4]
+    assert index.tolist() == [[1, 3, 4, 0], [0, 1, 2, 4]]
+
+
+def test_the_fused_attention_stops_at_each_rows_own_length():
+    """What a full-cache engine's decoder relies on (``row_lengths`` in the exporter): with
+    rows of 5 and 3 entries at the front of their buffers and no bias, ONNX Runtime's
+    GroupQueryAttention given seqlens_k = each row's length writes the row's new key and value
+    right after its entries, leaves the slots past them as they were, and attends to that
+    row's entries and its new token only (a NumPy attention of the same rotated q/k)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    heads, kv_heads, dim, capacity, rows = 4, 2, 16, 10, 32
+    f, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info("qkv", f, [2, 1, (heads + 2 * kv_heads) * dim]),
+              *(helper.make_tensor_value_info(n, f, [2, kv_heads, capacity, dim]) for n in ("past_key", "past_value")),
+              helper.make_tensor_value_info("seqlens_k", i32, [2]), helper.make_tensor_value_info("total", i32, [1]),
+              *(helper.make_tensor_value_info(n, f, [rows, dim // 2]) for n in ("cos", "sin")),
+              helper.make_tensor_value_info("position_ids", i64, [2, 1])]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out", "present_key", "present_value")]
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "cos",
+                                                    "sin", "position_ids"], [o.name for o in outputs],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, scale=dim ** -0.5)
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    angles = np.arange(rows)[:, None] * 10000.0 ** (-np.arange(dim // 2) * 2 / dim)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def rotate(x, position):  # the half-split rotation
+        first, second = x[..., : dim // 2], x[..., dim // 2 :]
+        return np.concatenate([first * cos[position] - second * sin[position], second * cos[position] + first * sin[position]], -1)
+
+    lengths = [5, 3]
+    keys, values = (rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for _ in range(2))
+    qkv = rng.standard_normal((2, 1, (heads + 2 * kv_heads) * dim), dtype=np.float32)
+    positions = np.array([[5], [3]], np.int64)
+    buffers = [ort.OrtValue.ortvalue_from_numpy(array.copy()) for array in (keys, values)]
+    binding = session.io_binding()
+    binding.bind_output("out")  # first: the binding's outputs come back in the order bound
+    for name, buffer in zip(("key", "value"), buffers):  # in place, as the engine binds them
+        binding.bind_ortvalue_input(f"past_{name}", buffer)
+        binding.bind_ortvalue_output(f"present_{name}", buffer)
+    for name, array in (("qkv", qkv), ("seqlens_k", np.array(lengths, np.int32)), ("total", np.array([6], np.int32)),
+                        ("cos", cos), ("sin", sin), ("position_ids", positions)):
+        binding.bind_cpu_input(name, array)
+    session.run_with_iobinding(binding)
+    out = binding.get_outputs()[0].numpy()
+    written = [buffer.numpy() for buffer in buffers]
+    for row, n in enumerate(lengths):
+        flat = qkv[row, 0]
+        query = rotate(flat[: heads * dim].reshape(heads, dim), n)
+        key = rotate(flat[heads * dim : (heads + kv_heads) * dim].reshape(kv_heads, dim), n)
+        value = flat[(heads + kv_heads) * dim :].reshape(kv_heads, dim)
+        np.testing.assert_allclose(written[0][row, :, n], key, atol=1e-5)
+        np.testing.assert_array_equal(written[1][row, :, n], value)
+        for before, after in zip((keys, values), written):  # the slots past the new token: untouched
+            np.testing.assert_array_equal(after[row, :, n + 1 :], before[row, :, n + 1 :])
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            k = np.concatenate([keys[row, group, :n], key[group][None]])
+            v = np.concatenate([values[row, group, :n], value[group][None]])
+            scores = k @ query[head] * dim ** -0.5
+            weights = np.exp(scores - scores.max())
+            np.testing.assert_allclose(out[row, 0, head * dim : (head + 1) * dim], weights / weights.sum() @ v, atol=1e-5)
 
 
 def test_stored_compaction_graph_is_the_built_one():
