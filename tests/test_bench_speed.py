@@ -334,3 +334,17 @@ def test_the_attention_point_times_every_variant_against_sdpa():
                            (["--chunk", "0"], "--chunk must be at least 1, got 0")):
         proc = subprocess.run([sys.executable, "-m", "prefixkv.bench.attention", "64", *flags], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_the_genai_graph_pairs_put_genais_graph_between_its_loop_and_the_full_cache_engine():
+    """``paired_genai_graph``: genai's graph run from Python against genai's own loop, and the
+    keep 1 engine (only a full cache: the same cache as genai's) against that graph."""
+    from pathlib import Path
+
+    from prefixkv.bench.speed import genai_graph_pairs
+
+    engines = {1.0: Path("/e/k100"), 0.2: Path("/e/k20")}
+    assert genai_graph_pairs(engines, "genai:/g/model") == {
+        "genai-graph against genai": ("genai-graph:/g/model", "genai:/g/model"),
+        "keep 1 against genai-graph": ("/e/k100", "genai-graph:/g/model")}
+    assert list(genai_graph_pairs({0.2: Path("/e/k20")}, "genai:/g")) == ["genai-graph against genai"]

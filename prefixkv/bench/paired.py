@@ -2,7 +2,9 @@
 
     python -m prefixkv.bench.paired A B CONTEXT [--blocks N] [--block-steps S] [--threads T]
 
-A and B are engine folders or ``genai:FOLDER`` (an onnxruntime-genai model).  Both prefill
+A and B are engine folders, ``genai:FOLDER`` (an onnxruntime-genai model) or
+``genai-graph:FOLDER`` (that model's graph run from Python the way the engine runner runs
+its decoder, ``prefixkv.bench.genai_graph``: the graph without genai's C++ loop).  Both prefill
 the first CONTEXT tokens of the built-in text, then decode greedily in blocks of S steps,
 A's block and B's in turn (A first in even blocks, B first in odd ones).  CONTEXT may be
 comma-separated counts ("1024,900,700,500"): a batch of rows, each the first that many
@@ -12,10 +14,10 @@ a block is not timed: the other decoder's ONNX Runtime threads may still be spin
 its block, and on a 2-core machine they take a core from that step.  The other S - 1 steps
 run back to back, as a decode loop does.  A pair of blocks gives one ratio, A's median step
 over B's, and the median of those ratios is the figure (``ratio``, with its quartiles).
-Where A is an engine, ``run_ratio`` does the same with A's ONNX Runtime run alone (its graph,
-without the runner's Python around it) against B's run, or against B's whole step where B
-is onnxruntime-genai (its loop around the run is its own C++): how much of the difference
-is in the graphs.
+Where A is an engine or ``genai-graph``, ``run_ratio`` does the same with A's ONNX Runtime
+run alone (its graph, without the Python around it) against B's run, or against B's whole
+step where B is ``genai`` (its loop around the run is its own C++): how much of the
+difference is in the graphs.
 
 Why: a shared machine's speed drifts over minutes, on this project's CI-like machine by
 more than the differences to be measured (the README has the figures), so two decoders
@@ -35,6 +37,9 @@ from ..engine_folder import EngineError
 from .point import genai_generator, load_genai, open_engine, prompt_ids
 
 
+GENAI = ("genai:", "genai-graph:")  # onnxruntime-genai's model, with its own loop or with the Python one
+
+
 class PlanError(ValueError):
     """A paired point that cannot be measured as asked (its blocks, context or threads)."""
 
@@ -42,18 +47,30 @@ class PlanError(ValueError):
 def decoder_steps(target: str, context: int | list[int], threads: int, steps: int):
     """A function running one greedy decode step of ``target`` after its prefill of the
     first ``context`` tokens of the built-in text (a list: one row per count, decoded as one
-    batch); ``steps``: how many it will be asked for.  It returns the seconds of the engine's
-    ONNX Runtime run within the step, or None (onnxruntime-genai: its loop is its own)."""
+    batch); ``steps``: how many it will be asked for.  It returns the seconds of the ONNX
+    Runtime run within the step (an engine, ``genai-graph``), or None (``genai``: its loop is
+    its own)."""
     rows = _rows(context)
-    if target.startswith("genai:"):
+    if target.startswith(GENAI):
         if len(rows) > 1:
             raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
         context = rows[0]
         from ..tokenizer import Tokenizer
 
-        folder = target.split(":", 1)[1]
-        og, model = load_genai(folder, threads)
+        kind, folder = target.split(":", 1)
         ids = prompt_ids(Tokenizer(folder), context)
+        if kind == "genai-graph":
+            from .genai_graph import GenaiGraphLoop
+
+            loop = GenaiGraphLoop(folder, threads)
+            held = [loop.prefill(ids, steps)]
+
+            def graph_step() -> float:
+                held[0] = loop.decode(held[0].argmax(-1))
+                return loop.run_seconds
+
+            return graph_step
+        og, model = load_genai(folder, threads)
         generator = genai_generator(og, model, ids, steps)
         generator.append_tokens([ids])
         return generator.generate_next_token  # returns None: no run of ours to report
@@ -145,7 +162,7 @@ def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int,
     rows = _rows(context)
     if not rows or min(rows) < 1 or threads < 1:
         raise PlanError(f"need a context of at least 1 token per row and at least 1 thread, got {context} and {threads}")
-    if len(rows) > 1 and any(t.startswith("genai:") for t in (a, b)):
+    if len(rows) > 1 and any(t.startswith(GENAI) for t in (a, b)):
         raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
     steps = blocks * block_steps + 1
     step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)
@@ -157,8 +174,8 @@ def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefixkv.bench.paired", description=__doc__.splitlines()[0])
-    parser.add_argument("a", help="an engine folder or genai:FOLDER")
-    parser.add_argument("b", help="an engine folder or genai:FOLDER (the ratio's denominator)")
+    parser.add_argument("a", help="an engine folder, genai:FOLDER or genai-graph:FOLDER")
+    parser.add_argument("b", help="an engine folder, genai:FOLDER or genai-graph:FOLDER (the ratio's denominator)")
     parser.add_argument("context", type=parse_context, help="prompt tokens, or comma-separated prompt tokens per row")
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--block-steps", type=int, default=8)

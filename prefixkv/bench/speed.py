@@ -17,7 +17,11 @@ rounds (``decode_rounds``: the figure the "no slower than onnxruntime-genai" tar
 the same two comparisons paired, each pair's decode steps interleaved in blocks in one
 fresh process for ``--paired-blocks`` blocks (``prefixkv.bench.paired``; ``paired`` and
 ``weights.paired``, each a second target row beside the rounds'), and the smallest keep's
-engine against itself (``paired_noise``: the spread the pairing leaves);
+engine against itself (``paired_noise``: the spread the pairing leaves), and at every context
+onnxruntime-genai's own graph run from Python as the engine runner runs its decoder
+(``genai-graph``, ``prefixkv.bench.genai_graph``) against genai's C++ loop and against the
+keep 1 engine (``paired_genai_graph``: what a Python loop costs genai's graph, and the two
+full-cache graphs under the same kind of loop; figures, not targets);
 and each target of the engine with its measured value (``targets``).  The same decode through the
 PyTorch reference (``TorchRunner`` + ``PrefixKVCache``), and onnxruntime-genai's full-cache
 model if ``onnxruntime-genai`` is installed.  Writes ``OUTPUT.json`` and ``OUTPUT.png``.
@@ -349,6 +353,17 @@ def paired_points(pairs: dict[str, tuple], context: int, threads: int, blocks: i
     return out
 
 
+def genai_graph_pairs(engines: dict, genai: str) -> dict[str, tuple]:
+    """The ``paired_genai_graph`` pairs: onnxruntime-genai's graph run from Python
+    (``genai-graph:FOLDER``) against genai itself (``genai``: ``genai:FOLDER``), and the keep
+    1 engine, if there is one, against that graph."""
+    graph = "genai-graph:" + genai.split(":", 1)[1]
+    pairs = {"genai-graph against genai": (graph, genai)}
+    if 1.0 in engines:
+        pairs["keep 1 against genai-graph"] = (str(engines[1.0]), graph)
+    return pairs
+
+
 # the rounds' shared steps (``weight_points``, ``decode_rounds``)
 STEP = "decode_ms_per_token"
 
@@ -567,6 +582,8 @@ def run(args) -> int:
             genai = f"genai:{genai_model(model_folder(model), folder, 'fp32', log)}"
             results["paired"] = {str(c): paired_points({f"keep {k:g}": (str(engines[k]), genai) for k in keeps}, c, *pair)
                                  for c in args.contexts}
+            results["paired_genai_graph"] = {str(c): paired_points(genai_graph_pairs(engines, genai), c, *pair)
+                                             for c in args.contexts}
         except ImportError as err:
             results["paired"] = {"skipped": str(err)}
         except Exception as err:  # genai's model failed to build: the measurements above are still written
