@@ -797,6 +797,12 @@ def test_a_state_whose_parts_disagree_is_refused_in_one_line(runners):
         positions[0, 0] = 7
     logits, state = engine.decode(state, logits.argmax(-1))  # the state itself still decodes
     assert np.isfinite(logits).all()
+    # a step that kept its buffers (this one: the first step compacted into new ones) hands
+    # their capacities on; a state made by ``replace`` reads its own
+    assert state.capacity is None
+    logits, state = engine.decode(state, logits.argmax(-1))
+    assert state.capacity.tolist() == [state.kv[2 * l].shape()[2] for l in range(engine.layers)]
+    assert replace(state, widths=state.widths).capacity is None
 
 
 @pytest.mark.parametrize("lengths", [[60, 33], [60]])
