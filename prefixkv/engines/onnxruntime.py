@@ -211,8 +211,9 @@ class OnnxRuntimeState:
     past and present (None: bound at the next step), so that a decode step binds only what
     changes.  ``capacity``: (L,) each layer's buffer slots, read from ``kv`` by the first
     check (None until then); a decode step hands it to the next state while the buffers stay
-    (``dataclasses.replace`` does not carry it).  Reading SmolLM2's 30 buffer shapes at every
-    step was about 20 of a step's 150 us of Python."""
+    (``dataclasses.replace`` does not carry it), so a step does not read every buffer's shape
+    again: at batch 1 the step's Python is part of its time (README, "The full-cache gap is
+    the Python loop")."""
 
     kv: list
     slots: list
