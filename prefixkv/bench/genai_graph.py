@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine_folder import EngineError
+from ..engines.onnxruntime import DecoderBinding, session_options
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class GenaiLayout:
         return layout
 
 
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # ONNX Runtime's type names
+
+
 class GenaiGraphLoop:
     """One prompt's greedy decoding with an onnxruntime-genai model's graph on ONNX Runtime's
     CPU provider (batch 1).  ``prefill(ids, steps)`` runs the prompt in one run into buffers
@@ -78,13 +82,16 @@ class GenaiGraphLoop:
     def __init__(self, folder: str | Path, threads: int | None = None):
         import onnxruntime as ort
 
-        from ..engines.onnxruntime import DecoderBinding, session_options
-
         self.layout = GenaiLayout.read(folder)
         self._ort = ort
         self.session = ort.InferenceSession(str(self.layout.graph), session_options(ort, threads),
                                             providers=["CPUExecutionProvider"])
-        self._binding_class = DecoderBinding
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        kv_type = types.get(self.layout.past[0] % 0)
+        if kv_type not in KV_DTYPES:
+            raise EngineError(f"{self.layout.graph}: its cache input {self.layout.past[0] % 0} is {kv_type}, "
+                              f"not one of {', '.join(KV_DTYPES)}")
+        self._kv_dtype = KV_DTYPES[kv_type]
         self.binding = None
         self.length = 0  # tokens in the cache
         self.capacity = 0
@@ -96,11 +103,11 @@ class GenaiGraphLoop:
             raise ValueError(f"a prompt needs at least one token and steps >= 0, got {ids.shape[1]} and {steps}")
         lay = self.layout
         self.capacity = ids.shape[1] + steps
-        self.binding = self._binding_class(self.session, "cpu", [lay.logits], self._ort)
+        self.binding = DecoderBinding(self.session, "cpu", [lay.logits], self._ort)
         for layer in range(lay.layers):
             for past, present in zip(lay.past, lay.present):
                 buffer = self._ort.OrtValue.ortvalue_from_shape_and_type(
-                    (1, lay.kv_heads, self.capacity, lay.head_size), np.float32, "cpu")
+                    (1, lay.kv_heads, self.capacity, lay.head_size), self._kv_dtype, "cpu")
                 self.binding.io.bind_ortvalue_input(past % layer, buffer)
                 self.binding.io.bind_ortvalue_output(present % layer, buffer)
         self.length = 0
