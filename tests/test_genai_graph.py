@@ -122,6 +122,26 @@ def test_a_folder_the_loop_cannot_run_is_refused_in_one_line(tmp_path):
         GenaiLayout.read(folder)
     with pytest.raises(ValueError, match="decode before prefill"):
         GenaiGraphLoop(genai_model(tmp_path / "fine"), threads=1).decode(3)
+    # past the model's context (its rotary caches' rows): refused before any run, not by ONNX Runtime mid-way
+    with pytest.raises(ValueError, match="60 prompt tokens and 10 steps exceed the model's context of 64"):
+        GenaiGraphLoop(tmp_path / "fine", threads=1).prefill(list(range(60)), steps=10)
+
+    def edited(name, edit):
+        folder = genai_model(tmp_path / name)
+        config = json.loads((folder / "genai_config.json").read_text())
+        edit(config["model"]["decoder"])
+        (folder / "genai_config.json").write_text(json.dumps(config))
+        return folder
+
+    with pytest.raises(EngineError, match="has a bad value"):
+        GenaiLayout.read(edited("bad-value", lambda d: d.update(num_hidden_layers="two")))
+    with pytest.raises(EngineError, match="needs one %d for the layer"):
+        GenaiLayout.read(edited("no-layer", lambda d: d["inputs"].update(past_key_names="past.key")))
+    # a name the graph does not have: one line naming it, not ONNX Runtime's error at the first run
+    renamed = edited("renamed", lambda d: d["inputs"].update(past_key_names="cache.%d.key"))
+    with pytest.raises(EngineError, match=r"names inputs the graph lacks \(cache.0.key, cache.1.key\) or the graph takes "
+                                          r"inputs the loop does not bind \(past_key_values.0.key, past_key_values.1.key\)"):
+        GenaiGraphLoop(renamed, threads=1)
 
 
 def test_a_paired_point_runs_the_genai_graph_as_a_target(tmp_path, tiny):  # noqa: F811 (the fixture)
@@ -138,3 +158,7 @@ def test_a_paired_point_runs_the_genai_graph_as_a_target(tmp_path, tiny):  # noq
     refused = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", f"genai-graph:{folder}", engine_dir, "40,30"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "takes one row here, not 2" in refused.stderr.strip().splitlines()[-1]
+    # 40 tokens and 12 blocks of 8 steps: past the model's 64 rows, refused as a plan
+    refused = subprocess.run([sys.executable, "-m", "prefixkv.bench.paired", f"genai-graph:{folder}", engine_dir, "40",
+                              "--threads", "1"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "40 prompt tokens and 97 steps exceed" in refused.stderr.strip().splitlines()[-1]

@@ -5,8 +5,9 @@ builder wrote (``genai_config.json`` names its graph, inputs and outputs), loade
 engine runner's session options and thread count and driven through ONNX Runtime's Python
 IOBinding as ``OnnxRuntimeRunner`` drives a decoder: the key/value buffers bound once as
 past and present (the fused attention writes into them in place, as onnxruntime-genai's
-``past_present_share_buffer`` runs them), the step's small inputs copied into values
-bound once, the logits bound afresh, the greedy token picked by numpy.
+``past_present_share_buffer`` runs them), the token copied into a value bound once, the
+attention mask (one column longer at every step) and the logits bound afresh, the greedy
+token picked by numpy.  Our runner binds its growing slots afresh at every step too.
 
 Why: onnxruntime-genai runs its loop in C++.  The graph against the host loop: this
 target runs genai's own graph with a Python loop, so that paired with ``genai:FOLDER`` it
@@ -40,6 +41,11 @@ class GenaiLayout:
     layers: int
     kv_heads: int
     head_size: int
+    context: int | None = None  # model.context_length: the most tokens its rotary caches cover
+
+    def bound_inputs(self) -> set[str]:
+        """The graph inputs the loop binds."""
+        return {self.input_ids, self.attention_mask, *(p % l for p in self.past for l in range(self.layers))}
 
     @classmethod
     def read(cls, folder: str | Path) -> "GenaiLayout":
@@ -52,15 +58,23 @@ class GenaiLayout:
         except json.JSONDecodeError as err:
             raise EngineError(f"{path} is not JSON: {err}") from None
         try:
-            decoder = config["model"]["decoder"]
+            model = config["model"]
+            decoder = model["decoder"]
             inputs, outputs = decoder["inputs"], decoder["outputs"]
             shared = config.get("search", {}).get("past_present_share_buffer", False)
+            context = model.get("context_length")
             layout = cls(folder / decoder["filename"], inputs["input_ids"], inputs["attention_mask"],
                          (inputs["past_key_names"], inputs["past_value_names"]),
                          (outputs["present_key_names"], outputs["present_value_names"]), outputs["logits"],
-                         int(decoder["num_hidden_layers"]), int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
-        except (KeyError, TypeError, ValueError) as err:
+                         int(decoder["num_hidden_layers"]), int(decoder["num_key_value_heads"]), int(decoder["head_size"]),
+                         None if context is None else int(context))
+        except KeyError as err:
             raise EngineError(f"{path} lacks the decoder's {err} (an onnxruntime-genai model of a decoder LLM?)") from None
+        except (TypeError, ValueError) as err:
+            raise EngineError(f"{path} has a bad value: {err}") from None
+        patterns = [*layout.past, *layout.present]
+        if not all(isinstance(p, str) and p.count("%d") == 1 for p in patterns):
+            raise EngineError(f"{path}: each past and present name needs one %d for the layer, got {patterns}")
         if not shared:
             raise EngineError(f"{path}: the loop runs a model whose past and present share their buffers "
                               "(search.past_present_share_buffer, the builder's default for CPU)")
@@ -87,7 +101,12 @@ class GenaiGraphLoop:
         self.session = ort.InferenceSession(str(self.layout.graph), session_options(ort, threads),
                                             providers=["CPUExecutionProvider"])
         types = {i.name: i.type for i in self.session.get_inputs()}
-        kv_type = types.get(self.layout.past[0] % 0)
+        bound = self.layout.bound_inputs()
+        if set(types) != bound:
+            missing, extra = sorted(bound - set(types)), sorted(set(types) - bound)
+            raise EngineError(f"{self.layout.graph}: genai_config.json names inputs the graph lacks ({', '.join(missing) or 'none'}) "
+                              f"or the graph takes inputs the loop does not bind ({', '.join(extra) or 'none'})")
+        kv_type = types[self.layout.past[0] % 0]
         if kv_type not in KV_DTYPES:
             raise EngineError(f"{self.layout.graph}: its cache input {self.layout.past[0] % 0} is {kv_type}, "
                               f"not one of {', '.join(KV_DTYPES)}")
@@ -102,6 +121,8 @@ class GenaiGraphLoop:
         if ids.shape[1] < 1 or steps < 0:
             raise ValueError(f"a prompt needs at least one token and steps >= 0, got {ids.shape[1]} and {steps}")
         lay = self.layout
+        if lay.context is not None and ids.shape[1] + steps > lay.context:
+            raise ValueError(f"{ids.shape[1]} prompt tokens and {steps} steps exceed the model's context of {lay.context}")
         self.capacity = ids.shape[1] + steps
         self.binding = DecoderBinding(self.session, "cpu", [lay.logits], self._ort)
         for layer in range(lay.layers):

@@ -37,7 +37,7 @@ from ..engine_folder import EngineError
 from .point import genai_generator, load_genai, open_engine, prompt_ids
 
 
-GENAI = ("genai:", "genai-graph:")  # onnxruntime-genai's model, with its own loop or with the Python one
+GENAI_PREFIXES = ("genai:", "genai-graph:")  # onnxruntime-genai's model, with its own loop or with the Python one
 
 
 class PlanError(ValueError):
@@ -51,7 +51,7 @@ def decoder_steps(target: str, context: int | list[int], threads: int, steps: in
     Runtime run within the step (an engine, ``genai-graph``), or None (``genai``: its loop is
     its own)."""
     rows = _rows(context)
-    if target.startswith(GENAI):
+    if target.startswith(GENAI_PREFIXES):
         if len(rows) > 1:
             raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
         context = rows[0]
@@ -63,6 +63,9 @@ def decoder_steps(target: str, context: int | list[int], threads: int, steps: in
             from .genai_graph import GenaiGraphLoop
 
             loop = GenaiGraphLoop(folder, threads)
+            if loop.layout.context is not None and len(ids) + steps > loop.layout.context:
+                raise PlanError(f"{len(ids)} prompt tokens and {steps} steps exceed {target}'s context of "
+                                f"{loop.layout.context}")
             held = [loop.prefill(ids, steps)]
 
             def graph_step() -> float:
@@ -162,7 +165,7 @@ def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int,
     rows = _rows(context)
     if not rows or min(rows) < 1 or threads < 1:
         raise PlanError(f"need a context of at least 1 token per row and at least 1 thread, got {context} and {threads}")
-    if len(rows) > 1 and any(t.startswith(GENAI) for t in (a, b)):
+    if len(rows) > 1 and any(t.startswith(GENAI_PREFIXES) for t in (a, b)):
         raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
     steps = blocks * block_steps + 1
     step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)

@@ -211,7 +211,8 @@ class OnnxRuntimeState:
     past and present (None: bound at the next step), so that a decode step binds only what
     changes.  ``capacity``: (L,) each layer's buffer slots, read from ``kv`` by the first
     check (None until then); a decode step hands it to the next state while the buffers stay
-    (``dataclasses.replace`` does not carry it), so a step does not read every buffer's shape
+    (``dataclasses.replace`` does not carry it; code that reassigns ``kv`` by hand sets it to
+    None), so a step does not read every buffer's shape
     again: at batch 1 the step's Python is part of its time (README, "The full-cache gap is
     the Python loop")."""
 
