@@ -51,22 +51,19 @@ def decoder_steps(target: str, context: int | list[int], threads: int, steps: in
     Runtime run within the step (an engine, ``genai-graph``), or None (``genai``: its loop is
     its own)."""
     rows = _rows(context)
-    if target.startswith(GENAI_PREFIXES):
-        if len(rows) > 1:
-            raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
-        context = rows[0]
+    if target.startswith(GENAI_PREFIXES):  # one row (``measure`` refuses more before anything loads)
         from ..tokenizer import Tokenizer
 
         kind, folder = target.split(":", 1)
-        ids = prompt_ids(Tokenizer(folder), context)
+        ids = prompt_ids(Tokenizer(folder), rows[0])
         if kind == "genai-graph":
             from .genai_graph import GenaiGraphLoop
 
             loop = GenaiGraphLoop(folder, threads)
-            if loop.layout.context is not None and len(ids) + steps > loop.layout.context:
-                raise PlanError(f"{len(ids)} prompt tokens and {steps} steps exceed {target}'s context of "
-                                f"{loop.layout.context}")
-            held = [loop.prefill(ids, steps)]
+            try:
+                held = [loop.prefill(ids, steps)]
+            except ValueError as err:  # the prompt and its steps past the model's context
+                raise PlanError(f"{target}: {err}") from None
 
             def graph_step() -> float:
                 held[0] = loop.decode(held[0].argmax(-1))
