@@ -293,30 +293,84 @@ def test_a_paired_figure_is_the_median_of_the_per_block_ratios():
 
 def test_paired_points_become_target_rows_beside_the_rounds():
     """Each pair is measured once (a failed one is kept as its error and gives no row); the
-    paired figures stand as their own target rows, labelled with their blocks and quartiles."""
+    paired figures stand as their own target rows, labelled with their processes' ratios."""
+    from prefixkv.bench.paired import PairPlan
     from prefixkv.bench.speed import paired_points, targets
 
     seen = []
 
-    def measure(a, b, context, threads, blocks, block_steps):
-        seen.append((a, b, context, blocks, block_steps))
+    def measure(a, b, context, plan):
+        seen.append((a, b, context, plan))
         if a == "broken":
             return {"error": "boom"}
-        return {"ratio": {"E1": 1.04, "E2": 0.8, "I4": 0.39}[a], "ratio_quartiles": [0.9, 1.1], "blocks": blocks,
-                "a_ms_per_token": 10.0, "b_ms_per_token": 10.0}
+        ratio = {"E1": 1.04, "E2": 0.8, "I4": 0.39}[a]
+        return {"ratio": ratio, "process_ratios": [ratio - 0.01, ratio + 0.01], "swapped": [False, True],
+                "blocks": plan.blocks, "a_ms_per_token": 10.0, "b_ms_per_token": 10.0}
 
-    lines = []
-    decode = paired_points({"keep 1": ("E1", "G"), "keep 0.2": ("E2", "G"), "keep 0.5": ("broken", "G")}, 2048, 2, 12, 8,
+    lines, plan = [], PairPlan(threads=2, blocks=12, block_steps=8, processes=2)
+    decode = paired_points({"keep 1": ("E1", "G"), "keep 0.2": ("E2", "G"), "keep 0.5": ("broken", "G")}, 2048, plan,
                            lines.append, measure=measure)
-    weights = paired_points({"int4": ("I4", "F32")}, 1024, 2, 12, 8, lines.append, measure=measure)
-    assert seen[0] == ("E1", "G", 2048, 12, 8) and decode["keep 0.5"] == {"error": "boom"} and len(lines) == 4
+    weights = paired_points({"int4": ("I4", "F32")}, 1024, plan, lines.append, measure=measure)
+    assert seen[0] == ("E1", "G", 2048, plan) and decode["keep 0.5"] == {"error": "boom"} and len(lines) == 4
+    assert "1.040x (median of 2 processes of 12 blocks: 1.030, 1.050 B first)" in lines[0]
     rows = {row["target"]: (row["value"], row["met"])
             for row in targets({"paired": {"2048": decode}, "weights": {"context": 1024, "paired": weights}})}
-    label = "paired in one process, median of 12 blocks, quartiles 0.900-1.100"
-    assert rows == {f"int4 decode at 1024 <= 0.4x fp32 ({label})": (0.39, True),
-                    f"keep 1 decode at 2048 <= onnxruntime-genai's ({label})": (1.04, False),
-                    f"keep 0.2 decode at 2048 <= onnxruntime-genai's ({label})": (0.8, True)}
+    label = "paired, median of 2 processes of 12 blocks: {:.3f}, {:.3f} B first"
+    assert rows == {f"int4 decode at 1024 <= 0.4x fp32 ({label.format(0.38, 0.40)})": (0.39, True),
+                    f"keep 1 decode at 2048 <= onnxruntime-genai's ({label.format(1.03, 1.05)})": (1.04, False),
+                    f"keep 0.2 decode at 2048 <= onnxruntime-genai's ({label.format(0.79, 0.81)})": (0.8, True)}
     assert targets({"paired": {"skipped": "no genai"}}) == []
+
+
+def test_a_pair_runs_in_processes_that_load_either_decoder_first_in_turn():
+    """``speed.paired``: process 0 loads A first, process 1 B first (its measurement of (B, A)
+    told as one of (A, B)), and so on; the figure is the median of the processes' ratios.
+    Here A's step is 2 % slower than B's in truth, and whichever decoder a process loads
+    first runs 4 % slower: one process per order gives 1.02 * 1.04 and 1.02 / 1.04, whose
+    median is 1.02 to within the order effect's second order."""
+    from prefixkv.bench.paired import PairPlan
+    from prefixkv.bench.speed import paired
+
+    true_step = {"A": 10.2, "B": 10.0}
+    calls = []
+
+    def run(first, second):
+        calls.append((first, second))
+        a_ms, b_ms = true_step[first] * 1.04, true_step[second]
+        return {"a": first, "b": second, "ratio": a_ms / b_ms, "ratios": [a_ms / b_ms] * 2,
+                "ratio_quartiles": [a_ms / b_ms] * 2, "blocks": 2, "block_steps": 8,
+                "a_ms_per_token": a_ms, "b_ms_per_token": b_ms, "a_run_ms_per_token": a_ms - 1, "b_run_ms_per_token": b_ms - 1,
+                "run_ratio": (a_ms - 1) / (b_ms - 1), "run_ratios": [(a_ms - 1) / (b_ms - 1)] * 2,
+                "run_ratio_quartiles": [(a_ms - 1) / (b_ms - 1)] * 2}
+
+    got = paired("A", "B", 1024, PairPlan(blocks=2, processes=3), run=run)
+    assert calls == [("A", "B"), ("B", "A"), ("A", "B")]
+    first, second, third = got["process_ratios"]
+    assert first == third == pytest.approx(10.2 * 1.04 / 10.0) and second == pytest.approx(10.2 / (10.0 * 1.04))
+    assert got["ratio"] == pytest.approx(first) and got["swapped"] == [False, True, False]
+    assert got["a"] == "A" and got["processes"][1]["a"] == "A" and got["processes"][1]["a_ms_per_token"] == pytest.approx(10.2)
+    assert got["processes"][1]["run_ratio"] == pytest.approx(9.2 / 9.4) and got["run_ratio_processes"] == 3
+    two = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=run)
+    assert two["ratio"] == pytest.approx((10.2 * 1.04 / 10.0 + 10.2 / 10.4) / 2) == pytest.approx(1.02, abs=0.001)
+    failing = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=lambda a, b: {"error": f"{a} broke"})
+    assert failing == {"error": "A broke", "errors": ["A broke", "B broke"]}
+
+
+def test_a_reversed_pair_swaps_its_decoders_and_inverts_its_ratios():
+    """A measurement of (B, A) as one of (A, B); the run ratio against genai's whole step (no
+    runs of B) cannot be turned round and is dropped."""
+    from prefixkv.bench.paired import PairPlan, PlanError, reversed_pair
+
+    measured = {"a": "G", "b": "E", "context": 512, "blocks": 4, "block_steps": 8, "a_ms_per_token": 20.0,
+                "b_ms_per_token": 25.0, "ratio": 0.8, "ratios": [0.5, 0.8, 1.0, 1.25], "ratio_quartiles": [0.5, 1.25]}
+    got = reversed_pair(measured)
+    assert got == {"a": "E", "b": "G", "context": 512, "blocks": 4, "block_steps": 8, "a_ms_per_token": 25.0,
+                   "b_ms_per_token": 20.0, "ratio": 1.25, "ratios": [2.0, 1.25, 1.0, 0.8], "ratio_quartiles": [0.8, 2.0]}
+    graph_first = {**measured, "a_run_ms_per_token": 19.0, "run_ratio": 0.76, "run_ratios": [0.76], "run_ratio_quartiles": [0.7, 0.8]}
+    assert "run_ratio" not in reversed_pair(graph_first) and "b_run_ms_per_token" not in reversed_pair(graph_first)
+    for bad in (dict(blocks=0), dict(block_steps=1), dict(processes=0), dict(threads=0)):
+        with pytest.raises(PlanError):
+            PairPlan(**bad)
 
 
 def test_the_attention_point_times_every_variant_against_sdpa():

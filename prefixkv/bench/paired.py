@@ -20,11 +20,19 @@ step where B is ``genai`` (its loop around the run is its own C++): how much of 
 difference is in the graphs.
 
 Why: a shared machine's speed drifts over minutes, on this project's CI-like machine by
-more than the differences to be measured (the README has the figures), so two decoders
+more than the differences to be measured (``docs/engine_v2.md`` has the figures), so two decoders
 measured one after the other, even in rounds of fresh processes, compare two spells of
 the machine.  Here the two see the same spell within a second of each other.  Run A
 against itself to see what is left of the noise (``bench speed`` does, as
 ``paired_noise``).  Prints one JSON line.
+
+One process is not enough for a figure: within a process each decoder keeps the memory it
+was given, and that alone moved a decoder's step by up to 5 % for the whole process (the
+keep-1 engine against itself at 4096 tokens: 0.947x to 1.007x over five processes, each
+with quartiles under 1 % wide), and which decoder loaded first moved it too.  ``bench
+speed`` therefore runs each pair in several processes, the other decoder first in every
+other one (``PairPlan.processes``), turns the reversed ones round (``reversed_pair``) and
+reports the median of the processes' ratios (``combine``).
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 from ..engine_folder import EngineError
 from .point import genai_generator, load_genai, open_engine, prompt_ids
@@ -107,6 +116,27 @@ def check_blocks(blocks: int, block_steps: int) -> None:
         raise PlanError(f"need at least 1 block of at least 2 steps (the first is not timed), got {blocks} of {block_steps}")
 
 
+@dataclass(frozen=True)
+class PairPlan:
+    """How ``bench speed`` measures a pair: ``processes`` fresh processes (the second decoder
+    loaded first in every other one), each interleaving ``blocks`` blocks of ``block_steps``
+    steps of both decoders on ``threads`` intra-op threads."""
+
+    threads: int = 2
+    blocks: int = 12
+    block_steps: int = 8
+    processes: int = 2
+
+    def __post_init__(self):
+        check_blocks(self.blocks, self.block_steps)
+        if self.threads < 1 or self.processes < 1:
+            raise PlanError(f"need at least 1 thread and 1 process, got {self.threads} and {self.processes}")
+
+    def arguments(self) -> list[str]:
+        """The ``python -m prefixkv.bench.paired`` options of one process."""
+        return ["--threads", str(self.threads), "--blocks", str(self.blocks), "--block-steps", str(self.block_steps)]
+
+
 def interleave(step_a, step_b, blocks: int, block_steps: int, clock=time.perf_counter) -> tuple[list, list, list, list]:
     """Blocks of ``block_steps`` calls of ``step_a`` and of ``step_b`` in turn, A first in
     even blocks and B first in odd ones -> (A's blocks, B's blocks, A's runs, B's runs): per
@@ -149,6 +179,56 @@ def summarize(a_blocks: list, b_blocks: list, a_runs: list | None = None, b_runs
         if _given(b_runs):
             out["b_run_ms_per_token"] = statistics.median(r for block in b_runs for r in block) * 1e3
         out.update(_ratios(a_runs, b_runs if _given(b_runs) else b_blocks, "run_ratio"))
+    return out
+
+
+SWAPPED = (("a", "b"), ("a_ms_per_token", "b_ms_per_token"), ("a_run_ms_per_token", "b_run_ms_per_token"))
+
+
+def reversed_pair(measured: dict) -> dict:
+    """A measurement of (B, A) told as one of (A, B): the names and each decoder's medians
+    swapped, every ratio inverted, its quartiles too (the median of an even number of
+    per-block ratios inverts to within their middle two).  The run ratio is kept only where
+    both decoders gave their runs: against genai's whole step it would turn into a step
+    over a run."""
+    both_runs = "a_run_ms_per_token" in measured and "b_run_ms_per_token" in measured
+    inverted = ("ratio", "run_ratio") if both_runs else ("ratio",)
+    dropped = {name for pair in SWAPPED for name in pair} | {f"{k}{s}" for k in ("ratio", "run_ratio")
+                                                              for s in ("", "s", "_quartiles")}
+    out = {k: v for k, v in measured.items() if k not in dropped}
+    for x, y in SWAPPED:
+        for source, target in ((x, y), (y, x)):
+            if source in measured and (both_runs or "run" not in source):
+                out[target] = measured[source]
+    for key in inverted:
+        if key in measured:
+            low, high = measured[f"{key}_quartiles"]
+            out.update({key: 1 / measured[key], f"{key}s": [1 / r for r in measured[f"{key}s"]],
+                        f"{key}_quartiles": [1 / high, 1 / low]})
+    return out
+
+
+def combine(processes: list[dict]) -> dict:
+    """One pair's measurements in several processes, each told as (A, B) (``reversed_pair``
+    for those that loaded B first; ``swapped`` says which) -> the pair's figure: the median
+    of the processes' ratios (``ratio``), each process's (``process_ratios``) and their range,
+    the medians of the decoders' steps and, where processes gave one, of the run ratios.  A
+    failed process is kept under ``errors``; with none measured, the first error stands."""
+    measured = [m for m in processes if "ratio" in m]
+    errors = [m["error"] for m in processes if "ratio" not in m]
+    if not measured:
+        return {"error": errors[0] if errors else "no process ran", "errors": errors}
+    ratios = [m["ratio"] for m in measured]
+    out = {"a": measured[0].get("a"), "b": measured[0].get("b"), "ratio": statistics.median(ratios),
+           "process_ratios": ratios, "ratio_range": [min(ratios), max(ratios)],
+           "swapped": [bool(m.get("swapped")) for m in measured], "blocks": measured[0]["blocks"],
+           "a_ms_per_token": statistics.median(m["a_ms_per_token"] for m in measured),
+           "b_ms_per_token": statistics.median(m["b_ms_per_token"] for m in measured), "processes": processes}
+    runs = [m["run_ratio"] for m in measured if "run_ratio" in m]
+    if runs:
+        out.update({"run_ratio": statistics.median(runs), "run_ratio_processes": len(runs)})
+    if errors:
+        out["errors"] = errors
     return out
 
 

@@ -14,8 +14,9 @@ weights at ``--weight-context`` tokens, the two in turn for ``--weight-rounds`` 
 process each (``weight_points``; not when every keep is 1); each keep's decode step and
 onnxruntime-genai's at every context, in turn in fresh processes for ``--context-rounds``
 rounds (``decode_rounds``: the figure the "no slower than onnxruntime-genai" target reads);
-the same two comparisons paired, each pair's decode steps interleaved in blocks in one
-fresh process for ``--paired-blocks`` blocks (``prefixkv.bench.paired``; ``paired`` and
+the same two comparisons paired, each pair's decode steps interleaved in ``--paired-blocks``
+blocks in each of ``--paired-processes`` fresh processes, the other decoder loaded first in
+every other one, the figure their median (``prefixkv.bench.paired``; ``paired`` and
 ``weights.paired``, each a second target row beside the rounds'), and the smallest keep's
 engine against itself (``paired_noise``: the spread the pairing leaves), and at every context
 onnxruntime-genai's own graph run from Python as the engine runner runs its decoder
@@ -54,6 +55,7 @@ from ..optional import optional_import
 from ..pipeline import BuildConfig, build_engine
 from ..profile import Fingerprint, LayerKeep, RetentionProfile
 from .point import genai_generate, load_genai
+from .paired import PairPlan, combine, reversed_pair
 
 
 # -- the engine family ----------------------------------------------------------------------------
@@ -222,11 +224,20 @@ def point(target, context: int, threads: int, chunk: int | None = None, steps: i
     return fresh_process("point", arguments)
 
 
-def paired(a, b, context: int, threads: int, blocks: int, block_steps: int) -> dict:
-    """``prefixkv.bench.paired``'s measurement of ``a``'s decode step against ``b``'s (engine
-    folders or genai:FOLDER), both in one fresh process, or {"error": its last line}."""
-    return fresh_process("paired", [str(a), str(b), str(context), "--threads", str(threads), "--blocks", str(blocks),
-                                    "--block-steps", str(block_steps)])
+def paired(a, b, context: int, plan: PairPlan, run=None) -> dict:
+    """``a``'s decode step against ``b``'s (engine folders, genai:FOLDER or genai-graph:FOLDER)
+    by ``prefixkv.bench.paired`` in ``plan.processes`` fresh processes, ``b`` loaded first in
+    every other one: ``combine``'s figure over the processes (each reversed one told as
+    (a, b)), or {"error": ...} where none ran.  ``run``: how a process is run (tests)."""
+    run = run or (lambda first, second: fresh_process("paired", [str(first), str(second), str(context), *plan.arguments()]))
+    processes = []
+    for index in range(plan.processes):
+        swapped = index % 2 == 1
+        measured = run(b, a) if swapped else run(a, b)
+        if swapped and "ratio" in measured:
+            measured = reversed_pair(measured)
+        processes.append({**measured, "swapped": swapped})
+    return combine(processes)
 
 
 def fresh_process(module: str, arguments: list[str]) -> dict:
@@ -335,22 +346,27 @@ def decode_rounds(engines: dict[str, Path | str], contexts, rounds: int, steps: 
     return out
 
 
-def paired_points(pairs: dict[str, tuple], context: int, threads: int, blocks: int, block_steps: int, log,
-                  measure=paired) -> dict:
+def paired_points(pairs: dict[str, tuple], context: int, plan: PairPlan, log, measure=paired) -> dict:
     """name -> ``paired``'s measurement of the pair (A, B) at ``context`` tokens: A's decode
-    step against B's, interleaved in one process (``prefixkv.bench.paired``), or {"error": ...}."""
+    step against B's, interleaved in each of ``plan.processes`` processes, or {"error": ...}."""
     out = {}
     for name, (a, b) in pairs.items():
-        measured = measure(a, b, context, threads, blocks, block_steps)
+        measured = measure(a, b, context, plan)
         if "ratio" in measured:
-            low, high = measured["ratio_quartiles"]
             run = f"; its run alone {measured['run_ratio']:.3f}x" if "run_ratio" in measured else ""
             log(f"paired at {context}: {name} {measured['a_ms_per_token']:.2f} against {measured['b_ms_per_token']:.2f} "
-                f"ms/token, {measured['ratio']:.3f}x (quartiles {low:.3f}-{high:.3f}, {measured['blocks']} blocks{run})")
+                f"ms/token, {measured['ratio']:.3f}x ({process_figures(measured)}{run})")
         else:
             log(f"paired at {context}: {name} {measured.get('error')}")
         out[name] = measured
     return out
+
+
+def process_figures(measured: dict) -> str:
+    """A combined pair's processes in words: how many, of how many blocks, and each one's ratio
+    (marked where the second decoder was loaded first)."""
+    each = ", ".join(f"{r:.3f}{' B first' if s else ''}" for r, s in zip(measured["process_ratios"], measured["swapped"]))
+    return f"median of {len(measured['process_ratios'])} processes of {measured['blocks']} blocks: {each}"
 
 
 def genai_graph_pairs(engines: dict, genai: str) -> dict[str, tuple]:
@@ -414,8 +430,7 @@ TARGETS_VS_FP32 = {"int4": 0.4}  # a weight precision's decode step against the 
 
 
 def paired_label(measured: dict) -> str:
-    low, high = measured["ratio_quartiles"]
-    return f"paired in one process, median of {measured['blocks']} blocks, quartiles {low:.3f}-{high:.3f}"
+    return f"paired, {process_figures(measured)}"
 
 
 def targets(results: dict) -> list[dict]:
@@ -529,7 +544,7 @@ def run(args) -> int:
     limit = int(getattr(text, "max_position_embeddings", 2048))
     weighed = args.weight_rounds and min(args.keep) < 1  # the weight-precision points run (at the smallest keep < 1)
     paired_on = bool(args.paired_blocks) and args.batch == 1  # the paired points run (batch 1 only)
-    pair = (args.threads or 2, args.paired_blocks, args.block_steps, log)  # paired_points' settings
+    plan = PairPlan(args.threads or 2, args.paired_blocks, args.block_steps, args.paired_processes) if paired_on else None
     steps = max(args.warmup + args.steps, args.paired_blocks * args.block_steps + 2 if paired_on else 0)
     too_long = [c for c in (*args.contexts, *([args.weight_context] if weighed else [])) if c + steps > limit]
     if too_long:
@@ -577,10 +592,10 @@ def run(args) -> int:
     if paired_on:
         smallest = str(engines[min(keeps)])  # the same engine against itself: what is left of the noise
         results["paired_noise"] = paired_points({f"keep {min(keeps):g} against itself": (smallest, smallest)},
-                                                min(args.contexts), *pair)
+                                                min(args.contexts), plan, log)
         try:  # each keep's engine and onnxruntime-genai's, their steps interleaved in one process
             genai = f"genai:{genai_model(model_folder(model), folder, 'fp32', log)}"
-            results["paired"] = {str(c): paired_points({f"keep {k:g}": (str(engines[k]), genai) for k in keeps}, c, *pair)
+            results["paired"] = {str(c): paired_points({f"keep {k:g}": (str(engines[k]), genai) for k in keeps}, c, plan, log)
                                  for c in args.contexts}
         except ImportError as err:
             results["paired"] = {"skipped": str(err)}
@@ -589,7 +604,7 @@ def run(args) -> int:
             log(f"paired points: {results['paired']['error']}")
         if not {"skipped", "error"} & set(results["paired"]):
             try:  # genai's graph under a Python loop, against genai's loop and against the keep 1 engine
-                results["paired_genai_graph"] = {str(c): paired_points(genai_graph_pairs(engines, genai), c, *pair)
+                results["paired_genai_graph"] = {str(c): paired_points(genai_graph_pairs(engines, genai), c, plan, log)
                                                  for c in args.contexts}
             except Exception as err:  # the figures above are still written
                 results["paired_genai_graph"] = {"error": one_line(err)}
@@ -616,10 +631,10 @@ def run(args) -> int:
                 genai = {"skipped": str(err)}
             results["weights"] = weight_points(engines_, args.weight_context, args.weight_rounds, args.steps,
                                                args.threads or 2, log)
-            if paired_on:  # int4 against fp32, interleaved in one process (and genai's own pair)
+            if paired_on:  # int4 against fp32, interleaved (and genai's own pair)
                 pairs = {name: (engines_[name], engines_[name.replace("int4", "fp32")])
                          for name in ("int4", "genai int4") if name in engines_}
-                results["weights"]["paired"] = paired_points(pairs, args.weight_context, *pair)
+                results["weights"]["paired"] = paired_points(pairs, args.weight_context, plan, log)
             if genai:
                 results["weights"]["genai"] = genai
         except Exception as err:  # a failed build: the measurements above are still written
