@@ -12,7 +12,7 @@ token picked by numpy.  Our runner binds its growing slots afresh at every step 
 Why: onnxruntime-genai runs its loop in C++.  The graph against the host loop: this
 target runs genai's own graph with a Python loop, so that paired with ``genai:FOLDER`` it
 measures what a Python loop costs that graph, and paired with an engine it compares the two
-graphs under the same kind of loop (the README has the figures).
+graphs under the same kind of loop (``docs/engine_v2.md`` has the figures).
 """
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def release_freed_heap() -> None:
     no-op elsewhere).  Creating a session parses, optimizes and packs the graph in temporary
     buffers; glibc keeps such freed memory for later allocations, so it stays resident.
     SmolLM2's engine: 708,882,432 -> 678,612,992 bytes of RSS after loading (``bench.point``,
-    README "Engine v2")."""
+    ``docs/engine_v2.md``)."""
     import ctypes
 
     try:
@@ -165,7 +165,7 @@ class DecoderBinding:
     (``set_inputs``).  Binding a new value is cheap in itself, but the first binds after a
     decode run were not (the run leaves the CPU caches full of weights).  With the small
     inputs bound once, ``bench.point``'s step less its run went from 0.52-0.58 to 0.34-0.36 ms
-    on SmolLM2 at 512 tokens (README, "Engine v2").  On another device a value bound from the CPU is
+    on SmolLM2 at 512 tokens (``docs/engine_v2.md``).  On another device a value bound from the CPU is
     copied there when it is bound, so each step binds its inputs afresh."""
 
     def __init__(self, session, device: str, fresh: list[str], ort):
@@ -213,7 +213,7 @@ class OnnxRuntimeState:
     check (None until then); a decode step hands it to the next state while the buffers stay
     (``dataclasses.replace`` does not carry it; code that reassigns ``kv`` by hand sets it to
     None), so a step does not read every buffer's shape
-    again: at batch 1 the step's Python is part of its time (README, "The full-cache gap is
+    again: at batch 1 the step's Python is part of its time (``docs/engine_v2.md``, "The full-cache gap is
     the Python loop")."""
 
     kv: list

@@ -541,7 +541,7 @@ class DecoderGraph(DecodeGraph):
     the probabilities twice.  The (H, C, T) block is transient: the op's CPU kernel holds it
     anyway, and the layer's MatMul is its last reader, so ONNX Runtime frees it with the
     layer.  What the bias and the probabilities cost the op on a model's shapes,
-    ``python -m prefixkv.bench.attention`` measures (the README has SmolLM2's).  The runner
+    ``python -m prefixkv.bench.attention`` measures (``docs/engine_v2.md`` has SmolLM2's).  The runner
     sums the chunks' masses and compacts the prompt with ``CompactGraph``.
     """
 
@@ -1059,7 +1059,7 @@ def two_phase_graph(prefill, decode):
     (the attention bias, no probabilities), which returns an empty (B, 0) mass, not read by
     the runner.  A prompt chunk before a ``window`` or ``last-query`` engine's scored rows
     takes the prefill phase too: its rows weigh 0 in the mass, and on SmolLM2 the bias cost
-    such a chunk more than the probabilities (README, 2026-12-06, later).
+    such a chunk more than the probabilities (``docs/engine_v2.md``, 2026-12-06, later).
 
     Every initializer is in the main graph, once per content (the phases' traces name the
     same weight differently, "val_N"): ONNX Runtime packs a weight once for both branches
