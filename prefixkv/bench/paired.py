@@ -26,12 +26,12 @@ the machine.  Here the two see the same spell within a second of each other.  Ru
 against itself to see what is left of the noise (``bench speed`` does, as
 ``paired_noise``).  Prints one JSON line.
 
-One process is not enough for a figure: within a process each decoder keeps the memory it
-was given, and that alone moved a decoder's step by up to 5 % for the whole process (the
-keep-1 engine against itself at 4096 tokens: 0.947x to 1.007x over five processes, each
-with quartiles under 1 % wide), and which decoder loaded first moved it too.  ``bench
-speed`` therefore runs each pair in several processes, the other decoder first in every
-other one (``PairPlan.processes``), turns the reversed ones round (``reversed_pair``) and
+One process is not enough for a figure: something fixed for the whole process (the cause is
+not known) moved a decoder's step by up to 5 % (the keep-1 engine against itself at 4096
+tokens: 0.947x to 1.007x over five processes, each with quartiles about 1 % wide), and which
+decoder loaded first moved it too.  ``bench speed`` therefore runs each pair in several
+processes (use an even count, so both orders weigh the same), the other decoder first in
+every other one (``PairPlan.processes``), turns the reversed ones round (``reversed_pair``) and
 reports the median of the processes' ratios (``combine``).
 """
 from __future__ import annotations

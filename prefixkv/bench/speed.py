@@ -593,7 +593,7 @@ def run(args) -> int:
         smallest = str(engines[min(keeps)])  # the same engine against itself: what is left of the noise
         results["paired_noise"] = paired_points({f"keep {min(keeps):g} against itself": (smallest, smallest)},
                                                 min(args.contexts), plan, log)
-        try:  # each keep's engine and onnxruntime-genai's, their steps interleaved in one process
+        try:  # each keep's engine and onnxruntime-genai's, their steps interleaved
             genai = f"genai:{genai_model(model_folder(model), folder, 'fp32', log)}"
             results["paired"] = {str(c): paired_points({f"keep {k:g}": (str(engines[k]), genai) for k in keeps}, c, plan, log)
                                  for c in args.contexts}

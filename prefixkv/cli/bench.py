@@ -87,7 +87,7 @@ def register(subparsers) -> None:
     p.add_argument("--paired-processes", type=a.positive_int, default=2,
                    help="fresh processes per paired point, the second decoder loaded first in every other one; the "
                         "point's figure is the median of their ratios (one process's ratio moved by up to 5%% with "
-                        "the memory each decoder was given; default 2)")
+                        "the load order; use an even count; default 2)")
     p.add_argument("--block-steps", type=a.block_steps, default=8,
                    help="decode steps per block of a paired point, the first one untimed (default 8)")
     p.add_argument("--weight-context", type=a.positive_int, default=1024,
