@@ -213,8 +213,7 @@ class OnnxRuntimeState:
     check (None until then); a decode step hands it to the next state while the buffers stay
     (``dataclasses.replace`` does not carry it; code that reassigns ``kv`` by hand sets it to
     None), so a step does not read every buffer's shape
-    again: at batch 1 the step's Python is part of its time (``docs/engine_v2.md``, "The full-cache gap is
-    the Python loop")."""
+    again: at batch 1 the step's Python is part of its time (``docs/engine_v2.md``)."""
 
     kv: list
     slots: list
