@@ -329,7 +329,7 @@ def test_a_pair_runs_in_processes_that_load_either_decoder_first_in_turn():
     first runs 4 % slower: one process per order gives 1.02 * 1.04 and 1.02 / 1.04, whose
     median is 1.02 to within the order effect's second order."""
     from prefixkv.bench.paired import PairPlan
-    from prefixkv.bench.speed import paired
+    from prefixkv.bench.speed import paired, process_figures, run_figure
 
     true_step = {"A": 10.2, "B": 10.0}
     calls = []
@@ -343,17 +343,38 @@ def test_a_pair_runs_in_processes_that_load_either_decoder_first_in_turn():
                 "run_ratio": (a_ms - 1) / (b_ms - 1), "run_ratios": [(a_ms - 1) / (b_ms - 1)] * 2,
                 "run_ratio_quartiles": [(a_ms - 1) / (b_ms - 1)] * 2}
 
-    got = paired("A", "B", 1024, PairPlan(blocks=2, processes=3), run=run)
-    assert calls == [("A", "B"), ("B", "A"), ("A", "B")]
-    first, second, third = got["process_ratios"]
-    assert first == third == pytest.approx(10.2 * 1.04 / 10.0) and second == pytest.approx(10.2 / (10.0 * 1.04))
-    assert got["ratio"] == pytest.approx(first) and got["swapped"] == [False, True, False]
+    got = paired("A", "B", 1024, PairPlan(blocks=2, processes=4), run=run)
+    assert calls == [("A", "B"), ("B", "A"), ("A", "B"), ("B", "A")]
+    first, second, third, fourth = got["process_ratios"]
+    assert first == third == pytest.approx(10.2 * 1.04 / 10.0) and second == fourth == pytest.approx(10.2 / (10.0 * 1.04))
+    assert got["ratio"] == pytest.approx(1.02, abs=0.001) and got["swapped"] == [False, True, False, True]
     assert got["a"] == "A" and got["processes"][1]["a"] == "A" and got["processes"][1]["a_ms_per_token"] == pytest.approx(10.2)
-    assert got["processes"][1]["run_ratio"] == pytest.approx(9.2 / 9.4) and got["run_ratio_processes"] == 3
-    two = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=run)
-    assert two["ratio"] == pytest.approx((10.2 * 1.04 / 10.0 + 10.2 / 10.4) / 2) == pytest.approx(1.02, abs=0.001)
+    assert got["processes"][1]["run_ratio"] == pytest.approx(9.2 / 9.4) and got["run_ratio_processes"] == 4
+    assert run_figure(got) == f"its run alone {got['run_ratio']:.3f}x"
     failing = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=lambda a, b: {"error": f"{a} broke"})
     assert failing == {"error": "A broke", "errors": ["A broke", "B broke"]}
+    half = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=lambda a, b: run(a, b) if a == "A" else {"error": "B broke"})
+    assert half["ratio"] == pytest.approx(10.2 * 1.04 / 10.0) and half["errors"] == ["B broke"]
+    assert process_figures(half) == f"median of 1 processes of 2 blocks: {half['ratio']:.3f}; 1 more failed: B broke"
+
+
+def test_a_run_ratio_against_genai_says_it_comes_from_one_load_order():
+    """genai's loop gives no runs, so against it only the processes that loaded the engine
+    first have a run ratio: the combined figure keeps it but says which processes gave it."""
+    from prefixkv.bench.paired import PairPlan
+    from prefixkv.bench.speed import paired, run_figure
+
+    def run(first, second):
+        ratio = 0.95 if first == "E" else 1 / 1.05
+        out = {"a": first, "b": second, "ratio": ratio, "ratios": [ratio], "ratio_quartiles": [ratio, ratio],
+               "blocks": 2, "block_steps": 8, "a_ms_per_token": 10.0, "b_ms_per_token": 10.0}
+        if first == "E":  # the engine's runs against genai's whole step
+            out.update({"a_run_ms_per_token": 9.0, "run_ratio": 0.9, "run_ratios": [0.9], "run_ratio_quartiles": [0.9, 0.9]})
+        return out
+
+    got = paired("E", "genai:G", 512, PairPlan(blocks=2, processes=2), run=run)
+    assert got["ratio"] == pytest.approx(1.0) and got["run_ratio"] == 0.9 and got["run_ratio_swapped"] == [False]
+    assert run_figure(got) == "its run alone 0.900x (median of the 1 processes that loaded A first only)"
 
 
 def test_a_reversed_pair_swaps_its_decoders_and_inverts_its_ratios():
@@ -368,7 +389,7 @@ def test_a_reversed_pair_swaps_its_decoders_and_inverts_its_ratios():
                    "b_ms_per_token": 20.0, "ratio": 1.25, "ratios": [2.0, 1.25, 1.0, 0.8], "ratio_quartiles": [0.8, 2.0]}
     graph_first = {**measured, "a_run_ms_per_token": 19.0, "run_ratio": 0.76, "run_ratios": [0.76], "run_ratio_quartiles": [0.7, 0.8]}
     assert "run_ratio" not in reversed_pair(graph_first) and "b_run_ms_per_token" not in reversed_pair(graph_first)
-    for bad in (dict(blocks=0), dict(block_steps=1), dict(processes=0), dict(threads=0)):
+    for bad in (dict(blocks=0), dict(block_steps=1), dict(processes=0), dict(processes=3), dict(threads=0)):
         with pytest.raises(PlanError):
             PairPlan(**bad)
 

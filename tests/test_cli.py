@@ -25,3 +25,11 @@ def test_unknown_scorer(capsys, tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "calibrate" in capsys.readouterr().err
+
+
+def test_odd_paired_process_count(capsys):
+    """An odd count would weigh one load order more than the other in a paired figure."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "speed", "--paired-processes", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "need 1 process or an even count" in err and "got 3" in err

@@ -30,7 +30,7 @@ One process is not enough for a figure: something fixed for the whole process (t
 not known) moved a decoder's step by up to 5 % (the keep-1 engine against itself at 4096
 tokens: 0.947x to 1.007x over five processes, each with quartiles about 1 % wide), and which
 decoder loaded first moved it too.  ``bench speed`` therefore runs each pair in several
-processes (use an even count, so both orders weigh the same), the other decoder first in
+processes (1, or an even count so that both orders weigh the same), the other decoder first in
 every other one (``PairPlan.processes``), turns the reversed ones round (``reversed_pair``) and
 reports the median of the processes' ratios (``combine``).
 """
@@ -116,6 +116,12 @@ def check_blocks(blocks: int, block_steps: int) -> None:
         raise PlanError(f"need at least 1 block of at least 2 steps (the first is not timed), got {blocks} of {block_steps}")
 
 
+def check_processes(processes: int) -> None:
+    """1 process, or an even count: then both load orders weigh the same in the median."""
+    if processes < 1 or (processes > 1 and processes % 2):
+        raise PlanError(f"need 1 process or an even count (half of them load the second decoder first), got {processes}")
+
+
 @dataclass(frozen=True)
 class PairPlan:
     """How ``bench speed`` measures a pair: ``processes`` fresh processes (the second decoder
@@ -129,8 +135,9 @@ class PairPlan:
 
     def __post_init__(self):
         check_blocks(self.blocks, self.block_steps)
-        if self.threads < 1 or self.processes < 1:
-            raise PlanError(f"need at least 1 thread and 1 process, got {self.threads} and {self.processes}")
+        if self.threads < 1:
+            raise PlanError(f"need at least 1 thread, got {self.threads}")
+        check_processes(self.processes)
 
     def arguments(self) -> list[str]:
         """The ``python -m prefixkv.bench.paired`` options of one process."""
@@ -212,8 +219,10 @@ def combine(processes: list[dict]) -> dict:
     """One pair's measurements in several processes, each told as (A, B) (``reversed_pair``
     for those that loaded B first; ``swapped`` says which) -> the pair's figure: the median
     of the processes' ratios (``ratio``), each process's (``process_ratios``) and their range,
-    the medians of the decoders' steps and, where processes gave one, of the run ratios.  A
-    failed process is kept under ``errors``; with none measured, the first error stands."""
+    the medians of the decoders' steps and, where processes gave one, of the run ratios
+    (``run_ratio_swapped`` says which processes gave them: against ``genai:``, whose loop gives
+    no runs, only those that loaded A first, one order, unlike ``ratio``).  A failed process is
+    kept under ``errors``; with none measured, the first error stands."""
     measured = [m for m in processes if "ratio" in m]
     errors = [m["error"] for m in processes if "ratio" not in m]
     if not measured:
@@ -224,9 +233,10 @@ def combine(processes: list[dict]) -> dict:
            "swapped": [bool(m.get("swapped")) for m in measured], "blocks": measured[0]["blocks"],
            "a_ms_per_token": statistics.median(m["a_ms_per_token"] for m in measured),
            "b_ms_per_token": statistics.median(m["b_ms_per_token"] for m in measured), "processes": processes}
-    runs = [m["run_ratio"] for m in measured if "run_ratio" in m]
-    if runs:
-        out.update({"run_ratio": statistics.median(runs), "run_ratio_processes": len(runs)})
+    runs = [m for m in measured if "run_ratio" in m]
+    if runs:  # against genai's whole step only the processes that loaded A first give one
+        out.update({"run_ratio": statistics.median(m["run_ratio"] for m in runs), "run_ratio_processes": len(runs),
+                    "run_ratio_swapped": [bool(m.get("swapped")) for m in runs]})
     if errors:
         out["errors"] = errors
     return out

@@ -353,7 +353,7 @@ def paired_points(pairs: dict[str, tuple], context: int, plan: PairPlan, log, me
     for name, (a, b) in pairs.items():
         measured = measure(a, b, context, plan)
         if "ratio" in measured:
-            run = f"; its run alone {measured['run_ratio']:.3f}x" if "run_ratio" in measured else ""
+            run = f"; {run_figure(measured)}" if "run_ratio" in measured else ""
             log(f"paired at {context}: {name} {measured['a_ms_per_token']:.2f} against {measured['b_ms_per_token']:.2f} "
                 f"ms/token, {measured['ratio']:.3f}x ({process_figures(measured)}{run})")
         else:
@@ -366,7 +366,20 @@ def process_figures(measured: dict) -> str:
     """A combined pair's processes in words: how many, of how many blocks, and each one's ratio
     (marked where the second decoder was loaded first)."""
     each = ", ".join(f"{r:.3f}{' B first' if s else ''}" for r, s in zip(measured["process_ratios"], measured["swapped"]))
-    return f"median of {len(measured['process_ratios'])} processes of {measured['blocks']} blocks: {each}"
+    errors = measured.get("errors", [])
+    failed = f"; {len(errors)} more failed: {errors[0]}" if errors else ""
+    return f"median of {len(measured['process_ratios'])} processes of {measured['blocks']} blocks: {each}{failed}"
+
+
+def run_figure(measured: dict) -> str:
+    """A combined pair's run ratio in words, saying so where it comes from one load order only
+    (against ``genai:``, whose loop gives no runs, the processes that loaded A first)."""
+    orders = set(measured["run_ratio_swapped"])
+    if len(orders) == 2 or len(measured["run_ratio_swapped"]) == len(measured["process_ratios"]):
+        return f"its run alone {measured['run_ratio']:.3f}x"
+    first = "B" if orders == {True} else "A"
+    return (f"its run alone {measured['run_ratio']:.3f}x (median of the {measured['run_ratio_processes']} "
+            f"processes that loaded {first} first only)")
 
 
 def genai_graph_pairs(engines: dict, genai: str) -> dict[str, tuple]:

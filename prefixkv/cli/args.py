@@ -58,6 +58,18 @@ def positive_int(text: str) -> int:
     return _number(text, int, "expected a positive integer", low=1)
 
 
+def paired_processes(text: str) -> int:
+    """Fresh processes per paired point: 1, or an even count (half load the second decoder first)."""
+    from ..bench.paired import PlanError, check_processes
+
+    value = _number(text, int, "expected 1 or an even positive integer", low=1)
+    try:
+        check_processes(value)
+    except PlanError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def block_steps(text: str) -> int:
     """Decode steps per block of a paired point: the first is untimed, so at least 2."""
     return _number(text, int, "expected an integer >= 2 (the first step of a block is not timed)", low=2)

@@ -84,10 +84,10 @@ def register(subparsers) -> None:
                    help="blocks of the paired decode points: each keep's engine against onnxruntime-genai's at every "
                         "--contexts length, and int4 against fp32 where the weight rounds run, their steps "
                         "interleaved in each of --paired-processes fresh processes (0: none; default 12)")
-    p.add_argument("--paired-processes", type=a.positive_int, default=2,
+    p.add_argument("--paired-processes", type=a.paired_processes, default=2,
                    help="fresh processes per paired point, the second decoder loaded first in every other one; the "
                         "point's figure is the median of their ratios (one process's ratio moved by up to 5%% with "
-                        "the load order; use an even count; default 2)")
+                        "the load order; 1 or an even count, so that both orders weigh the same; default 2)")
     p.add_argument("--block-steps", type=a.block_steps, default=8,
                    help="decode steps per block of a paired point, the first one untimed (default 8)")
     p.add_argument("--weight-context", type=a.positive_int, default=1024,
