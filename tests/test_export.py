@@ -556,6 +556,48 @@ def test_the_whole_context_matches_the_reference(tiny, runners):
         engine.decode(state, logits.argmax(-1))
 
 
+def test_a_runners_own_states_skip_the_checks_until_a_buffer_or_the_context_ends(tiny, runners):
+    """A state that this runner's own step returned, with its buffers kept, is decoded
+    without ``_check_state`` (at batch 1 its numpy calls were a third of the step's Python),
+    for as many steps as its buffers' free slots and the context allow: 500 prompt tokens of
+    the tiny engine's 512 give 12 steps, checked at the first (the prefill's state), the
+    second (the first step compacted into new buffers) and the thirteenth, refused in one
+    line.  The logits are the reference's all the way; a state made by ``replace`` or given
+    to another runner is checked."""
+    from dataclasses import replace
+
+    from prefixkv.engines.onnxruntime import OnnxRuntimeRunner
+
+    engine, reference = OnnxRuntimeRunner(tiny[0], threads=1), runners[1]
+    ids, mask = _batch(engine, [500])
+    logits, state = engine.prefill(ids, mask)
+    ref_logits, ref_state = reference.prefill(ids, mask)
+    checked, check = [], engine._check_state
+    engine._check_state = lambda s, batch: checked.append(int(s.positions[0])) or check(s, batch)
+    steps = 0
+    with pytest.raises(ValueError, match="^row 0 holds the engine's whole context of 512 tokens") as err:
+        while True:
+            token = logits.argmax(-1)
+            logits, state = engine.decode(state, token)
+            ref_logits, ref_state = reference.decode(ref_state, token)
+            np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+            steps += 1
+    assert steps == 12 and checked == [500, 501, 512] and "\n" not in str(err.value)
+    logits, state = engine.prefill(ids, mask)
+    for _ in range(3):
+        logits, state = engine.decode(state, logits.argmax(-1))
+    free = int((state.capacity - state.widths).min())
+    assert state.unchecked_steps == (engine, min(free, 512 - 503))
+    checked.clear()
+    logits, state = engine.decode(replace(state), logits.argmax(-1))  # a state made by hand: checked
+    other = OnnxRuntimeRunner(tiny[0], threads=1)
+    other._check_state = lambda s, batch: checked.append("other") or check(s, batch)
+    logits, state = other.decode(state, logits.argmax(-1))  # engine's state, another runner: checked
+    with pytest.raises(ValueError, match="tokens for a state of 1 rows"):  # the wrong batch: checked
+        other.decode(state, np.zeros(2, np.int64))
+    assert checked == [503, "other", "other"]
+
+
 @pytest.mark.parametrize("scorer, params", [("window", {"window": 20, "pool": 3}), ("last-query", {}), ("key-norm", {})])
 def test_other_scorers_chunked_match_the_reference(tmp_path, scorer, params):
     """Engines whose score needs some rows (window, last-query) or none (key-norm): chunks of

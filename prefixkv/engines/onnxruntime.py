@@ -169,7 +169,7 @@ class DecoderBinding:
     copied there when it is bound, so each step binds its inputs afresh."""
 
     def __init__(self, session, device: str, fresh: list[str], ort):
-        self.io = session.io_binding()
+        self.io, self.session = session.io_binding(), session
         self._device, self._ort = device, ort
         self._owned: dict[str, tuple] = {}  # name -> (OrtValue, shape, dtype), CPU only
         for name in fresh:
@@ -223,6 +223,10 @@ class OnnxRuntimeState:
     binding: object = field(default=None, repr=False)
     shared: bool = False
     capacity: np.ndarray | None = field(default=None, init=False, repr=False)  # not carried by ``replace``
+    # (the runner, the steps it may take before a buffer is full or the context ends): set by a
+    # decode step that kept its buffers, so that the next step skips the state's checks; not
+    # carried by ``replace``, so a state made by hand is checked
+    unchecked_steps: tuple | None = field(default=None, init=False, repr=False)
 
     def layers(self) -> list[tuple]:
         """Per layer (key, value) OrtValues and (positions, valid) numpy (B, W_l), read-only:
@@ -545,20 +549,23 @@ class OnnxRuntimeRunner(Runner):
         consumed: the step writes into its key/value buffers, which the new state holds."""
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
-        capacity = self._check_state(state, len(tokens))
-        if state.positions.max() >= self.max_context:  # the graph's rotary tables end there
-            row = int(np.argmax(state.positions >= self.max_context))
-            raise ValueError(f"row {row} holds the engine's whole context of {self.max_context} tokens; "
-                             "no position is left for another token")
-        # no free slot: compact, add slack (layers that share their slots have the same capacities: all or none)
-        full = np.flatnonzero(capacity <= widths).tolist()
-        if full:
-            kv, slots, widths = self._compact(state, full)
-            capacity = None  # new buffers: the next check reads them
-            if binding is not None:
-                binding.bind_kv(kv, full)
-        if binding is None:
-            binding = self._binding(kv)
+        trusted = state.unchecked_steps
+        if trusted is not None and trusted[0] is self and trusted[1] > 0 and len(tokens) == len(state.positions):
+            # the state of this runner's own step, with free slots and positions left: the
+            # checks below would pass; at batch 1 they were a third of the step's Python
+            state.check_live()
+            capacity, left = state.capacity, trusted[1] - 1
+        else:
+            capacity, left = self._checked(state, len(tokens)), None
+            # no free slot: compact, add slack (layers that share their slots have the same capacities: all or none)
+            full = np.flatnonzero(capacity <= widths).tolist()
+            if full:
+                kv, slots, widths = self._compact(state, full)
+                capacity = None  # new buffers: the next check reads them
+                if binding is not None:
+                    binding.bind_kv(kv, full)
+            if binding is None or binding.session is not self.sessions["decoder"]:  # another runner's state: bind here
+                binding = self._binding(kv)
         inputs = {"input_ids": tokens, "position_ids": state.positions.reshape(-1, 1), "prompt_lengths": state.prompt_lengths,
                   "past_widths": widths}
         if self._scored:
@@ -567,12 +574,25 @@ class OnnxRuntimeRunner(Runner):
         try:
             logits, slots, _ = self._step(binding, slots, inputs)
         except Exception:
-            state.binding = None  # it may hold buffers a compaction made; the next step binds afresh
+            state.binding = state.unchecked_steps = None  # it may hold buffers a compaction made; the next step binds afresh
             raise
         state.kv = state.binding = None
         new = OnnxRuntimeState(kv, slots, widths + 1, state.positions + 1, state.prompt_lengths, binding, state.shared)
         new.capacity = capacity
+        if capacity is not None:
+            if left is None:
+                left = min(int((capacity - new.widths).min()), self.max_context - int(new.positions.max()))
+            new.unchecked_steps = (self, left)
         return logits.numpy(), new
+
+    def _checked(self, state: OnnxRuntimeState, batch: int) -> np.ndarray:
+        """``_check_state``, and one line if a row already holds the whole context."""
+        capacity = self._check_state(state, batch)
+        if state.positions.max() >= self.max_context:  # the graph's rotary tables end there
+            row = int(np.argmax(state.positions >= self.max_context))
+            raise ValueError(f"row {row} holds the engine's whole context of {self.max_context} tokens; "
+                             "no position is left for another token")
+        return capacity
 
     def _check_state(self, state: OnnxRuntimeState, batch: int) -> np.ndarray:
         """Each layer's buffer capacity in slots (L,), or one line if the state's parts disagree (the
