@@ -198,27 +198,36 @@ def reversed_pair(measured: dict) -> dict:
     per-block ratios inverts to within their middle two).  The run ratio is kept only where
     both decoders gave their runs: against genai's whole step it would turn into a step
     over a run."""
-    both_runs = "a_run_ms_per_token" in measured and "b_run_ms_per_token" in measured
-    inverted = ("ratio", "run_ratio") if both_runs else ("ratio",)
-    dropped = {name for pair in SWAPPED for name in pair} | {f"{k}{s}" for k in ("ratio", "run_ratio")
-                                                              for s in ("", "s", "_quartiles")}
-    out = {k: v for k, v in measured.items() if k not in dropped}
+    out = dict(measured)
+    if not ("a_run_ms_per_token" in measured and "b_run_ms_per_token" in measured):
+        for key in ("a_run_ms_per_token", "b_run_ms_per_token", "run_ratio", "run_ratios", "run_ratio_quartiles"):
+            out.pop(key, None)
     for x, y in SWAPPED:
-        for source, target in ((x, y), (y, x)):
-            if source in measured and (both_runs or "run" not in source):
-                out[target] = measured[source]
-    for key in inverted:
-        if key in measured:
-            low, high = measured[f"{key}_quartiles"]
-            out.update({key: 1 / measured[key], f"{key}s": [1 / r for r in measured[f"{key}s"]],
-                        f"{key}_quartiles": [1 / high, 1 / low]})
+        if x in out:
+            out[x], out[y] = out[y], out[x]
+    for key in ("ratio", "run_ratio"):
+        if key in out:
+            low, high = out[f"{key}_quartiles"]
+            out.update({key: 1 / out[key], f"{key}s": [1 / r for r in out[f"{key}s"]], f"{key}_quartiles": [1 / high, 1 / low]})
     return out
+
+
+def ratio_interval(ratios: list[float]) -> list[float] | None:
+    """The 95 % bootstrap interval of the median of the processes' ratios (processes
+    resampled; None under 4 processes, too few for an interval)."""
+    if len(ratios) < 4:
+        return None
+    from .stats import bootstrap_ci
+
+    interval = bootstrap_ci(ratios, statistic=statistics.median)
+    return [interval.low, interval.high]
 
 
 def combine(processes: list[dict]) -> dict:
     """One pair's measurements in several processes, each told as (A, B) (``reversed_pair``
     for those that loaded B first; ``swapped`` says which) -> the pair's figure: the median
     of the processes' ratios (``ratio``), each process's (``process_ratios``) and their range,
+    the median's 95 % bootstrap interval over the processes (``ratio_interval``, from 4 processes),
     the medians of the decoders' steps and, where processes gave one, of the run ratios
     (``run_ratio_swapped`` says which processes gave them: against ``genai:``, whose loop gives
     no runs, only those that loaded A first, one order, unlike ``ratio``).  A failed process is
@@ -229,7 +238,7 @@ def combine(processes: list[dict]) -> dict:
         return {"error": errors[0] if errors else "no process ran", "errors": errors}
     ratios = [m["ratio"] for m in measured]
     out = {"a": measured[0].get("a"), "b": measured[0].get("b"), "ratio": statistics.median(ratios),
-           "process_ratios": ratios, "ratio_range": [min(ratios), max(ratios)],
+           "process_ratios": ratios, "ratio_range": [min(ratios), max(ratios)], "ratio_interval": ratio_interval(ratios),
            "swapped": [bool(m.get("swapped")) for m in measured], "blocks": measured[0]["blocks"],
            "a_ms_per_token": statistics.median(m["a_ms_per_token"] for m in measured),
            "b_ms_per_token": statistics.median(m["b_ms_per_token"] for m in measured), "processes": processes}

@@ -368,7 +368,9 @@ def process_figures(measured: dict) -> str:
     each = ", ".join(f"{r:.3f}{' B first' if s else ''}" for r, s in zip(measured["process_ratios"], measured["swapped"]))
     errors = measured.get("errors", [])
     failed = f"; {len(errors)} more failed: {errors[0]}" if errors else ""
-    return f"median of {len(measured['process_ratios'])} processes of {measured['blocks']} blocks: {each}{failed}"
+    interval = measured.get("ratio_interval")
+    within = f"; 95 % interval {interval[0]:.3f} to {interval[1]:.3f}" if interval else ""
+    return f"median of {len(measured['process_ratios'])} processes of {measured['blocks']} blocks: {each}{within}{failed}"
 
 
 def run_figure(measured: dict) -> str:
