@@ -560,6 +560,8 @@ class DecoderGraph(DecodeGraph):
         # A prefill chunk's slots are all in use (the prompt's tokens, none evicted yet): its
         # attention needs no bias.  Its scored layers return their probabilities and the mass.
         self.probabilities = phase == "prefill" and bool(self.scored)
+        rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
+        self.score_rows = None if rows == 1 << 30 else rows  # a score from the prompt's last rows: how many
         # The fused attention rotates the query and keys itself when the model's rotation is the
         # one it implements; its keys then round differently from PyTorch's.  A key-norm score
         # reads the rotated keys, and the same token's keys in layer 0 tie up to that rounding,
@@ -649,9 +651,15 @@ class DecoderGraph(DecodeGraph):
             # the fused attention's total_sequence_length (1,) and seqlens_k (B,) per layer, by one Split each
             totals = split_equal(widths.to(torch.int32), layers, (1,))
             seqlens = split_equal((widths.to(torch.int32) - 1).unsqueeze(1).expand(-1, b).reshape(-1), layers, (b,))
-        weights = None
+        weights, last = None, self.score_rows
         if self.probabilities:  # (1, 1, 1, C): 1 / H for the chunk's scored rows [score_from, C), built once
             weights = ((torch.arange(c) >= score_from).to(torch.float32) / dec.heads).view(1, 1, 1, c)
+            if last is not None:
+                # A score from the prompt's last rows (``window``, ``last-query``): the scored rows
+                # are a chunk's last ones, at most ``last`` of them, so the mass reads those rows
+                # of the probabilities only, not all C: at 8192 tokens the full product read every
+                # chunk's (H, C, T) probabilities again in each scored layer, about 1 s on SmolLM2.
+                weights = weights[..., -last:]
         buffers, masses = [], []
         for l, layer in enumerate(dec.layers):
             keys, values = past[2 * l : 2 * l + 2]
@@ -669,7 +677,7 @@ class DecoderGraph(DecodeGraph):
             bias = None if biases[l] is None else biases[l] + unmasked
             out, keys, values, probs = self.attend_in_place(query, key, value, keys, values, lengths, bias, scored, rotary)
             if scored:  # the scored rows' probabilities summed per head by one MatMul: (B, H, 1, T)
-                masses.append(torch.matmul(weights, probs.float()))
+                masses.append(torch.matmul(weights, (probs if last is None else probs[:, :, -last:]).float()))
             hidden = dec.finish(layer, hidden, out, self.packed_mlp[l] if self.packed_mlp is not None else None)
             buffers += [keys, values]
         if self.evicts:  # the decode-phase rule for every layer at once, (B, L); a prefill chunk's rows evict nothing
