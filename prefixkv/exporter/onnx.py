@@ -377,6 +377,13 @@ def _unbacked_width(counts: torch.Tensor, limit: int | torch.SymInt) -> int:
 
 
 # -- the two graphs ---------------------------------------------------------------------------
+def score_rows(spec: GraphSpec) -> int | None:
+    """How many of the prompt's last query rows the spec's score reads (``window``: its window,
+    ``last-query``: 1, a key score: 0), or None where it reads every row (``accumulated``)."""
+    rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
+    return None if rows == 1 << 30 else rows
+
+
 class PrefillGraph(nn.Module):
     """(input_ids, attention_mask) -> (logits, *per layer key, value, positions, valid); see the module doc."""
 
@@ -385,10 +392,6 @@ class PrefillGraph(nn.Module):
         self.decoder = Decoder(model)
         self.spec = spec
         self.scorer = make_scorer(spec.scorer, **spec.scorer_params)
-
-    def _score_rows(self) -> int | None:
-        rows = self.scorer.query_rows(1 << 30)
-        return None if rows == 1 << 30 else rows
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         return self.from_embeddings(self.decoder.embed_tokens(input_ids), attention_mask)
@@ -401,7 +404,7 @@ class PrefillGraph(nn.Module):
         cos, sin = dec.rope(hidden, position_ids)
         lengths = valid.sum(-1)
         original = torch.cumsum(valid.to(torch.int64), dim=-1) - 1
-        rows = self._score_rows()
+        rows = score_rows(spec)
         bias = attention_bias(valid)
         outputs = []
         for l, layer in enumerate(dec.layers):
@@ -560,8 +563,7 @@ class DecoderGraph(DecodeGraph):
         # A prefill chunk's slots are all in use (the prompt's tokens, none evicted yet): its
         # attention needs no bias.  Its scored layers return their probabilities and the mass.
         self.probabilities = phase == "prefill" and bool(self.scored)
-        rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
-        self.score_rows = None if rows == 1 << 30 else rows  # a score from the prompt's last rows: how many
+        self.score_rows = score_rows(spec)
         # The fused attention rotates the query and keys itself when the model's rotation is the
         # one it implements; its keys then round differently from PyTorch's.  A key-norm score
         # reads the rotated keys, and the same token's keys in layer 0 tie up to that rounding,
@@ -1042,9 +1044,9 @@ def export_engine_graph(model, spec: GraphSpec, graph: str, path: str | Path, op
     _engine_dims(proto, graph)
     fused["rotary_in_attention"] = sum(n.op_type == "GroupQueryAttention" and any(a.name == "do_rotary" and a.i
                                        for a in n.attribute) for n in phase_graph(proto, "decode").node)
-    rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
+    rows = score_rows(spec)
     fusions = ",".join(f"{name}={n}" for name, n in fused.items())
-    for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows == 1 << 30 else str(rows)),
+    for key, value in ((CACHE_LAYOUT_KEY, "buffer"), (SCORE_ROWS_KEY, "all" if rows is None else str(rows)),
                        (FUSIONS_KEY, fusions), (SLOTS_KEY, "shared" if wrapper.shared_slots else "per-layer")):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
