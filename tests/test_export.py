@@ -586,16 +586,30 @@ def test_a_runners_own_states_skip_the_checks_until_a_buffer_or_the_context_ends
     logits, state = engine.prefill(ids, mask)
     for _ in range(3):
         logits, state = engine.decode(state, logits.argmax(-1))
-    free = int((state.capacity - state.widths).min())
-    assert state.unchecked_steps == (engine, min(free, 512 - 503))
+    assert state.unchecked_steps[:2] == (engine, 512 - 503) and state.unchecked_steps[2] is state.kv
     checked.clear()
     logits, state = engine.decode(replace(state), logits.argmax(-1))  # a state made by hand: checked
     other = OnnxRuntimeRunner(tiny[0], threads=1)
     other._check_state = lambda s, batch: checked.append("other") or check(s, batch)
-    logits, state = other.decode(state, logits.argmax(-1))  # engine's state, another runner: checked
+    logits, state = other.decode(state, logits.argmax(-1))  # engine's state, another runner: checked, bound there
+    assert state.binding.session is other.sessions["decoder"]
     with pytest.raises(ValueError, match="tokens for a state of 1 rows"):  # the wrong batch: checked
         other.decode(state, np.zeros(2, np.int64))
     assert checked == [503, "other", "other"]
+    # a short prompt runs into its buffers' free slots first: checked at the prefill's state,
+    # at the step that compacts and at the step after it (new buffers), nowhere else
+    logits, state = engine.prefill(*_batch(engine, [100]))
+    ref_logits, ref_state = reference.prefill(*_batch(engine, [100]))
+    compacted, compact = [], engine._compact
+    engine._compact = lambda s, full: compacted.append(int(s.positions[0])) or compact(s, full)
+    checked.clear()
+    for _ in range(150):
+        token = logits.argmax(-1)
+        logits, state = engine.decode(state, token)
+        ref_logits, ref_state = reference.decode(ref_state, token)
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert len(compacted) >= 3 and compacted[0] == 100
+    assert checked == sorted({100} | {p for c in compacted for p in (c, c + 1)})
 
 
 @pytest.mark.parametrize("scorer, params", [("window", {"window": 20, "pool": 3}), ("last-query", {}), ("key-norm", {})])
@@ -631,6 +645,9 @@ def test_other_scorers_chunked_match_the_reference(tmp_path, scorer, params):
     if not tied:
         logits, _ = engine.decode(state, ref_logits.argmax(-1))
         np.testing.assert_allclose(logits, reference.decode(ref_state, ref_logits.argmax(-1))[0], atol=1e-4, rtol=1e-4)
+        # chunks of 32 rows, more than the window's 20: the mass reads a chunk's last rows only,
+        # and the 75-token prompt's scored rows start inside its second chunk (row 23 of 32)
+        _prefill_matches(OnnxRuntimeRunner(result.path, threads=1, prefill_chunk=32), reference, [75, 38])
 
 
 def test_prefill_chunk_is_checked(tiny):

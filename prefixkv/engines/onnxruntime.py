@@ -213,7 +213,10 @@ class OnnxRuntimeState:
     check (None until then); a decode step hands it to the next state while the buffers stay
     (``dataclasses.replace`` does not carry it; code that reassigns ``kv`` by hand sets it to
     None), so a step does not read every buffer's shape
-    again: at batch 1 the step's Python is part of its time (``docs/engine_v2.md``)."""
+    again: at batch 1 the step's Python is part of its time (``docs/engine_v2.md``).
+    ``unchecked_steps``: set by a decode step, so that the next one skips the checks while the
+    state's ``kv`` list and binding are that step's (a ``kv`` reassigned by hand is checked);
+    the fields' arrays are the runner's: changing them in place is not checked."""
 
     kv: list
     slots: list
@@ -223,9 +226,10 @@ class OnnxRuntimeState:
     binding: object = field(default=None, repr=False)
     shared: bool = False
     capacity: np.ndarray | None = field(default=None, init=False, repr=False)  # not carried by ``replace``
-    # (the runner, the steps it may take before a buffer is full or the context ends): set by a
-    # decode step that kept its buffers, so that the next step skips the state's checks; not
-    # carried by ``replace``, so a state made by hand is checked
+    # (the runner, the steps it may take before a buffer is full or the context ends, the kv
+    # list): set by a decode step that kept its buffers, so that the next step skips the state's
+    # checks while ``kv`` and ``binding`` are still that step's; not carried by ``replace``, so
+    # a state made by hand is checked
     unchecked_steps: tuple | None = field(default=None, init=False, repr=False)
 
     def layers(self) -> list[tuple]:
@@ -550,7 +554,8 @@ class OnnxRuntimeRunner(Runner):
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
         kv, slots, widths, binding = state.kv, state.slots, state.widths, state.binding
         trusted = state.unchecked_steps
-        if trusted is not None and trusted[0] is self and trusted[1] > 0 and len(tokens) == len(state.positions):
+        if (trusted is not None and trusted[0] is self and trusted[1] > 0 and kv is trusted[2] and binding is not None
+                and len(tokens) == len(state.positions)):
             # the state of this runner's own step, with free slots and positions left: the
             # checks below would pass; at batch 1 they were a third of the step's Python
             state.check_live()
@@ -582,7 +587,7 @@ class OnnxRuntimeRunner(Runner):
         if capacity is not None:
             if left is None:
                 left = min(int((capacity - new.widths).min()), self.max_context - int(new.positions.max()))
-            new.unchecked_steps = (self, left)
+            new.unchecked_steps = (self, left, kv)
         return logits.numpy(), new
 
     def _checked(self, state: OnnxRuntimeState, batch: int) -> np.ndarray:

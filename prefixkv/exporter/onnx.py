@@ -19,7 +19,9 @@ An ONNX Runtime engine holds one graph with the weights and one without:
         unmasked, every slot being in use;
         in a scored layer the op also returns its attention probabilities, and the graph
         sums rows [score_from, C) of them into the slots' mass (O(C x S) memory), every
-        scored layer's side by side in one output.  The decode phase masks the empty slots
+        scored layer's side by side in one output (a score from the prompt's last R rows,
+        ``window`` or ``last-query``: the chunk's last R rows only, so score_from >= C - R, as
+        the runner's chunks of a prompt have).  The decode phase masks the empty slots
         with an additive bias (shared slots: with each row's length, no bias), returns no
         probabilities and an empty mass.  Past the prompt,
         the decode-phase rule marks at most one entry per row evicted: the entries returned
@@ -379,7 +381,8 @@ def _unbacked_width(counts: torch.Tensor, limit: int | torch.SymInt) -> int:
 # -- the two graphs ---------------------------------------------------------------------------
 def score_rows(spec: GraphSpec) -> int | None:
     """How many of the prompt's last query rows the spec's score reads (``window``: its window,
-    ``last-query``: 1, a key score: 0), or None where it reads every row (``accumulated``)."""
+    ``last-query``: 1, a key score: 0, and then no layer is scored: a slice of the last 0 rows,
+    ``[-0:]``, would be all of them), or None where it reads every row (``accumulated``)."""
     rows = make_scorer(spec.scorer, **spec.scorer_params).query_rows(1 << 30)
     return None if rows == 1 << 30 else rows
 
@@ -486,7 +489,8 @@ class DecoderGraph(DecodeGraph):
                  positions); prompt_lengths (B,) int64; past_widths (L,) int64: each layer's
                  P_l, its slots in use (the graph takes it as given: the runner keeps it);
                  [score_from () int64: the chunk's first scored row (C: none), engines with
-                 scored layers]; [image_embeds (rows, hidden): vision engines];
+                 scored layers; at least C - R where the score reads the prompt's last R
+                 rows (``score_rows``)]; [image_embeds (rows, hidden): vision engines];
                  past.positions/valid (B, sum of P_l): every layer's slots side by side
                  (an engine whose layers all keep everything: (B, P), the one set of slots
                  every layer has; past_widths then holds P L times);
