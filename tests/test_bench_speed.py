@@ -351,12 +351,14 @@ def test_a_pair_runs_in_processes_that_load_either_decoder_first_in_turn():
     assert got["a"] == "A" and got["processes"][1]["a"] == "A" and got["processes"][1]["a_ms_per_token"] == pytest.approx(10.2)
     assert got["processes"][1]["run_ratio"] == pytest.approx(9.2 / 9.4) and got["run_ratio_processes"] == 4
     assert run_figure(got) == f"its run alone {got['run_ratio']:.3f}x"
-    low, high = got["ratio_interval"]  # the bootstrap medians of two values each twice lie between them
-    assert second <= low <= got["ratio"] <= high <= first and f"95 % interval {low:.3f} to {high:.3f}" in process_figures(got)
+    # balanced over the orders: sqrt(1.02 * 1.04 * 1.02 / 1.04) is the true 1.02 exactly (the
+    # median, 1.0208, is not), and every resample within the orders gives the same
+    assert got["balanced_ratio"] == pytest.approx(1.02) and got["balanced_interval"] == pytest.approx([1.02, 1.02])
+    assert "balanced over the orders 1.020 (95 % interval 1.020 to 1.020)" in process_figures(got)
     failing = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=lambda a, b: {"error": f"{a} broke"})
     assert failing == {"error": "A broke", "errors": ["A broke", "B broke"]}
     half = paired("A", "B", 1024, PairPlan(blocks=2, processes=2), run=lambda a, b: run(a, b) if a == "A" else {"error": "B broke"})
-    assert half["ratio"] == pytest.approx(10.2 * 1.04 / 10.0) and half["errors"] == ["B broke"] and half["ratio_interval"] is None
+    assert half["ratio"] == pytest.approx(10.2 * 1.04 / 10.0) and half["errors"] == ["B broke"] and "balanced_ratio" not in half
     assert process_figures(half) == f"median of 1 processes of 2 blocks: {half['ratio']:.3f}; 1 more failed: B broke"
 
 

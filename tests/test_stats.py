@@ -69,3 +69,14 @@ def test_bad_input():
         bootstrap_ci([])
     with pytest.raises(ValueError):
         bootstrap_ci([1.0], confidence=1.5)
+
+
+def test_strata_are_resampled_within_themselves_by_hand():
+    """The mean of two groups' means, {1, 3} resampled in pairs (means 1, 2, 3 with
+    probabilities 1/4, 1/2, 1/4) and {10}: 5.5, 6 or 6.5, never a resample of one group."""
+    from prefixkv.bench.stats import stratified_bootstrap_ci
+
+    got = stratified_bootstrap_ci([[1.0, 3.0], [10.0]], lambda groups: float(np.mean([g.mean() for g in groups])))
+    assert (got.value, got.low, got.high) == (pytest.approx(6.0), pytest.approx(5.5), pytest.approx(6.5))
+    with pytest.raises(ValueError, match="every group"):
+        stratified_bootstrap_ci([[1.0], []], lambda groups: 0.0)

@@ -212,22 +212,35 @@ def reversed_pair(measured: dict) -> dict:
     return out
 
 
-def ratio_interval(ratios: list[float]) -> list[float] | None:
-    """The 95 % bootstrap interval of the median of the processes' ratios (processes
-    resampled; None under 4 processes, too few for an interval)."""
-    if len(ratios) < 4:
-        return None
-    from .stats import bootstrap_ci
+def balanced_ratio(ratios: list[float], swapped: list[bool]) -> dict:
+    """The order-balanced ratio: the geometric mean of the two load orders' geometric means of
+    the processes' ratios (each order weighs half, and a load order's effect e, which moves
+    one order's ratios by e and the other's by 1 / e, cancels), with its 95 % bootstrap
+    interval, each order's processes resampled within that order (``balanced_interval``; none
+    with fewer than 2 processes in an order).  {} with one order only."""
+    import math
 
-    interval = bootstrap_ci(ratios, statistic=statistics.median)
-    return [interval.low, interval.high]
+    orders = [[math.log(r) for r, s in zip(ratios, swapped) if s == order] for order in (False, True)]
+    if not all(orders):
+        return {}
+
+    def balanced(groups) -> float:
+        return math.exp(sum(statistics.fmean(g) for g in groups) / len(groups))
+
+    if min(map(len, orders)) < 2:
+        return {"balanced_ratio": balanced(orders)}
+    from .stats import stratified_bootstrap_ci
+
+    interval = stratified_bootstrap_ci(orders, balanced)
+    return {"balanced_ratio": interval.value, "balanced_interval": [interval.low, interval.high]}
 
 
 def combine(processes: list[dict]) -> dict:
     """One pair's measurements in several processes, each told as (A, B) (``reversed_pair``
     for those that loaded B first; ``swapped`` says which) -> the pair's figure: the median
     of the processes' ratios (``ratio``), each process's (``process_ratios``) and their range,
-    the median's 95 % bootstrap interval over the processes (``ratio_interval``, from 4 processes),
+    the order-balanced ratio and its interval (``balanced_ratio``: the figure a load order's
+    effect cannot move, from processes in both orders),
     the medians of the decoders' steps and, where processes gave one, of the run ratios
     (``run_ratio_swapped`` says which processes gave them: against ``genai:``, whose loop gives
     no runs, only those that loaded A first, one order, unlike ``ratio``).  A failed process is
@@ -236,10 +249,10 @@ def combine(processes: list[dict]) -> dict:
     errors = [m["error"] for m in processes if "ratio" not in m]
     if not measured:
         return {"error": errors[0] if errors else "no process ran", "errors": errors}
-    ratios = [m["ratio"] for m in measured]
+    ratios, swapped = [m["ratio"] for m in measured], [bool(m.get("swapped")) for m in measured]
     out = {"a": measured[0].get("a"), "b": measured[0].get("b"), "ratio": statistics.median(ratios),
-           "process_ratios": ratios, "ratio_range": [min(ratios), max(ratios)], "ratio_interval": ratio_interval(ratios),
-           "swapped": [bool(m.get("swapped")) for m in measured], "blocks": measured[0]["blocks"],
+           "process_ratios": ratios, "ratio_range": [min(ratios), max(ratios)], **balanced_ratio(ratios, swapped),
+           "swapped": swapped, "blocks": measured[0]["blocks"],
            "a_ms_per_token": statistics.median(m["a_ms_per_token"] for m in measured),
            "b_ms_per_token": statistics.median(m["b_ms_per_token"] for m in measured), "processes": processes}
     runs = [m for m in measured if "run_ratio" in m]

@@ -368,8 +368,11 @@ def process_figures(measured: dict) -> str:
     each = ", ".join(f"{r:.3f}{' B first' if s else ''}" for r, s in zip(measured["process_ratios"], measured["swapped"]))
     errors = measured.get("errors", [])
     failed = f"; {len(errors)} more failed: {errors[0]}" if errors else ""
-    interval = measured.get("ratio_interval")
-    within = f"; 95 % interval {interval[0]:.3f} to {interval[1]:.3f}" if interval else ""
+    within = ""
+    if "balanced_ratio" in measured:
+        interval = measured.get("balanced_interval")
+        within = f"; balanced over the orders {measured['balanced_ratio']:.3f}" + (
+            f" (95 % interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else "")
     return f"median of {len(measured['process_ratios'])} processes of {measured['blocks']} blocks: {each}{within}{failed}"
 
 

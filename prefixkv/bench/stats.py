@@ -106,6 +106,23 @@ def bootstrap_ci(
     return Interval(statistic(x), low, high, confidence, resamples)
 
 
+def stratified_bootstrap_ci(
+    groups, statistic: Callable[[list], float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of ``statistic(groups)`` (a function of the list of the
+    groups' 1-D arrays), each group resampled within itself, so that every resample keeps
+    each group's size: a statistic that weighs the groups equally is not moved by resamples
+    that hold more of one group."""
+    _check(confidence, resamples)
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    if not arrays or any(len(a) == 0 for a in arrays):
+        raise ValueError("bootstrap needs at least one value in every group")
+    indices = [_resample_indices(len(a), resamples, seed + k) for k, a in enumerate(arrays)]
+    stats = np.array([statistic([a[i[r]] for a, i in zip(arrays, indices)]) for r in range(resamples)])
+    low, high = _percentiles(stats, confidence)
+    return Interval(statistic(arrays), low, high, confidence, resamples)
+
+
 def paired_bootstrap(
     a, b, statistic: Callable[[np.ndarray], float] = mean, resamples: int = 2000,
     confidence: float = 0.95, seed: int = 0,
