@@ -1,67 +1,64 @@
 #!/usr/bin/env python3
-"""Peak memory and time of one prefill of an engine, in a fresh process per setting.
+"""Peak memory and time of one engine prefill under each ONNX Runtime execution order, a fresh process each.
 
-    python scripts/prefill_memory.py ENGINE [--tokens 2048] [--threads 2]
+    python scripts/prefill_memory.py ENGINE [--tokens 2048] [--chunk N] [--threads 2]
 
-Runs the engine's prefill graph once per ONNX Runtime execution order (the default order
-and the priority-based one prefixkv's runner uses) in its own subprocess and prints the
-process's peak resident memory (``ru_maxrss``) before and after the prefill, and the
-prefill's wall time.  Prompts are the built-in evaluation text.
+Why the runner asks for the priority-based order: ONNX Runtime's default order is built
+backwards from the graph's outputs, so work that no later node needs (a layer's scoring)
+can run late and keep its inputs alive.  For each order, a fresh process opens the engine
+with the runner's session options and that order, prefills the first ``--tokens`` tokens of
+the built-in text in chunks of ``--chunk`` (default: the runner's), and prints one JSON line:
+``bench.point``'s figures (prefill seconds, RSS after loading, peak RSS in bytes) with the
+order.  ``prefixkv bench speed`` measures the runner's own order the same way.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
+
+ORDERS = ("DEFAULT", "PRIORITY_BASED")
 
 
-def one(engine: str, tokens: int, threads: int, order: str) -> dict:
-    import numpy as np
+def one(engine: str, tokens: int, chunk: int | None, threads: int, order: str) -> dict:
+    """One prefill in this process, the runner's sessions opened with ``order``."""
     import onnxruntime as ort
 
-    from prefixkv.data import builtin_text
-    from prefixkv.engines.onnxruntime import session_options
-    from prefixkv.engine_folder import read_manifest
-    from prefixkv.tokenizer import Tokenizer
+    from prefixkv.bench.point import measure
+    from prefixkv.engines import onnxruntime as backend
 
-    manifest = read_manifest(engine, verify=False)
-    options = session_options(ort, threads)
-    options.execution_order = getattr(ort.ExecutionOrder, order)
-    session = ort.InferenceSession(f"{engine}/{manifest['graphs']['prefill']['file']}", options,
-                                   providers=["CPUExecutionProvider"])
-    ids = Tokenizer(engine).encode(builtin_text("evaluation"))[:tokens]
-    if len(ids) < tokens:
-        raise SystemExit(f"the built-in text has only {len(ids)} tokens")
-    feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, tokens), dtype=np.int64)}
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    start = time.perf_counter()
-    session.run(None, feeds)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"execution_order": order, "tokens": tokens, "threads": threads, "rss_after_load_gib": round(loaded, 2),
-            "peak_rss_gib": round(peak, 2), "prefill_s": round(seconds, 2)}
+    runner_options = backend.session_options
+
+    def with_order(ort_module, threads_=None):
+        options = runner_options(ort_module, threads_)
+        options.execution_order = getattr(ort.ExecutionOrder, order)
+        return options
+
+    backend.session_options = with_order  # this process measures one order: every session the runner opens gets it
+    return {"execution_order": order, **measure(engine, tokens, chunk, threads, steps=0)}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine")
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=None, help="prompt tokens per decoder run (default: the runner's)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--order", help=argparse.SUPPRESS)  # internal: one setting, in this process
-    args = parser.parse_args()
+    parser.add_argument("--order", choices=ORDERS, help=argparse.SUPPRESS)  # internal: one order, in this process
+    args = parser.parse_args(argv)
     if args.order:
-        print(json.dumps(one(args.engine, args.tokens, args.threads, args.order)))
+        print(json.dumps(one(args.engine, args.tokens, args.chunk, args.threads, args.order)))
         return 0
-    for order in ("DEFAULT", "PRIORITY_BASED"):
-        done = subprocess.run([sys.executable, __file__, args.engine, "--tokens", str(args.tokens),
-                               "--threads", str(args.threads), "--order", order], capture_output=True, text=True)
+    for order in ORDERS:
+        command = [sys.executable, __file__, args.engine, "--tokens", str(args.tokens), "--threads", str(args.threads),
+                   "--order", order] + (["--chunk", str(args.chunk)] if args.chunk else [])
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
-            print(done.stderr, file=sys.stderr)
+            lines = done.stderr.strip().splitlines()
+            print(f"{order}: {lines[-1] if lines else f'exit {done.returncode}'}", file=sys.stderr)
             return done.returncode
-        print(done.stdout.strip())
+        print(done.stdout.strip().splitlines()[-1])
     return 0
 
 
