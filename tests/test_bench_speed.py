@@ -22,6 +22,54 @@ def test_a_point_runs_in_its_own_process_and_reports_memory(tiny):  # noqa: F811
     assert 0 < point["rss_anon_after_load"] <= point["rss_after_load"]  # Linux: /proc/self/status
 
 
+def test_the_prefill_memory_script_prefills_once_per_execution_order(tiny):  # noqa: F811 (the fixture)
+    """``scripts/prefill_memory.py``: a fresh process per ONNX Runtime execution order, each one
+    JSON line of ``bench.point``'s figures; a folder that is no engine: its one line, exit 1."""
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "prefill_memory.py")
+    proc = subprocess.run([sys.executable, script, str(tiny[0]), "--tokens", "100", "--chunk", "32", "--threads", "1"],
+                          capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [line["execution_order"] for line in lines] == ["DEFAULT", "PRIORITY_BASED"]
+    for line in lines:
+        assert line["tokens"] == 100 and line["chunk"] == 32 and line["decode_steps"] == 0
+        assert line["peak_rss"] >= line["rss_after_load"] > 0 and line["prefill_s"] > 0
+    missing = subprocess.run([sys.executable, script, str(tiny[0]) + "-missing", "--tokens", "10"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "DEFAULT:" in missing.stderr
+
+
+def test_the_commit_script_times_two_versions_in_turn_in_fresh_processes(tiny):  # noqa: F811 (the fixture)
+    """``scripts/decode_against_commit.py`` against this repository's HEAD: HEAD's code unpacked
+    by ``git archive``, each round's two processes in turn, the first of them alternating."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                                     capture_output=True).returncode:
+        pytest.skip("not a git checkout: the script archives a commit of it")
+    script = str(root / "scripts" / "decode_against_commit.py")
+    engine = str(tiny[0])
+    proc = subprocess.run([sys.executable, script, "--commit", "HEAD", "--old", engine, "--new", engine, "--contexts",
+                           "60,100", "--rounds", "2", "--steps", "3", "--threads", "1"], capture_output=True, text=True,
+                          check=True)
+    got = json.loads(proc.stdout)
+    assert list(got["contexts"]) == ["60", "100"]
+    for point in got["contexts"].values():
+        assert [row["first"] for row in point["rounds"]] == ["old", "new"]
+        for row in point["rounds"]:
+            assert row["old_ms"] > 0 and row["new_ms"] > 0 and row["ratio"] == pytest.approx(row["new_ms"] / row["old_ms"])
+        assert point["ratio_old_first"] == point["rounds"][0]["ratio"]
+    refused = subprocess.run([sys.executable, script, "--commit", "HEAD", "--old", engine + "-missing", "--new", engine],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "no engine folder" in refused.stderr.strip().splitlines()[-1]
+    bad = subprocess.run([sys.executable, script, "--commit", "no-such-commit", "--old", engine, "--new", engine,
+                          "--rounds", "1"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("git archive no-such-commit:") and bad.stderr.count("\n") == 1
+
+
 def test_a_point_at_the_whole_context_decodes_no_token_past_it(tiny):  # noqa: F811 (the fixture)
     """A prompt of the tiny engine's whole context (512 tokens) leaves no position for a decode
     step: the point reports its prefill and no decode step, not the runner's refusal."""
@@ -56,7 +104,8 @@ def test_targets_compare_with_the_measured_numbers():
         "window:keep 0.2 folder <= 1.1x safetensors": (1.05, True),
         "window:keep 0.2 RSS after load <= 1.3x weights": (1.4, False),  # 700 / 500
         "accumulated:keep 0.2 prefill at 2048 <= 1.4x PyTorch SDPA": (1.4, True),
-        "keep 1 decode at 512 <= onnxruntime-genai's": (0.909, True),
+        "keep 1 decode at 512 <= onnxruntime-genai's (one point each in the bench's process, genai loaded second)":
+            (0.909, True),
     }
 
 
@@ -159,7 +208,8 @@ def test_decode_rounds_compare_each_engine_with_genai_in_the_same_round():
                     "keep 0.2 decode at 512 <= onnxruntime-genai's (median of 3 rounds)": (1.0, True),
                     "keep 1 decode at 2048 <= onnxruntime-genai's (median of 3 rounds)": (1.025, False),
                     "keep 0.2 decode at 2048 <= onnxruntime-genai's (median of 3 rounds)": (0.775, True),
-                    "keep 1 decode at 1024 <= onnxruntime-genai's": (1.1, False)}  # no rounds at 1024: the one-shot step
+                    "keep 1 decode at 1024 <= onnxruntime-genai's (one point each in the bench's process, genai loaded "
+                    "second)": (1.1, False)}  # no rounds at 1024: the one-shot step
     # a failed genai point gives that round no ratio; a skipped run gives no row
     failed = decode_rounds({"keep 1": "A", "genai": "G"}, [512], 1, 64, 2, lambda m: None,
                            measure=lambda t, c, th, steps=None: {"error": "boom"} if t == "G" else {"decode_ms_per_token": 1.0})
@@ -313,12 +363,17 @@ def test_paired_points_become_target_rows_beside_the_rounds():
     weights = paired_points({"int4": ("I4", "F32")}, 1024, plan, lines.append, measure=measure)
     assert seen[0] == ("E1", "G", 2048, plan) and decode["keep 0.5"] == {"error": "boom"} and len(lines) == 4
     assert "1.040x (median of 2 processes of 12 blocks: 1.030, 1.050 B first)" in lines[0]
+    # the bench's one-shot in-process points: a paired figure stands for its context instead
+    one_shot = {"onnxruntime": {"1": {"2048": {"decode_ms_per_token": 9.0}, "4096": {"decode_ms_per_token": 12.0}}},
+                "genai": {"2048": {"decode_ms_per_token": 10.0}, "4096": {"decode_ms_per_token": 10.0}}}
     rows = {row["target"]: (row["value"], row["met"])
-            for row in targets({"paired": {"2048": decode}, "weights": {"context": 1024, "paired": weights}})}
+            for row in targets({"paired": {"2048": decode}, "weights": {"context": 1024, "paired": weights}, **one_shot})}
     label = "paired, median of 2 processes of 12 blocks: {:.3f}, {:.3f} B first"
     assert rows == {f"int4 decode at 1024 <= 0.4x fp32 ({label.format(0.38, 0.40)})": (0.39, True),
                     f"keep 1 decode at 2048 <= onnxruntime-genai's ({label.format(1.03, 1.05)})": (1.04, False),
-                    f"keep 0.2 decode at 2048 <= onnxruntime-genai's ({label.format(0.79, 0.81)})": (0.8, True)}
+                    f"keep 0.2 decode at 2048 <= onnxruntime-genai's ({label.format(0.79, 0.81)})": (0.8, True),
+                    "keep 1 decode at 4096 <= onnxruntime-genai's (one point each in the bench's process, genai loaded "
+                    "second)": (1.2, False)}
     assert targets({"paired": {"skipped": "no genai"}}) == []
 
 
