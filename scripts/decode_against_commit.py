@@ -11,8 +11,10 @@
 first CONTEXT tokens of the built-in text (this tree's tokenizer and text, the same ids for
 both), then 2 untimed greedy decode steps and ``--steps`` timed ones, each the runner's
 ``decode`` and numpy's argmax; its median is the point.  The two run in turn, the old one
-first in even rounds and the new one first in odd ones.  Prints, per context, each round's
-milliseconds and ratio (new over old), and the median ratio and those of either order.
+first in even rounds and the new one first in odd ones.  Prints JSON: the commit's hash, this
+tree's HEAD and whether it has uncommitted changes, and per context each round's milliseconds,
+ratio (new over old) and the ``prefixkv`` each process imported, with the median ratio and
+those of either order.
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ import numpy as np
 import prefixkv
 from prefixkv.engines import load_runner
 tree, engine, ids_file, steps, threads = sys.argv[1:6]
-if not os.path.realpath(prefixkv.__file__).startswith(os.path.realpath(tree) + os.sep):
-    raise SystemExit(f"imported prefixkv from {prefixkv.__file__}, not from {tree}")
+code = os.path.realpath(prefixkv.__file__)
+if not code.startswith(os.path.realpath(tree) + os.sep):
+    raise SystemExit(f"imported prefixkv from {code}, not from {tree}")
 ids = np.load(ids_file).reshape(1, -1)
-runner = load_runner(engine, threads=int(threads))
+runner = load_runner(engine, threads=int(threads), verify=False)
 logits, state = runner.prefill(ids, np.ones_like(ids))
 token = np.asarray(logits).argmax(-1)
 times = []
@@ -48,7 +51,7 @@ for _ in range(int(steps) + 2):
     logits, state = runner.decode(state, token)
     token = np.asarray(logits).argmax(-1)
     times.append(time.perf_counter() - start)
-print(json.dumps({"ms": statistics.median(times[2:]) * 1e3}))
+print(json.dumps({"ms": statistics.median(times[2:]) * 1e3, "code": code}))
 """
 
 
@@ -61,20 +64,33 @@ def unpack(commit: str, folder: Path) -> Path:
         lines = done.stderr.strip().splitlines()
         raise SystemExit(f"git archive {commit}: {lines[-1] if lines else f'exit {done.returncode}'}")
     tree = folder / "tree"
-    with tarfile.open(archive) as tar:
-        tar.extractall(tree, filter="data")
+    with tarfile.open(archive) as tar:  # the "data" filter where this Python has it (3.11.4, 3.10.12 on)
+        tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return tree
 
 
-def step_ms(tree: Path, engine: str, ids_file: Path, steps: int, threads: int) -> float:
-    """The median decode step of ``engine`` with ``tree``'s prefixkv, in a fresh process."""
+def resolved(commit: str) -> str:
+    """``commit``'s full hash in this repository (one line and exit 1 if it names none)."""
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", commit + "^{commit}"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"git archive {commit}: no such commit in {ROOT}")
+    return done.stdout.strip()
+
+
+def step_ms(tree: Path, engine: str, ids_file: Path, steps: int, threads: int) -> dict:
+    """The median decode step of ``engine`` with ``tree``'s prefixkv, in a fresh process ->
+    {"ms", "code": the prefixkv file it imported}."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     done = subprocess.run([sys.executable, "-c", STEP, str(tree), engine, str(ids_file), str(steps), str(threads)],
                           capture_output=True, text=True, env=env, cwd=tree)
     if done.returncode:
         lines = done.stderr.strip().splitlines()
         raise SystemExit(f"{engine} with {tree}: {lines[-1] if lines else f'exit {done.returncode}'}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise SystemExit(f"{engine} with {tree}: no result printed")
+    return json.loads(lines[-1])
 
 
 def compare(trees: dict, engines: dict, ids_file: Path, rounds: int, steps: int, threads: int) -> dict:
@@ -82,8 +98,10 @@ def compare(trees: dict, engines: dict, ids_file: Path, rounds: int, steps: int,
     rows = []
     for r in range(rounds):
         order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        ms = {name: step_ms(trees[name], engines[name], ids_file, steps, threads) for name in order}
-        rows.append({"first": order[0], "old_ms": ms["old"], "new_ms": ms["new"], "ratio": ms["new"] / ms["old"]})
+        got = {name: step_ms(trees[name], engines[name], ids_file, steps, threads) for name in order}
+        ms = {name: point["ms"] for name, point in got.items()}
+        rows.append({"first": order[0], "old_ms": ms["old"], "new_ms": ms["new"], "ratio": ms["new"] / ms["old"],
+                     "old_code": got["old"]["code"], "new_code": got["new"]["code"]})
     by_order = {first: [row["ratio"] for row in rows if row["first"] == first] for first in ("old", "new")}
     return {"rounds": rows, "ratio": statistics.median(row["ratio"] for row in rows),
             **{f"ratio_{first}_first": statistics.median(v) for first, v in by_order.items() if v}}
@@ -106,20 +124,34 @@ def main(argv=None) -> int:
         parser.error(f"--contexts: expected comma-separated integers, got {args.contexts!r}")
     if min(contexts) < 1 or args.rounds < 1 or args.steps < 1 or args.threads < 1:
         parser.error("contexts, --rounds, --steps and --threads must be positive")
+    room = {}
     for name in ("old", "new"):
-        if not (Path(getattr(args, name)) / "manifest.json").is_file():
-            parser.error(f"--{name} {getattr(args, name)}: no engine folder (no manifest.json)")
+        manifest = Path(getattr(args, name)) / "manifest.json"
+        try:
+            room[name] = int(json.loads(manifest.read_text()).get("max_context") or 0)
+        except (OSError, ValueError):
+            parser.error(f"--{name} {getattr(args, name)}: no engine folder (no readable manifest.json)")
+    needed = max(contexts) + args.steps + 2  # the prompt, 2 untimed steps and the timed ones
+    for name, limit in room.items():
+        if limit and needed > limit:
+            parser.error(f"--{name}'s context is {limit} tokens, fewer than {max(contexts)} prompt tokens and "
+                         f"{args.steps + 2} steps")
 
+    sys.path.insert(0, str(ROOT))  # the prompt ids by this tree's code, not an installed copy's
     from prefixkv.bench.point import prompt_ids
     from prefixkv.tokenizer import Tokenizer
 
     import numpy as np
 
     engines = {"old": str(Path(args.old).resolve()), "new": str(Path(args.new).resolve())}
-    result = {"commit": args.commit, "engines": engines, "steps": args.steps, "threads": args.threads, "contexts": {}}
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
+    result = {"commit": resolved(args.commit), "new_tree": {"root": str(ROOT), "head": head, "uncommitted_changes": dirty},
+              "engines": engines, "steps": args.steps, "threads": args.threads, "contexts": {}}
     with tempfile.TemporaryDirectory(prefix="prefixkv-commit-") as scratch:
         scratch = Path(scratch)
-        trees = {"old": unpack(args.commit, scratch), "new": ROOT}
+        trees = {"old": unpack(result["commit"], scratch), "new": ROOT}
         ids = prompt_ids(Tokenizer(engines["new"]), max(contexts))
         for context in contexts:
             if len(ids) < context:

@@ -22,21 +22,32 @@ ORDERS = ("DEFAULT", "PRIORITY_BASED")
 
 
 def one(engine: str, tokens: int, chunk: int | None, threads: int, order: str) -> dict:
-    """One prefill in this process, the runner's sessions opened with ``order``."""
+    """One prefill in this process, the runner's sessions opened with ``order``; the result
+    names the orders its sessions report, so a patch that did not take shows."""
     import onnxruntime as ort
 
-    from prefixkv.bench.point import measure
+    from prefixkv.bench import point
     from prefixkv.engines import onnxruntime as backend
 
-    runner_options = backend.session_options
+    runner_options, open_engine, opened = backend.session_options, point.open_engine, []
 
     def with_order(ort_module, threads_=None):
         options = runner_options(ort_module, threads_)
         options.execution_order = getattr(ort.ExecutionOrder, order)
         return options
 
-    backend.session_options = with_order  # this process measures one order: every session the runner opens gets it
-    return {"execution_order": order, **measure(engine, tokens, chunk, threads, steps=0)}
+    def open_and_keep(*args, **kwargs):
+        opened.append(open_engine(*args, **kwargs))
+        return opened[-1]
+
+    # this process measures one order: every session the runner opens gets it
+    backend.session_options, point.open_engine = with_order, open_and_keep
+    measured = point.measure(engine, tokens, chunk, threads, steps=0)
+    if measured["tokens"] < tokens:
+        raise SystemExit(f"the built-in text has {measured['tokens']} tokens, fewer than --tokens {tokens}")
+    sessions = [*opened[0].sessions.values(), opened[0]._compactor]
+    reported = sorted({s.get_session_options().execution_order.name for s in sessions})
+    return {"execution_order": order, "session_orders": reported, **measured}
 
 
 def main(argv=None) -> int:
@@ -52,13 +63,17 @@ def main(argv=None) -> int:
         return 0
     for order in ORDERS:
         command = [sys.executable, __file__, args.engine, "--tokens", str(args.tokens), "--threads", str(args.threads),
-                   "--order", order] + (["--chunk", str(args.chunk)] if args.chunk else [])
+                   "--order", order] + (["--chunk", str(args.chunk)] if args.chunk is not None else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             lines = done.stderr.strip().splitlines()
             print(f"{order}: {lines[-1] if lines else f'exit {done.returncode}'}", file=sys.stderr)
             return done.returncode
-        print(done.stdout.strip().splitlines()[-1])
+        lines = done.stdout.strip().splitlines()
+        if not lines:
+            print(f"{order}: no result printed", file=sys.stderr)
+            return 1
+        print(lines[-1])
     return 0
 
 

@@ -32,7 +32,8 @@ def test_the_prefill_memory_script_prefills_once_per_execution_order(tiny):  # n
                           capture_output=True, text=True, check=True)
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [line["execution_order"] for line in lines] == ["DEFAULT", "PRIORITY_BASED"]
-    for line in lines:
+    for line in lines:  # every session the runner opened ran with the line's order
+        assert line["session_orders"] == [line["execution_order"]]
         assert line["tokens"] == 100 and line["chunk"] == 32 and line["decode_steps"] == 0
         assert line["peak_rss"] >= line["rss_after_load"] > 0 and line["prefill_s"] > 0
     missing = subprocess.run([sys.executable, script, str(tiny[0]) + "-missing", "--tokens", "10"],
@@ -57,14 +58,24 @@ def test_the_commit_script_times_two_versions_in_turn_in_fresh_processes(tiny): 
                           check=True)
     got = json.loads(proc.stdout)
     assert list(got["contexts"]) == ["60", "100"]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert got["commit"] == head and got["new_tree"]["head"] == head
     for point in got["contexts"].values():
         assert [row["first"] for row in point["rounds"]] == ["old", "new"]
         for row in point["rounds"]:
             assert row["old_ms"] > 0 and row["new_ms"] > 0 and row["ratio"] == pytest.approx(row["new_ms"] / row["old_ms"])
+            # the old engine ran the archived commit's code, the new one this tree's
+            assert not row["old_code"].startswith(str(root) + "/") and row["old_code"].endswith("prefixkv/__init__.py")
+            assert row["new_code"] == str(root / "prefixkv" / "__init__.py")
         assert point["ratio_old_first"] == point["rounds"][0]["ratio"]
+        assert point["ratio_new_first"] == point["rounds"][1]["ratio"]
+        assert point["ratio"] == pytest.approx((point["rounds"][0]["ratio"] + point["rounds"][1]["ratio"]) / 2)
     refused = subprocess.run([sys.executable, script, "--commit", "HEAD", "--old", engine + "-missing", "--new", engine],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "no engine folder" in refused.stderr.strip().splitlines()[-1]
+    too_long = subprocess.run([sys.executable, script, "--commit", "HEAD", "--old", engine, "--new", engine, "--contexts",
+                               "500", "--steps", "32"], capture_output=True, text=True)  # the tiny engine holds 512
+    assert too_long.returncode == 2 and "context is 512 tokens" in too_long.stderr.strip().splitlines()[-1]
     bad = subprocess.run([sys.executable, script, "--commit", "no-such-commit", "--old", engine, "--new", engine,
                           "--rounds", "1"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("git archive no-such-commit:") and bad.stderr.count("\n") == 1
@@ -363,11 +374,13 @@ def test_paired_points_become_target_rows_beside_the_rounds():
     weights = paired_points({"int4": ("I4", "F32")}, 1024, plan, lines.append, measure=measure)
     assert seen[0] == ("E1", "G", 2048, plan) and decode["keep 0.5"] == {"error": "boom"} and len(lines) == 4
     assert "1.040x (median of 2 processes of 12 blocks: 1.030, 1.050 B first)" in lines[0]
-    # the bench's one-shot in-process points: a paired figure stands for its context instead
+    # the bench's one-shot in-process points: a paired figure stands for its context instead; where
+    # the pair failed (4096), the one-shot row stays
     one_shot = {"onnxruntime": {"1": {"2048": {"decode_ms_per_token": 9.0}, "4096": {"decode_ms_per_token": 12.0}}},
                 "genai": {"2048": {"decode_ms_per_token": 10.0}, "4096": {"decode_ms_per_token": 10.0}}}
+    paired = {"2048": decode, "4096": {"keep 1": {"error": "boom"}}}
     rows = {row["target"]: (row["value"], row["met"])
-            for row in targets({"paired": {"2048": decode}, "weights": {"context": 1024, "paired": weights}, **one_shot})}
+            for row in targets({"paired": paired, "weights": {"context": 1024, "paired": weights}, **one_shot})}
     label = "paired, median of 2 processes of 12 blocks: {:.3f}, {:.3f} B first"
     assert rows == {f"int4 decode at 1024 <= 0.4x fp32 ({label.format(0.38, 0.40)})": (0.39, True),
                     f"keep 1 decode at 2048 <= onnxruntime-genai's ({label.format(1.03, 1.05)})": (1.04, False),

@@ -520,7 +520,8 @@ def targets(results: dict) -> list[dict]:
             other = genai.get(context)
             # the rounds' or the paired figure stands for this context: the one-shot points share the bench's
             # process, genai's model loaded after the engine, and a decoder loaded first ran slower
-            # (genai's by up to 20 % at 7936 tokens; ``docs/engine_v2.md``, 2026-12-06, 17:15)
+            # (genai's graph at 7936 tokens: 75 to 86 ms loaded first, 65 to 74 ms second; ``docs/engine_v2.md``,
+            # 2026-12-06, 17:15)
             if (rounds.get(context) or {}).get("median_vs_genai") or "ratio" in ((paired.get(context) or {})
                                                                                   .get(f"keep {keep}") or {}):
                 continue
