@@ -77,7 +77,7 @@ def test_the_commit_script_times_two_versions_in_turn_in_fresh_processes(tiny): 
                                "500", "--steps", "32"], capture_output=True, text=True)  # the tiny engine holds 512
     assert too_long.returncode == 2 and "context is 512 tokens" in too_long.stderr.strip().splitlines()[-1]
     bad = subprocess.run([sys.executable, script, "--commit", "no-such-commit", "--old", engine, "--new", engine,
-                          "--rounds", "1"], capture_output=True, text=True)
+                          "--contexts", "60", "--rounds", "1"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("git archive no-such-commit:") and bad.stderr.count("\n") == 1
 
 
