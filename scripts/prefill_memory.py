@@ -17,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 ORDERS = ("DEFAULT", "PRIORITY_BASED")
 
@@ -26,6 +27,7 @@ def one(engine: str, tokens: int, chunk: int | None, threads: int, order: str) -
     names the orders its sessions report, so a patch that did not take shows."""
     import onnxruntime as ort
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's prefixkv, not an installed copy's
     from prefixkv.bench import point
     from prefixkv.engines import onnxruntime as backend
 
