@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -218,8 +219,6 @@ def balanced_ratio(ratios: list[float], swapped: list[bool]) -> dict:
     one order's ratios by e and the other's by 1 / e, cancels), with its 95 % bootstrap
     interval, each order's processes resampled within that order (``balanced_interval``; none
     with fewer than 2 processes in an order).  {} with one order only."""
-    import math
-
     orders = [[math.log(r) for r, s in zip(ratios, swapped) if s == order] for order in (False, True)]
     if not all(orders):
         return {}
