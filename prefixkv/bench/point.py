@@ -1,6 +1,6 @@
 """One measurement in a fresh process: its peak RSS is its own, and no other engine shares its time.
 
-    python -m prefixkv.bench.point ENGINE_DIR CONTEXT [--chunk N] [--threads T] [--steps S]
+    python -m prefixkv.bench.point ENGINE_DIR CONTEXT [--chunk N] [--threads T] [--steps S] [--no-huge-pages]
     python -m prefixkv.bench.point torch:MODEL CONTEXT [--threads T]
     python -m prefixkv.bench.point genai:FOLDER CONTEXT [--threads T] [--steps S]
 
@@ -63,15 +63,16 @@ def prompt_ids(tokenizer, context: int) -> list[int]:
     return tokenizer.encode(prompt_text())[:context]
 
 
-def open_engine(target: str, threads: int, chunk: int | None = None):
+def open_engine(target: str, threads: int, chunk: int | None = None, huge_pages: bool = True):
     """An engine folder's ONNX Runtime runner as every point runs it: ``threads`` intra-op
-    threads, the files not hashed (the point measures the run, not the check)."""
+    threads, the files not hashed (the point measures the run, not the check), its weights in
+    huge pages where the OS allows unless ``huge_pages`` is False (``engines.pages``)."""
     from ..engines.onnxruntime import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk)
+    return OnnxRuntimeRunner(target, threads=threads, verify=False, prefill_chunk=chunk, huge_pages=huge_pages)
 
 
-def measure(target: str, context: int, chunk: int | None, threads: int, steps: int) -> dict:
+def measure(target: str, context: int, chunk: int | None, threads: int, steps: int, huge_pages: bool = True) -> dict:
     if target.startswith("genai:"):
         return measure_genai(target.split(":", 1)[1], context, threads, steps)
     if target.startswith("torch:"):
@@ -88,7 +89,7 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
             model(torch.tensor([ids]))
             prefill = time.perf_counter() - start
         return {"prefill_s": prefill, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(), "tokens": len(ids)}
-    runner = open_engine(target, threads, chunk)
+    runner = open_engine(target, threads, chunk, huge_pages)
     loaded, anonymous = rss_bytes(), rss_bytes("RssAnon")
     ids = prompt_ids(runner.tokenizer, context)
     start = time.perf_counter()
@@ -105,7 +106,8 @@ def measure(target: str, context: int, chunk: int | None, threads: int, steps: i
         runs.append(runner.run_seconds)
     return {"prefill_s": prefill, "rss_after_load": loaded, "rss_anon_after_load": anonymous, "peak_rss": peak,
             "tokens": len(ids), "chunk": runner.prefill_chunk, "decode_steps": steps, "decode_ms_per_token": statistics.median(times) * 1e3 if times else None,
-            "decode_run_ms_per_token": statistics.median(runs) * 1e3 if runs else None}
+            "decode_run_ms_per_token": statistics.median(runs) * 1e3 if runs else None,
+            "huge_page_bytes": runner.huge_page_bytes}
 
 
 def load_genai(folder, threads: int | None):
@@ -165,8 +167,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="an engine's weights stay in the OS's small pages (engines.pages)")
     args = p.parse_args(argv)
-    print(json.dumps(measure(args.target, args.context, args.chunk, args.threads, args.steps)))
+    print(json.dumps(measure(args.target, args.context, args.chunk, args.threads, args.steps, args.huge_pages)))
     return 0
 
 

@@ -37,6 +37,8 @@ from ..engine_folder import CACHE_LAYOUT_KEY, SCORE_ROWS_KEY, SLOTS_KEY, EngineE
 from ..tokenizer import Tokenizer
 from ..vision.data import ImageError
 from ..vision.preprocess import ImageProcessor
+from . import pages
+from .pages import release_freed_heap
 from .base import Runner
 from .compaction_graph import serialized
 from .images import ImageInputs
@@ -138,21 +140,6 @@ def untie_packed_tables(path: Path) -> bytes | None:
                 aliases[name] = alias
             node.input[k] = aliases[name]
     return model.SerializeToString() if aliases else None
-
-
-def release_freed_heap() -> None:
-    """Give the heap memory that loading freed back to the OS (glibc's ``malloc_trim``; a
-    no-op elsewhere).  Creating a session parses, optimizes and packs the graph in temporary
-    buffers; glibc keeps such freed memory for later allocations, so it stays resident.
-    SmolLM2's engine: 708,882,432 -> 678,612,992 bytes of RSS after loading (``bench.point``,
-    ``docs/engine_v2.md``)."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
 
 
 class DecoderBinding:
@@ -277,12 +264,15 @@ def session_options(ort, threads: int | None = None):
 class OnnxRuntimeRunner(Runner):
     """engine_dir: a folder written by ``prefixkv build``; providers: see ``resolve_providers``;
     threads: intra-op threads (None: ONNX Runtime's default); verify: hash every file on load;
-    prefill_chunk: prompt tokens per decoder run (None: ``defaults.PREFILL_CHUNK``)."""
+    prefill_chunk: prompt tokens per decoder run (None: ``defaults.PREFILL_CHUNK``);
+    huge_pages: on the CPU, the memory the sessions allocated while loading (the packed
+    weights) collapsed into 2 MiB pages where the OS allows (``pages``; how many bytes it
+    did: ``huge_page_bytes``)."""
 
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str | Path, providers=None, threads: int | None = None, verify: bool = True,
-                 cache_slack: int = CACHE_SLACK, prefill_chunk: int | None = None):
+                 cache_slack: int = CACHE_SLACK, prefill_chunk: int | None = None, huge_pages: bool = True):
         ort = _import_ort()
         self.engine_dir = Path(engine_dir)
         self.run_seconds = 0.0  # the last decoder run's ONNX Runtime time (``bench.point`` reports it)
@@ -307,6 +297,12 @@ class OnnxRuntimeRunner(Runner):
         if missing:
             raise EngineError(f"{self.engine_dir}: the manifest lists no {' or '.join(missing)} graph (an engine from an "
                               "older prefixkv); rebuild it with `prefixkv build --force`")
+        # the resident memory before the sessions load (the freed heap given back first, so that
+        # memory they reuse counts): what becomes resident is theirs (``pages``)
+        before = None
+        if huge_pages and self.providers[0] == "CPUExecutionProvider":
+            release_freed_heap()
+            before = pages.resident_blocks()
         self.sessions = {}
         for graph in GRAPHS:
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]
@@ -346,6 +342,8 @@ class OnnxRuntimeRunner(Runner):
         # the decoder outputs a step binds afresh (the rest are the key/value buffers, bound once per buffer)
         self._fresh = ["logits", "present.positions", "present.valid"] + (["mass"] if self._scored else [])
         release_freed_heap()
+        # the packed weights in 2 MiB pages: a decode step streams them all (``pages``, ``docs/engine_v2.md``)
+        self.huge_page_bytes = 0 if before is None else pages.collapse(pages.resident_blocks() - before)
 
     def _check_io(self, graph: str) -> None:
         session = self.sessions[graph]
