@@ -1,6 +1,6 @@
 """Two decoders in one process, their decode steps interleaved: a paired measurement.
 
-    python -m prefixkv.bench.paired A B CONTEXT [--blocks N] [--block-steps S] [--threads T]
+    python -m prefixkv.bench.paired A B CONTEXT [--blocks N] [--block-steps S] [--threads T] [--genai-huge-pages]
 
 A and B are engine folders, ``genai:FOLDER`` (an onnxruntime-genai model) or
 ``genai-graph:FOLDER`` (that model's graph run from Python the way the engine runner runs
@@ -54,12 +54,27 @@ class PlanError(ValueError):
     """A paired point that cannot be measured as asked (its blocks, context or threads)."""
 
 
-def decoder_steps(target: str, context: int | list[int], threads: int, steps: int):
+def loaded_in_huge_pages(load):
+    """``load()``'s result, the memory it left resident collapsed into 2 MiB pages as the
+    engine runner collapses its sessions' (``engines.pages``): an onnxruntime-genai decoder on
+    the engine's footing, which genai does not do itself."""
+    from ..engines import pages
+
+    pages.release_freed_heap()
+    before = pages.resident_blocks()
+    loaded = load()
+    pages.collapse(pages.resident_blocks() - before)
+    return loaded
+
+
+def decoder_steps(target: str, context: int | list[int], threads: int, steps: int, genai_huge_pages: bool = False):
     """A function running one greedy decode step of ``target`` after its prefill of the
     first ``context`` tokens of the built-in text (a list: one row per count, decoded as one
     batch); ``steps``: how many it will be asked for.  It returns the seconds of the ONNX
     Runtime run within the step (an engine, ``genai-graph``), or None (``genai``: its loop is
-    its own)."""
+    its own).  ``genai_huge_pages``: a genai model's loaded memory in huge pages too
+    (``loaded_in_huge_pages``); an engine's always is, where the OS allows."""
+    load = loaded_in_huge_pages if genai_huge_pages else (lambda loader: loader())
     rows = _rows(context)
     if target.startswith(GENAI_PREFIXES):  # one row (``measure`` refuses more before anything loads)
         from ..tokenizer import Tokenizer
@@ -69,7 +84,7 @@ def decoder_steps(target: str, context: int | list[int], threads: int, steps: in
         if kind == "genai-graph":
             from .genai_graph import GenaiGraphLoop
 
-            loop = GenaiGraphLoop(folder, threads)
+            loop = load(lambda: GenaiGraphLoop(folder, threads))
             try:
                 held = [loop.prefill(ids, steps)]
             except ValueError as err:  # the prompt and its steps past the model's context
@@ -80,7 +95,7 @@ def decoder_steps(target: str, context: int | list[int], threads: int, steps: in
                 return loop.run_seconds
 
             return graph_step
-        og, model = load_genai(folder, threads)
+        og, model = load(lambda: load_genai(folder, threads))
         generator = genai_generator(og, model, ids, steps)
         generator.append_tokens([ids])
         return generator.generate_next_token  # returns None: no run of ours to report
@@ -268,7 +283,8 @@ def _given(runs: list | None) -> bool:
     return bool(runs) and all(r is not None for block in runs for r in block)
 
 
-def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int, block_steps: int) -> dict:
+def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int, block_steps: int,
+            genai_huge_pages: bool = False) -> dict:
     check_blocks(blocks, block_steps)  # before either decoder loads
     rows = _rows(context)
     if not rows or min(rows) < 1 or threads < 1:
@@ -276,10 +292,10 @@ def measure(a: str, b: str, context: int | list[int], threads: int, blocks: int,
     if len(rows) > 1 and any(t.startswith(GENAI_PREFIXES) for t in (a, b)):
         raise PlanError(f"an onnxruntime-genai decoder takes one row here, not {len(rows)}")
     steps = blocks * block_steps + 1
-    step_a, step_b = decoder_steps(a, context, threads, steps), decoder_steps(b, context, threads, steps)
+    step_a, step_b = (decoder_steps(t, context, threads, steps, genai_huge_pages) for t in (a, b))
     step_a()  # one warm step each
     step_b()
-    return {"a": a, "b": b, "context": context, "threads": threads,
+    return {"a": a, "b": b, "context": context, "threads": threads, "genai_huge_pages": genai_huge_pages,
             **summarize(*interleave(step_a, step_b, blocks, block_steps))}
 
 
@@ -291,9 +307,11 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--block-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--genai-huge-pages", action="store_true",
+                        help="collapse a genai model's loaded memory into 2 MiB pages, as the engine runner does its own")
     args = parser.parse_args(argv)
     try:
-        measured = measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps)
+        measured = measure(args.a, args.b, args.context, args.threads, args.blocks, args.block_steps, args.genai_huge_pages)
     except PlanError as err:  # the plan's rules, or a prompt and its steps past an engine's context
         parser.error(str(err))
     except EngineError as err:  # a folder that is not a usable engine: one line, not a traceback

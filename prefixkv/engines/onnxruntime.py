@@ -22,7 +22,8 @@ at that context takes no further token); the prefill's compact caches
 get their first buffers at the first decode step.  A decode step therefore consumes the state it is given: its buffers
 are the new state's (the old one is marked consumed).  Imports numpy, onnxruntime and the
 engine-folder check only (this module runs inside Triton's Python backend), and onnx when
-loading a CPU decoder graph (``untie_packed_tables``).
+loading a CPU decoder graph (``untie_packed_tables``).  On the CPU the memory the sessions
+loaded, the packed weights, is collapsed into 2 MiB pages where the OS allows (``pages``).
 """
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def check_repository(repository: str | Path, verify: bool = False) -> dict[str, 
 RUNTIME_MODULES = (
     "__init__.py", "defaults.py", "engine_folder.py", "profile.py", "tokenizer.py", "data.py", "optional.py",
     "engines/__init__.py", "engines/base.py", "engines/batching.py", "engines/images.py", "engines/onnxruntime.py",
-    "engines/compaction_graph.py", "engines/tensorrt.py",
+    "engines/compaction_graph.py", "engines/pages.py", "engines/tensorrt.py",
     "vision/__init__.py", "vision/data.py", "vision/preprocess.py", "vision/serving.py",
     "plugins/__init__.py", "plugins/trt.py", "plugins/reference.py", "plugins/kernels.py",
     "compaction.py", "scoring.py",
