@@ -60,10 +60,9 @@ def loaded_in_huge_pages(load):
     the engine's footing, which genai does not do itself."""
     from ..engines import pages
 
-    pages.release_freed_heap()
-    before = pages.resident_blocks()
+    before = pages.before_loading()
     loaded = load()
-    pages.collapse(pages.resident_blocks() - before)
+    pages.after_loading(before)
     return loaded
 
 

@@ -39,7 +39,6 @@ from ..tokenizer import Tokenizer
 from ..vision.data import ImageError
 from ..vision.preprocess import ImageProcessor
 from . import pages
-from .pages import release_freed_heap
 from .base import Runner
 from .compaction_graph import serialized
 from .images import ImageInputs
@@ -266,9 +265,10 @@ class OnnxRuntimeRunner(Runner):
     """engine_dir: a folder written by ``prefixkv build``; providers: see ``resolve_providers``;
     threads: intra-op threads (None: ONNX Runtime's default); verify: hash every file on load;
     prefill_chunk: prompt tokens per decoder run (None: ``defaults.PREFILL_CHUNK``);
-    huge_pages: on the CPU, the memory the sessions allocated while loading (the packed
-    weights) collapsed into 2 MiB pages where the OS allows (``pages``; how many bytes it
-    did: ``huge_page_bytes``)."""
+    huge_pages: on the CPU, the memory the decoder and compact sessions allocated while loading
+    (the packed weights) collapsed into huge pages where the OS allows (``pages``; how many
+    bytes moved: ``huge_page_bytes``; a vision engine's tower, loaded after them and run once
+    per image, stays in small pages)."""
 
     name = "onnxruntime"
 
@@ -298,12 +298,8 @@ class OnnxRuntimeRunner(Runner):
         if missing:
             raise EngineError(f"{self.engine_dir}: the manifest lists no {' or '.join(missing)} graph (an engine from an "
                               "older prefixkv); rebuild it with `prefixkv build --force`")
-        # the resident memory before the sessions load (the freed heap given back first, so that
-        # memory they reuse counts): what becomes resident is theirs (``pages``)
-        before = None
-        if huge_pages and self.providers[0] == "CPUExecutionProvider":
-            release_freed_heap()
-            before = pages.resident_blocks()
+        # the resident memory before the sessions load: what becomes resident is theirs (``pages``)
+        before = pages.before_loading() if huge_pages and self.providers[0] == "CPUExecutionProvider" else None
         self.sessions = {}
         for graph in GRAPHS:
             path = self.engine_dir / self.manifest["graphs"][graph]["file"]
@@ -342,9 +338,11 @@ class OnnxRuntimeRunner(Runner):
         self._mass_layers = [int(i.name.split(".")[1]) for i in self.sessions["compact"].get_inputs() if i.name.startswith("mass.")]
         # the decoder outputs a step binds afresh (the rest are the key/value buffers, bound once per buffer)
         self._fresh = ["logits", "present.positions", "present.valid"] + (["mass"] if self._scored else [])
-        release_freed_heap()
-        # the packed weights in 2 MiB pages: a decode step streams them all (``pages``, ``docs/engine_v2.md``)
-        self.huge_page_bytes = 0 if before is None else pages.collapse(pages.resident_blocks() - before)
+        if before is None:
+            pages.release_freed_heap()  # the heap that loading freed, back to the OS
+            self.huge_page_bytes = 0
+        else:  # that, then the packed weights in huge pages: a decode step streams them all (``docs/engine_v2.md``)
+            self.huge_page_bytes = pages.after_loading(before)
 
     def _check_io(self, graph: str) -> None:
         session = self.sessions[graph]

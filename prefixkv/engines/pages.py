@@ -1,29 +1,54 @@
 """The process's memory as the CPU runner manages it: the heap that loading freed given back,
-and an engine's weights in 2 MiB pages (Linux transparent huge pages).
+and an engine's weights in huge pages (Linux transparent huge pages, 2 MiB on x86-64).
 
 A CPU decode step at batch 1 streams every weight once: SmolLM2's 540 MB through the TLB
 in 4 KiB pages.  ONNX Runtime packs the weights into anonymous memory it allocates while
-the session loads.  So the runner notes which 2 MiB blocks of the process's anonymous memory
-are resident before loading (``resident_blocks``, after giving the freed heap back, so that
-memory loading reuses counts as new), and afterwards asks the kernel to collapse the blocks
-that became resident into huge pages (``madvise(MADV_COLLAPSE)``, Linux 6.1 on, whatever the
-system's THP mode is short of ``never``).  Nothing is copied by prefixkv and nothing changes
-but the page size: the same bytes at the same addresses.  Only blocks already almost all
-resident are asked for (a thread's stack, mostly untouched, is not), so the resident memory
-stays what it was.  Elsewhere (another OS, an older kernel, THP off) the kernel refuses and the
-weights stay in small pages, as before.
+the session loads.  So the runner notes which huge-page blocks of the process's anonymous
+memory are resident before loading (``before_loading``, after giving the freed heap back, so
+that memory loading reuses counts as new), and afterwards asks the kernel to collapse the
+blocks that became resident into huge pages (``after_loading``: ``madvise(MADV_COLLAPSE)``,
+Linux 6.1 on).  Nothing is copied by prefixkv and nothing changes but the page size: the same
+bytes at the same addresses.  Only blocks already at least ``RESIDENT`` resident are asked
+for (a thread's stack, mostly untouched, is not), so the resident memory grows by at most the
+rest of those blocks (SmolLM2: 468 kB for 512 MiB collapsed).  Where the system's THP mode is
+``never`` nothing is asked (the call itself ignores that mode on many kernels), and where the
+kernel refuses (another OS, a kernel before 6.1) the weights stay in small pages, as before.
 
 ``anonymous_regions`` and ``block_runs`` are pure; the rest asks the kernel about this
-process.  Imports the standard library only (this module runs inside Triton's Python backend).
+process, and never raises.  Imports the standard library only (this module runs inside
+Triton's Python backend).
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
+from functools import lru_cache
+from pathlib import Path
 
-HUGE_PAGE = 2 << 20  # x86-64 and arm64 with 4 KiB base pages: one page-middle-directory entry maps 2 MiB
 MADV_COLLAPSE = 25  # linux/mman.h
 RESIDENT = 0.9  # the share of a block's small pages that must be resident for it to count
+THP = Path("/sys/kernel/mm/transparent_hugepage")
+WINDOW = 1 << 30  # bytes of a region asked about per mincore call (its answer: one byte per small page)
+
+
+@lru_cache(maxsize=None)
+def huge_page_size() -> int:
+    """The kernel's transparent huge page (one page-middle-directory entry): 2 MiB on x86-64
+    and on arm64 with 4 KiB pages; 2 MiB where the kernel does not say."""
+    try:
+        return int((THP / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+def thp_mode() -> str | None:
+    """The system's THP mode (``always``, ``madvise`` or ``never``), or None where there is none to read."""
+    try:
+        text = (THP / "enabled").read_text()
+    except OSError:
+        return None
+    start, stop = text.find("["), text.find("]")
+    return text[start + 1 : stop] if 0 <= start < stop else None
 
 
 def anonymous_regions(maps: str) -> list[tuple[int, int]]:
@@ -42,7 +67,7 @@ def anonymous_regions(maps: str) -> list[tuple[int, int]]:
     return regions
 
 
-def block_runs(blocks, page: int = HUGE_PAGE) -> list[tuple[int, int]]:
+def block_runs(blocks, page: int) -> list[tuple[int, int]]:
     """The block addresses ``blocks`` (each the start of ``page`` bytes) as [start, stop) runs of adjacent blocks."""
     runs: list[tuple[int, int]] = []
     for a in sorted(blocks):
@@ -54,12 +79,14 @@ def block_runs(blocks, page: int = HUGE_PAGE) -> list[tuple[int, int]]:
 
 
 def _libc():
+    """glibc with the three calls used here typed, or None (not glibc, or a shim without them)."""
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc
+        libc = ctypes.CDLL("libc.so.6")
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
         return None
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     return libc
 
 
@@ -74,40 +101,41 @@ def release_freed_heap() -> None:
         libc.malloc_trim(0)
 
 
-def resident_blocks(page: int = HUGE_PAGE) -> set[int]:
-    """The ``page``-aligned blocks of this process's anonymous memory at least ``RESIDENT``
+def resident_blocks() -> set[int]:
+    """The huge-page blocks of this process's anonymous memory at least ``RESIDENT``
     resident, by ``mincore``; none where the kernel cannot be asked."""
-    libc = _libc()
+    libc, page = _libc(), huge_page_size()
+    if libc is None:
+        return set()
     try:
         with open("/proc/self/maps") as maps:
             regions = anonymous_regions(maps.read())
-    except OSError:
+        small = mmap.PAGESIZE
+        per_block, blocks = page // small, set()
+        vector = ctypes.create_string_buffer(WINDOW // small)
+        for start, stop in regions:
+            start, stop = -(-start // page) * page, stop // page * page
+            for window in range(start, stop, WINDOW):
+                length = min(WINDOW, stop - window)
+                if libc.mincore(window, length, vector) != 0:  # unmapped meanwhile
+                    break
+                resident = memoryview(vector)[: length // small].tobytes()  # a byte per small page, 1 where resident
+                for block in range(length // page):
+                    if per_block - resident.count(0, block * per_block, (block + 1) * per_block) >= RESIDENT * per_block:
+                        blocks.add(window + block * page)
+        return blocks
+    except (OSError, ValueError, MemoryError):
         return set()
-    if libc is None:
-        return set()
-    per_block, blocks = page // mmap.PAGESIZE, set()
-    for start, stop in regions:
-        start, stop = -(-start // page) * page, stop // page * page
-        if stop <= start:
-            continue
-        vector = ctypes.create_string_buffer((stop - start) // mmap.PAGESIZE)
-        if libc.mincore(start, stop - start, vector) != 0:  # unmapped meanwhile
-            continue
-        resident = vector.raw  # a byte per small page, 1 where resident (the other bits are reserved, 0)
-        for block in range((stop - start) // page):
-            if per_block - resident.count(0, block * per_block, (block + 1) * per_block) >= RESIDENT * per_block:
-                blocks.add(start + block * page)
-    return blocks
 
 
-def huge_bytes() -> int:
+def huge_page_bytes() -> int:
     """This process's anonymous memory in huge pages (``AnonHugePages``; 0 where it cannot be read)."""
     try:
         with open("/proc/self/smaps_rollup") as rollup:
             for line in rollup:
                 if line.startswith("AnonHugePages:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
     return 0
 
@@ -115,13 +143,28 @@ def huge_bytes() -> int:
 def collapse(blocks) -> int:
     """Ask the kernel to back the blocks (``resident_blocks`` addresses) with huge pages; the
     bytes of the process that moved into huge pages meanwhile (0 where none could: not Linux,
-    a kernel before 6.1, THP ``never``).  Each run of adjacent blocks is asked alone, and a
-    refusal is not an error: the kernel may collapse most of a run and refuse the rest (no
-    huge page free), so what moved is read back rather than taken from the calls' results."""
+    a kernel before 6.1, THP ``never``, where nothing is asked).  Each run of adjacent blocks
+    is asked alone, and a refusal is not an error: the kernel may collapse most of a run and
+    refuse the rest (no huge page free), so what moved is read back rather than taken from
+    the calls' results."""
     libc = _libc()
-    if libc is None or not blocks:
+    if libc is None or not blocks or thp_mode() == "never":
         return 0
-    start = huge_bytes()
-    for a, b in block_runs(blocks):
+    start = huge_page_bytes()
+    for a, b in block_runs(blocks, huge_page_size()):
         libc.madvise(a, b - a, MADV_COLLAPSE)
-    return max(0, huge_bytes() - start)
+    return max(0, huge_page_bytes() - start)
+
+
+def before_loading() -> set[int]:
+    """Called before a session loads: the freed heap given back, then ``resident_blocks``."""
+    release_freed_heap()
+    return resident_blocks()
+
+
+def after_loading(before: set[int]) -> int:
+    """Called after the session loaded (``before``: ``before_loading``'s blocks): the heap
+    that loading freed given back, then the blocks that became resident collapsed; the bytes
+    that moved into huge pages (``collapse``)."""
+    release_freed_heap()
+    return collapse(resident_blocks() - before)
