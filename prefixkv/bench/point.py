@@ -13,7 +13,8 @@ is the runner's Python, binding the step's small inputs and outputs, and a layer
 occasional buffer compaction).  ``torch:MODEL`` is
 the plain PyTorch prefill ``model(ids)`` with SDPA attention (it holds every position's
 logits, as ``transformers`` computes them); ``genai:FOLDER`` an onnxruntime-genai model's
-prefill and decode steps (its own full cache).
+prefill and decode steps (its own full cache).  An engine's point also gives the bytes its
+runner moved into huge pages (``huge_page_bytes``, ``engines.pages``; 0 with ``--no-huge-pages``).
 The prompt is the first CONTEXT tokens of the built-in text.  ``speed.point`` runs this for
 ``bench speed``'s prefill points and its weight-precision decode points.
 """
