@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import platform
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -81,48 +84,67 @@ def test_a_block_counts_once_it_is_resident_and_a_barely_touched_one_does_not():
     region.close()
 
 
+def in_fresh_process(body: str) -> dict:
+    """Run ``body`` (Python printing one JSON line last) in a fresh interpreter, so that the
+    process's huge-page count is the test's alone: in the suite's own process, memory that
+    earlier tests collapsed is freed and given back meanwhile, and the count falls."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_collapsing_keeps_the_bytes_and_moves_them_into_huge_pages():
     why = thp_why_not()
     if why:
         pytest.skip(why)
-    data = np.random.default_rng(0).integers(0, 256, 5 * HUGE, dtype=np.uint8).tobytes()
-    before, huge = pages.resident_blocks(), pages.huge_page_bytes()
-    region = mmap.mmap(-1, 5 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region[:] = data
-    new = pages.resident_blocks() - before
-    start = address(region)
-    ours = {b for b in new if start <= b < start + 5 * HUGE}
-    assert len(ours) >= 4  # five pages' worth hold at least four whole blocks
-    pages.collapse(ours)
+    got = in_fresh_process("""
+        import ctypes, json, mmap
+        import numpy as np
+        from prefixkv.engines import pages
+        size = 5 * pages.huge_page_size()
+        data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+        before, huge = pages.resident_blocks(), pages.huge_page_bytes()
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region[:] = data
+        start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        ours = {b for b in pages.resident_blocks() - before if start <= b < start + size}
+        pages.collapse(ours)
+        print(json.dumps({"blocks": len(ours), "gained": pages.huge_page_bytes() - huge, "same": region[:] == data}))
+    """)
+    assert got["blocks"] >= 4  # five pages' worth hold at least four whole blocks
     # in huge pages now: by the collapse, or (THP ``always``) already when the pages were written
-    assert pages.huge_page_bytes() - huge >= HUGE, "none of a resident anonymous region is in huge pages"
-    assert region[:] == data
-    region.close()
+    assert got["gained"] >= HUGE, "none of a resident anonymous region is in huge pages"
+    assert got["same"]
 
 
 def test_an_onnx_runtime_sessions_packed_weights_become_huge_pages_and_compute_the_same():
     why = thp_why_not()
     if why:
         pytest.skip(why)
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = np.random.default_rng(1).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB, packed by the session
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])],
-        [numpy_helper.from_array(weight, "w")])
-    serialized = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
-    del graph, weight  # the graph's bytes are made before the blocks are noted: only the session's memory is new
-    x = np.random.default_rng(2).standard_normal((1, 1024)).astype(np.float32)
-    huge = pages.huge_page_bytes()
-    before = pages.before_loading()
-    session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
-    want = session.run(None, {"x": x})[0]
-    pages.after_loading(before)
-    assert pages.huge_page_bytes() - huge >= HUGE  # of the 8 MiB it packed
-    np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+    got = in_fresh_process("""
+        import json
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        from prefixkv.engines import pages
+        weight = np.random.default_rng(1).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB, packed by the session
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])],
+            [numpy_helper.from_array(weight, "w")])
+        serialized = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+        x = np.random.default_rng(2).standard_normal((1, 1024)).astype(np.float32)
+        huge = pages.huge_page_bytes()
+        before = pages.before_loading()  # the graph's bytes are older: only the session's memory is new
+        session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+        want = session.run(None, {"x": x})[0]
+        pages.after_loading(before)
+        same = bool(np.array_equal(session.run(None, {"x": x})[0], want))
+        print(json.dumps({"gained": pages.huge_page_bytes() - huge, "same": same}))
+    """)
+    assert got["gained"] >= HUGE  # of the 8 MiB it packed
+    assert got["same"]
 
 
 def test_the_runner_collapses_only_where_asked_and_decodes_the_same(tmp_path_factory, monkeypatch):
