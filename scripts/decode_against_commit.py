@@ -55,14 +55,19 @@ print(json.dumps({"ms": statistics.median(times[2:]) * 1e3, "code": code}))
 """
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """A failed command's last line of stderr, or its exit status where it printed none."""
+    lines = done.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit {done.returncode}"
+
+
 def unpack(commit: str, folder: Path) -> Path:
     """``git archive`` of ``commit`` in this repository, unpacked into ``folder``."""
     archive = folder / "tree.tar"
     done = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit],
                           capture_output=True, text=True)
     if done.returncode:
-        lines = done.stderr.strip().splitlines()
-        raise SystemExit(f"git archive {commit}: {lines[-1] if lines else f'exit {done.returncode}'}")
+        raise SystemExit(f"git archive {commit}: {failure(done)}")
     tree = folder / "tree"
     with tarfile.open(archive) as tar:  # the "data" filter where this Python has it (3.11.4, 3.10.12 on)
         tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
@@ -85,8 +90,7 @@ def step_ms(tree: Path, engine: str, ids_file: Path, steps: int, threads: int) -
     done = subprocess.run([sys.executable, "-c", STEP, str(tree), engine, str(ids_file), str(steps), str(threads)],
                           capture_output=True, text=True, env=env, cwd=tree)
     if done.returncode:
-        lines = done.stderr.strip().splitlines()
-        raise SystemExit(f"{engine} with {tree}: {lines[-1] if lines else f'exit {done.returncode}'}")
+        raise SystemExit(f"{engine} with {tree}: {failure(done)}")
     lines = done.stdout.strip().splitlines()
     if not lines:
         raise SystemExit(f"{engine} with {tree}: no result printed")

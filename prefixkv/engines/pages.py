@@ -78,8 +78,10 @@ def block_runs(blocks, page: int) -> list[tuple[int, int]]:
     return runs
 
 
+@lru_cache(maxsize=None)
 def _libc():
-    """glibc with the three calls used here typed, or None (not glibc, or a shim without them)."""
+    """glibc with the three calls used here typed, or None (not glibc, or a shim without them);
+    opened once per process."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
